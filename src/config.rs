@@ -1,0 +1,677 @@
+//! Typed configuration, loaded once at startup from TOML.
+//!
+//! Loading runs in three steps so that every error names the field it is about:
+//! 1. parse the TOML text (syntax errors carry the line and column);
+//! 2. substitute `${VAR}` / `${VAR:-default}` in string values, remembering the dotted path, so a
+//!    missing variable is reported as `providers.openai.api_key: environment variable ... is not set`;
+//! 3. deserialize with `serde_path_to_error` (unknown fields are rejected) and check cross references
+//!    (a route naming a provider that does not exist, weights of zero, empty chains, ...).
+//!
+//! Secrets are `SecretString`, so neither `Debug` nor the `check-config` printout can reveal them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: invalid TOML: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}: {field}: {message}")]
+    Field {
+        file: String,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub routes: BTreeMap<String, RouteConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Requests with a larger body are refused with 413 before they are parsed.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run after SIGTERM before the process exits anyway.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Upper bound on requests served at once; beyond it new requests wait for a free slot.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            max_body_bytes: default_max_body_bytes(),
+            shutdown_grace: default_shutdown_grace(),
+            max_in_flight: default_max_in_flight(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_max_body_bytes() -> usize {
+    4 * 1024 * 1024
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_in_flight() -> usize {
+    10_000
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// An `EnvFilter` directive such as `info` or `reprise=debug,tower_http=info`; `RUST_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Protects `/v1/health/providers` and later admin endpoints. Without it they answer 403.
+    pub admin_key: Option<SecretString>,
+    #[serde(default)]
+    pub keys: Vec<VirtualKeyConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualKeyConfig {
+    pub key: SecretString,
+    pub tenant: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Open after this many consecutive failures.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// ... or once this share of attempts in `window` failed (with at least `min_requests`).
+    #[serde(default = "default_error_ratio")]
+    pub error_ratio: f64,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    #[serde(default = "default_breaker_window", with = "humantime_serde")]
+    pub window: Duration,
+    /// How long an open breaker skips its target before one probe request is let through.
+    #[serde(default = "default_cooldown", with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            error_ratio: default_error_ratio(),
+            min_requests: default_min_requests(),
+            window: default_breaker_window(),
+            cooldown: default_cooldown(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_error_ratio() -> f64 {
+    0.5
+}
+fn default_min_requests() -> u32 {
+    20
+}
+fn default_breaker_window() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_cooldown() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Any server speaking OpenAI's `/chat/completions`: OpenAI, DeepSeek, Mistral, Qwen/DashScope,
+    /// Gemini's and OpenRouter's OpenAI endpoints, vLLM, Ollama.
+    OpenAi,
+    /// Anthropic's native Messages API.
+    Anthropic,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    /// For `openai`, the base up to and including `/v1` (requests go to `{base_url}/chat/completions`);
+    /// for `anthropic`, the host (requests go to `{base_url}/v1/messages`).
+    pub base_url: url::Url,
+    /// Empty is allowed: local servers such as Ollama need no key.
+    #[serde(default)]
+    pub api_key: Option<SecretString>,
+    /// Extra headers sent upstream on every request (e.g. OpenRouter's `HTTP-Referer`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Anthropic requires `max_tokens`; used when the client sent none.
+    #[serde(default = "default_anthropic_max_tokens")]
+    pub default_max_tokens: u32,
+    #[serde(default = "default_anthropic_version")]
+    pub anthropic_version: String,
+    /// TCP connect timeout; a connect failure fails over without waiting for the attempt timeout.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+fn default_anthropic_max_tokens() -> u32 {
+    4096
+}
+fn default_anthropic_version() -> String {
+    "2023-06-01".to_owned()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Try targets in the listed order.
+    #[default]
+    Ordered,
+    /// Pick the first target at random by weight, then fall back through the rest in weighted order.
+    Weighted,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default)]
+    pub strategy: Strategy,
+    pub targets: Vec<TargetConfig>,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutConfig,
+    /// When set, a request still unanswered after this delay is also sent to the next target and the
+    /// first answer wins. This trades money (both calls may be billed) for tail latency.
+    #[serde(default, with = "humantime_serde")]
+    pub hedge_after: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub provider: String,
+    pub model: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts on one target (1 = no retry on the same target) before failing over to the next.
+    #[serde(default = "default_attempts_per_target")]
+    pub attempts_per_target: u32,
+    #[serde(default = "default_backoff_base", with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// A `Retry-After` longer than this is not waited for: the request fails over instead.
+    #[serde(default = "default_max_retry_after", with = "humantime_serde")]
+    pub max_retry_after: Duration,
+    /// Retries and hedges may add at most this share of the route's traffic (over 10 s) ...
+    #[serde(default = "default_budget_ratio")]
+    pub budget_ratio: f64,
+    /// ... plus this many per second, so a quiet route can still retry.
+    #[serde(default = "default_budget_min_per_sec")]
+    pub budget_min_per_sec: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts_per_target: default_attempts_per_target(),
+            backoff_base: default_backoff_base(),
+            backoff_max: default_backoff_max(),
+            max_retry_after: default_max_retry_after(),
+            budget_ratio: default_budget_ratio(),
+            budget_min_per_sec: default_budget_min_per_sec(),
+        }
+    }
+}
+
+fn default_attempts_per_target() -> u32 {
+    2
+}
+fn default_backoff_base() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_retry_after() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_budget_ratio() -> f64 {
+    0.2
+}
+fn default_budget_min_per_sec() -> u32 {
+    5
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutConfig {
+    /// One non-streaming attempt, from sending to the whole answer.
+    #[serde(default = "default_attempt_timeout", with = "humantime_serde")]
+    pub attempt: Duration,
+    /// A streaming attempt must deliver its first token within this, or it loses to the next target.
+    #[serde(default = "default_first_token_timeout", with = "humantime_serde")]
+    pub first_token: Duration,
+    /// Once a stream runs, the longest silence between two chunks before it is ended with an error.
+    #[serde(default = "default_stream_idle_timeout", with = "humantime_serde")]
+    pub stream_idle: Duration,
+    /// The whole request, all retries and failovers included (for a stream: until its first token).
+    #[serde(default = "default_total_timeout", with = "humantime_serde")]
+    pub total: Duration,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        Self {
+            attempt: default_attempt_timeout(),
+            first_token: default_first_token_timeout(),
+            stream_idle: default_stream_idle_timeout(),
+            total: default_total_timeout(),
+        }
+    }
+}
+
+fn default_attempt_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_first_token_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_stream_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_total_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string(), &|name| {
+            std::env::var(name).ok()
+        })
+    }
+
+    /// `env` is injected so tests can check substitution without touching the process environment.
+    pub fn from_toml_str(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
+        let field_error = |field: String, message: String| ConfigError::Field {
+            file: file.to_owned(),
+            field,
+            message,
+        };
+        substitute_env(&mut value, &mut String::new(), env)
+            .map_err(|(field, message)| field_error(field, message))?;
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            field_error(field, e.into_inner().to_string())
+        })?;
+        config
+            .validate()
+            .map_err(|(field, message)| field_error(field, message))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.server.max_body_bytes == 0 {
+            return Err(("server.max_body_bytes".into(), "must be above 0".into()));
+        }
+        if self.server.max_in_flight == 0 {
+            return Err(("server.max_in_flight".into(), "must be above 0".into()));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(("log.level".into(), e.to_string()));
+        }
+        let mut seen_tenants_by_key = std::collections::HashSet::new();
+        for (i, key) in self.auth.keys.iter().enumerate() {
+            use secrecy::ExposeSecret;
+            if key.key.expose_secret().is_empty() {
+                return Err((format!("auth.keys[{i}].key"), "must not be empty".into()));
+            }
+            if key.tenant.is_empty() {
+                return Err((format!("auth.keys[{i}].tenant"), "must not be empty".into()));
+            }
+            if !seen_tenants_by_key.insert(blake3::hash(key.key.expose_secret().as_bytes())) {
+                return Err((
+                    format!("auth.keys[{i}].key"),
+                    "the same key is listed twice".into(),
+                ));
+            }
+        }
+        if let Some(admin) = &self.auth.admin_key {
+            use secrecy::ExposeSecret;
+            if admin.expose_secret().is_empty() {
+                return Err(("auth.admin_key".into(), "must not be empty when set".into()));
+            }
+        }
+        let b = &self.breaker;
+        if b.consecutive_failures == 0 {
+            return Err((
+                "breaker.consecutive_failures".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if !(b.error_ratio > 0.0 && b.error_ratio <= 1.0) {
+            return Err(("breaker.error_ratio".into(), "must be in (0, 1]".into()));
+        }
+        for (name, provider) in &self.providers {
+            let scheme = provider.base_url.scheme();
+            if scheme != "http" && scheme != "https" {
+                return Err((
+                    format!("providers.{name}.base_url"),
+                    format!("scheme must be http or https, not {scheme}"),
+                ));
+            }
+            for header in provider.headers.keys() {
+                if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    return Err((
+                        format!("providers.{name}.headers"),
+                        format!("{header:?} is not a valid header name"),
+                    ));
+                }
+            }
+        }
+        if self.routes.is_empty() {
+            return Err(("routes".into(), "at least one route is needed".into()));
+        }
+        for (name, route) in &self.routes {
+            let at = |field: &str| format!("routes.{name}.{field}");
+            if route.targets.is_empty() {
+                return Err((at("targets"), "a route needs at least one target".into()));
+            }
+            for (i, target) in route.targets.iter().enumerate() {
+                if !self.providers.contains_key(&target.provider) {
+                    let known: Vec<_> = self.providers.keys().map(String::as_str).collect();
+                    return Err((
+                        at(&format!("targets[{i}].provider")),
+                        format!(
+                            "unknown provider {:?} (known: {})",
+                            target.provider,
+                            known.join(", ")
+                        ),
+                    ));
+                }
+                if target.model.is_empty() {
+                    return Err((
+                        at(&format!("targets[{i}].model")),
+                        "must not be empty".into(),
+                    ));
+                }
+                if target.weight == 0 {
+                    return Err((
+                        at(&format!("targets[{i}].weight")),
+                        "must be at least 1".into(),
+                    ));
+                }
+            }
+            if route.retry.attempts_per_target == 0 {
+                return Err((at("retry.attempts_per_target"), "must be at least 1".into()));
+            }
+            if !(0.0..=10.0).contains(&route.retry.budget_ratio) {
+                return Err((at("retry.budget_ratio"), "must be between 0 and 10".into()));
+            }
+            if route.retry.backoff_base > route.retry.backoff_max {
+                return Err((
+                    at("retry.backoff_base"),
+                    "must not exceed retry.backoff_max".into(),
+                ));
+            }
+            let t = &route.timeouts;
+            for (field, value) in [
+                ("timeouts.attempt", t.attempt),
+                ("timeouts.first_token", t.first_token),
+                ("timeouts.stream_idle", t.stream_idle),
+                ("timeouts.total", t.total),
+            ] {
+                if value.is_zero() {
+                    return Err((at(field), "must be above 0".into()));
+                }
+            }
+            if route.hedge_after.is_some_and(|d| d.is_zero()) {
+                return Err((
+                    at("hedge_after"),
+                    "must be above 0 (leave it out to disable hedging)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` in every string of the tree. `$$` stands for a literal `$`.
+fn substitute_env(
+    value: &mut toml::Value,
+    path: &mut String,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), (String, String)> {
+    match value {
+        toml::Value::String(s) if s.contains('$') => {
+            *s = expand(s, env).map_err(|message| (path.clone(), message))?;
+        }
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                substitute_env(item, path, env)?;
+                path.truncate(len);
+            }
+        }
+        toml::Value::Table(table) => {
+            for (key, item) in table.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+                substitute_env(item, path, env)?;
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand(input: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| "unterminated ${...} reference".to_owned())?;
+            let reference = &body[..end];
+            let (name, default) = match reference.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (reference, None),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("invalid environment variable name {name:?}"));
+            }
+            match (env(name), default) {
+                (Some(value), _) => out.push_str(&value),
+                (None, Some(default)) => out.push_str(default),
+                (None, None) => {
+                    return Err(format!("environment variable {name} is not set"));
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [auth]
+        admin_key = "${ADMIN}"
+        keys = [{ key = "${KEY_A}", tenant = "a" }]
+        [providers.openai]
+        kind = "openai"
+        base_url = "http://127.0.0.1:9/v1"
+        api_key = "${OPENAI_KEY:-}"
+        [routes.chat]
+        targets = [{ provider = "openai", model = "gpt-4o-mini" }]
+    "#;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "ADMIN" => Some("adm".into()),
+            "KEY_A" => Some("key-a".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let config = Config::from_toml_str(MINIMAL, "t.toml", &env).unwrap();
+        assert_eq!(config.routes["chat"].retry.attempts_per_target, 2);
+        assert_eq!(config.server.listen.port(), 8080);
+    }
+
+    #[test]
+    fn missing_env_var_names_the_field() {
+        let text = MINIMAL.replace("${KEY_A}", "${NOT_SET_ANYWHERE}");
+        let err = Config::from_toml_str(&text, "t.toml", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("auth.keys[0].key"), "{err}");
+        assert!(err.contains("NOT_SET_ANYWHERE"), "{err}");
+    }
+
+    #[test]
+    fn unknown_provider_in_route_names_the_target() {
+        let text = MINIMAL.replace("provider = \"openai\"", "provider = \"nope\"");
+        let err = Config::from_toml_str(&text, "t.toml", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("routes.chat.targets[0].provider"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_and_wrong_type_name_the_path() {
+        let text = MINIMAL.replace("[routes.chat]", "[routes.chat]\nhedge_afterr = \"1s\"");
+        let err = Config::from_toml_str(&text, "t.toml", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("routes.chat"), "{err}");
+        assert!(err.contains("hedge_afterr"), "{err}");
+
+        let text = MINIMAL.replace(
+            "[routes.chat]",
+            "[routes.chat.retry]\nattempts_per_target = \"x\"\n[routes.chat]",
+        );
+        let err = Config::from_toml_str(&text, "t.toml", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("routes.chat.retry.attempts_per_target"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn expansion_rules() {
+        let env = |n: &str| (n == "A").then(|| "x".to_owned());
+        assert_eq!(expand("${A}-${B:-d}", &env).unwrap(), "x-d");
+        assert_eq!(expand("$$A and $5", &env).unwrap(), "$A and $5");
+        assert!(expand("${A", &env).is_err());
+        assert!(expand("${A B}", &env).is_err());
+    }
+
+    #[test]
+    fn secrets_are_not_in_debug_output() {
+        let config = Config::from_toml_str(MINIMAL, "t.toml", &env).unwrap();
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("key-a") && !debug.contains("adm\""),
+            "{debug}"
+        );
+    }
+}

@@ -1,0 +1,245 @@
+//! The one error type a client can see, rendered once into OpenAI's
+//! `{"error": {"message", "type", "param", "code"}}` (or Anthropic's shape on `/v1/messages`).
+//! Internal causes are logged where they happen; only what the client may know goes into the body.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// An error body an upstream returned for a request it refused, normalised from either API shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamError {
+    pub message: String,
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl UpstreamError {
+    /// Reads OpenAI's `{"error": {...}}` or Anthropic's `{"type": "error", "error": {...}}`; any
+    /// other body becomes a short, truncated message (upstream bodies can be large HTML pages).
+    pub fn from_body(body: &[u8]) -> Self {
+        if let Ok(value) = serde_json::from_slice::<Value>(body)
+            && let Some(error) = value.get("error")
+        {
+            if let Some(message) = error.as_str() {
+                return Self::plain(message.to_owned());
+            }
+            let text = |field: &str| match error.get(field) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
+            return Self {
+                message: text("message").unwrap_or_else(|| error.to_string()),
+                kind: text("type").unwrap_or_else(|| "upstream_error".to_owned()),
+                param: text("param"),
+                code: text("code"),
+            };
+        }
+        let text = String::from_utf8_lossy(body);
+        let mut message: String = text.chars().take(500).collect();
+        if message.is_empty() {
+            message = "upstream returned an empty error body".to_owned();
+        }
+        Self::plain(message)
+    }
+
+    fn plain(message: String) -> Self {
+        Self {
+            message,
+            kind: "upstream_error".to_owned(),
+            param: None,
+            code: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("this endpoint needs the admin key")]
+    AdminOnly,
+    #[error("The model `{model}` does not exist or you do not have access to it.")]
+    ModelNotFound { model: String },
+    #[error("{operation} is not supported by {target}")]
+    Unsupported {
+        operation: &'static str,
+        target: String,
+    },
+    /// The upstream refused the request itself (400, 413, 422, content policy): returned as is.
+    #[error("{}", error.message)]
+    UpstreamRejected {
+        status: StatusCode,
+        error: Box<UpstreamError>,
+    },
+    /// Every target was tried (or skipped by its breaker) and none answered.
+    #[error("all upstream targets failed after {attempts} attempt(s); last error: {last}")]
+    UpstreamFailed {
+        status: StatusCode,
+        attempts: u32,
+        last: String,
+    },
+    #[error("no healthy upstream target for model `{route}`: every circuit breaker is open")]
+    NoHealthyTarget { route: String },
+    #[error(
+        "the request did not complete within {seconds:.1}s (after {attempts} attempt(s); last error: {last})"
+    )]
+    DeadlineExceeded {
+        seconds: f64,
+        attempts: u32,
+        last: String,
+    },
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: param.map(str::to_owned),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest { .. } | Self::Unsupported { .. } => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::AdminOnly => StatusCode::FORBIDDEN,
+            Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::UpstreamRejected { status, .. } | Self::UpstreamFailed { status, .. } => *status,
+            Self::NoHealthyTarget { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A low-cardinality label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest { .. } => "invalid_request",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::Unauthorized => "unauthorized",
+            Self::AdminOnly => "admin_only",
+            Self::ModelNotFound { .. } => "model_not_found",
+            Self::Unsupported { .. } => "unsupported",
+            Self::UpstreamRejected { .. } => "upstream_rejected",
+            Self::UpstreamFailed { .. } => "upstream_failed",
+            Self::NoHealthyTarget { .. } => "no_healthy_target",
+            Self::DeadlineExceeded { .. } => "deadline_exceeded",
+        }
+    }
+
+    fn openai_type_param_code(&self) -> (String, Option<String>, Option<String>) {
+        let owned = |s: &str| Some(s.to_owned());
+        match self {
+            Self::InvalidRequest { param, .. } => {
+                ("invalid_request_error".into(), param.clone(), None)
+            }
+            Self::BodyTooLarge { .. } => (
+                "invalid_request_error".into(),
+                None,
+                owned("request_too_large"),
+            ),
+            Self::Unauthorized => (
+                "invalid_request_error".into(),
+                None,
+                owned("invalid_api_key"),
+            ),
+            Self::AdminOnly => ("permission_error".into(), None, owned("admin_key_required")),
+            Self::ModelNotFound { .. } => (
+                "invalid_request_error".into(),
+                owned("model"),
+                owned("model_not_found"),
+            ),
+            Self::Unsupported { .. } => (
+                "invalid_request_error".into(),
+                owned("model"),
+                owned("unsupported_operation"),
+            ),
+            Self::UpstreamRejected { error, .. } => {
+                (error.kind.clone(), error.param.clone(), error.code.clone())
+            }
+            Self::UpstreamFailed { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => (
+                "rate_limit_error".into(),
+                None,
+                owned("rate_limit_exceeded"),
+            ),
+            Self::UpstreamFailed { .. } => {
+                ("upstream_error".into(), None, owned("upstream_failed"))
+            }
+            Self::NoHealthyTarget { .. } => {
+                ("upstream_error".into(), None, owned("no_healthy_target"))
+            }
+            Self::DeadlineExceeded { .. } => {
+                ("timeout_error".into(), None, owned("deadline_exceeded"))
+            }
+        }
+    }
+
+    pub fn openai_body(&self) -> Value {
+        let (kind, param, code) = self.openai_type_param_code();
+        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+    }
+
+    /// Anthropic's error shape, for clients of `/v1/messages`.
+    pub fn anthropic_body(&self) -> Value {
+        let kind = match self.status().as_u16() {
+            400 | 413 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        };
+        json!({"type": "error", "error": {"type": kind, "message": self.to_string()}})
+    }
+
+    pub fn into_anthropic_response(self) -> Response {
+        (self.status(), axum::Json(self.anthropic_body())).into_response()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status(), axum::Json(self.openai_body())).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_error_reads_both_shapes_and_truncates_html() {
+        let openai = br#"{"error":{"message":"bad","type":"invalid_request_error","param":"messages","code":null}}"#;
+        let e = UpstreamError::from_body(openai);
+        assert_eq!(
+            (e.message.as_str(), e.param.as_deref()),
+            ("bad", Some("messages"))
+        );
+        let anthropic =
+            br#"{"type":"error","error":{"type":"invalid_request_error","message":"too long"}}"#;
+        assert_eq!(UpstreamError::from_body(anthropic).message, "too long");
+        let html = "<html>".repeat(1000);
+        assert_eq!(UpstreamError::from_body(html.as_bytes()).message.len(), 500);
+    }
+
+    #[test]
+    fn openai_shape_has_all_four_fields() {
+        let body = ApiError::ModelNotFound { model: "x".into() }.openai_body();
+        let error = &body["error"];
+        for field in ["message", "type", "param", "code"] {
+            assert!(error.get(field).is_some(), "{field}");
+        }
+        assert_eq!(error["code"], "model_not_found");
+    }
+}

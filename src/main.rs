@@ -1,0 +1,188 @@
+//! `reprise serve` runs the gateway; `reprise check-config` validates a config file and prints the
+//! resolved routes with secrets masked.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use reprise::config::{Config, ProviderKind, Strategy};
+use secrecy::ExposeSecret;
+
+#[derive(Parser)]
+#[command(
+    name = "reprise",
+    version,
+    about = "Self-hosted, OpenAI-compatible LLM API gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file (TOML).
+        #[arg(
+            long,
+            short,
+            env = "REPRISE_CONFIG",
+            default_value = "config/reprise.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Validate a config file and print the resolved routes (secrets masked).
+    CheckConfig {
+        /// Config file (TOML).
+        #[arg(env = "REPRISE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(config) => {
+                print!("{}", describe(&config));
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn serve(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    reprise::telemetry::init_logging(&config.log);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let server = reprise::server::start(&config).await?;
+        tracing::info!(addr = %server.addr, config = %path.display(), "reprise listening");
+        let shutdown = server.shutdown_handle();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight requests");
+            shutdown.trigger();
+        });
+        let drained = server.wait().await?;
+        if !drained {
+            tracing::warn!("grace period over: in-flight requests were cut off");
+        }
+        anyhow::Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %error, "gateway failed");
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn mask(secret: Option<&secrecy::SecretString>) -> String {
+    match secret.map(|s| s.expose_secret()) {
+        None | Some("") => "(none)".to_owned(),
+        Some(s) if s.len() > 12 => format!("set, {} chars, ends …{}", s.len(), &s[s.len() - 2..]),
+        Some(s) => format!("set, {} chars", s.len()),
+    }
+}
+
+fn describe(config: &Config) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "config OK");
+    let _ = writeln!(out, "listen: {}", config.server.listen);
+    let _ = writeln!(out, "admin key: {}", mask(config.auth.admin_key.as_ref()));
+    let tenants: Vec<&str> = config.auth.keys.iter().map(|k| k.tenant.as_str()).collect();
+    let _ = writeln!(
+        out,
+        "gateway keys: {} (tenants: {})",
+        tenants.len(),
+        tenants.join(", ")
+    );
+    let _ = writeln!(out, "providers:");
+    for (name, provider) in &config.providers {
+        let kind = match provider.kind {
+            ProviderKind::OpenAi => "openai-compatible",
+            ProviderKind::Anthropic => "anthropic",
+        };
+        let _ = writeln!(
+            out,
+            "  {name}: {kind} at {} (api key: {})",
+            provider.base_url,
+            mask(provider.api_key.as_ref())
+        );
+    }
+    let _ = writeln!(out, "routes:");
+    for (name, route) in &config.routes {
+        let strategy = match route.strategy {
+            Strategy::Ordered => "ordered",
+            Strategy::Weighted => "weighted",
+        };
+        let targets: Vec<String> = route
+            .targets
+            .iter()
+            .map(|t| match route.strategy {
+                Strategy::Weighted => format!("{}/{} (weight {})", t.provider, t.model, t.weight),
+                Strategy::Ordered => format!("{}/{}", t.provider, t.model),
+            })
+            .collect();
+        let _ = writeln!(out, "  {name} [{strategy}]: {}", targets.join(" -> "));
+        let t = &route.timeouts;
+        let _ = writeln!(
+            out,
+            "    attempts/target {}, timeouts: attempt {:?}, first token {:?}, idle {:?}, total {:?}{}",
+            route.retry.attempts_per_target,
+            t.attempt,
+            t.first_token,
+            t.stream_idle,
+            t.total,
+            route
+                .hedge_after
+                .map(|h| format!(", hedge after {h:?}"))
+                .unwrap_or_default()
+        );
+    }
+    out
+}

@@ -1,0 +1,231 @@
+//! Upstream model providers behind one trait. The router only ever sees [`Provider`]; adding a
+//! provider means one new implementation here and one arm in [`build`], nowhere else.
+
+mod anthropic;
+mod openai;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use secrecy::ExposeSecret;
+use serde_json::Value;
+
+use crate::config::{ProviderConfig, ProviderKind};
+use crate::error::UpstreamError;
+use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
+
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Value, ProviderError>> + Send>>;
+
+/// A chat answer in OpenAI's shape: whole, or as a stream of `chat.completion.chunk` objects.
+pub enum ChatReply {
+    Complete(Value),
+    Stream(ChunkStream),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    Attempt,
+    FirstToken,
+    StreamIdle,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("connection failed: {0}")]
+    Transport(String),
+    #[error("timed out ({0:?})")]
+    Timeout(TimeoutKind),
+    #[error("upstream returned {status}: {}", error.message)]
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+        error: UpstreamError,
+    },
+    #[error("invalid upstream response: {0}")]
+    InvalidResponse(String),
+    #[error("upstream stream broke: {0}")]
+    StreamBroken(String),
+    #[error("cannot express {0} for this provider")]
+    Untranslatable(String),
+    #[error("{0} is not supported by this provider")]
+    Unsupported(&'static str),
+}
+
+impl ProviderError {
+    /// A low-cardinality label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Transport(_) => "transport",
+            Self::Timeout(TimeoutKind::Attempt) => "timeout",
+            Self::Timeout(TimeoutKind::FirstToken) => "first_token_timeout",
+            Self::Timeout(TimeoutKind::StreamIdle) => "stream_idle_timeout",
+            Self::Status { status: 429, .. } => "status_429",
+            Self::Status { status, .. } if *status >= 500 => "status_5xx",
+            Self::Status { .. } => "status_4xx",
+            Self::InvalidResponse(_) => "invalid_response",
+            Self::StreamBroken(_) => "stream_broken",
+            Self::Untranslatable(_) | Self::Unsupported(_) => "unsupported",
+        }
+    }
+
+    fn from_send(error: reqwest::Error) -> Self {
+        if error.is_connect() {
+            Self::Connect(error_chain(&error))
+        } else if error.is_timeout() {
+            Self::Timeout(TimeoutKind::Attempt)
+        } else {
+            Self::Transport(error_chain(&error))
+        }
+    }
+}
+
+/// reqwest's top-level message ("error sending request") hides the useful cause.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync {
+    /// Sends one chat request to `upstream_model`. With `stream`, returns once the response headers
+    /// arrived; the router decides how long to wait for the first chunk.
+    async fn chat(
+        &self,
+        request: &ChatRequest,
+        upstream_model: &str,
+        stream: bool,
+    ) -> Result<ChatReply, ProviderError>;
+
+    async fn embeddings(
+        &self,
+        request: &EmbeddingsRequest,
+        upstream_model: &str,
+    ) -> Result<Value, ProviderError>;
+}
+
+pub fn build(name: &str, config: &ProviderConfig) -> anyhow::Result<Arc<dyn Provider>> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let mut headers = HeaderMap::new();
+    for (key, value) in &config.headers {
+        headers.insert(
+            HeaderName::from_bytes(key.as_bytes())?,
+            HeaderValue::from_str(value).map_err(|_| {
+                anyhow::anyhow!("providers.{name}.headers.{key}: invalid header value")
+            })?,
+        );
+    }
+    let api_key = config
+        .api_key
+        .as_ref()
+        .map(|k| k.expose_secret().to_owned())
+        .filter(|k| !k.is_empty());
+    let provider: Arc<dyn Provider> = match config.kind {
+        ProviderKind::OpenAi => Arc::new(openai::OpenAiCompatible::new(
+            client,
+            &config.base_url,
+            api_key.as_deref(),
+            headers,
+        )?),
+        ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(
+            client,
+            &config.base_url,
+            api_key.as_deref(),
+            &config.anthropic_version,
+            config.default_max_tokens,
+            headers,
+        )?),
+    };
+    Ok(provider)
+}
+
+/// A secret header value that `Debug` output of the header map will not print.
+fn sensitive(value: &str) -> anyhow::Result<HeaderValue> {
+    let mut value = HeaderValue::from_str(value)
+        .map_err(|_| anyhow::anyhow!("the API key contains characters not allowed in a header"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// `retry-after-ms` (OpenAI), then `retry-after` as seconds or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(
+        date.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Turns a non-2xx upstream response into a [`ProviderError::Status`].
+async fn status_error(response: reqwest::Response) -> ProviderError {
+    let status = response.status().as_u16();
+    let retry_after = retry_after(response.headers());
+    let body = response.bytes().await.unwrap_or_default();
+    ProviderError::Status {
+        status,
+        retry_after,
+        error: UpstreamError::from_body(&body),
+    }
+}
+
+async fn read_json(response: reqwest::Response) -> Result<Value, ProviderError> {
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| ProviderError::Transport(error_chain(&e)))?;
+    serde_json::from_slice(&bytes).map_err(|e| ProviderError::InvalidResponse(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", HeaderValue::from_static("150"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
+        let mut h = HeaderMap::new();
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        h.insert("retry-after", HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+}

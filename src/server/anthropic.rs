@@ -1,0 +1,92 @@
+//! Anthropic's `/v1/messages`, served through the same pipeline by translating at the edge.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::json;
+
+use super::{AppState, Endpoint, context, read_body, trace_headers};
+use crate::pipeline::{ChatAnswer, Failed, Trace};
+use crate::protocol::anthropic::{MessagesRequest, StreamFromOpenAi, response_from_openai};
+use crate::protocol::parse_json;
+use crate::providers::ChunkStream;
+
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let endpoint = Endpoint::Messages;
+    let started = std::time::Instant::now();
+    let fail = |failed: Failed| {
+        state.record(
+            endpoint,
+            &failed.trace,
+            failed.error.status().as_u16(),
+            started,
+        );
+        let headers = trace_headers(&failed.trace);
+        (headers, failed.error.into_anthropic_response()).into_response()
+    };
+    let context = match context(&state, &headers) {
+        Ok(context) => context,
+        Err(error) => return fail(error.into()),
+    };
+    let request: MessagesRequest = match read_body(&state, body).await.and_then(|b| parse_json(&b))
+    {
+        Ok(request) => request,
+        Err(error) => return fail(error.into()),
+    };
+    let request = match request.into_openai() {
+        Ok(request) => request,
+        Err(error) => return fail(error.into()),
+    };
+    match state.pipeline.chat(&context, request).await {
+        Ok(answered) => {
+            let trace: Trace = answered.trace;
+            state.record(endpoint, &trace, 200, started);
+            let body = match answered.value {
+                ChatAnswer::Complete(body) => {
+                    axum::Json(response_from_openai(&body)).into_response()
+                }
+                ChatAnswer::Stream(stream) => anthropic_sse(stream).into_response(),
+            };
+            (trace_headers(&trace), body).into_response()
+        }
+        Err(failed) => fail(failed),
+    }
+}
+
+fn anthropic_sse(
+    stream: ChunkStream,
+) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let events = async_stream::stream! {
+        let mut stream = stream;
+        let mut translator = StreamFromOpenAi::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => {
+                    for (name, data) in translator.on_chunk(&chunk) {
+                        yield Ok(Event::default().event(name).data(data.to_string()));
+                    }
+                }
+                Err(error) => {
+                    let body = json!({"type": "error", "error": {
+                        "type": "api_error", "message": format!("upstream failed mid-stream: {error}"),
+                    }});
+                    yield Ok(Event::default().event("error").data(body.to_string()));
+                    return;
+                }
+            }
+        }
+        for (name, data) in translator.finish() {
+            yield Ok(Event::default().event(name).data(data.to_string()));
+        }
+    };
+    Sse::new(events)
+}

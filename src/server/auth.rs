@@ -1,0 +1,63 @@
+//! Gateway API keys (virtual keys) and the admin key.
+//!
+//! Keys are kept only as blake3 hashes: lookup is a hash-map probe on the digest, so the time it
+//! takes does not depend on how much of a guessed key matches, and no plaintext key sits in memory.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use secrecy::ExposeSecret;
+
+use crate::config::AuthConfig;
+use crate::error::ApiError;
+
+pub struct Auth {
+    tenants_by_key_hash: HashMap<[u8; 32], Arc<str>>,
+    admin_key_hash: Option<[u8; 32]>,
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    *blake3::hash(key.as_bytes()).as_bytes()
+}
+
+/// The key from `Authorization: Bearer ...` (OpenAI SDKs) or `x-api-key` (Anthropic SDKs).
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, key) = value.split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| key.trim());
+    }
+    headers.get("x-api-key")?.to_str().ok().map(str::trim)
+}
+
+impl Auth {
+    pub fn from_config(config: &AuthConfig) -> Self {
+        Self {
+            tenants_by_key_hash: config
+                .keys
+                .iter()
+                .map(|k| (digest(k.key.expose_secret()), Arc::from(k.tenant.as_str())))
+                .collect(),
+            admin_key_hash: config.admin_key.as_ref().map(|k| digest(k.expose_secret())),
+        }
+    }
+
+    pub fn tenant(&self, headers: &HeaderMap) -> Result<Arc<str>, ApiError> {
+        let key = presented_key(headers).ok_or(ApiError::Unauthorized)?;
+        self.tenants_by_key_hash
+            .get(&digest(key))
+            .cloned()
+            .ok_or(ApiError::Unauthorized)
+    }
+
+    pub fn admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let expected = self.admin_key_hash.ok_or(ApiError::AdminOnly)?;
+        let key = presented_key(headers).ok_or(ApiError::Unauthorized)?;
+        if digest(key) == expected {
+            Ok(())
+        } else {
+            Err(ApiError::AdminOnly)
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The HTTP face of the gateway: routes, cross-cutting layers, graceful shutdown.
+//!
+//! Layers, outermost first (pinned by `tests/http_layers.rs`):
+//! 1. panic catcher: a bug answers 500 in OpenAI's error shape instead of dropping the connection;
+//! 2. sensitive headers: `authorization` and `x-api-key` are redacted from every log line;
+//! 3. request id: the client's `x-request-id` is kept, or a UUID is generated;
+//! 4. trace: one span per request (route, target, attempts, status, latency), one log line at the end;
+//! 5. request id propagation onto the response;
+//! 6. an in-flight limit (`server.max_in_flight`).
+//!
+//! Authentication is not a layer: handlers call `context()`, so what a stage needs is visible in
+//! its signature instead of travelling as a request extension.
+
+mod admin;
+mod anthropic;
+mod auth;
+mod body;
+mod openai;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router as HttpRouter;
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use tokio::sync::watch;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
+use tower_http::trace::TraceLayer;
+use tracing::field::Empty;
+
+pub use auth::Auth;
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::pipeline::{Failed, Pipeline, RequestContext, Trace};
+use crate::router::Router;
+use crate::telemetry::Metrics;
+
+pub struct AppState {
+    pub pipeline: Pipeline,
+    pub auth: Auth,
+    max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Endpoint {
+    ChatCompletions,
+    Embeddings,
+    Messages,
+}
+
+impl Endpoint {
+    fn label(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Messages => "messages",
+        }
+    }
+}
+
+impl AppState {
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let router = Router::from_config(config, Arc::clone(&metrics))?;
+        Ok(Self {
+            pipeline: Pipeline::new(router, metrics),
+            auth: Auth::from_config(&config.auth),
+            max_body_bytes: config.server.max_body_bytes,
+        })
+    }
+
+    /// Metrics and the request span's fields, once per answered request.
+    fn record(&self, endpoint: Endpoint, trace: &Trace, status: u16, started: Instant) {
+        let route = trace.route.as_deref().unwrap_or("-");
+        self.pipeline
+            .metrics
+            .request(endpoint.label(), route, status, started.elapsed());
+        let span = tracing::Span::current();
+        span.record("route", route);
+        if let Some(target) = &trace.target {
+            span.record("target", target.as_str());
+        }
+        span.record("attempts", trace.attempts);
+    }
+}
+
+fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiError> {
+    let tenant = state.auth.tenant(headers)?;
+    tracing::Span::current().record("tenant", &*tenant);
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Ok(RequestContext { tenant, request_id })
+}
+
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    body::read_limited(body, state.max_body_bytes).await
+}
+
+fn trace_headers(trace: &Trace) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    };
+    if let Some(route) = &trace.route {
+        put("x-reprise-route", route);
+    }
+    if let Some(target) = &trace.target {
+        put("x-reprise-target", target);
+    }
+    if trace.attempts > 0 {
+        put("x-reprise-attempts", &trace.attempts.to_string());
+    }
+    headers
+}
+
+fn respond_error(
+    state: &AppState,
+    endpoint: Endpoint,
+    failed: Failed,
+    started: Instant,
+) -> Response {
+    state.record(
+        endpoint,
+        &failed.trace,
+        failed.error.status().as_u16(),
+        started,
+    );
+    (trace_headers(&failed.trace), failed.error).into_response()
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked");
+    let body = serde_json::json!({"error": {
+        "message": "internal error", "type": "server_error", "param": null, "code": "internal_error",
+    }});
+    (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+}
+
+async fn not_found() -> Response {
+    ApiError::invalid("unknown endpoint", None)
+        .into_response()
+        .map(|body| body)
+        .into_response_with_status(StatusCode::NOT_FOUND)
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::invalid("method not allowed on this endpoint", None)
+        .into_response()
+        .into_response_with_status(StatusCode::METHOD_NOT_ALLOWED)
+}
+
+trait WithStatus {
+    fn into_response_with_status(self, status: StatusCode) -> Response;
+}
+
+impl WithStatus for Response {
+    fn into_response_with_status(mut self, status: StatusCode) -> Response {
+        *self.status_mut() = status;
+        self
+    }
+}
+
+pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
+    let request_id = HeaderName::from_static("x-request-id");
+    let layers = ServiceBuilder::new()
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(SetSensitiveHeadersLayer::new([
+            axum::http::header::AUTHORIZATION,
+            HeaderName::from_static("x-api-key"),
+        ]))
+        .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<Body>| {
+                    let id = request
+                        .extensions()
+                        .get::<RequestId>()
+                        .and_then(|id| id.header_value().to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!(
+                        "request",
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        request_id = %id,
+                        tenant = Empty,
+                        route = Empty,
+                        target = Empty,
+                        attempts = Empty,
+                    )
+                })
+                .on_request(())
+                .on_response(
+                    |response: &Response, latency: Duration, _span: &tracing::Span| {
+                        tracing::info!(
+                            status = response.status().as_u16(),
+                            latency_ms = latency.as_secs_f64() * 1000.0,
+                            "request finished"
+                        );
+                    },
+                ),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(max_in_flight));
+    HttpRouter::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/health/providers", get(admin::provider_health))
+        .route("/metrics", get(admin::metrics))
+        .route("/healthz", get(admin::liveness))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(layers)
+        .with_state(state)
+}
+
+/// Tells the server to stop accepting connections and drain. Cloneable; any holder may trigger it.
+#[derive(Clone)]
+pub struct Shutdown(watch::Sender<bool>);
+
+impl Shutdown {
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// A gateway listening on a socket, running on the current tokio runtime.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    shutdown: Shutdown,
+    grace: Duration,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Runs until shutdown is triggered, then lets in-flight requests finish for up to the grace
+    /// period. Returns whether everything drained in time.
+    pub async fn wait(self) -> anyhow::Result<bool> {
+        let mut stopped = self.shutdown.0.subscribe();
+        let mut task = self.task;
+        tokio::select! {
+            result = &mut task => { result??; return Ok(true); }
+            _ = stopped.wait_for(|stop| *stop) => {}
+        }
+        match tokio::time::timeout(self.grace, &mut task).await {
+            Ok(result) => {
+                result??;
+                Ok(true)
+            }
+            Err(_) => {
+                task.abort();
+                Ok(false)
+            }
+        }
+    }
+
+    pub async fn stop(self) -> anyhow::Result<bool> {
+        self.shutdown.trigger();
+        self.wait().await
+    }
+}
+
+/// Builds the gateway from config and starts listening on `server.listen` (port 0 picks a free one).
+pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
+    let state = Arc::new(AppState::from_config(config)?);
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    let (sender, mut receiver) = watch::channel(false);
+    let app = app(state, config.server.max_in_flight);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = receiver.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    Ok(RunningServer {
+        addr,
+        shutdown: Shutdown(sender),
+        grace: config.server.shutdown_grace,
+        task,
+    })
+}

@@ -1,0 +1,110 @@
+//! OpenAI-compatible endpoints: `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::json;
+
+use super::{AppState, Endpoint, context, read_body, respond_error, trace_headers};
+use crate::pipeline::ChatAnswer;
+use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
+use crate::protocol::parse_json;
+use crate::providers::ChunkStream;
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let endpoint = Endpoint::ChatCompletions;
+    let started = std::time::Instant::now();
+    let context = match context(&state, &headers) {
+        Ok(context) => context,
+        Err(error) => return respond_error(&state, endpoint, error.into(), started),
+    };
+    let request: ChatRequest = match read_body(&state, body).await.and_then(|b| parse_json(&b)) {
+        Ok(request) => request,
+        Err(error) => return respond_error(&state, endpoint, error.into(), started),
+    };
+    match state.pipeline.chat(&context, request).await {
+        Ok(answered) => {
+            let trace = answered.trace;
+            state.record(endpoint, &trace, 200, started);
+            let body = match answered.value {
+                ChatAnswer::Complete(body) => axum::Json(body).into_response(),
+                ChatAnswer::Stream(stream) => openai_sse(stream).into_response(),
+            };
+            (trace_headers(&trace), body).into_response()
+        }
+        Err(failed) => respond_error(&state, endpoint, failed, started),
+    }
+}
+
+/// Chunks as `data:` events, then `data: [DONE]`. An upstream failure after the first chunk ends
+/// the stream with an error event and no `[DONE]`, so SDKs raise instead of returning a truncated
+/// answer as if it were complete.
+fn openai_sse(
+    stream: ChunkStream,
+) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let events = async_stream::stream! {
+        let mut stream = stream;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => yield Ok(Event::default().data(chunk.to_string())),
+                Err(error) => {
+                    let body = json!({"error": {
+                        "message": format!("upstream failed mid-stream: {error}"),
+                        "type": "upstream_error", "param": null, "code": "stream_interrupted",
+                    }});
+                    yield Ok(Event::default().data(body.to_string()));
+                    return;
+                }
+            }
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Sse::new(events)
+}
+
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let endpoint = Endpoint::Embeddings;
+    let started = std::time::Instant::now();
+    let context = match context(&state, &headers) {
+        Ok(context) => context,
+        Err(error) => return respond_error(&state, endpoint, error.into(), started),
+    };
+    let request: EmbeddingsRequest =
+        match read_body(&state, body).await.and_then(|b| parse_json(&b)) {
+            Ok(request) => request,
+            Err(error) => return respond_error(&state, endpoint, error.into(), started),
+        };
+    match state.pipeline.embeddings(&context, request).await {
+        Ok(answered) => {
+            state.record(endpoint, &answered.trace, 200, started);
+            (trace_headers(&answered.trace), axum::Json(answered.value)).into_response()
+        }
+        Err(failed) => respond_error(&state, endpoint, failed, started),
+    }
+}
+
+pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(error) = state.auth.tenant(&headers) {
+        return error.into_response();
+    }
+    let data: Vec<_> = state
+        .pipeline
+        .models()
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "reprise"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}

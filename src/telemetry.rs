@@ -1,0 +1,209 @@
+//! Logs and metrics. Every metric is recorded through one method here, so label sets stay
+//! low-cardinality (route and target names from config, status codes, error kinds) by construction.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::config::{LogConfig, LogFormat};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: &'static str,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    endpoint: &'static str,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    target: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExtraAttemptLabels {
+    route: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+/// Why the router made more than one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtraAttempt {
+    RetrySameTarget,
+    Failover,
+    Hedge,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    upstream_attempts: Family<AttemptLabels, Counter>,
+    extra_attempts: Family<ExtraAttemptLabels, Counter>,
+    budget_exhausted: Family<RouteLabels, Counter>,
+    breaker_state: Family<TargetLabels, Gauge>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~52 s: gateway-only answers (cache hits later) and slow LLM calls both resolve.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("reprise");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Client requests answered, by endpoint, route and status",
+            requests.clone(),
+        );
+        let latency = Family::<LatencyLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to the response head (streams: to the first token)",
+            latency.clone(),
+        );
+        let upstream_attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts by target and outcome (ok or error kind)",
+            upstream_attempts.clone(),
+        );
+        let extra_attempts = Family::<ExtraAttemptLabels, Counter>::default();
+        registry.register(
+            "extra_attempts",
+            "Attempts beyond the first: retry on the same target, failover, hedge",
+            extra_attempts.clone(),
+        );
+        let budget_exhausted = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries or hedges refused by the route's retry budget",
+            budget_exhausted.clone(),
+        );
+        let breaker_state = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "breaker_state",
+            "Circuit breaker per target: 0 closed, 1 half-open, 2 open",
+            breaker_state.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            upstream_attempts,
+            extra_attempts,
+            budget_exhausted,
+            breaker_state,
+        }
+    }
+
+    pub fn request(&self, endpoint: &'static str, route: &str, status: u16, elapsed: Duration) {
+        let route = route.to_owned();
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint,
+                route: route.clone(),
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&LatencyLabels { endpoint, route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn upstream_attempt(&self, target: &str, outcome: &'static str) {
+        self.upstream_attempts
+            .get_or_create(&AttemptLabels {
+                target: target.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn extra_attempt(&self, route: &str, kind: ExtraAttempt) {
+        let kind = match kind {
+            ExtraAttempt::RetrySameTarget => "retry",
+            ExtraAttempt::Failover => "failover",
+            ExtraAttempt::Hedge => "hedge",
+        };
+        self.extra_attempts
+            .get_or_create(&ExtraAttemptLabels {
+                route: route.to_owned(),
+                kind,
+            })
+            .inc();
+    }
+
+    pub fn budget_exhausted(&self, route: &str) {
+        self.budget_exhausted
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn breaker_state(&self, target: &str, state: i64) {
+        self.breaker_state
+            .get_or_create(&TargetLabels {
+                target: target.to_owned(),
+            })
+            .set(state);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Installs the global tracing subscriber. `RUST_LOG` overrides the configured level.
+pub fn init_logging(config: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    // A second init (tests starting several gateways in one process) is harmless: ignore it.
+    let _ = match config.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+}
