@@ -1,0 +1,156 @@
+//! Test harness: a mock upstream and a real gateway on ephemeral loopback ports, per test.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod mock_upstream;
+
+use std::time::Duration;
+
+pub use mock_upstream::Mock;
+use reprise::config::Config;
+use reprise::server::RunningServer;
+use serde_json::{Value, json};
+
+pub const KEY_A: &str = "test-key-tenant-a";
+pub const KEY_B: &str = "test-key-tenant-b";
+pub const ADMIN: &str = "test-admin-key";
+
+pub struct Gateway {
+    pub mock: Mock,
+    pub server: RunningServer,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+/// The provider and auth part of a config whose providers point at `mock`; tests append routes.
+pub fn base_config(mock: &Mock) -> String {
+    format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        max_body_bytes = 65536
+        shutdown_grace = "5s"
+        [auth]
+        admin_key = "{ADMIN}"
+        keys = [{{ key = "{KEY_A}", tenant = "a" }}, {{ key = "{KEY_B}", tenant = "b" }}]
+        [breaker]
+        consecutive_failures = 3
+        cooldown = "30s"
+        [providers.mock]
+        kind = "openai"
+        base_url = "{openai}"
+        api_key = "sk-upstream-secret-openai"
+        [providers.mock2]
+        kind = "openai"
+        base_url = "{openai}"
+        api_key = "sk-upstream-secret-openai-2"
+        [providers.claude]
+        kind = "anthropic"
+        base_url = "{anthropic}"
+        api_key = "sk-ant-upstream-secret"
+        [providers.dead]
+        kind = "openai"
+        base_url = "http://127.0.0.1:1/v1"
+        connect_timeout = "1s"
+        "#,
+        openai = mock.openai_base(),
+        anthropic = mock.anthropic_base(),
+    )
+}
+
+impl Gateway {
+    /// Starts a mock upstream and a gateway with `routes` (TOML) appended to the base config.
+    pub async fn start(routes: &str) -> Gateway {
+        let mock = Mock::start().await;
+        Self::start_with(mock, routes).await
+    }
+
+    pub async fn start_with(mock: Mock, routes: &str) -> Gateway {
+        let text = format!("{}\n{routes}", base_config(&mock));
+        let config =
+            Config::from_toml_str(&text, "test.toml", &|_| None).expect("test config is valid");
+        let server = reprise::server::start(&config).await.unwrap();
+        let base = format!("http://{}", server.addr);
+        Gateway {
+            mock,
+            server,
+            base,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn chat(&self, body: Value) -> reqwest::Response {
+        self.post("/v1/chat/completions", KEY_A, body).await
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn health(&self) -> Value {
+        self.client
+            .get(self.url("/v1/health/providers"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn breaker_state(&self, target: &str) -> String {
+        let health = self.health().await;
+        health["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["target"] == target)
+            .map(|t| t["state"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("no target {target} in {health}"))
+    }
+}
+
+pub fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+pub fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    response.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Parses an SSE body into `(event name, data)` pairs.
+pub fn sse_events(body: &str) -> Vec<(Option<String>, String)> {
+    body.split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let mut event = None;
+            let mut data = Vec::new();
+            for line in block.lines() {
+                if let Some(name) = line.strip_prefix("event:") {
+                    event = Some(name.trim().to_owned());
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push(d.trim_start().to_owned());
+                }
+            }
+            (event, data.join("\n"))
+        })
+        .collect()
+}
+
+/// The `data:` payloads of an OpenAI stream, `[DONE]` included.
+pub fn sse_data(body: &str) -> Vec<String> {
+    sse_events(body).into_iter().map(|(_, d)| d).collect()
+}
