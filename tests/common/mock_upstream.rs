@@ -294,6 +294,8 @@ async fn openai_chat(
             for token in tokens.iter().take(after_tokens) {
                 pieces.push(chunk(json!({"content": token}), Value::Null));
             }
+            // Let hyper flush what was sent: an abort discards data still in its buffer.
+            pieces.push(Piece::Sleep(Duration::from_millis(50)));
             pieces.push(Piece::Break);
         }
         Plan::Answer { delay } => {
@@ -429,6 +431,7 @@ async fn anthropic_messages(
         Plan::Drop { .. } | Plan::LongStream => {
             pieces.push(event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
             pieces.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "echo"}})));
+            pieces.push(Piece::Sleep(Duration::from_millis(50)));
             pieces.push(Piece::Break);
         }
         Plan::Answer { delay } => {

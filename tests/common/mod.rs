@@ -32,9 +32,6 @@ pub fn base_config(mock: &Mock) -> String {
         [auth]
         admin_key = "{ADMIN}"
         keys = [{{ key = "{KEY_A}", tenant = "a" }}, {{ key = "{KEY_B}", tenant = "b" }}]
-        [breaker]
-        consecutive_failures = 3
-        cooldown = "30s"
         [providers.mock]
         kind = "openai"
         base_url = "{openai}"
@@ -65,7 +62,12 @@ impl Gateway {
     }
 
     pub async fn start_with(mock: Mock, routes: &str) -> Gateway {
-        let text = format!("{}\n{routes}", base_config(&mock));
+        let breaker = if routes.contains("[breaker]") {
+            ""
+        } else {
+            "[breaker]\ncooldown = \"30s\"\n"
+        };
+        let text = format!("{}\n{breaker}{routes}", base_config(&mock));
         let config =
             Config::from_toml_str(&text, "test.toml", &|_| None).expect("test config is valid");
         let server = reprise::server::start(&config).await.unwrap();
