@@ -1,0 +1,204 @@
+//! The `reprise` binary: `check-config`, `--help`, and `serve` with a graceful SIGTERM drain.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{KEY_A, Mock, base_config, user};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_reprise");
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("reprise.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_config_prints_routes_and_masks_secrets() {
+    let output = Command::new(BIN)
+        .args(["check-config", "config/reprise.toml"])
+        .env("REPRISE_ADMIN_KEY", "admin-secret-value-1234")
+        .env("REPRISE_API_KEY", "tenant-secret-value-5678")
+        .env("OPENAI_API_KEY", "sk-live-secret-value-9999")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "chat-default [ordered]: openai/gpt-4o-mini -> anthropic/claude-3-5-haiku-latest"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("openai: openai-compatible at https://api.openai.com/v1 (api key: set"),
+        "{stdout}"
+    );
+    for secret in [
+        "admin-secret-value-1234",
+        "tenant-secret-value-5678",
+        "sk-live-secret-value-9999",
+    ] {
+        assert!(!stdout.contains(secret), "{stdout}");
+    }
+}
+
+#[test]
+fn an_invalid_config_fails_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[auth]\n[providers.p]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\n[routes.r]\ntargets = [{ provider = \"q\", model = \"m\" }]\n",
+            "routes.r.targets[0].provider",
+        ),
+        (
+            "[auth]\nadmin_key = \"${REPRISE_TEST_SURELY_UNSET}\"\n[providers]\n[routes]\n",
+            "auth.admin_key",
+        ),
+        (
+            "[auth]\n[providers.p]\nkind = \"openia\"\nbase_url = \"http://x/v1\"\n[routes]\n",
+            "providers.p.kind",
+        ),
+        (
+            "[auth]\n[providers.p]\nkind = \"openai\"\nbase_url = \"not a url\"\n[routes]\n",
+            "providers.p.base_url",
+        ),
+        ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
+        ("[auth\n", "invalid TOML"),
+    ];
+    for (text, field) in cases {
+        let path = write_config(&dir, text);
+        for args in [
+            vec!["check-config", path.to_str().unwrap()],
+            vec!["serve", "--config", path.to_str().unwrap()],
+        ] {
+            let output = Command::new(BIN).args(&args).output().unwrap();
+            let stderr = String::from_utf8(output.stderr).unwrap();
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(field),
+                "{args:?}: expected {field:?} in {stderr:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["check-config", "--help"],
+    ] {
+        let output = Command::new(BIN).args(&args).output().unwrap();
+        assert!(output.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8(output.stdout).unwrap().contains("Usage"),
+            "{args:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let mock = Mock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[log]\nformat = \"json\"\n[routes.slow]\ntargets = [{{ provider = \"mock\", model = \"slow-1500\" }}]\n",
+        base_config(&mock)
+    );
+    let path = write_config(&dir, &config);
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let log_lines = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let lines = std::sync::Arc::clone(&log_lines);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(entry) = serde_json::from_str::<Value>(&line)
+                && let Some(addr) = entry["addr"].as_str()
+            {
+                let _ = addr_tx.send(addr.to_owned());
+            }
+            lines.lock().push(line);
+        }
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the gateway logs its address");
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/chat/completions");
+    let in_flight = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .post(url)
+                .bearer_auth(KEY_A)
+                .json(&json!({"model": "slow", "messages": user("drain me")}))
+                .send()
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let sent_at = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: drain me");
+
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent_at.elapsed() < Duration::from_secs(10),
+            "the gateway did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        client
+            .post(&url)
+            .bearer_auth(KEY_A)
+            .json(&json!({}))
+            .send()
+            .await
+            .is_err(),
+        "no new connections after shutdown"
+    );
+    let lines = log_lines.lock().join("\n");
+    assert!(
+        lines.contains("request finished"),
+        "one log line per request: {lines}"
+    );
+    assert!(
+        !lines.contains(KEY_A) && !lines.contains("sk-upstream-secret"),
+        "no secret in logs: {lines}"
+    );
+}

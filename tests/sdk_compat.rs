@@ -1,0 +1,47 @@
+//! Proves the wire format with clients nobody here wrote: the official `openai` and `anthropic`
+//! Python SDKs (installed from PyPI by `make test` into `.venv`) drive a real gateway.
+//!
+//! The interpreter comes from `REPRISE_SDK_PYTHON`; `make test` always sets it. Without it (a bare
+//! `cargo test`) this test says so and does nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Gateway, KEY_A};
+
+#[tokio::test]
+async fn official_python_sdks_work_unchanged() {
+    let Ok(python) = std::env::var("REPRISE_SDK_PYTHON") else {
+        eprintln!("REPRISE_SDK_PYTHON is not set: SDK compatibility not checked (run `make test`)");
+        return;
+    };
+    let gw = Gateway::start(
+        r#"
+        [routes.chat]
+        targets = [{ provider = "mock", model = "ok" }]
+        [routes.tools]
+        targets = [{ provider = "mock", model = "tool" }]
+        [routes.drop]
+        targets = [{ provider = "mock", model = "drop" }]
+        [routes.embed]
+        targets = [{ provider = "mock", model = "emb" }]
+        [routes.claude]
+        targets = [{ provider = "claude", model = "claude-ok" }]
+        "#,
+    )
+    .await;
+    let output = tokio::process::Command::new(python)
+        .arg("tests/sdk/check_sdks.py")
+        .env("REPRISE_BASE", &gw.base)
+        .env("REPRISE_KEY", KEY_A)
+        .output()
+        .await
+        .expect("the SDK python interpreter runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "SDK checks failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("all SDK checks passed"), "{stdout}");
+}
