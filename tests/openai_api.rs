@@ -187,6 +187,10 @@ async fn authentication_is_required_and_checked() {
         .send()
         .await
         .unwrap();
+    assert!(
+        header(&none, "x-request-id").is_some(),
+        "rejections carry a request id"
+    );
     let error = assert_openai_error(none, 401, None, "API key").await;
     assert_eq!(error["error"]["code"], "invalid_api_key");
     let wrong = gw

@@ -1,12 +1,15 @@
 //! The HTTP face of the gateway: routes, cross-cutting layers, graceful shutdown.
 //!
-//! Layers, outermost first (pinned by `tests/http_layers.rs`):
-//! 1. panic catcher: a bug answers 500 in OpenAI's error shape instead of dropping the connection;
-//! 2. sensitive headers: `authorization` and `x-api-key` are redacted from every log line;
-//! 3. request id: the client's `x-request-id` is kept, or a UUID is generated;
-//! 4. trace: one span per request (route, target, attempts, status, latency), one log line at the end;
-//! 5. request id propagation onto the response;
+//! Layers, outermost first:
+//! 1. sensitive headers: `authorization` and `x-api-key` are redacted from every log line;
+//! 2. request id: the client's `x-request-id` is kept, or a UUID is generated;
+//! 3. trace: one span per request (tenant, route, target, attempts), one line with status and latency;
+//! 4. request id propagation onto the response;
+//! 5. panic catcher: a bug answers 500 in OpenAI's error shape; being inside 2-4, that answer still
+//!    carries the request id and is logged like any other;
 //! 6. an in-flight limit (`server.max_in_flight`).
+//!
+//! `tests/openai_api.rs` pins the observable part: every response, errors included, has the id.
 //!
 //! Authentication is not a layer: handlers call `context()`, so what a stage needs is visible in
 //! its signature instead of travelling as a request extension.
@@ -152,33 +155,28 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 }
 
 async fn not_found() -> Response {
-    ApiError::invalid("unknown endpoint", None)
-        .into_response()
-        .map(|body| body)
-        .into_response_with_status(StatusCode::NOT_FOUND)
+    with_status(
+        ApiError::invalid("unknown endpoint", None),
+        StatusCode::NOT_FOUND,
+    )
 }
 
 async fn method_not_allowed() -> Response {
-    ApiError::invalid("method not allowed on this endpoint", None)
-        .into_response()
-        .into_response_with_status(StatusCode::METHOD_NOT_ALLOWED)
+    with_status(
+        ApiError::invalid("method not allowed on this endpoint", None),
+        StatusCode::METHOD_NOT_ALLOWED,
+    )
 }
 
-trait WithStatus {
-    fn into_response_with_status(self, status: StatusCode) -> Response;
-}
-
-impl WithStatus for Response {
-    fn into_response_with_status(mut self, status: StatusCode) -> Response {
-        *self.status_mut() = status;
-        self
-    }
+fn with_status(error: ApiError, status: StatusCode) -> Response {
+    let mut response = error.into_response();
+    *response.status_mut() = status;
+    response
 }
 
 pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
     let request_id = HeaderName::from_static("x-request-id");
     let layers = ServiceBuilder::new()
-        .layer(CatchPanicLayer::custom(panic_response))
         .layer(SetSensitiveHeadersLayer::new([
             axum::http::header::AUTHORIZATION,
             HeaderName::from_static("x-api-key"),
@@ -205,7 +203,9 @@ pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
                 })
                 .on_request(())
                 .on_response(
-                    |response: &Response, latency: Duration, _span: &tracing::Span| {
+                    |response: &axum::http::Response<_>,
+                     latency: Duration,
+                     _span: &tracing::Span| {
                         tracing::info!(
                             status = response.status().as_u16(),
                             latency_ms = latency.as_secs_f64() * 1000.0,
@@ -215,6 +215,7 @@ pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
                 ),
         )
         .layer(PropagateRequestIdLayer::new(request_id))
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(tower::limit::ConcurrencyLimitLayer::new(max_in_flight));
     HttpRouter::new()
         .route("/v1/chat/completions", post(openai::chat_completions))

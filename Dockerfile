@@ -1,0 +1,26 @@
+# Multi-stage build of the `reprise` gateway. Written by reading (no Docker engine on the
+# development machines); `docker compose up` runs it with Redis beside it.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY tests ./tests
+COPY examples ./examples
+RUN cargo build --release --locked --bin reprise
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --home /var/lib/reprise --create-home reprise
+COPY --from=build /src/target/release/reprise /usr/local/bin/reprise
+COPY config /etc/reprise
+COPY prompts /etc/reprise/prompts
+USER reprise
+WORKDIR /var/lib/reprise
+ENV REPRISE_CONFIG=/etc/reprise/reprise.toml \
+    REPRISE_LISTEN=0.0.0.0:8080
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/reprise"]
+CMD ["serve"]

@@ -1,0 +1,36 @@
+# The two set-up commands of the README:
+#   make run    runs the gateway on its embedded defaults (config/reprise.toml)
+#   make test   runs every check CI runs: format, lints, unit and integration tests, SDK compatibility
+# Each installs what it needs (Python SDKs from PyPI into .venv for the compatibility check).
+
+CARGO ?= cargo
+PYTHON ?= python3
+VENV := .venv
+
+# Development defaults so `make run` works on a fresh machine; set real values in production.
+export REPRISE_API_KEY ?= reprise-dev-key
+export REPRISE_ADMIN_KEY ?= reprise-dev-admin
+
+.PHONY: run test lint bench clean-tools
+
+run:
+	$(CARGO) run --release -- serve --config config/reprise.toml
+
+test: lint $(VENV)/.installed
+	REPRISE_SDK_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) test --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+$(VENV)/.installed: tests/sdk/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+	touch $@
+
+# Load benchmark (numbers in the README). Installs oha into .tools on first use.
+bench:
+	bash benches/load.sh
+
+clean-tools:
+	rm -rf $(VENV) .tools

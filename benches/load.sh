@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Load benchmark: the latency Reprise adds over calling the mock upstream directly.
+#
+# Starts the mock upstream (examples/mock_upstream.rs) and a release gateway on loopback, then
+# drives both with oha at concurrency 1, at concurrency 32, and at a fixed 1,000 req/s, and prints
+# p50/p99 for each path, the difference (added latency), throughput, and the gateway's RSS.
+# All traffic goes to 127.0.0.1; every run is bounded in requests or seconds.
+#
+#   bash benches/load.sh            # or: make bench
+#   N=20000 DURATION=20s bash benches/load.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N=${N:-10000}
+DURATION=${DURATION:-10s}
+MOCK_ADDR=127.0.0.1:${MOCK_PORT:-19100}
+GW_ADDR=127.0.0.1:${GW_PORT:-19180}
+OHA=.tools/bin/oha
+
+if [ ! -x "$OHA" ]; then
+  cargo install oha --version 1.16.0 --locked --root .tools
+fi
+cargo build --release --locked --bin reprise --example mock_upstream
+
+workdir=$(mktemp -d)
+cleanup() {
+  [ -n "${gw_pid:-}" ] && kill "$gw_pid" 2>/dev/null || true
+  [ -n "${mock_pid:-}" ] && kill "$mock_pid" 2>/dev/null || true
+  rm -rf "$workdir"
+}
+trap cleanup EXIT
+
+cat > "$workdir/bench.toml" <<TOML
+[server]
+listen = "$GW_ADDR"
+[log]
+level = "warn"
+[auth]
+admin_key = "bench-admin"
+keys = [{ key = "bench-key", tenant = "bench" }]
+[providers.mock]
+kind = "openai"
+base_url = "http://$MOCK_ADDR/v1"
+api_key = "sk-bench"
+[routes.bench]
+targets = [{ provider = "mock", model = "ok" }]
+TOML
+
+./target/release/examples/mock_upstream "$MOCK_ADDR" > "$workdir/mock.log" 2>&1 &
+mock_pid=$!
+./target/release/reprise serve --config "$workdir/bench.toml" > "$workdir/gw.log" 2>&1 &
+gw_pid=$!
+for _ in $(seq 100); do
+  if curl -sf "http://$GW_ADDR/healthz" > /dev/null && curl -s -o /dev/null "http://$MOCK_ADDR/"; then break; fi
+  sleep 0.1
+done
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$gw_pid/status"; }
+idle_rss=$(rss_kb)
+
+direct_body='{"model":"ok","messages":[{"role":"user","content":"hello"}]}'
+gateway_body='{"model":"bench","messages":[{"role":"user","content":"hello"}]}'
+
+# run NAME URL BODY OHA-ARGS...  -> writes $workdir/NAME.json
+run() {
+  local name=$1 url=$2 body=$3
+  shift 3
+  "$OHA" --no-tui --output-format json -m POST -H 'content-type: application/json' \
+    -H 'authorization: Bearer bench-key' -d "$body" "$@" "$url" > "$workdir/$name.json"
+}
+
+direct=http://$MOCK_ADDR/v1/chat/completions
+gateway=http://$GW_ADDR/v1/chat/completions
+# Warm up connections and allocator on both paths.
+run warm-d "$direct" "$direct_body" -n 2000 -c 8
+run warm-g "$gateway" "$gateway_body" -n 2000 -c 8
+
+run c1-direct "$direct" "$direct_body" -n "$N" -c 1
+run c1-gateway "$gateway" "$gateway_body" -n "$N" -c 1
+run c32-direct "$direct" "$direct_body" -n "$((N * 4))" -c 32
+run c32-gateway "$gateway" "$gateway_body" -n "$((N * 4))" -c 32
+run rate-direct "$direct" "$direct_body" -z "$DURATION" -c 32 -q 1000 --latency-correction
+run rate-gateway "$gateway" "$gateway_body" -z "$DURATION" -c 32 -q 1000 --latency-correction
+loaded_rss=$(rss_kb)
+
+python3 - "$workdir" "$idle_rss" "$loaded_rss" <<'PY'
+import json, sys
+workdir, idle_rss, loaded_rss = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def load(name):
+    with open(f"{workdir}/{name}.json") as f:
+        data = json.load(f)
+    pct = data["latencyPercentiles"]
+    codes = data.get("statusCodeDistribution", {})
+    ok = codes.get("200", 0)
+    total = sum(codes.values())
+    return pct["p50"] * 1e6, pct["p99"] * 1e6, data["summary"]["requestsPerSec"], ok, total
+
+print("| scenario | direct p50 | gateway p50 | added p50 | direct p99 | gateway p99 | added p99 | gateway req/s | 200s |")
+print("|---|---|---|---|---|---|---|---|---|")
+for label, key in [("concurrency 1", "c1"), ("concurrency 32", "c32"), ("fixed 1,000 req/s", "rate")]:
+    d50, d99, drps, _, _ = load(f"{key}-direct")
+    g50, g99, grps, ok, total = load(f"{key}-gateway")
+    print(f"| {label} | {d50:.0f} µs | {g50:.0f} µs | {g50 - d50:.0f} µs | {d99:.0f} µs | {g99:.0f} µs | "
+          f"{g99 - d99:.0f} µs | {grps:,.0f} | {ok}/{total} |")
+print()
+print(f"gateway RSS: idle {idle_rss / 1024:.1f} MiB, after the runs {loaded_rss / 1024:.1f} MiB")
+PY
