@@ -497,6 +497,36 @@ async fn a_client_that_disconnects_mid_stream_cancels_the_upstream_call() {
 }
 
 #[tokio::test]
+async fn a_client_that_gives_up_on_a_whole_answer_cancels_the_upstream_call() {
+    let gw = Gateway::start(&route(r#"{ provider = "mock", model = "hang" }"#, "")).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let result = impatient
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(common::KEY_A)
+        .json(&ask())
+        .send()
+        .await;
+    assert!(result.is_err(), "the client timed out");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while gw
+        .mock
+        .state
+        .calls_cancelled
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream call outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn embeddings_fail_over_too() {
     let gw = Gateway::start(&route(
         r#"{ provider = "mock", model = "status-502" }, { provider = "mock2", model = "emb" }"#,

@@ -7,7 +7,7 @@
 //! 4. request id propagation onto the response;
 //! 5. panic catcher: a bug answers 500 in OpenAI's error shape; being inside 2-4, that answer still
 //!    carries the request id and is logged like any other;
-//! 6. an in-flight limit (`server.max_in_flight`).
+//! 6. an in-flight limit (`server.max_in_flight`), one semaphore shared by all routes.
 //!
 //! `tests/openai_api.rs` pins the observable part: every response, errors included, has the id.
 //!
@@ -216,7 +216,9 @@ pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
         )
         .layer(PropagateRequestIdLayer::new(request_id))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(max_in_flight));
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            max_in_flight,
+        ));
     HttpRouter::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/embeddings", post(openai::embeddings))

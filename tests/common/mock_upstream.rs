@@ -38,6 +38,8 @@ pub struct MockState {
     calls: Mutex<HashMap<String, usize>>,
     pub requests: Mutex<Vec<(String, HeaderMap, Value)>>,
     pub streams_cancelled: AtomicUsize,
+    /// Whole-answer calls whose caller went away while the mock was still working on them.
+    pub calls_cancelled: AtomicUsize,
     pub streams_completed: AtomicUsize,
 }
 
@@ -209,6 +211,15 @@ impl Drop for StreamGuard {
     }
 }
 
+/// Counts a whole-answer call as cancelled when its handler is dropped before it finished.
+struct CallGuard(Arc<MockState>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.calls_cancelled.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 enum Piece {
     Data(String),
     Sleep(Duration),
@@ -253,6 +264,7 @@ async fn openai_chat(
         return match plan {
             Plan::Status { status, retry_after } => error_response(Api::OpenAi, status, retry_after),
             Plan::Hang => {
+                let _guard = CallGuard(Arc::clone(&state));
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 StatusCode::OK.into_response()
             }
