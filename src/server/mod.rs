@@ -292,6 +292,13 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
     let (sender, mut receiver) = watch::channel(false);
     let app = app(state, config.server.max_in_flight);
+    // Without TCP_NODELAY a small answer written in two segments can wait on Nagle for the peer's
+    // delayed ACK: tens of microseconds to milliseconds added to a gateway that should add ~none.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
