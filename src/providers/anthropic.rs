@@ -5,7 +5,7 @@ use futures::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::Value;
 
-use super::{ChatReply, Provider, ProviderError, error_chain, read_json, sensitive, status_error};
+use super::{ChatReply, Provider, ProviderError, error_chain, post_json, read_json, sensitive};
 use crate::protocol::anthropic::{StreamToOpenAi, request_from_openai, response_to_openai};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 
@@ -49,17 +49,7 @@ impl Provider for Anthropic {
     ) -> Result<ChatReply, ProviderError> {
         let body = request_from_openai(request, upstream_model, self.default_max_tokens, stream)
             .map_err(|e| ProviderError::Untranslatable(e.0))?;
-        let response = self
-            .client
-            .post(self.messages_url.clone())
-            .headers(self.headers.clone())
-            .json(&body)
-            .send()
-            .await
-            .map_err(ProviderError::from_send)?;
-        if !response.status().is_success() {
-            return Err(status_error(response).await);
-        }
+        let response = post_json(&self.client, &self.messages_url, &self.headers, &body).await?;
         if !stream {
             let message = read_json(response).await?;
             return response_to_openai(&message)

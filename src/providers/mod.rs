@@ -188,6 +188,28 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     )
 }
 
+/// Sends `body` as JSON and returns the response if its status is a success; any other status
+/// becomes a [`ProviderError::Status`] carrying the upstream's error and `Retry-After`.
+async fn post_json<T: serde::Serialize + ?Sized>(
+    client: &reqwest::Client,
+    url: &url::Url,
+    headers: &HeaderMap,
+    body: &T,
+) -> Result<reqwest::Response, ProviderError> {
+    let response = client
+        .post(url.clone())
+        .headers(headers.clone())
+        .json(body)
+        .send()
+        .await
+        .map_err(ProviderError::from_send)?;
+    if response.status().is_success() {
+        Ok(response)
+    } else {
+        Err(status_error(response).await)
+    }
+}
+
 /// Turns a non-2xx upstream response into a [`ProviderError::Status`].
 async fn status_error(response: reqwest::Response) -> ProviderError {
     let status = response.status().as_u16();

@@ -6,7 +6,7 @@ use futures::StreamExt;
 use reqwest::header::{AUTHORIZATION, HeaderMap};
 use serde_json::Value;
 
-use super::{ChatReply, Provider, ProviderError, error_chain, read_json, sensitive, status_error};
+use super::{ChatReply, Provider, ProviderError, error_chain, post_json, read_json, sensitive};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 
 pub struct OpenAiCompatible {
@@ -51,17 +51,7 @@ impl Provider for OpenAiCompatible {
             outgoing.stream = None;
             outgoing.stream_options = None;
         }
-        let response = self
-            .client
-            .post(self.chat_url.clone())
-            .headers(self.headers.clone())
-            .json(&outgoing)
-            .send()
-            .await
-            .map_err(ProviderError::from_send)?;
-        if !response.status().is_success() {
-            return Err(status_error(response).await);
-        }
+        let response = post_json(&self.client, &self.chat_url, &self.headers, &outgoing).await?;
         if !stream {
             return read_json(response).await.map(ChatReply::Complete);
         }
@@ -109,17 +99,8 @@ impl Provider for OpenAiCompatible {
     ) -> Result<Value, ProviderError> {
         let mut outgoing = request.clone();
         outgoing.model = upstream_model.to_owned();
-        let response = self
-            .client
-            .post(self.embeddings_url.clone())
-            .headers(self.headers.clone())
-            .json(&outgoing)
-            .send()
-            .await
-            .map_err(ProviderError::from_send)?;
-        if !response.status().is_success() {
-            return Err(status_error(response).await);
-        }
+        let response =
+            post_json(&self.client, &self.embeddings_url, &self.headers, &outgoing).await?;
         read_json(response).await
     }
 }

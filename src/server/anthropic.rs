@@ -10,10 +10,9 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::json;
 
-use super::{AppState, Endpoint, context, read_body, trace_headers};
+use super::{AppState, Endpoint, authenticated_request, trace_headers};
 use crate::pipeline::{ChatAnswer, Failed, Trace};
 use crate::protocol::anthropic::{MessagesRequest, StreamFromOpenAi, response_from_openai};
-use crate::protocol::parse_json;
 use crate::providers::ChunkStream;
 
 pub async fn messages(
@@ -33,15 +32,11 @@ pub async fn messages(
         let headers = trace_headers(&failed.trace);
         (headers, failed.error.into_anthropic_response()).into_response()
     };
-    let context = match context(&state, &headers) {
-        Ok(context) => context,
-        Err(error) => return fail(error.into()),
-    };
-    let request: MessagesRequest = match read_body(&state, body).await.and_then(|b| parse_json(&b))
-    {
-        Ok(request) => request,
-        Err(error) => return fail(error.into()),
-    };
+    let (context, request): (_, MessagesRequest) =
+        match authenticated_request(&state, &headers, body).await {
+            Ok(parsed) => parsed,
+            Err(error) => return fail(error.into()),
+        };
     let request = match request.into_openai() {
         Ok(request) => request,
         Err(error) => return fail(error.into()),

@@ -29,7 +29,6 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use bytes::Bytes;
 use tokio::sync::watch;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -108,8 +107,15 @@ fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiE
     Ok(RequestContext { tenant, request_id })
 }
 
-async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
-    body::read_limited(body, state.max_body_bytes).await
+/// What every API handler does first: authenticate, read the body within the limit, parse it.
+async fn authenticated_request<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(RequestContext, T), ApiError> {
+    let context = context(state, headers)?;
+    let bytes = body::read_limited(body, state.max_body_bytes).await?;
+    Ok((context, crate::protocol::parse_json(&bytes)?))
 }
 
 fn trace_headers(trace: &Trace) -> HeaderMap {

@@ -10,10 +10,9 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::json;
 
-use super::{AppState, Endpoint, context, read_body, respond_error, trace_headers};
+use super::{AppState, Endpoint, authenticated_request, respond_error, trace_headers};
 use crate::pipeline::ChatAnswer;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
-use crate::protocol::parse_json;
 use crate::providers::ChunkStream;
 
 pub async fn chat_completions(
@@ -23,14 +22,11 @@ pub async fn chat_completions(
 ) -> Response {
     let endpoint = Endpoint::ChatCompletions;
     let started = std::time::Instant::now();
-    let context = match context(&state, &headers) {
-        Ok(context) => context,
-        Err(error) => return respond_error(&state, endpoint, error.into(), started),
-    };
-    let request: ChatRequest = match read_body(&state, body).await.and_then(|b| parse_json(&b)) {
-        Ok(request) => request,
-        Err(error) => return respond_error(&state, endpoint, error.into(), started),
-    };
+    let (context, request): (_, ChatRequest) =
+        match authenticated_request(&state, &headers, body).await {
+            Ok(parsed) => parsed,
+            Err(error) => return respond_error(&state, endpoint, error.into(), started),
+        };
     match state.pipeline.chat(&context, request).await {
         Ok(answered) => {
             let trace = answered.trace;
@@ -78,13 +74,9 @@ pub async fn embeddings(
 ) -> Response {
     let endpoint = Endpoint::Embeddings;
     let started = std::time::Instant::now();
-    let context = match context(&state, &headers) {
-        Ok(context) => context,
-        Err(error) => return respond_error(&state, endpoint, error.into(), started),
-    };
-    let request: EmbeddingsRequest =
-        match read_body(&state, body).await.and_then(|b| parse_json(&b)) {
-            Ok(request) => request,
+    let (context, request): (_, EmbeddingsRequest) =
+        match authenticated_request(&state, &headers, body).await {
+            Ok(parsed) => parsed,
             Err(error) => return respond_error(&state, endpoint, error.into(), started),
         };
     match state.pipeline.embeddings(&context, request).await {
