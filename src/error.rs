@@ -70,11 +70,6 @@ pub enum ApiError {
     AdminOnly,
     #[error("The model `{model}` does not exist or you do not have access to it.")]
     ModelNotFound { model: String },
-    #[error("{operation} is not supported by {target}")]
-    Unsupported {
-        operation: &'static str,
-        target: String,
-    },
     /// The upstream refused the request itself (400, 413, 422, content policy): returned as is.
     #[error("{}", error.message)]
     UpstreamRejected {
@@ -110,7 +105,7 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidRequest { .. } | Self::Unsupported { .. } => StatusCode::BAD_REQUEST,
+            Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminOnly => StatusCode::FORBIDDEN,
@@ -129,7 +124,6 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::AdminOnly => "admin_only",
             Self::ModelNotFound { .. } => "model_not_found",
-            Self::Unsupported { .. } => "unsupported",
             Self::UpstreamRejected { .. } => "upstream_rejected",
             Self::UpstreamFailed { .. } => "upstream_failed",
             Self::NoHealthyTarget { .. } => "no_healthy_target",
@@ -158,11 +152,6 @@ impl ApiError {
                 "invalid_request_error".into(),
                 owned("model"),
                 owned("model_not_found"),
-            ),
-            Self::Unsupported { .. } => (
-                "invalid_request_error".into(),
-                owned("model"),
-                owned("unsupported_operation"),
             ),
             Self::UpstreamRejected { error, .. } => {
                 (error.kind.clone(), error.param.clone(), error.code.clone())

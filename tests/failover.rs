@@ -418,6 +418,25 @@ async fn the_retry_budget_stops_retry_storms() {
 }
 
 #[tokio::test]
+async fn a_refused_retry_still_fails_over_to_the_next_target() {
+    let routes = route(
+        r#"{ provider = "mock", model = "status-503" }, { provider = "mock2", model = "ok" }"#,
+        "",
+    )
+    .replace(
+        "attempts_per_target = 2",
+        "attempts_per_target = 3\nbudget_ratio = 0.0\nbudget_min_per_sec = 0",
+    );
+    let gw = Gateway::start(&routes).await;
+    let (status, target, attempts, _) = served_by(gw.chat(ask()).await).await;
+    assert_eq!(
+        (status, target.as_deref(), attempts.as_deref()),
+        (200, Some("mock2/ok"), Some("2"))
+    );
+    assert_eq!(gw.mock.calls("status-503"), 1, "no retry without budget");
+}
+
+#[tokio::test]
 async fn rate_limits_on_every_target_come_back_as_429() {
     let gw = Gateway::start(&route(r#"{ provider = "mock", model = "status-429" }"#, "")).await;
     let (status, _, attempts, body) = served_by(gw.chat(ask()).await).await;

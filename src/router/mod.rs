@@ -322,6 +322,14 @@ impl Router {
                     }
                     None => true,
                 };
+                if !granted && extra == Some(ExtraAttempt::RetrySameTarget) {
+                    // The budget guards the struggling target, not the route: try the next one.
+                    drop(permit);
+                    next = plan
+                        .next_target()
+                        .map(|(i, p)| (i, p, Duration::ZERO, Some(ExtraAttempt::Failover)));
+                    continue;
+                }
                 if granted {
                     attempts += 1;
                     plan.tries[index] += 1;
@@ -411,7 +419,6 @@ struct Plan<'r> {
     order: Vec<usize>,
     cursor: usize,
     tries: Vec<u32>,
-    skipped_open: u32,
 }
 
 impl<'r> Plan<'r> {
@@ -422,7 +429,6 @@ impl<'r> Plan<'r> {
             order: route.attempt_order(),
             cursor: 0,
             tries: vec![0; route.targets.len()],
-            skipped_open: 0,
         }
     }
 
@@ -433,7 +439,6 @@ impl<'r> Plan<'r> {
             match target.breaker.try_acquire() {
                 Some(permit) => return Some((index, permit)),
                 None => {
-                    self.skipped_open += 1;
                     self.metrics
                         .upstream_attempt(&target.id, "skipped_breaker_open");
                 }
