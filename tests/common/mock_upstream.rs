@@ -236,6 +236,7 @@ fn sse_body(state: Arc<MockState>, pieces: Vec<Piece>) -> Response {
         for piece in pieces {
             match piece {
                 Piece::Data(text) => yield Ok::<Bytes, std::io::Error>(Bytes::from(text)),
+                Piece::Sleep(d) if d.is_zero() => {}
                 Piece::Sleep(d) => tokio::time::sleep(d).await,
                 Piece::Break => {
                     guard.completed = true;
@@ -274,7 +275,9 @@ async fn openai_chat(
             }
             Plan::Drop { .. } => sse_body(state, vec![Piece::Data("{\"id\": \"chatcmpl-".into()), Piece::Break]),
             Plan::Answer { delay } => {
-                tokio::time::sleep(delay).await;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 axum::Json(openai_completion(&model, json!({"role": "assistant", "content": text, "refusal": null}), "stop"))
                     .into_response()
             }
@@ -425,7 +428,9 @@ async fn anthropic_messages(
             }))
             .into_response(),
             Plan::Answer { delay } => {
-                tokio::time::sleep(delay).await;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 axum::Json(json!({
                     "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
                     "content": [{"type": "text", "text": text}],
