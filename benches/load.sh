@@ -12,6 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${N:-10000}
+# Gateway threads: unset = one per core; WORKERS=1 runs the single-threaded runtime.
+WORKERS=${WORKERS:-}
 DURATION=${DURATION:-10s}
 MOCK_ADDR=127.0.0.1:${MOCK_PORT:-19100}
 GW_ADDR=127.0.0.1:${GW_PORT:-19180}
@@ -33,6 +35,7 @@ trap cleanup EXIT
 cat > "$workdir/bench.toml" <<TOML
 [server]
 listen = "$GW_ADDR"
+${WORKERS:+worker_threads = $WORKERS}
 [log]
 level = "warn"
 [auth]
@@ -83,8 +86,8 @@ run rate-direct "$direct" "$direct_body" -z "$DURATION" -c 32 -q 1000 --latency-
 run rate-gateway "$gateway" "$gateway_body" -z "$DURATION" -c 32 -q 1000 --latency-correction
 loaded_rss=$(rss_kb)
 
-python3 - "$workdir" "$idle_rss" "$loaded_rss" <<'PY'
-import json, sys
+WORKERS="$WORKERS" python3 - "$workdir" "$idle_rss" "$loaded_rss" <<'PY'
+import json, os, sys
 workdir, idle_rss, loaded_rss = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
 def load(name):
@@ -104,5 +107,6 @@ for label, key in [("concurrency 1", "c1"), ("concurrency 32", "c32"), ("fixed 1
     print(f"| {label} | {d50:.0f} µs | {g50:.0f} µs | {g50 - d50:.0f} µs | {d99:.0f} µs | {g99:.0f} µs | "
           f"{g99 - d99:.0f} µs | {grps:,.0f} | {ok}/{total} |")
 print()
+print(f"gateway threads: {os.environ.get('WORKERS') or 'one per core'}")
 print(f"gateway RSS: idle {idle_rss / 1024:.1f} MiB, after the runs {loaded_rss / 1024:.1f} MiB")
 PY

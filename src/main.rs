@@ -66,7 +66,17 @@ fn serve(path: PathBuf) -> ExitCode {
         }
     };
     reprise::telemetry::init_logging(&config.log);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match config.server.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(threads) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
