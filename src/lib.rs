@@ -22,4 +22,5 @@ pub mod protocol;
 pub mod providers;
 pub mod router;
 pub mod server;
+pub mod store;
 pub mod telemetry;

@@ -1,0 +1,39 @@
+//! Durable key-value storage behind one trait, so caches (and later the prompt store) never speak
+//! a storage engine's language. `sled` is the embedded default; a shared backend for several
+//! gateway replicas implements the same trait.
+//!
+//! Keys are `/`-separated paths (`cache/v1/{tenant}/{namespace}/{route}/{hash}`), so a purge by
+//! tenant, namespace or route is a prefix delete.
+
+mod sled_store;
+
+use std::time::Duration;
+
+pub use sled_store::SledStore;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The backend answered with an error (I/O, corruption).
+    #[error("store error: {0}")]
+    Backend(String),
+}
+
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The value under `key`, or `None` if there is none or it has expired.
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores `value` durably (it survives a crash of the process once this returns), expiring
+    /// after `ttl` if given.
+    async fn put(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>)
+    -> Result<(), StoreError>;
+
+    /// Removes `key`; whether it existed.
+    async fn delete(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// Removes every key starting with `prefix`; how many there were.
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError>;
+
+    /// A short name for logs and metrics.
+    fn backend(&self) -> &'static str;
+}
