@@ -15,6 +15,7 @@
 //! Answers flow back the same way. [`config`] holds the typed, validated configuration;
 //! [`error`] the one error type clients see; [`telemetry`] logs and Prometheus metrics.
 
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod pipeline;
