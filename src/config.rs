@@ -44,6 +44,8 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub breaker: BreakerConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
 }
@@ -178,6 +180,96 @@ fn default_cooldown() -> Duration {
     Duration::from_secs(30)
 }
 
+/// The response cache: where it lives and the defaults every route inherits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Directory of the embedded (sled) store.
+    #[serde(default = "default_cache_path")]
+    pub path: std::path::PathBuf,
+    /// Memory for the store's page cache, in bytes.
+    #[serde(default = "default_cache_memory_bytes")]
+    pub memory_bytes: u64,
+    /// Defaults for every route (see [`RouteCacheConfig`]).
+    pub enabled: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+    pub max_temperature: Option<f64>,
+    pub cache_truncated: Option<bool>,
+}
+
+impl CacheConfig {
+    pub fn defaults(&self) -> RouteCacheConfig {
+        RouteCacheConfig {
+            enabled: self.enabled,
+            ttl: self.ttl,
+            max_temperature: self.max_temperature,
+            cache_truncated: self.cache_truncated,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            path: default_cache_path(),
+            memory_bytes: default_cache_memory_bytes(),
+            enabled: None,
+            ttl: None,
+            max_temperature: None,
+            cache_truncated: None,
+        }
+    }
+}
+
+fn default_cache_path() -> std::path::PathBuf {
+    "data/reprise".into()
+}
+fn default_cache_memory_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
+/// Cache policy. In `[cache]` it sets the defaults; in `[routes.NAME.cache]` any field overrides them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheConfig {
+    /// Serve identical requests from the exact cache (default: off).
+    pub enabled: Option<bool>,
+    /// How long an entry lives (default: 1 hour).
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+    /// Requests with a higher temperature are not cached: their callers want variety.
+    pub max_temperature: Option<f64>,
+    /// Also store answers cut off by `max_tokens` (`finish_reason: length`; default: no).
+    pub cache_truncated: Option<bool>,
+}
+
+/// A route's cache policy with every default applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachePolicy {
+    pub enabled: bool,
+    pub ttl: Duration,
+    pub max_temperature: Option<f64>,
+    pub cache_truncated: bool,
+}
+
+impl RouteCacheConfig {
+    pub fn resolve(&self, defaults: &RouteCacheConfig) -> CachePolicy {
+        CachePolicy {
+            enabled: self.enabled.or(defaults.enabled).unwrap_or(false),
+            ttl: self
+                .ttl
+                .or(defaults.ttl)
+                .unwrap_or(Duration::from_secs(3600)),
+            max_temperature: self.max_temperature.or(defaults.max_temperature),
+            cache_truncated: self
+                .cache_truncated
+                .or(defaults.cache_truncated)
+                .unwrap_or(false),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
@@ -245,6 +337,8 @@ pub struct RouteConfig {
     /// first answer wins. This trades money (both calls may be billed) for tail latency.
     #[serde(default, with = "humantime_serde")]
     pub hedge_after: Option<Duration>,
+    #[serde(default)]
+    pub cache: RouteCacheConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -428,6 +522,38 @@ impl Config {
             use secrecy::ExposeSecret;
             if admin.expose_secret().is_empty() {
                 return Err(("auth.admin_key".into(), "must not be empty when set".into()));
+            }
+        }
+        let check_cache =
+            |field: String, cache: &RouteCacheConfig| -> Result<(), (String, String)> {
+                if cache.ttl.is_some_and(|t| t.is_zero()) {
+                    return Err((format!("{field}.ttl"), "must be above 0".into()));
+                }
+                if cache
+                    .max_temperature
+                    .is_some_and(|t| !(0.0..=2.0).contains(&t))
+                {
+                    return Err((
+                        format!("{field}.max_temperature"),
+                        "must be between 0 and 2".into(),
+                    ));
+                }
+                Ok(())
+            };
+        check_cache("cache".into(), &self.cache.defaults())?;
+        for (name, route) in &self.routes {
+            check_cache(format!("routes.{name}.cache"), &route.cache)?;
+        }
+        for (i, key) in self.auth.keys.iter().enumerate() {
+            if !key
+                .tenant
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            {
+                return Err((
+                    format!("auth.keys[{i}].tenant"),
+                    "may contain only letters, digits and - _ . :".into(),
+                ));
             }
         }
         let b = &self.breaker;
@@ -666,6 +792,25 @@ mod tests {
             err.contains("routes.chat.retry.attempts_per_target"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn route_cache_settings_override_the_defaults() {
+        let text = MINIMAL.replace(
+            "[routes.chat]",
+            "[cache]\nenabled = true\nttl = \"10m\"\n[routes.chat.cache]\nttl = \"5s\"\ncache_truncated = true\n[routes.chat]",
+        );
+        let config = Config::from_toml_str(&text, "t.toml", &env).unwrap();
+        let policy = config.routes["chat"]
+            .cache
+            .resolve(&config.cache.defaults());
+        assert!(policy.enabled && policy.cache_truncated);
+        assert_eq!(policy.ttl, Duration::from_secs(5));
+        let bad = MINIMAL.replace("[routes.chat]", "[cache]\nenabeld = true\n[routes.chat]");
+        let err = Config::from_toml_str(&bad, "t.toml", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("enabeld"), "{err}");
     }
 
     #[test]

@@ -1,18 +1,29 @@
 //! The business pipeline, composed in plain code: every stage a request passes is called from
-//! here, in order, so the path of a request can be read top to bottom.
+//! here, in order, so the path of a request can be read top to bottom:
 //!
-//! Today: route resolution → router (failover chain) → providers. Later stages slot in between:
-//! prompt resolution (before anything else), then the exact cache, then the semantic cache, with
-//! cache writers on the way back.
+//! 1. route resolution (the model alias names a route);
+//! 2. exact cache: a hit answers at once, whole or replayed as a stream;
+//! 3. router (failover chain) → providers;
+//! 4. on the way back, the cache writer stores complete answers off the response path (streams
+//!    once they ended normally, never a truncated one).
+//!
+//! Prompt resolution (before 1) and the semantic cache (after 2) slot in here later.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::Value;
 
+use crate::cache::entry::{StreamAssembler, replay_chunks};
+use crate::cache::exact::{CacheControls, CacheStatus, ExactCache, Plan};
+use crate::config::{CachePolicy, Config};
 use crate::error::ApiError;
-use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
+use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions};
 use crate::providers::ChunkStream;
 use crate::router::{Route, RouteFailure, Router, Served, TargetHealth};
+use crate::store::{SledStore, Store};
 use crate::telemetry::Metrics;
 
 /// What later stages need to know about the caller, resolved once by the server.
@@ -20,6 +31,7 @@ use crate::telemetry::Metrics;
 pub struct RequestContext {
     pub tenant: Arc<str>,
     pub request_id: String,
+    pub cache: CacheControls,
 }
 
 /// How an answer (or a failure) was produced, for response headers and the request's log line.
@@ -28,6 +40,10 @@ pub struct Trace {
     pub route: Option<String>,
     pub target: Option<String>,
     pub attempts: u32,
+    pub cache: Option<CacheStatus>,
+    pub cache_age: Option<Duration>,
+    /// Prompt plus completion tokens of a cache hit: what the upstream would have billed.
+    pub tokens_saved: u64,
 }
 
 pub enum ChatAnswer {
@@ -56,36 +72,158 @@ impl From<ApiError> for Failed {
 
 pub struct Pipeline {
     router: Router,
+    exact_cache: Option<ExactCache>,
+    cache_policies: HashMap<String, CachePolicy>,
     pub metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
-    pub fn new(router: Router, metrics: Arc<Metrics>) -> Self {
-        Self { router, metrics }
+    pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let router = Router::from_config(config, Arc::clone(&metrics))?;
+        let defaults = config.cache.defaults();
+        let cache_policies: HashMap<String, CachePolicy> = config
+            .routes
+            .iter()
+            .map(|(name, route)| (name.clone(), route.cache.resolve(&defaults)))
+            .collect();
+        // The store is opened only when some route caches, so a gateway without caching writes
+        // nothing to disk.
+        let exact_cache = if cache_policies.values().any(|p| p.enabled) {
+            let store =
+                SledStore::open(&config.cache.path, config.cache.memory_bytes).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cache.path: cannot open the store at {}: {e}",
+                        config.cache.path.display()
+                    )
+                })?;
+            Some(ExactCache::new(
+                Arc::new(store) as Arc<dyn Store>,
+                Arc::clone(&metrics),
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            router,
+            exact_cache,
+            cache_policies,
+            metrics,
+        })
     }
 
-    fn resolve(&self, model: &str) -> Result<Arc<Route>, Failed> {
-        self.router.route(model).ok_or_else(|| {
-            ApiError::ModelNotFound {
+    fn resolve(&self, model: &str) -> Result<Arc<Route>, ApiError> {
+        self.router
+            .route(model)
+            .ok_or_else(|| ApiError::ModelNotFound {
                 model: model.to_owned(),
-            }
-            .into()
-        })
+            })
+    }
+
+    fn cache_plan(
+        &self,
+        context: &RequestContext,
+        route: &Route,
+        request: &ChatRequest,
+    ) -> Result<Plan, Option<CacheStatus>> {
+        let (Some(cache), Some(policy)) = (&self.exact_cache, self.cache_policies.get(&route.name))
+        else {
+            return Err(None);
+        };
+        cache.plan(
+            policy,
+            &context.cache,
+            &context.tenant,
+            &route.name,
+            &route.target_ids,
+            request,
+        )
     }
 
     pub async fn chat(
         &self,
-        _context: &RequestContext,
-        request: ChatRequest,
+        context: &RequestContext,
+        mut request: ChatRequest,
     ) -> Result<Answered<ChatAnswer>, Failed> {
         request.validate()?;
         let route = self.resolve(&request.model)?;
-        if request.wants_stream() {
-            let served = self.router.chat_stream(&route, &request).await;
-            finish(&route, served, ChatAnswer::Stream)
-        } else {
+        let plan = self.cache_plan(context, &route, &request);
+        let mut trace = Trace {
+            route: Some(route.name.clone()),
+            ..Trace::default()
+        };
+        if let (Ok(plan), Some(cache)) = (&plan, &self.exact_cache) {
+            if plan.mode.read()
+                && let Some((entry, age)) = cache.get(plan).await
+            {
+                trace.cache = Some(CacheStatus::Hit);
+                trace.cache_age = Some(age);
+                trace.tokens_saved = entry.prompt_tokens + entry.completion_tokens;
+                self.metrics
+                    .cache_request(&route.name, "hit", trace.tokens_saved);
+                let value = if request.wants_stream() {
+                    let chunks = replay_chunks(&entry.response, request.wants_usage_in_stream());
+                    ChatAnswer::Stream(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok))))
+                } else {
+                    ChatAnswer::Complete(entry.response)
+                };
+                return Ok(Answered { value, trace });
+            }
+            trace.cache = Some(plan.status_without_hit());
+        } else if let Err(Some(status)) = &plan {
+            trace.cache = Some(*status);
+        }
+        if let Some(status) = trace.cache {
+            self.metrics.cache_request(&route.name, status.label(), 0);
+        }
+        let writer = plan.ok().filter(|p| p.mode.write());
+
+        if !request.wants_stream() {
             let served = self.router.chat(&route, &request).await;
-            finish(&route, served, ChatAnswer::Complete)
+            return match served {
+                Ok(served) => {
+                    if let (Some(plan), Some(cache)) = (&writer, &self.exact_cache) {
+                        cache.store_behind(plan, &served.target, served.value.clone());
+                    }
+                    trace.target = Some(served.target);
+                    trace.attempts = served.attempts;
+                    Ok(Answered {
+                        value: ChatAnswer::Complete(served.value),
+                        trace,
+                    })
+                }
+                Err(failure) => Err(failed(failure, trace)),
+            };
+        }
+
+        // A cached stream must carry usage (entries record tokens); a client that did not ask for
+        // it does not see the extra chunk.
+        let client_wants_usage = request.wants_usage_in_stream();
+        if writer.is_some() && !client_wants_usage {
+            request
+                .stream_options
+                .get_or_insert_with(StreamOptions::default)
+                .include_usage = Some(true);
+        }
+        match self.router.chat_stream(&route, &request).await {
+            Ok(served) => {
+                let stream = match (writer, &self.exact_cache) {
+                    (Some(plan), Some(cache)) => tee_into_cache(
+                        served.value,
+                        cache,
+                        plan,
+                        served.target.clone(),
+                        !client_wants_usage,
+                    ),
+                    _ => served.value,
+                };
+                trace.target = Some(served.target);
+                trace.attempts = served.attempts;
+                Ok(Answered {
+                    value: ChatAnswer::Stream(stream),
+                    trace,
+                })
+            }
+            Err(failure) => Err(failed(failure, trace)),
         }
     }
 
@@ -96,8 +234,25 @@ impl Pipeline {
     ) -> Result<Answered<Value>, Failed> {
         request.validate()?;
         let route = self.resolve(&request.model)?;
-        let served = self.router.embeddings(&route, &request).await;
-        finish(&route, served, |v| v)
+        let trace = Trace {
+            route: Some(route.name.clone()),
+            ..Trace::default()
+        };
+        match self.router.embeddings(&route, &request).await {
+            Ok(Served {
+                value,
+                target,
+                attempts,
+            }) => Ok(Answered {
+                value,
+                trace: Trace {
+                    target: Some(target),
+                    attempts,
+                    ..trace
+                },
+            }),
+            Err(failure) => Err(failed(failure, trace)),
+        }
     }
 
     pub fn models(&self) -> Vec<&str> {
@@ -111,27 +266,52 @@ impl Pipeline {
     }
 }
 
-fn finish<T, U>(
-    route: &Route,
-    served: Result<Served<T>, RouteFailure>,
-    wrap: impl FnOnce(T) -> U,
-) -> Result<Answered<U>, Failed> {
-    match served {
-        Ok(served) => Ok(Answered {
-            value: wrap(served.value),
-            trace: Trace {
-                route: Some(route.name.clone()),
-                target: Some(served.target),
-                attempts: served.attempts,
-            },
-        }),
-        Err(failure) => Err(Failed {
-            error: failure.error,
-            trace: Trace {
-                route: Some(route.name.clone()),
-                target: None,
-                attempts: failure.attempts,
-            },
-        }),
+fn failed(failure: RouteFailure, trace: Trace) -> Failed {
+    Failed {
+        error: failure.error,
+        trace: Trace {
+            attempts: failure.attempts,
+            ..trace
+        },
     }
+}
+
+fn is_usage_only(chunk: &Value) -> bool {
+    chunk
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty)
+        && chunk.get("usage").is_some_and(|u| !u.is_null())
+}
+
+/// Forwards a live stream to the client while assembling it; only a stream that ended normally is
+/// stored. A client that disconnects drops this stream, and nothing is stored.
+fn tee_into_cache(
+    mut stream: ChunkStream,
+    cache: &ExactCache,
+    plan: Plan,
+    target: String,
+    strip_usage: bool,
+) -> ChunkStream {
+    // Cloning shares the store: the writer outlives this request's borrow of the pipeline.
+    let cache = cache.clone();
+    Box::pin(async_stream::stream! {
+        let mut assembler = StreamAssembler::default();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => {
+                    assembler.push(&chunk);
+                    if strip_usage && is_usage_only(&chunk) {
+                        continue;
+                    }
+                    yield Ok(chunk);
+                }
+                Err(error) => {
+                    yield Err(error);
+                    return;
+                }
+            }
+        }
+        cache.store_behind(&plan, &target, assembler.finish());
+    })
 }

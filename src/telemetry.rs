@@ -47,6 +47,17 @@ struct RouteLabels {
     route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheErrorLabels {
+    kind: &'static str,
+}
+
 /// Why the router made more than one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtraAttempt {
@@ -63,6 +74,10 @@ pub struct Metrics {
     extra_attempts: Family<ExtraAttemptLabels, Counter>,
     budget_exhausted: Family<RouteLabels, Counter>,
     breaker_state: Family<TargetLabels, Gauge>,
+    cache_requests: Family<CacheLabels, Counter>,
+    cache_tokens_saved: Family<RouteLabels, Counter>,
+    cache_errors: Family<CacheErrorLabels, Counter>,
+    cache_writes: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -117,8 +132,36 @@ impl Metrics {
             "Circuit breaker per target: 0 closed, 1 half-open, 2 open",
             breaker_state.clone(),
         );
+        let cache_requests = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Exact-cache outcomes by route: hit, miss, bypass, refresh",
+            cache_requests.clone(),
+        );
+        let cache_tokens_saved = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "cache_tokens_saved",
+            "Prompt plus completion tokens answered from the cache",
+            cache_tokens_saved.clone(),
+        );
+        let cache_errors = Family::<CacheErrorLabels, Counter>::default();
+        registry.register(
+            "cache_errors",
+            "Cache store failures (lookup, write, corrupt_entry); requests go upstream",
+            cache_errors.clone(),
+        );
+        let cache_writes = Counter::default();
+        registry.register(
+            "cache_writes",
+            "Answers stored in the exact cache",
+            cache_writes.clone(),
+        );
         Self {
             registry,
+            cache_writes,
+            cache_requests,
+            cache_tokens_saved,
+            cache_errors,
             requests,
             latency,
             upstream_attempts,
@@ -179,6 +222,32 @@ impl Metrics {
                 target: target.to_owned(),
             })
             .set(state);
+    }
+
+    pub fn cache_request(&self, route: &str, outcome: &'static str, tokens_saved: u64) {
+        self.cache_requests
+            .get_or_create(&CacheLabels {
+                route: route.to_owned(),
+                outcome,
+            })
+            .inc();
+        if tokens_saved > 0 {
+            self.cache_tokens_saved
+                .get_or_create(&RouteLabels {
+                    route: route.to_owned(),
+                })
+                .inc_by(tokens_saved);
+        }
+    }
+
+    pub fn cache_written(&self) {
+        self.cache_writes.inc();
+    }
+
+    pub fn cache_error(&self, kind: &'static str) {
+        self.cache_errors
+            .get_or_create(&CacheErrorLabels { kind })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

@@ -2,4 +2,5 @@
 //! [`key`]) to an earlier one of the same tenant, route and namespace.
 
 pub mod entry;
+pub mod exact;
 pub mod key;

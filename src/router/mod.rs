@@ -45,6 +45,8 @@ pub struct Route {
     pub name: String,
     strategy: Strategy,
     pub targets: Vec<Target>,
+    /// The targets' ids in config order: part of the cache scope, so a changed chain is a new cache.
+    pub target_ids: Vec<String>,
     retry: RetryConfig,
     timeouts: TimeoutConfig,
     hedge_after: Option<Duration>,
@@ -138,6 +140,7 @@ impl Router {
                 Arc::new(Route {
                     name: name.clone(),
                     strategy: route.strategy,
+                    target_ids: route_targets.iter().map(|t| t.id.clone()).collect(),
                     targets: route_targets,
                     retry: route.retry.clone(),
                     timeouts: route.timeouts.clone(),

@@ -41,10 +41,10 @@ use tracing::field::Empty;
 
 pub use auth::Auth;
 
+use crate::cache::exact::CacheControls;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::pipeline::{Failed, Pipeline, RequestContext, Trace};
-use crate::router::Router;
 use crate::telemetry::Metrics;
 
 pub struct AppState {
@@ -73,9 +73,8 @@ impl Endpoint {
 impl AppState {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
-        let router = Router::from_config(config, Arc::clone(&metrics))?;
         Ok(Self {
-            pipeline: Pipeline::new(router, metrics),
+            pipeline: Pipeline::from_config(config, metrics)?,
             auth: Auth::from_config(&config.auth),
             max_body_bytes: config.server.max_body_bytes,
         })
@@ -104,7 +103,12 @@ fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiE
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    Ok(RequestContext { tenant, request_id })
+    let cache = CacheControls::from_headers(headers)?;
+    Ok(RequestContext {
+        tenant,
+        request_id,
+        cache,
+    })
 }
 
 /// What every API handler does first: authenticate, read the body within the limit, parse it.
@@ -133,6 +137,16 @@ fn trace_headers(trace: &Trace) -> HeaderMap {
     }
     if trace.attempts > 0 {
         put("x-reprise-attempts", &trace.attempts.to_string());
+    }
+    if let Some(status) = trace.cache {
+        put("x-reprise-cache", status.label());
+    }
+    if let Some(age) = trace.cache_age {
+        put("x-reprise-cache-age", &age.as_secs().to_string());
+        put(
+            "x-reprise-cache-tokens-saved",
+            &trace.tokens_saved.to_string(),
+        );
     }
     headers
 }

@@ -1,0 +1,432 @@
+//! The exact cache through HTTP, with a mock upstream that counts its calls: "served from cache"
+//! is asserted as "the upstream was not called again".
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Gateway, KEY_A, KEY_B, Mock, header, sse_data, user};
+use serde_json::{Value, json};
+
+struct Cached {
+    gw: Gateway,
+    dir: tempfile::TempDir,
+}
+
+fn cache_config(dir: &tempfile::TempDir, route_extra: &str) -> String {
+    format!(
+        r#"
+        [cache]
+        enabled = true
+        path = "{}"
+        [routes.chat]
+        targets = [{{ provider = "mock", model = "ok" }}]
+        [routes.flaky]
+        targets = [{{ provider = "mock", model = "flaky-1-500" }}]
+        [routes.flaky.retry]
+        attempts_per_target = 1
+        [routes.broken-stream]
+        targets = [{{ provider = "mock", model = "drop" }}]
+        [routes.tools]
+        targets = [{{ provider = "mock", model = "tool" }}]
+        [routes.uncached]
+        targets = [{{ provider = "mock2", model = "ok" }}]
+        [routes.uncached.cache]
+        enabled = false
+        [routes.chat.cache]
+        max_temperature = 1.0
+        {route_extra}
+        "#,
+        dir.path().join("store").display()
+    )
+}
+
+async fn cached(route_extra: &str) -> Cached {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&cache_config(&dir, route_extra)).await;
+    Cached { gw, dir }
+}
+
+fn ask(text: &str) -> Value {
+    json!({"model": "chat", "messages": user(text), "temperature": 0})
+}
+
+impl Cached {
+    async fn request(&self, key: &str, body: Value, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = self
+            .gw
+            .client
+            .post(self.gw.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
+    async fn writes(&self) -> u64 {
+        let metrics = self
+            .gw
+            .client
+            .get(self.gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("reprise_cache_writes_total "))
+            .map(|n| n.trim().parse().unwrap())
+            .unwrap_or(0)
+    }
+
+    /// Cache writes happen after the answer; wait until `n` have landed.
+    async fn wait_for_writes(&self, n: u64) {
+        for _ in 0..150 {
+            if self.writes().await >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("expected {n} cache writes, saw {}", self.writes().await);
+    }
+}
+
+#[tokio::test]
+async fn identical_requests_are_answered_from_the_cache() {
+    let c = cached("").await;
+    let first = c.request(KEY_A, ask("hello"), &[]).await;
+    assert_eq!(header(&first, "x-reprise-cache"), Some("miss"));
+    let first_body: Value = first.json().await.unwrap();
+    c.wait_for_writes(1).await;
+
+    // Same request with a different field order, user and stream_options-free extras: still a hit.
+    let reordered: Value = serde_json::from_str(r#"{"temperature": 0, "user": "someone-else", "messages": [{"content": "hello", "role": "user"}], "model": "chat"}"#).unwrap();
+    let second = c.request(KEY_A, reordered, &[]).await;
+    assert_eq!(second.status(), 200);
+    assert_eq!(header(&second, "x-reprise-cache"), Some("hit"));
+    assert_eq!(header(&second, "x-reprise-cache-tokens-saved"), Some("18"));
+    assert!(header(&second, "x-reprise-cache-age").is_some());
+    assert!(
+        header(&second, "x-reprise-target").is_none(),
+        "no upstream served a hit"
+    );
+    assert_eq!(
+        second.json::<Value>().await.unwrap(),
+        first_body,
+        "the original answer, usage included"
+    );
+    assert_eq!(c.gw.mock.calls("ok"), 1);
+
+    let metrics =
+        c.gw.client
+            .get(c.gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+    assert!(
+        metrics.contains(r#"reprise_cache_requests_total{route="chat",outcome="hit"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"reprise_cache_tokens_saved_total{route="chat"} 18"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn answer_changing_fields_miss() {
+    let c = cached("").await;
+    c.request(KEY_A, ask("hello"), &[]).await;
+    c.wait_for_writes(1).await;
+    let mut changed = ask("hello");
+    changed["temperature"] = json!(0.5);
+    assert_eq!(
+        header(&c.request(KEY_A, changed, &[]).await, "x-reprise-cache"),
+        Some("miss")
+    );
+    let mut changed = ask("hello");
+    changed["max_tokens"] = json!(5);
+    assert_eq!(
+        header(&c.request(KEY_A, changed, &[]).await, "x-reprise-cache"),
+        Some("miss")
+    );
+    assert_eq!(
+        header(
+            &c.request(KEY_A, ask("hello!"), &[]).await,
+            "x-reprise-cache"
+        ),
+        Some("miss")
+    );
+    assert_eq!(c.gw.mock.calls("ok"), 4);
+}
+
+#[tokio::test]
+async fn one_tenants_answer_is_never_served_to_another() {
+    let c = cached("").await;
+    c.request(KEY_A, ask("secret plans"), &[]).await;
+    c.wait_for_writes(1).await;
+    let other = c.request(KEY_B, ask("secret plans"), &[]).await;
+    assert_eq!(header(&other, "x-reprise-cache"), Some("miss"));
+    assert_eq!(c.gw.mock.calls("ok"), 2);
+    // ... whatever the client sends: a namespace cannot reach into another tenant either.
+    let other = c
+        .request(
+            KEY_B,
+            ask("secret plans"),
+            &[("x-reprise-cache-namespace", "a")],
+        )
+        .await;
+    assert_eq!(header(&other, "x-reprise-cache"), Some("miss"));
+}
+
+#[tokio::test]
+async fn namespaces_partition_a_tenants_cache() {
+    let c = cached("").await;
+    c.request(KEY_A, ask("hi"), &[("x-reprise-cache-namespace", "exp-1")])
+        .await;
+    c.wait_for_writes(1).await;
+    let same = c
+        .request(KEY_A, ask("hi"), &[("x-reprise-cache-namespace", "exp-1")])
+        .await;
+    assert_eq!(header(&same, "x-reprise-cache"), Some("hit"));
+    let other = c
+        .request(KEY_A, ask("hi"), &[("x-reprise-cache-namespace", "exp-2")])
+        .await;
+    assert_eq!(header(&other, "x-reprise-cache"), Some("miss"));
+    let none = c.request(KEY_A, ask("hi"), &[]).await;
+    assert_eq!(header(&none, "x-reprise-cache"), Some("miss"));
+    let bad = c
+        .request(KEY_A, ask("hi"), &[("x-reprise-cache-namespace", "../x")])
+        .await;
+    assert_eq!(bad.status(), 400);
+    assert_eq!(
+        bad.json::<Value>().await.unwrap()["error"]["param"],
+        "x-reprise-cache-namespace"
+    );
+}
+
+#[tokio::test]
+async fn a_whole_answer_replays_as_a_stream_and_a_stream_as_a_whole_answer() {
+    let c = cached("").await;
+    let whole: Value = c
+        .request(KEY_A, ask("one two three four five"), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    c.wait_for_writes(1).await;
+    let mut streamed = ask("one two three four five");
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let response = c.request(KEY_A, streamed, &[]).await;
+    assert_eq!(header(&response, "x-reprise-cache"), Some("hit"));
+    assert_eq!(header(&response, "content-type"), Some("text/event-stream"));
+    let data = sse_data(&response.text().await.unwrap());
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks.len() >= 4,
+        "replayed in several chunks: {}",
+        chunks.len()
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(chunks.last().unwrap()["usage"], whole["usage"]);
+
+    // The other way: a stream stored, then asked for whole. The client did not ask for usage, so
+    // its stream has none, but the entry does.
+    let mut first = ask("six seven");
+    first["stream"] = json!(true);
+    let data = sse_data(&c.request(KEY_A, first, &[]).await.text().await.unwrap());
+    assert!(
+        data.iter().all(|d| d == "[DONE]"
+            || serde_json::from_str::<Value>(d)
+                .unwrap()
+                .get("usage")
+                .is_none()),
+        "{data:?}"
+    );
+    c.wait_for_writes(2).await;
+    let hit = c.request(KEY_A, ask("six seven"), &[]).await;
+    assert_eq!(header(&hit, "x-reprise-cache"), Some("hit"));
+    let body: Value = hit.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: six seven");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["usage"]["total_tokens"], 18);
+    assert_eq!(c.gw.mock.calls("ok"), 2);
+}
+
+#[tokio::test]
+async fn tool_calls_are_cached_and_replayed() {
+    let c = cached("[routes.tools.cache]\nenabled = true").await;
+    let body = json!({"model": "tools", "messages": user("weather?")});
+    let first: Value = c
+        .request(KEY_A, body.clone(), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    c.wait_for_writes(1).await;
+    let second = c.request(KEY_A, body, &[]).await;
+    assert_eq!(header(&second, "x-reprise-cache"), Some("hit"));
+    assert_eq!(second.json::<Value>().await.unwrap(), first);
+}
+
+#[tokio::test]
+async fn bypass_refresh_no_store_and_max_age() {
+    let c = cached("").await;
+    c.request(KEY_A, ask("hi"), &[]).await;
+    c.wait_for_writes(1).await;
+    let bypass = c
+        .request(KEY_A, ask("hi"), &[("x-reprise-cache-mode", "bypass")])
+        .await;
+    assert_eq!(header(&bypass, "x-reprise-cache"), Some("bypass"));
+    assert_eq!(c.gw.mock.calls("ok"), 2);
+    let refresh = c
+        .request(KEY_A, ask("hi"), &[("cache-control", "no-cache")])
+        .await;
+    assert_eq!(header(&refresh, "x-reprise-cache"), Some("refresh"));
+    assert_eq!(c.gw.mock.calls("ok"), 3);
+    c.wait_for_writes(2).await;
+    let fresh = c
+        .request(KEY_A, ask("hi"), &[("cache-control", "max-age=0")])
+        .await;
+    assert_eq!(
+        header(&fresh, "x-reprise-cache"),
+        Some("miss"),
+        "an entry older than max-age is not served"
+    );
+    let hit = c
+        .request(KEY_A, ask("hi"), &[("cache-control", "max-age=3600")])
+        .await;
+    assert_eq!(header(&hit, "x-reprise-cache"), Some("hit"));
+
+    let writes = c.writes().await;
+    let no_store = c
+        .request(KEY_A, ask("not stored"), &[("cache-control", "no-store")])
+        .await;
+    assert_eq!(header(&no_store, "x-reprise-cache"), Some("miss"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(c.writes().await, writes, "no-store answers are not written");
+    let again = c.request(KEY_A, ask("not stored"), &[]).await;
+    assert_eq!(header(&again, "x-reprise-cache"), Some("miss"));
+}
+
+#[tokio::test]
+async fn entries_expire_after_their_ttl() {
+    let c = cached("").await;
+    c.request(KEY_A, ask("short-lived"), &[("x-reprise-cache-ttl", "1")])
+        .await;
+    c.wait_for_writes(1).await;
+    assert_eq!(
+        header(
+            &c.request(KEY_A, ask("short-lived"), &[]).await,
+            "x-reprise-cache"
+        ),
+        Some("hit")
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        header(
+            &c.request(KEY_A, ask("short-lived"), &[]).await,
+            "x-reprise-cache"
+        ),
+        Some("miss")
+    );
+}
+
+#[tokio::test]
+async fn failures_and_broken_streams_are_not_cached() {
+    let c = cached(
+        "[routes.flaky.cache]\nenabled = true\n[routes.broken-stream.cache]\nenabled = true",
+    )
+    .await;
+    let body = json!({"model": "flaky", "messages": user("x")});
+    assert_eq!(c.request(KEY_A, body.clone(), &[]).await.status(), 502);
+    let second = c.request(KEY_A, body, &[]).await;
+    assert_eq!(second.status(), 200);
+    assert_eq!(
+        header(&second, "x-reprise-cache"),
+        Some("miss"),
+        "a failure is not a cached answer"
+    );
+
+    let stream = json!({"model": "broken-stream", "messages": user("a b c"), "stream": true});
+    let data = sse_data(
+        &c.request(KEY_A, stream.clone(), &[])
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert!(!data.iter().any(|d| d == "[DONE]"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = c.request(KEY_A, stream, &[]).await;
+    assert_eq!(
+        header(&again, "x-reprise-cache"),
+        Some("miss"),
+        "a truncated stream is never stored"
+    );
+    c.wait_for_writes(1).await;
+    assert_eq!(
+        c.writes().await,
+        1,
+        "only the flaky route's good answer was stored"
+    );
+}
+
+#[tokio::test]
+async fn routes_without_caching_and_hot_requests_skip_the_cache() {
+    let c = cached("").await;
+    let body = json!({"model": "uncached", "messages": user("x")});
+    let response = c.request(KEY_A, body.clone(), &[]).await;
+    assert!(header(&response, "x-reprise-cache").is_none());
+    c.request(KEY_A, body, &[]).await;
+    assert_eq!(c.gw.mock.calls("ok"), 2);
+
+    let mut hot = ask("be creative");
+    hot["temperature"] = json!(1.5);
+    assert_eq!(
+        header(&c.request(KEY_A, hot, &[]).await, "x-reprise-cache"),
+        Some("bypass")
+    );
+}
+
+#[tokio::test]
+async fn entries_survive_a_restart() {
+    let c = cached("").await;
+    let first: Value = c
+        .request(KEY_A, ask("remember me"), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    c.wait_for_writes(1).await;
+    let Cached { gw, dir } = c;
+    let mock: Mock = gw.mock.clone();
+    assert!(gw.server.stop().await.unwrap());
+    let gw = Gateway::start_with(mock, &cache_config(&dir, "")).await;
+    let c = Cached { gw, dir };
+    let again = c.request(KEY_A, ask("remember me"), &[]).await;
+    assert_eq!(header(&again, "x-reprise-cache"), Some("hit"));
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    assert_eq!(c.gw.mock.calls("ok"), 1);
+}
