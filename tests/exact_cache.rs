@@ -314,6 +314,8 @@ async fn bypass_refresh_no_store_and_max_age() {
         Some("miss"),
         "an entry older than max-age is not served"
     );
+    // ... and the fresh answer replaces the old entry.
+    c.wait_for_writes(3).await;
     let hit = c
         .request(KEY_A, ask("hi"), &[("cache-control", "max-age=3600")])
         .await;
