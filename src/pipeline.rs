@@ -16,8 +16,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::cache::entry::{StreamAssembler, replay_chunks};
+use crate::cache::entry::{StreamAssembler, replay_chunks, usage_counts};
 use crate::cache::exact::{CacheControls, CacheStatus, ExactCache, Plan};
+use crate::cache::flight::{Joined, Leader};
 use crate::config::{CachePolicy, Config};
 use crate::error::ApiError;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions};
@@ -151,22 +152,31 @@ impl Pipeline {
             route: Some(route.name.clone()),
             ..Trace::default()
         };
+        let mut leader = None;
         if let (Ok(plan), Some(cache)) = (&plan, &self.exact_cache) {
             if plan.mode.read()
                 && let Some((entry, age)) = cache.get(plan).await
             {
-                trace.cache = Some(CacheStatus::Hit);
                 trace.cache_age = Some(age);
-                trace.tokens_saved = entry.prompt_tokens + entry.completion_tokens;
-                self.metrics
-                    .cache_request(&route.name, "hit", trace.tokens_saved);
-                let value = if request.wants_stream() {
-                    let chunks = replay_chunks(&entry.response, request.wants_usage_in_stream());
-                    ChatAnswer::Stream(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok))))
-                } else {
-                    ChatAnswer::Complete(entry.response)
-                };
-                return Ok(Answered { value, trace });
+                return Ok(self.answer_from_cache(&route, &request, entry.response, trace));
+            }
+            match cache.join_flight(plan) {
+                Some(Joined::Leader(flight)) => leader = Some(flight),
+                Some(Joined::Follower(follower)) => {
+                    // An identical request is being answered: wait for it instead of paying twice.
+                    if let Ok(Some(answer)) =
+                        tokio::time::timeout(route.total_timeout(), follower.answer()).await
+                    {
+                        trace.cache_age = Some(Duration::ZERO);
+                        return Ok(self.answer_from_cache(
+                            &route,
+                            &request,
+                            (*answer).clone(),
+                            trace,
+                        ));
+                    }
+                }
+                None => {}
             }
             trace.cache = Some(plan.status_without_hit());
         } else if let Err(Some(status)) = &plan {
@@ -182,7 +192,7 @@ impl Pipeline {
             return match served {
                 Ok(served) => {
                     if let (Some(plan), Some(cache)) = (&writer, &self.exact_cache) {
-                        cache.store_behind(plan, &served.target, served.value.clone());
+                        cache.store_behind(plan, &served.target, served.value.clone(), leader);
                     }
                     trace.target = Some(served.target);
                     trace.attempts = served.attempts;
@@ -213,6 +223,7 @@ impl Pipeline {
                         plan,
                         served.target.clone(),
                         !client_wants_usage,
+                        leader,
                     ),
                     _ => served.value,
                 };
@@ -225,6 +236,28 @@ impl Pipeline {
             }
             Err(failure) => Err(failed(failure, trace)),
         }
+    }
+
+    /// A stored (or coalesced) answer, whole or replayed as a stream as the request wants.
+    fn answer_from_cache(
+        &self,
+        route: &Route,
+        request: &ChatRequest,
+        response: Value,
+        mut trace: Trace,
+    ) -> Answered<ChatAnswer> {
+        let (prompt_tokens, completion_tokens) = usage_counts(&response);
+        trace.cache = Some(CacheStatus::Hit);
+        trace.tokens_saved = prompt_tokens + completion_tokens;
+        self.metrics
+            .cache_request(&route.name, "hit", trace.tokens_saved);
+        let value = if request.wants_stream() {
+            let chunks = replay_chunks(&response, request.wants_usage_in_stream());
+            ChatAnswer::Stream(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok))))
+        } else {
+            ChatAnswer::Complete(response)
+        };
+        Answered { value, trace }
     }
 
     pub async fn embeddings(
@@ -285,13 +318,15 @@ fn is_usage_only(chunk: &Value) -> bool {
 }
 
 /// Forwards a live stream to the client while assembling it; only a stream that ended normally is
-/// stored. A client that disconnects drops this stream, and nothing is stored.
+/// stored. A client that disconnects drops this stream, and nothing is stored (a flight `leader`
+/// dropped with it sends its followers upstream).
 fn tee_into_cache(
     mut stream: ChunkStream,
     cache: &ExactCache,
     plan: Plan,
     target: String,
     strip_usage: bool,
+    leader: Option<Leader>,
 ) -> ChunkStream {
     // Cloning shares the store: the writer outlives this request's borrow of the pipeline.
     let cache = cache.clone();
@@ -312,6 +347,6 @@ fn tee_into_cache(
                 }
             }
         }
-        cache.store_behind(&plan, &target, assembler.finish());
+        cache.store_behind(&plan, &target, assembler.finish(), leader);
     })
 }

@@ -30,6 +30,12 @@ fn cache_config(dir: &tempfile::TempDir, route_extra: &str) -> String {
         targets = [{{ provider = "mock", model = "drop" }}]
         [routes.tools]
         targets = [{{ provider = "mock", model = "tool" }}]
+        [routes.slow]
+        targets = [{{ provider = "mock", model = "slow-300" }}]
+        [routes.slowfail]
+        targets = [{{ provider = "mock", model = "slowfail-300" }}]
+        [routes.slowfail.retry]
+        attempts_per_target = 1
         [routes.uncached]
         targets = [{{ provider = "mock2", model = "ok" }}]
         [routes.uncached.cache]
@@ -431,4 +437,49 @@ async fn entries_survive_a_restart() {
     assert_eq!(header(&again, "x-reprise-cache"), Some("hit"));
     assert_eq!(again.json::<Value>().await.unwrap(), first);
     assert_eq!(c.gw.mock.calls("ok"), 1);
+}
+
+#[tokio::test]
+async fn concurrent_identical_misses_make_one_upstream_call() {
+    let c = cached("[routes.slow.cache]\nenabled = true").await;
+    let requests = (0..8).map(|i| {
+        let mut body = json!({"model": "slow", "messages": user("same question")});
+        if i % 2 == 1 {
+            body["stream"] = json!(true);
+        }
+        c.request(KEY_A, body, &[])
+    });
+    let responses = futures::future::join_all(requests).await;
+    let mut statuses = Vec::new();
+    for response in responses {
+        assert_eq!(response.status(), 200);
+        statuses.push(header(&response, "x-reprise-cache").unwrap().to_owned());
+        let text = response.text().await.unwrap();
+        assert!(text.contains("same question"), "{text}");
+    }
+    assert_eq!(c.gw.mock.calls("slow-300"), 1, "statuses: {statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "miss").count(),
+        1,
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_failure_is_not_shared_with_waiting_requests() {
+    let c = cached("[routes.slowfail.cache]\nenabled = true").await;
+    let requests = (0..4).map(|_| {
+        c.request(
+            KEY_A,
+            json!({"model": "slowfail", "messages": user("q")}),
+            &[],
+        )
+    });
+    let responses = futures::future::join_all(requests).await;
+    assert!(responses.iter().all(|r| r.status() == 502));
+    assert_eq!(
+        c.gw.mock.calls("slowfail-300"),
+        4,
+        "each waiting request asked upstream itself"
+    );
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use super::entry::{Entry, is_cacheable, usage_counts};
+use super::flight::{Flights, Joined, Leader};
 use super::key::{KeyScope, chat_key};
 use crate::config::CachePolicy;
 use crate::error::ApiError;
@@ -174,6 +175,7 @@ impl Plan {
 pub struct ExactCache {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    flights: Arc<Flights>,
 }
 
 fn now_ms() -> u64 {
@@ -190,7 +192,17 @@ fn escape_segment(segment: &str) -> String {
 
 impl ExactCache {
     pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Self { store, metrics }
+        Self {
+            store,
+            metrics,
+            flights: Arc::default(),
+        }
+    }
+
+    /// Joins the single flight for this key after a miss. Only requests that both read and write
+    /// take part: a refresh must call upstream, and a no-store request must not lead.
+    pub fn join_flight(&self, plan: &Plan) -> Option<Joined> {
+        (plan.mode == CacheMode::ReadWrite).then(|| self.flights.join(&plan.path))
     }
 
     /// `Err(status)` when this request does not use the cache at all (and what to report).
@@ -279,10 +291,13 @@ impl ExactCache {
     }
 
     /// Stores `response` in the background if it may be cached: the client does not wait for it.
-    pub fn store_behind(&self, plan: &Plan, target: &str, response: Value) {
+    /// A flight `leader` hands the answer to its followers now and closes once the write landed;
+    /// an answer that may not be cached is not shared either.
+    pub fn store_behind(&self, plan: &Plan, target: &str, response: Value, leader: Option<Leader>) {
         if !plan.mode.write() || !is_cacheable(&response, plan.cache_truncated) {
             return;
         }
+        let landing = leader.map(|leader| leader.publish(Arc::new(response.clone())));
         let (prompt_tokens, completion_tokens) = usage_counts(&response);
         let entry = Entry {
             created_at_ms: now_ms(),
@@ -302,6 +317,7 @@ impl ExactCache {
         let path = plan.path.clone();
         let ttl = plan.ttl;
         tokio::spawn(async move {
+            let _landing = landing;
             match store.put(&path, bytes, Some(ttl)).await {
                 Ok(()) => metrics.cache_written(),
                 Err(error) => {

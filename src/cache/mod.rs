@@ -3,4 +3,5 @@
 
 pub mod entry;
 pub mod exact;
+pub mod flight;
 pub mod key;

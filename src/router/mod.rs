@@ -54,6 +54,11 @@ pub struct Route {
 }
 
 impl Route {
+    /// The deadline of a whole request on this route.
+    pub fn total_timeout(&self) -> Duration {
+        self.timeouts.total
+    }
+
     /// The order in which this request tries the targets.
     fn attempt_order(&self) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.targets.len()).collect();

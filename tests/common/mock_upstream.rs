@@ -10,6 +10,7 @@
 //! | `retry-after-S`      | the first call answers 429 with `Retry-After: S` (seconds), then normally |
 //! | `hang`               | never answers                                                             |
 //! | `slow-MS`            | waits MS ms before the answer (streams: before the first token)           |
+//! | `slowfail-MS`        | waits MS ms, then answers 500                                             |
 //! | `drop`               | streams two tokens, then breaks the connection; whole answers break too   |
 //! | `drop-early`         | breaks the connection before the first token                              |
 //! | `tool`               | answers with a tool call `get_weather({"city":"Paris"})`                  |
@@ -150,6 +151,16 @@ fn plan(model: &str, call: usize) -> Plan {
     }
 }
 
+/// `slowfail-MS`: waits MS ms, then fails with 500.
+async fn slow_failure(model: &str) -> Option<Plan> {
+    let ms: u64 = model.strip_prefix("slowfail-")?.parse().ok()?;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Some(Plan::Status {
+        status: 500,
+        retry_after: None,
+    })
+}
+
 fn record(state: &MockState, model: &str, headers: &HeaderMap, body: &Value) -> usize {
     let mut calls = state.calls.lock();
     let count = calls.entry(model.to_owned()).or_insert(0);
@@ -264,7 +275,10 @@ async fn openai_chat(
     let stream = body["stream"] == true;
     let include_usage = body["stream_options"]["include_usage"] == true;
     let text = format!("echo: {}", last_user_text(&body));
-    let plan = plan(&model, call);
+    let plan = match slow_failure(&model).await {
+        Some(failure) => failure,
+        None => plan(&model, call),
+    };
     if !stream {
         return match plan {
             Plan::Status { status, retry_after } => error_response(Api::OpenAi, status, retry_after),
@@ -410,7 +424,10 @@ async fn anthropic_messages(
         return error_response(Api::Anthropic, 400, None);
     }
     let text = format!("echo: {}", last_user_text(&body));
-    let plan = plan(&model, call);
+    let plan = match slow_failure(&model).await {
+        Some(failure) => failure,
+        None => plan(&model, call),
+    };
     let stream = body["stream"] == true;
     let usage = json!({"input_tokens": 11, "output_tokens": 7});
     if !stream {
