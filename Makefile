@@ -1,7 +1,8 @@
 # The two set-up commands of the README:
 #   make run    runs the gateway on its embedded defaults (config/reprise.toml)
 #   make test   runs every check CI runs: format, lints, unit and integration tests, SDK compatibility
-# Each installs what it needs (Python SDKs from PyPI into .venv for the compatibility check).
+# Each installs what it needs: Python SDKs from PyPI into .venv for the compatibility check, and
+# redis-server from Debian's packages for the Redis store tests.
 
 CARGO ?= cargo
 PYTHON ?= python3
@@ -11,12 +12,12 @@ VENV := .venv
 export REPRISE_API_KEY ?= reprise-dev-key
 export REPRISE_ADMIN_KEY ?= reprise-dev-admin
 
-.PHONY: run test lint bench clean-tools
+.PHONY: run test lint bench clean-tools redis-server
 
 run:
 	$(CARGO) run --release -- serve --config config/reprise.toml
 
-test: lint $(VENV)/.installed
+test: lint $(VENV)/.installed redis-server
 	REPRISE_SDK_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) test --locked
 
 lint:
@@ -27,6 +28,11 @@ $(VENV)/.installed: tests/sdk/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 	touch $@
+
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server from Debian's packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 # Load benchmark (numbers in the README). Installs oha into .tools on first use.
 bench:

@@ -184,6 +184,14 @@ fn default_cooldown() -> Duration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
+    /// Where entries live: the embedded `sled` store, or `redis`, shared by several replicas.
+    #[serde(default)]
+    pub store: StoreKind,
+    /// For `store = "redis"`: e.g. `redis://127.0.0.1:6379/0` (may come from `${REPRISE_REDIS_URL}`).
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    #[serde(default = "default_redis_prefix")]
+    pub redis_prefix: String,
     /// Directory of the embedded (sled) store.
     #[serde(default = "default_cache_path")]
     pub path: std::path::PathBuf,
@@ -209,9 +217,24 @@ impl CacheConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Sled,
+    Redis,
+}
+
+fn default_redis_prefix() -> String {
+    "reprise:".to_owned()
+}
+
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
+            store: StoreKind::default(),
+            redis_url: None,
+            redis_prefix: default_redis_prefix(),
             path: default_cache_path(),
             memory_bytes: default_cache_memory_bytes(),
             enabled: None,
@@ -541,6 +564,23 @@ impl Config {
                 Ok(())
             };
         check_cache("cache".into(), &self.cache.defaults())?;
+        if self.cache.store == StoreKind::Redis {
+            match &self.cache.redis_url {
+                None => {
+                    return Err((
+                        "cache.redis_url".into(),
+                        "is required with store = \"redis\"".into(),
+                    ));
+                }
+                Some(url) if redis::Client::open(url.as_str()).is_err() => {
+                    return Err((
+                        "cache.redis_url".into(),
+                        "is not a valid redis:// URL".into(),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
         for (name, route) in &self.routes {
             check_cache(format!("routes.{name}.cache"), &route.cache)?;
         }

@@ -19,12 +19,12 @@ use serde_json::Value;
 use crate::cache::entry::{StreamAssembler, replay_chunks, usage_counts};
 use crate::cache::exact::{CacheControls, CacheStatus, ExactCache, Plan};
 use crate::cache::flight::{Joined, Leader};
-use crate::config::{CachePolicy, Config};
+use crate::config::{CacheConfig, CachePolicy, Config, StoreKind};
 use crate::error::ApiError;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions};
 use crate::providers::ChunkStream;
 use crate::router::{Route, RouteFailure, Router, Served, TargetHealth};
-use crate::store::{SledStore, Store};
+use crate::store::{RedisStore, SledStore, Store};
 use crate::telemetry::Metrics;
 
 /// What later stages need to know about the caller, resolved once by the server.
@@ -90,17 +90,8 @@ impl Pipeline {
         // The store is opened only when some route caches, so a gateway without caching writes
         // nothing to disk.
         let exact_cache = if cache_policies.values().any(|p| p.enabled) {
-            let store =
-                SledStore::open(&config.cache.path, config.cache.memory_bytes).map_err(|e| {
-                    anyhow::anyhow!(
-                        "cache.path: cannot open the store at {}: {e}",
-                        config.cache.path.display()
-                    )
-                })?;
-            Some(ExactCache::new(
-                Arc::new(store) as Arc<dyn Store>,
-                Arc::clone(&metrics),
-            ))
+            let store = open_store(&config.cache)?;
+            Some(ExactCache::new(store, Arc::clone(&metrics)))
         } else {
             None
         };
@@ -297,6 +288,26 @@ impl Pipeline {
     pub fn health(&self) -> Vec<TargetHealth> {
         self.router.health()
     }
+}
+
+fn open_store(config: &CacheConfig) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match config.store {
+        StoreKind::Sled => Arc::new(SledStore::open(&config.path, config.memory_bytes).map_err(
+            |e| {
+                anyhow::anyhow!(
+                    "cache.path: cannot open the store at {}: {e}",
+                    config.path.display()
+                )
+            },
+        )?),
+        StoreKind::Redis => {
+            let url = config.redis_url.as_deref().unwrap_or_default();
+            Arc::new(
+                RedisStore::new(url, &config.redis_prefix)
+                    .map_err(|e| anyhow::anyhow!("cache.redis_url: {e}"))?,
+            )
+        }
+    })
 }
 
 fn failed(failure: RouteFailure, trace: Trace) -> Failed {

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::redis_server::RedisServer;
 use common::{Gateway, KEY_A, KEY_B, Mock, header, sse_data, user};
 use serde_json::{Value, json};
 
@@ -15,11 +16,25 @@ struct Cached {
 }
 
 fn cache_config(dir: &tempfile::TempDir, route_extra: &str) -> String {
+    cache_config_with(
+        &format!("path = \"{}\"", dir.path().join("store").display()),
+        route_extra,
+    )
+}
+
+fn redis_cache_config(redis: &RedisServer, route_extra: &str) -> String {
+    cache_config_with(
+        &format!("store = \"redis\"\nredis_url = \"{}\"", redis.url()),
+        route_extra,
+    )
+}
+
+fn cache_config_with(store: &str, route_extra: &str) -> String {
     format!(
         r#"
         [cache]
         enabled = true
-        path = "{}"
+        {store}
         [routes.chat]
         targets = [{{ provider = "mock", model = "ok" }}]
         [routes.flaky]
@@ -43,8 +58,7 @@ fn cache_config(dir: &tempfile::TempDir, route_extra: &str) -> String {
         [routes.chat.cache]
         max_temperature = 1.0
         {route_extra}
-        "#,
-        dir.path().join("store").display()
+        "#
     )
 }
 
@@ -454,8 +468,25 @@ async fn concurrent_identical_misses_make_one_upstream_call() {
     for response in responses {
         assert_eq!(response.status(), 200);
         statuses.push(header(&response, "x-reprise-cache").unwrap().to_owned());
-        let text = response.text().await.unwrap();
-        assert!(text.contains("same question"), "{text}");
+        let streamed = header(&response, "content-type") == Some("text/event-stream");
+        let body = response.text().await.unwrap();
+        let text = if streamed {
+            sse_data(&body)
+                .iter()
+                .filter(|d| *d != "[DONE]")
+                .filter_map(|d| {
+                    serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .collect::<String>()
+        } else {
+            serde_json::from_str::<Value>(&body).unwrap()["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(text, "echo: same question");
     }
     assert_eq!(c.gw.mock.calls("slow-300"), 1, "statuses: {statuses:?}");
     assert_eq!(
@@ -482,4 +513,106 @@ async fn a_failure_is_not_shared_with_waiting_requests() {
         4,
         "each waiting request asked upstream itself"
     );
+}
+
+async fn on_redis(redis: &RedisServer) -> Cached {
+    let gw = Gateway::start(&redis_cache_config(redis, "")).await;
+    Cached {
+        gw,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn redis_backend_serves_hits_and_keeps_tenants_apart() {
+    let redis = RedisServer::start();
+    let c = on_redis(&redis).await;
+    let first: Value = c
+        .request(KEY_A, ask("via redis"), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    c.wait_for_writes(1).await;
+    let hit = c.request(KEY_A, ask("via redis"), &[]).await;
+    assert_eq!(header(&hit, "x-reprise-cache"), Some("hit"));
+    assert_eq!(hit.json::<Value>().await.unwrap(), first);
+    let other_tenant = c.request(KEY_B, ask("via redis"), &[]).await;
+    assert_eq!(header(&other_tenant, "x-reprise-cache"), Some("miss"));
+    let mut stream = ask("via redis");
+    stream["stream"] = json!(true);
+    let replay = c.request(KEY_A, stream, &[]).await;
+    assert_eq!(header(&replay, "x-reprise-cache"), Some("hit"));
+    assert_eq!(
+        sse_data(&replay.text().await.unwrap())
+            .last()
+            .map(String::as_str),
+        Some("[DONE]")
+    );
+    assert_eq!(c.gw.mock.calls("ok"), 2);
+}
+
+#[tokio::test]
+async fn two_gateways_on_one_redis_share_hits() {
+    let redis = RedisServer::start();
+    let one = on_redis(&redis).await;
+    let two = Cached {
+        gw: Gateway::start_with(one.gw.mock.clone(), &redis_cache_config(&redis, "")).await,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    one.request(KEY_A, ask("shared"), &[]).await;
+    one.wait_for_writes(1).await;
+    let hit = two.request(KEY_A, ask("shared"), &[]).await;
+    assert_eq!(
+        header(&hit, "x-reprise-cache"),
+        Some("hit"),
+        "a replica serves what another stored"
+    );
+    assert_eq!(one.gw.mock.calls("ok"), 1);
+}
+
+#[tokio::test]
+async fn when_redis_goes_away_requests_go_upstream_and_caching_resumes_when_it_returns() {
+    let mut redis = RedisServer::start();
+    let c = on_redis(&redis).await;
+    c.request(KEY_A, ask("before"), &[]).await;
+    c.wait_for_writes(1).await;
+    redis.stop();
+    for i in 0..3 {
+        let response = c.request(KEY_A, ask("before"), &[]).await;
+        assert_eq!(
+            response.status(),
+            200,
+            "request {i} is served from upstream"
+        );
+        assert_eq!(header(&response, "x-reprise-cache"), Some("miss"));
+    }
+    let metrics =
+        c.gw.client
+            .get(c.gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+    assert!(
+        metrics.contains("reprise_cache_errors_total{kind=\"lookup\"}"),
+        "{metrics}"
+    );
+    redis.restart();
+    // The restarted Redis is empty; once the gateway reconnected, answers are stored again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        c.request(KEY_A, ask("after"), &[]).await;
+        let hit = c.request(KEY_A, ask("after"), &[]).await;
+        if header(&hit, "x-reprise-cache") == Some("hit") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "caching did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

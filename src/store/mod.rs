@@ -5,10 +5,12 @@
 //! Keys are `/`-separated paths (`cache/v1/{tenant}/{namespace}/{route}/{hash}`), so a purge by
 //! tenant, namespace or route is a prefix delete.
 
+mod redis_store;
 mod sled_store;
 
 use std::time::Duration;
 
+pub use redis_store::RedisStore;
 pub use sled_store::SledStore;
 
 #[derive(Debug, Clone, thiserror::Error)]

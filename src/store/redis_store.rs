@@ -1,0 +1,171 @@
+//! The shared store, for several gateway replicas: Redis through the `redis` crate's async
+//! `ConnectionManager` (one multiplexed connection that reconnects by itself).
+//!
+//! Keys get a configurable prefix; TTLs are Redis expiries (`SET ... PX`). If Redis cannot be
+//! reached at startup the gateway still starts: the first connection is made lazily, at most once
+//! a second, and every failure is a `StoreError` that the caches turn into a miss.
+
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::Mutex;
+
+use super::{Store, StoreError};
+
+pub struct RedisStore {
+    client: redis::Client,
+    prefix: String,
+    connection: Mutex<Connection>,
+}
+
+struct Connection {
+    manager: Option<ConnectionManager>,
+    last_attempt: Option<Instant>,
+}
+
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+const TIMEOUT: Duration = Duration::from_millis(500);
+
+fn backend_error(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+/// Redis glob characters in a prefix are matched literally.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl RedisStore {
+    /// Checks the URL; does not connect yet.
+    pub fn new(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        Ok(Self {
+            client: redis::Client::open(url).map_err(backend_error)?,
+            prefix: prefix.to_owned(),
+            connection: Mutex::new(Connection {
+                manager: None,
+                last_attempt: None,
+            }),
+        })
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        let mut connection = self.connection.lock().await;
+        if let Some(manager) = &connection.manager {
+            return Ok(manager.clone());
+        }
+        if connection
+            .last_attempt
+            .is_some_and(|at| at.elapsed() < RECONNECT_INTERVAL)
+        {
+            return Err(StoreError::Backend(
+                "redis is unreachable (retrying)".into(),
+            ));
+        }
+        connection.last_attempt = Some(Instant::now());
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(RECONNECT_INTERVAL);
+        let manager = self
+            .client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(backend_error)?;
+        connection.manager = Some(manager.clone());
+        Ok(manager)
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for RedisStore {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut connection = self.connection().await?;
+        connection.get(self.key(key)).await.map_err(backend_error)
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection().await?;
+        let key = self.key(key);
+        match ttl {
+            Some(ttl) => {
+                let millis = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
+                connection.pset_ex::<_, _, ()>(key, value, millis).await
+            }
+            None => connection.set::<_, _, ()>(key, value).await,
+        }
+        .map_err(backend_error)
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let mut connection = self.connection().await?;
+        let removed: u64 = connection.del(self.key(key)).await.map_err(backend_error)?;
+        Ok(removed > 0)
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
+        let mut connection = self.connection().await?;
+        let pattern = format!("{}*", glob_escape(&self.key(prefix)));
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut connection)
+                .await
+                .map_err(backend_error)?;
+            if !keys.is_empty() {
+                let count: u64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(backend_error)?;
+                removed += count;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[test]
+    fn a_bad_url_is_refused() {
+        assert!(RedisStore::new("not a url", "p:").is_err());
+    }
+}
