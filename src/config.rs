@@ -48,6 +48,17 @@ pub struct Config {
     pub cache: CacheConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
+    /// USD per million tokens by model (the target's model name, or `provider/model`), to
+    /// estimate what cache hits saved.
+    #[serde(default)]
+    pub prices: BTreeMap<String, PriceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    pub input: f64,
+    pub output: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -564,6 +575,14 @@ impl Config {
                 Ok(())
             };
         check_cache("cache".into(), &self.cache.defaults())?;
+        for (model, price) in &self.prices {
+            if !(price.input >= 0.0 && price.output >= 0.0) {
+                return Err((
+                    format!("prices.{model}"),
+                    "prices must not be negative".into(),
+                ));
+            }
+        }
         if self.cache.store == StoreKind::Redis {
             match &self.cache.redis_url {
                 None => {

@@ -83,6 +83,8 @@ pub enum ApiError {
         attempts: u32,
         last: String,
     },
+    #[error("the cache store is unavailable: {0}")]
+    CacheUnavailable(String),
     #[error("no healthy upstream target for model `{route}`: every circuit breaker is open")]
     NoHealthyTarget { route: String },
     #[error(
@@ -111,7 +113,9 @@ impl ApiError {
             Self::AdminOnly => StatusCode::FORBIDDEN,
             Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             Self::UpstreamRejected { status, .. } | Self::UpstreamFailed { status, .. } => *status,
-            Self::NoHealthyTarget { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoHealthyTarget { .. } | Self::CacheUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -127,6 +131,7 @@ impl ApiError {
             Self::UpstreamRejected { .. } => "upstream_rejected",
             Self::UpstreamFailed { .. } => "upstream_failed",
             Self::NoHealthyTarget { .. } => "no_healthy_target",
+            Self::CacheUnavailable(_) => "cache_unavailable",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
         }
     }
@@ -167,6 +172,7 @@ impl ApiError {
             Self::NoHealthyTarget { .. } => {
                 ("upstream_error".into(), None, owned("no_healthy_target"))
             }
+            Self::CacheUnavailable(_) => ("server_error".into(), None, owned("cache_unavailable")),
             Self::DeadlineExceeded { .. } => {
                 ("timeout_error".into(), None, owned("deadline_exceeded"))
             }

@@ -17,7 +17,9 @@ use futures::StreamExt;
 use serde_json::Value;
 
 use crate::cache::entry::{StreamAssembler, replay_chunks, usage_counts};
-use crate::cache::exact::{CacheControls, CacheStatus, ExactCache, Plan};
+use crate::cache::exact::{
+    CacheControls, CacheStatus, ExactCache, Plan, Price, RouteStats, prefix as cache_prefix,
+};
 use crate::cache::flight::{Joined, Leader};
 use crate::config::{CacheConfig, CachePolicy, Config, StoreKind};
 use crate::error::ApiError;
@@ -45,6 +47,7 @@ pub struct Trace {
     pub cache_age: Option<Duration>,
     /// Prompt plus completion tokens of a cache hit: what the upstream would have billed.
     pub tokens_saved: u64,
+    pub cache_key: Option<String>,
 }
 
 pub enum ChatAnswer {
@@ -71,8 +74,31 @@ impl From<ApiError> for Failed {
     }
 }
 
+/// One tenant's use of one route's cache, for the admin API.
+#[derive(Debug, serde::Serialize)]
+pub struct CacheStatsRow {
+    pub tenant: String,
+    pub route: String,
+    /// Entries in the store now (`null` if the store could not be read).
+    pub entries: Option<u64>,
+    pub hit_ratio: f64,
+    #[serde(flatten)]
+    pub counters: RouteStats,
+}
+
+/// What an admin purge removes: everything, or narrowed by tenant, route, namespace, or one key.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeSelector {
+    pub tenant: Option<String>,
+    pub route: Option<String>,
+    pub namespace: Option<String>,
+    pub key: Option<String>,
+}
+
 pub struct Pipeline {
     router: Router,
+    tenants: Vec<String>,
     exact_cache: Option<ExactCache>,
     cache_policies: HashMap<String, CachePolicy>,
     pub metrics: Arc<Metrics>,
@@ -91,12 +117,29 @@ impl Pipeline {
         // nothing to disk.
         let exact_cache = if cache_policies.values().any(|p| p.enabled) {
             let store = open_store(&config.cache)?;
-            Some(ExactCache::new(store, Arc::clone(&metrics)))
+            let prices = config
+                .prices
+                .iter()
+                .map(|(model, p)| {
+                    (
+                        model.clone(),
+                        Price {
+                            input: p.input,
+                            output: p.output,
+                        },
+                    )
+                })
+                .collect();
+            Some(ExactCache::new(store, Arc::clone(&metrics), prices))
         } else {
             None
         };
+        let mut tenants: Vec<String> = config.auth.keys.iter().map(|k| k.tenant.clone()).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
         Ok(Self {
             router,
+            tenants,
             exact_cache,
             cache_policies,
             metrics,
@@ -149,7 +192,16 @@ impl Pipeline {
                 && let Some((entry, age)) = cache.get(plan).await
             {
                 trace.cache_age = Some(age);
-                return Ok(self.answer_from_cache(&route, &request, entry.response, trace));
+                trace.cache_key = Some(plan.key_hex.clone());
+                return Ok(answer_from_cache(
+                    cache,
+                    context,
+                    &route,
+                    &request,
+                    entry.response,
+                    Some(&entry.target),
+                    trace,
+                ));
             }
             match cache.join_flight(plan) {
                 Some(Joined::Leader(flight)) => leader = Some(flight),
@@ -159,10 +211,14 @@ impl Pipeline {
                         tokio::time::timeout(route.total_timeout(), follower.answer()).await
                     {
                         trace.cache_age = Some(Duration::ZERO);
-                        return Ok(self.answer_from_cache(
+                        trace.cache_key = Some(plan.key_hex.clone());
+                        return Ok(answer_from_cache(
+                            cache,
+                            context,
                             &route,
                             &request,
                             (*answer).clone(),
+                            None,
                             trace,
                         ));
                     }
@@ -170,11 +226,12 @@ impl Pipeline {
                 None => {}
             }
             trace.cache = Some(plan.status_without_hit());
+            trace.cache_key = Some(plan.key_hex.clone());
         } else if let Err(Some(status)) = &plan {
             trace.cache = Some(*status);
         }
-        if let Some(status) = trace.cache {
-            self.metrics.cache_request(&route.name, status.label(), 0);
+        if let (Some(status), Some(cache)) = (trace.cache, &self.exact_cache) {
+            cache.record(&context.tenant, &route.name, status, None);
         }
         let writer = plan.ok().filter(|p| p.mode.write());
 
@@ -229,28 +286,6 @@ impl Pipeline {
         }
     }
 
-    /// A stored (or coalesced) answer, whole or replayed as a stream as the request wants.
-    fn answer_from_cache(
-        &self,
-        route: &Route,
-        request: &ChatRequest,
-        response: Value,
-        mut trace: Trace,
-    ) -> Answered<ChatAnswer> {
-        let (prompt_tokens, completion_tokens) = usage_counts(&response);
-        trace.cache = Some(CacheStatus::Hit);
-        trace.tokens_saved = prompt_tokens + completion_tokens;
-        self.metrics
-            .cache_request(&route.name, "hit", trace.tokens_saved);
-        let value = if request.wants_stream() {
-            let chunks = replay_chunks(&response, request.wants_usage_in_stream());
-            ChatAnswer::Stream(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok))))
-        } else {
-            ChatAnswer::Complete(response)
-        };
-        Answered { value, trace }
-    }
-
     pub async fn embeddings(
         &self,
         _context: &RequestContext,
@@ -279,6 +314,117 @@ impl Pipeline {
         }
     }
 
+    fn cache(&self) -> Result<&ExactCache, ApiError> {
+        self.exact_cache
+            .as_ref()
+            .ok_or_else(|| ApiError::invalid("no route has the cache enabled", None))
+    }
+
+    fn cached_routes(&self) -> Vec<&str> {
+        let mut routes: Vec<&str> = self
+            .cache_policies
+            .iter()
+            .filter(|(_, p)| p.enabled)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        routes.sort_unstable();
+        routes
+    }
+
+    pub async fn cache_stats(&self) -> Result<Vec<CacheStatsRow>, ApiError> {
+        let cache = self.cache()?;
+        let mut rows = Vec::new();
+        for tenant in &self.tenants {
+            for route in self.cached_routes() {
+                let entries = cache
+                    .store()
+                    .count_prefix(&cache_prefix(Some(tenant), Some(route), None))
+                    .await
+                    .ok();
+                let counters = cache.stats(tenant, route);
+                let lookups = counters.hits + counters.misses;
+                rows.push(CacheStatsRow {
+                    tenant: tenant.clone(),
+                    route: route.to_owned(),
+                    entries,
+                    hit_ratio: if lookups == 0 {
+                        0.0
+                    } else {
+                        counters.hits as f64 / lookups as f64
+                    },
+                    counters,
+                });
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Removes cache entries; how many.
+    pub async fn purge(&self, selector: PurgeSelector) -> Result<u64, ApiError> {
+        let cache = self.cache()?;
+        if let Some(tenant) = &selector.tenant
+            && !self.tenants.contains(tenant)
+        {
+            return Err(ApiError::invalid(
+                format!("unknown tenant {tenant:?}"),
+                Some("tenant"),
+            ));
+        }
+        if let Some(route) = &selector.route
+            && !self.cached_routes().contains(&route.as_str())
+        {
+            return Err(ApiError::invalid(
+                format!("no cached route {route:?}"),
+                Some("route"),
+            ));
+        }
+        let store = cache.store();
+        let unavailable = |e: crate::store::StoreError| ApiError::CacheUnavailable(e.to_string());
+        if let Some(key) = &selector.key {
+            let (Some(tenant), Some(route)) = (&selector.tenant, &selector.route) else {
+                return Err(ApiError::invalid(
+                    "purging one key needs its tenant and route",
+                    Some("key"),
+                ));
+            };
+            if key.len() != 64 || !key.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ApiError::invalid(
+                    "key must be the 64 hex digits of x-reprise-cache-key",
+                    Some("key"),
+                ));
+            }
+            let namespace = selector.namespace.as_deref().unwrap_or("");
+            let removed = store
+                .delete(&crate::cache::exact::entry_path(
+                    tenant, route, namespace, key,
+                ))
+                .await
+                .map_err(unavailable)?;
+            return Ok(u64::from(removed));
+        }
+        let routes: Vec<Option<&str>> = match (&selector.route, &selector.namespace) {
+            (Some(route), _) => vec![Some(route.as_str())],
+            // A namespace lives under each route: purge it route by route.
+            (None, Some(_)) => self.cached_routes().into_iter().map(Some).collect(),
+            (None, None) => vec![None],
+        };
+        let tenants: Vec<Option<&str>> = match &selector.tenant {
+            Some(tenant) => vec![Some(tenant.as_str())],
+            None if selector.namespace.is_some() || selector.route.is_some() => {
+                self.tenants.iter().map(|t| Some(t.as_str())).collect()
+            }
+            None => vec![None],
+        };
+        let mut removed = 0;
+        for tenant in &tenants {
+            for route in &routes {
+                let prefix = cache_prefix(*tenant, *route, selector.namespace.as_deref());
+                removed += store.delete_prefix(&prefix).await.map_err(unavailable)?;
+            }
+        }
+        Ok(removed)
+    }
+
     pub fn models(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.router.route_names().collect();
         names.sort_unstable();
@@ -288,6 +434,34 @@ impl Pipeline {
     pub fn health(&self) -> Vec<TargetHealth> {
         self.router.health()
     }
+}
+
+/// A stored (or coalesced) answer, whole or replayed as a stream as the request wants.
+fn answer_from_cache(
+    cache: &ExactCache,
+    context: &RequestContext,
+    route: &Route,
+    request: &ChatRequest,
+    response: Value,
+    target: Option<&str>,
+    mut trace: Trace,
+) -> Answered<ChatAnswer> {
+    let (prompt_tokens, completion_tokens) = usage_counts(&response);
+    trace.cache = Some(CacheStatus::Hit);
+    trace.tokens_saved = prompt_tokens + completion_tokens;
+    cache.record(
+        &context.tenant,
+        &route.name,
+        CacheStatus::Hit,
+        Some((&response, target)),
+    );
+    let value = if request.wants_stream() {
+        let chunks = replay_chunks(&response, request.wants_usage_in_stream());
+        ChatAnswer::Stream(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok))))
+    } else {
+        ChatAnswer::Complete(response)
+    };
+    Answered { value, trace }
 }
 
 fn open_store(config: &CacheConfig) -> anyhow::Result<Arc<dyn Store>> {

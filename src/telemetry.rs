@@ -49,6 +49,7 @@ struct RouteLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheLabels {
+    tenant: String,
     route: String,
     outcome: &'static str,
 }
@@ -76,6 +77,7 @@ pub struct Metrics {
     breaker_state: Family<TargetLabels, Gauge>,
     cache_requests: Family<CacheLabels, Counter>,
     cache_tokens_saved: Family<RouteLabels, Counter>,
+    cache_cost_saved: Family<RouteLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     cache_errors: Family<CacheErrorLabels, Counter>,
     cache_writes: Counter,
 }
@@ -144,6 +146,13 @@ impl Metrics {
             "Prompt plus completion tokens answered from the cache",
             cache_tokens_saved.clone(),
         );
+        let cache_cost_saved =
+            Family::<RouteLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "cache_cost_saved_usd",
+            "Estimated upstream cost of the cache hits (per the price table)",
+            cache_cost_saved.clone(),
+        );
         let cache_errors = Family::<CacheErrorLabels, Counter>::default();
         registry.register(
             "cache_errors",
@@ -161,6 +170,7 @@ impl Metrics {
             cache_writes,
             cache_requests,
             cache_tokens_saved,
+            cache_cost_saved,
             cache_errors,
             requests,
             latency,
@@ -224,13 +234,28 @@ impl Metrics {
             .set(state);
     }
 
-    pub fn cache_request(&self, route: &str, outcome: &'static str, tokens_saved: u64) {
+    pub fn cache_request(
+        &self,
+        tenant: &str,
+        route: &str,
+        outcome: &'static str,
+        tokens_saved: u64,
+        cost_saved: f64,
+    ) {
         self.cache_requests
             .get_or_create(&CacheLabels {
+                tenant: tenant.to_owned(),
                 route: route.to_owned(),
                 outcome,
             })
             .inc();
+        if cost_saved > 0.0 {
+            self.cache_cost_saved
+                .get_or_create(&RouteLabels {
+                    route: route.to_owned(),
+                })
+                .inc_by(cost_saved);
+        }
         if tokens_saved > 0 {
             self.cache_tokens_saved
                 .get_or_create(&RouteLabels {

@@ -152,7 +152,8 @@ async fn identical_requests_are_answered_from_the_cache() {
             .await
             .unwrap();
     assert!(
-        metrics.contains(r#"reprise_cache_requests_total{route="chat",outcome="hit"} 1"#),
+        metrics
+            .contains(r#"reprise_cache_requests_total{tenant="a",route="chat",outcome="hit"} 1"#),
         "{metrics}"
     );
     assert!(
@@ -615,4 +616,170 @@ async fn when_redis_goes_away_requests_go_upstream_and_caching_resumes_when_it_r
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+impl Cached {
+    async fn admin_stats(&self) -> Value {
+        let response = self
+            .gw
+            .client
+            .get(self.gw.url("/admin/cache/stats"))
+            .bearer_auth(common::ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    async fn purge(&self, selector: Value) -> reqwest::Response {
+        self.gw
+            .client
+            .post(self.gw.url("/admin/cache/purge"))
+            .bearer_auth(common::ADMIN)
+            .json(&selector)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn admin_stats_report_hits_tokens_and_cost_per_tenant_and_route() {
+    let c = cached("[prices]\nok = { input = 1.0, output = 2.0 }").await;
+    c.request(KEY_A, ask("hello"), &[]).await;
+    c.wait_for_writes(1).await;
+    c.request(KEY_A, ask("hello"), &[]).await;
+    c.request(KEY_A, ask("hello"), &[]).await;
+    c.request(KEY_B, ask("hello"), &[]).await;
+    let stats = c.admin_stats().await;
+    let row = |tenant: &str| {
+        stats["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["tenant"] == tenant && r["route"] == "chat")
+            .cloned()
+            .unwrap()
+    };
+    let a = row("a");
+    assert_eq!(
+        (
+            a["hits"].as_u64(),
+            a["misses"].as_u64(),
+            a["entries"].as_u64()
+        ),
+        (Some(2), Some(1), Some(1)),
+        "{a}"
+    );
+    assert_eq!(a["tokens_saved"], 36);
+    assert!(
+        (a["cost_saved_usd"].as_f64().unwrap() - 2.0 * (11.0 + 14.0) / 1e6).abs() < 1e-12,
+        "{a}"
+    );
+    assert!((a["hit_ratio"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9);
+    assert_eq!(row("b")["hits"], 0);
+    let denied =
+        c.gw.client
+            .get(c.gw.url("/admin/cache/stats"))
+            .bearer_auth(KEY_A)
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(denied.status(), 403);
+    let metrics =
+        c.gw.client
+            .get(c.gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+    assert!(
+        metrics
+            .contains(r#"reprise_cache_requests_total{tenant="a",route="chat",outcome="hit"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("reprise_cache_cost_saved_usd_total{route=\"chat\"} 0.00005"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn admin_purges_by_key_namespace_tenant_and_everything() {
+    let c = cached("").await;
+    let first = c.request(KEY_A, ask("one"), &[]).await;
+    let key = header(&first, "x-reprise-cache-key").unwrap().to_owned();
+    c.request(KEY_A, ask("two"), &[]).await;
+    c.request(KEY_A, ask("three"), &[("x-reprise-cache-namespace", "n1")])
+        .await;
+    c.request(KEY_B, ask("four"), &[]).await;
+    c.wait_for_writes(4).await;
+    let status = |r: reqwest::Response| header(&r, "x-reprise-cache").map(str::to_owned);
+
+    let purged: Value = c
+        .purge(json!({"tenant": "a", "route": "chat", "key": key}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(purged["purged"], 1);
+    assert_eq!(
+        status(c.request(KEY_A, ask("one"), &[]).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        status(c.request(KEY_A, ask("two"), &[]).await).as_deref(),
+        Some("hit")
+    );
+
+    let purged: Value = c
+        .purge(json!({"namespace": "n1"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(purged["purged"], 1);
+    let three = c
+        .request(KEY_A, ask("three"), &[("x-reprise-cache-namespace", "n1")])
+        .await;
+    assert_eq!(status(three).as_deref(), Some("miss"));
+
+    let purged: Value = c.purge(json!({"tenant": "b"})).await.json().await.unwrap();
+    assert_eq!(purged["purged"], 1);
+    assert_eq!(
+        status(c.request(KEY_A, ask("two"), &[]).await).as_deref(),
+        Some("hit"),
+        "other tenants keep their entries"
+    );
+
+    c.wait_for_writes(6).await;
+    let purged: Value = c.purge(json!({})).await.json().await.unwrap();
+    assert!(purged["purged"].as_u64().unwrap() >= 3, "{purged}");
+    assert_eq!(
+        status(c.request(KEY_A, ask("two"), &[]).await).as_deref(),
+        Some("miss")
+    );
+
+    for (selector, param) in [
+        (json!({"tenant": "nobody"}), "tenant"),
+        (json!({"route": "nope"}), "route"),
+        (json!({"tenant": "a", "route": "chat", "key": "abc"}), "key"),
+        (json!({"key": key}), "key"),
+    ] {
+        let response = c.purge(selector.clone()).await;
+        assert_eq!(response.status(), 400, "{selector}");
+        assert_eq!(
+            response.json::<Value>().await.unwrap()["error"]["param"],
+            param,
+            "{selector}"
+        );
+    }
+    assert_eq!(
+        c.purge(json!({"tenat": "a"})).await.status(),
+        400,
+        "unknown fields are refused"
+    );
 }

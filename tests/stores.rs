@@ -30,6 +30,8 @@ async fn contract(store: &dyn Store) {
         Some(&b"one"[..])
     );
     assert_eq!(store.get("cache/t1/-/r/missing").await.unwrap(), None);
+    assert_eq!(store.count_prefix("cache/t1/").await.unwrap(), 2);
+    assert_eq!(store.count_prefix("cache/").await.unwrap(), 3);
     store
         .put("cache/t1/-/r/a", b"uno".to_vec(), None)
         .await

@@ -1,6 +1,7 @@
 //! The exact cache stage: decide whether a request may read and write the cache, look it up, and
 //! store answers off the response path.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -154,6 +155,8 @@ impl CacheStatus {
 pub struct Plan {
     pub mode: CacheMode,
     pub path: String,
+    /// The entry's key, reported in `x-reprise-cache-key` so a client can purge exactly it.
+    pub key_hex: String,
     ttl: Duration,
     max_age: Option<Duration>,
     cache_truncated: bool,
@@ -176,6 +179,8 @@ pub struct ExactCache {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     flights: Arc<Flights>,
+    prices: Arc<HashMap<String, Price>>,
+    stats: Arc<parking_lot::Mutex<HashMap<(String, String), RouteStats>>>,
 }
 
 fn now_ms() -> u64 {
@@ -190,13 +195,139 @@ fn escape_segment(segment: &str) -> String {
     segment.replace('%', "%25").replace('/', "%2F")
 }
 
+const NO_NAMESPACE: &str = "-";
+
+/// `cache/v1/{tenant}/{route}/{namespace}/{key}`: the order makes "everything of a tenant" and
+/// "everything of a tenant's route" single prefixes.
+pub fn entry_path(tenant: &str, route: &str, namespace: &str, key_hex: &str) -> String {
+    let namespace = if namespace.is_empty() {
+        NO_NAMESPACE
+    } else {
+        namespace
+    };
+    format!(
+        "cache/v1/{tenant}/{}/{namespace}/{key_hex}",
+        escape_segment(route)
+    )
+}
+
+/// The store prefix holding what a purge or a count selects. A namespace without a route is not
+/// one prefix: callers pass each route.
+pub fn prefix(tenant: Option<&str>, route: Option<&str>, namespace: Option<&str>) -> String {
+    let mut prefix = String::from("cache/v1/");
+    let Some(tenant) = tenant else { return prefix };
+    prefix.push_str(tenant);
+    prefix.push('/');
+    let Some(route) = route else { return prefix };
+    prefix.push_str(&escape_segment(route));
+    prefix.push('/');
+    if let Some(namespace) = namespace {
+        prefix.push_str(if namespace.is_empty() {
+            NO_NAMESPACE
+        } else {
+            namespace
+        });
+        prefix.push('/');
+    }
+    prefix
+}
+
+/// Prices in USD per million tokens, to estimate what cache hits saved.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+}
+
+/// Counters of one tenant's use of one route's cache, since the gateway started.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RouteStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub bypasses: u64,
+    pub refreshes: u64,
+    pub tokens_saved: u64,
+    pub cost_saved_usd: f64,
+}
+
 impl ExactCache {
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        prices: HashMap<String, Price>,
+    ) -> Self {
         Self {
             store,
             metrics,
             flights: Arc::default(),
+            prices: Arc::new(prices),
+            stats: Arc::default(),
         }
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// The price of the model that produced `response`: by the target's model name, else by the
+    /// model the upstream reported.
+    fn price(&self, target: Option<&str>, response: &Value) -> Option<Price> {
+        let target_model = target
+            .and_then(|t| t.split_once('/'))
+            .map(|(_, model)| model);
+        target_model
+            .and_then(|m| self.prices.get(m))
+            .or_else(|| target.and_then(|t| self.prices.get(t)))
+            .or_else(|| {
+                response
+                    .get("model")
+                    .and_then(Value::as_str)
+                    .and_then(|m| self.prices.get(m))
+            })
+            .copied()
+    }
+
+    /// Counts one request's cache outcome (stats and metrics). For a hit, `answer` is the served
+    /// response with the target that originally produced it.
+    pub fn record(
+        &self,
+        tenant: &str,
+        route: &str,
+        status: CacheStatus,
+        answer: Option<(&Value, Option<&str>)>,
+    ) {
+        let (tokens, cost) = match answer {
+            Some((response, target)) if status == CacheStatus::Hit => {
+                let (prompt, completion) = usage_counts(response);
+                let cost = self.price(target, response).map_or(0.0, |p| {
+                    (prompt as f64 * p.input + completion as f64 * p.output) / 1e6
+                });
+                (prompt + completion, cost)
+            }
+            _ => (0, 0.0),
+        };
+        self.metrics
+            .cache_request(tenant, route, status.label(), tokens, cost);
+        let mut stats = self.stats.lock();
+        let entry = stats
+            .entry((tenant.to_owned(), route.to_owned()))
+            .or_default();
+        match status {
+            CacheStatus::Hit => entry.hits += 1,
+            CacheStatus::Miss => entry.misses += 1,
+            CacheStatus::Bypass => entry.bypasses += 1,
+            CacheStatus::Refresh => entry.refreshes += 1,
+        }
+        entry.tokens_saved += tokens;
+        entry.cost_saved_usd += cost;
+    }
+
+    pub fn stats(&self, tenant: &str, route: &str) -> RouteStats {
+        self.stats
+            .lock()
+            .get(&(tenant.to_owned(), route.to_owned()))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Joins the single flight for this key after a miss. Only requests that both read and write
@@ -243,14 +374,11 @@ impl ExactCache {
             },
             request,
         );
+        let key_hex = key.to_hex();
         Ok(Plan {
             mode,
-            path: format!(
-                "cache/v1/{tenant}/{}/{}/{}",
-                if namespace.is_empty() { "-" } else { namespace },
-                escape_segment(route),
-                key.to_hex()
-            ),
+            path: entry_path(tenant, route, namespace, &key_hex),
+            key_hex,
             ttl: controls.ttl.unwrap_or(policy.ttl),
             max_age: controls.max_age,
             cache_truncated: policy.cache_truncated,
@@ -383,5 +511,15 @@ mod tests {
         assert!(!CacheMode::WriteOnly.read() && CacheMode::WriteOnly.write());
         assert!(CacheMode::ReadOnly.read() && !CacheMode::ReadOnly.write());
         assert_eq!(escape_segment("openai/gpt-4o%"), "openai%2Fgpt-4o%25");
+        let path = entry_path("t", "openai/gpt", "", "abc");
+        assert_eq!(path, "cache/v1/t/openai%2Fgpt/-/abc");
+        assert!(path.starts_with(&prefix(Some("t"), Some("openai/gpt"), Some(""))));
+        assert!(path.starts_with(&prefix(Some("t"), Some("openai/gpt"), None)));
+        assert!(path.starts_with(&prefix(Some("t"), None, None)));
+        assert!(!path.starts_with(&prefix(Some("t"), Some("openai/gpt"), Some("ns"))));
+        assert!(
+            !path.starts_with(&prefix(Some("t2"), None, None)),
+            "tenant t2 is not a prefix of t"
+        );
     }
 }

@@ -141,6 +141,9 @@ fn trace_headers(trace: &Trace) -> HeaderMap {
     if let Some(status) = trace.cache {
         put("x-reprise-cache", status.label());
     }
+    if let Some(key) = &trace.cache_key {
+        put("x-reprise-cache-key", key);
+    }
     if let Some(age) = trace.cache_age {
         put("x-reprise-cache-age", &age.as_secs().to_string());
         put(
@@ -245,6 +248,8 @@ pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
         .route("/v1/models", get(openai::models))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/health/providers", get(admin::provider_health))
+        .route("/admin/cache/stats", get(admin::cache_stats))
+        .route("/admin/cache/purge", post(admin::cache_purge))
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(admin::liveness))
         .fallback(not_found)

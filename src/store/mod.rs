@@ -36,6 +36,9 @@ pub trait Store: Send + Sync + 'static {
     /// Removes every key starting with `prefix`; how many there were.
     async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError>;
 
+    /// How many keys start with `prefix` (a scan: meant for admin statistics, not the hot path).
+    async fn count_prefix(&self, prefix: &str) -> Result<u64, StoreError>;
+
     /// A short name for logs and metrics.
     fn backend(&self) -> &'static str;
 }

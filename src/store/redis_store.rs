@@ -87,6 +87,32 @@ impl RedisStore {
     fn key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
+
+    /// Every key under `prefix`, in SCAN batches (SCAN does not block Redis like KEYS would).
+    async fn scan(&self, prefix: &str) -> Result<Vec<Vec<String>>, StoreError> {
+        let mut connection = self.connection().await?;
+        let pattern = format!("{}*", glob_escape(&self.key(prefix)));
+        let mut cursor: u64 = 0;
+        let mut batches = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut connection)
+                .await
+                .map_err(backend_error)?;
+            if !keys.is_empty() {
+                batches.push(keys);
+            }
+            if next == 0 {
+                return Ok(batches);
+            }
+            cursor = next;
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -121,33 +147,25 @@ impl Store for RedisStore {
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
-        let mut connection = self.connection().await?;
-        let pattern = format!("{}*", glob_escape(&self.key(prefix)));
-        let mut cursor: u64 = 0;
         let mut removed = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut connection)
+        let mut connection = self.connection().await?;
+        for keys in self.scan(prefix).await? {
+            removed += redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<u64>(&mut connection)
                 .await
                 .map_err(backend_error)?;
-            if !keys.is_empty() {
-                let count: u64 = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut connection)
-                    .await
-                    .map_err(backend_error)?;
-                removed += count;
-            }
-            if next == 0 {
-                return Ok(removed);
-            }
-            cursor = next;
         }
+        Ok(removed)
+    }
+
+    async fn count_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .scan(prefix)
+            .await?
+            .iter()
+            .map(|keys| keys.len() as u64)
+            .sum())
     }
 
     fn backend(&self) -> &'static str {

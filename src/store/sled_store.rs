@@ -122,6 +122,21 @@ impl Store for SledStore {
         Ok(removed)
     }
 
+    async fn count_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
+        let prefix = prefix.to_owned();
+        self.blocking(move |db| {
+            let now = now_ms();
+            let mut count = 0;
+            for entry in db.scan_prefix(prefix.as_bytes()).values() {
+                if live_payload(&entry.map_err(backend_error)?, now).is_some() {
+                    count += 1;
+                }
+            }
+            Ok(count)
+        })
+        .await
+    }
+
     fn backend(&self) -> &'static str {
         "sled"
     }
