@@ -108,24 +108,19 @@ fn every_subcommand_has_help() {
     }
 }
 
-#[tokio::test]
-async fn sigterm_drains_in_flight_requests_then_exits() {
-    let mock = Mock::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "{}\n[log]\nformat = \"json\"\n[routes.slow]\ntargets = [{{ provider = \"mock\", model = \"slow-1500\" }}]\n",
-        base_config(&mock)
-    );
-    let path = write_config(&dir, &config);
+type LogLines = std::sync::Arc<parking_lot::Mutex<Vec<String>>>;
+
+/// Runs `reprise serve` on a config with JSON logs; returns the process, its address and its log.
+fn spawn_gateway(config: &std::path::Path) -> (std::process::Child, String, LogLines) {
     let mut child = Command::new(BIN)
-        .args(["serve", "--config", path.to_str().unwrap()])
+        .args(["serve", "--config", config.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let log_lines = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let log_lines = LogLines::default();
     let lines = std::sync::Arc::clone(&log_lines);
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -140,6 +135,77 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     let addr = addr_rx
         .recv_timeout(Duration::from_secs(20))
         .expect("the gateway logs its address");
+    (child, addr, log_lines)
+}
+
+#[tokio::test]
+async fn a_cached_answer_survives_kill_9() {
+    let mock = Mock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[log]\nformat = \"json\"\n[cache]\nenabled = true\npath = \"{}\"\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
+        base_config(&mock),
+        dir.path().join("store").display()
+    );
+    let path = write_config(&dir, &config);
+    let client = reqwest::Client::new();
+    let body = json!({"model": "chat", "messages": user("survive")});
+
+    let (mut child, addr, _) = spawn_gateway(&path);
+    let first: Value = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(KEY_A)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("reprise_cache_writes_total 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the answer was not stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL: no shutdown code runs
+    child.wait().unwrap();
+
+    let (mut child, addr, _) = spawn_gateway(&path);
+    let again = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(KEY_A)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.headers()["x-reprise-cache"], "hit");
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    assert_eq!(mock.calls("ok"), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let mock = Mock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[log]\nformat = \"json\"\n[routes.slow]\ntargets = [{{ provider = \"mock\", model = \"slow-1500\" }}]\n",
+        base_config(&mock)
+    );
+    let path = write_config(&dir, &config);
+    let (mut child, addr, log_lines) = spawn_gateway(&path);
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/v1/chat/completions");
     let in_flight = tokio::spawn({
