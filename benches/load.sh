@@ -47,6 +47,12 @@ base_url = "http://$MOCK_ADDR/v1"
 api_key = "sk-bench"
 [routes.bench]
 targets = [{ provider = "mock", model = "ok" }]
+[cache]
+path = "$workdir/cache"
+[routes.bench-cached]
+targets = [{ provider = "mock", model = "ok" }]
+[routes.bench-cached.cache]
+enabled = true
 TOML
 
 ./target/release/examples/mock_upstream "$MOCK_ADDR" > "$workdir/mock.log" 2>&1 &
@@ -84,6 +90,16 @@ run c32-direct "$direct" "$direct_body" -n "$((N * 4))" -c 32
 run c32-gateway "$gateway" "$gateway_body" -n "$((N * 4))" -c 32
 run rate-direct "$direct" "$direct_body" -z "$DURATION" -c 32 -q 1000 --latency-correction
 run rate-gateway "$gateway" "$gateway_body" -z "$DURATION" -c 32 -q 1000 --latency-correction
+
+# Exact cache: hits (one answer stored, then served to every request), and the miss path
+# (Cache-Control: max-age=0 forces lookup + upstream call + store write on every request).
+cached_body='{"model":"bench-cached","messages":[{"role":"user","content":"hello"}]}'
+curl -s -o /dev/null -H 'authorization: Bearer bench-key' -H 'content-type: application/json' -d "$cached_body" "$gateway"
+sleep 0.5
+run hit-c1 "$gateway" "$cached_body" -n "$N" -c 1
+run hit-c32 "$gateway" "$cached_body" -n "$((N * 4))" -c 32
+run miss-c1 "$gateway" "$cached_body" -n "$N" -c 1 -H 'cache-control: max-age=0'
+run nocache-c1 "$gateway" "$gateway_body" -n "$N" -c 1
 loaded_rss=$(rss_kb)
 
 WORKERS="$WORKERS" python3 - "$workdir" "$idle_rss" "$loaded_rss" <<'PY'
@@ -106,6 +122,14 @@ for label, key in [("concurrency 1", "c1"), ("concurrency 32", "c32"), ("fixed 1
     g50, g99, grps, ok, total = load(f"{key}-gateway")
     print(f"| {label} | {d50:.0f} µs | {g50:.0f} µs | {g50 - d50:.0f} µs | {d99:.0f} µs | {g99:.0f} µs | "
           f"{g99 - d99:.0f} µs | {grps:,.0f} | {ok}/{total} |")
+print()
+print("| exact cache | p50 | p99 | req/s |")
+print("|---|---|---|---|")
+for label, key in [("hit, concurrency 1", "hit-c1"), ("hit, concurrency 32", "hit-c32"),
+                   ("miss (lookup + upstream + write), concurrency 1", "miss-c1"),
+                   ("no cache on the route, concurrency 1", "nocache-c1")]:
+    p50, p99, rps, ok, total = load(key)
+    print(f"| {label} | {p50:.0f} µs | {p99:.0f} µs | {rps:,.0f} |")
 print()
 print(f"gateway threads: {os.environ.get('WORKERS') or 'one per core'}")
 print(f"gateway RSS: idle {idle_rss / 1024:.1f} MiB, after the runs {loaded_rss / 1024:.1f} MiB")
