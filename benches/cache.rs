@@ -77,7 +77,7 @@ fn lookups(c: &mut Criterion) {
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let sled = SledStore::open(&dir.path().join("db"), 64 << 20).unwrap();
+    let sled = SledStore::open(&dir.path().join("db"), 64 << 20, None).unwrap();
     runtime
         .block_on(sled.put("cache/v1/team-a/chat/-/k", entry.clone(), None))
         .unwrap();

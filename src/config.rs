@@ -209,6 +209,10 @@ pub struct CacheConfig {
     /// Memory for the store's page cache, in bytes.
     #[serde(default = "default_cache_memory_bytes")]
     pub memory_bytes: u64,
+    /// Most bytes of entries the embedded store keeps; beyond it the oldest are evicted
+    /// (Redis: use its own `maxmemory` policy).
+    #[serde(default = "default_cache_max_bytes")]
+    pub max_bytes: u64,
     /// Defaults for every route (see [`RouteCacheConfig`]).
     pub enabled: Option<bool>,
     #[serde(default, with = "humantime_serde")]
@@ -248,6 +252,7 @@ impl Default for CacheConfig {
             redis_prefix: default_redis_prefix(),
             path: default_cache_path(),
             memory_bytes: default_cache_memory_bytes(),
+            max_bytes: default_cache_max_bytes(),
             enabled: None,
             ttl: None,
             max_temperature: None,
@@ -261,6 +266,9 @@ fn default_cache_path() -> std::path::PathBuf {
 }
 fn default_cache_memory_bytes() -> u64 {
     64 * 1024 * 1024
+}
+fn default_cache_max_bytes() -> u64 {
+    1024 * 1024 * 1024
 }
 
 /// Cache policy. In `[cache]` it sets the defaults; in `[routes.NAME.cache]` any field overrides them.
@@ -575,6 +583,9 @@ impl Config {
                 Ok(())
             };
         check_cache("cache".into(), &self.cache.defaults())?;
+        if self.cache.max_bytes < 1024 * 1024 {
+            return Err(("cache.max_bytes".into(), "must be at least 1 MiB".into()));
+        }
         for (model, price) in &self.prices {
             if !(price.input >= 0.0 && price.output >= 0.0) {
                 return Err((

@@ -466,14 +466,16 @@ fn answer_from_cache(
 
 fn open_store(config: &CacheConfig) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match config.store {
-        StoreKind::Sled => Arc::new(SledStore::open(&config.path, config.memory_bytes).map_err(
-            |e| {
-                anyhow::anyhow!(
-                    "cache.path: cannot open the store at {}: {e}",
-                    config.path.display()
-                )
-            },
-        )?),
+        StoreKind::Sled => Arc::new(
+            SledStore::open(&config.path, config.memory_bytes, Some(config.max_bytes)).map_err(
+                |e| {
+                    anyhow::anyhow!(
+                        "cache.path: cannot open the store at {}: {e}",
+                        config.path.display()
+                    )
+                },
+            )?,
+        ),
         StoreKind::Redis => {
             let url = config.redis_url.as_deref().unwrap_or_default();
             Arc::new(

@@ -65,7 +65,7 @@ async fn contract(store: &dyn Store) {
 #[tokio::test]
 async fn sled_keeps_the_store_contract() {
     let dir = tempfile::tempdir().unwrap();
-    contract(&SledStore::open(&dir.path().join("db"), 1 << 20).unwrap()).await;
+    contract(&SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap()).await;
 }
 
 #[tokio::test]

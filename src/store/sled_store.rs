@@ -1,11 +1,18 @@
 //! The embedded store. sled's API is synchronous, so every call runs on tokio's blocking pool,
 //! never on a runtime worker.
 //!
-//! Each value is stored as an 8-byte big-endian expiry (Unix milliseconds, 0 = never) followed by
-//! the payload. Expired values read as missing and are removed when met; `put` flushes to disk
-//! before it returns, so an acknowledged write survives `kill -9`.
+//! Each value is stored as an 8-byte big-endian expiry (Unix milliseconds, 0 = never), an 8-byte
+//! insertion number, then the payload. Expired values read as missing and are removed when met;
+//! `put` flushes to disk before it returns, so an acknowledged write survives `kill -9`.
+//!
+//! Size bound: with `max_bytes`, the store keeps the total size of its keys and values under the
+//! bound by evicting the oldest-inserted entries first (down to 90% of the bound, so evictions come
+//! in batches). An age index (`insertion number ++ key`) finds them without scanning; index rows
+//! left behind by overwritten entries are skipped and removed as eviction meets them.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{Store, StoreError};
@@ -13,7 +20,12 @@ use super::{Store, StoreError};
 #[derive(Clone)]
 pub struct SledStore {
     db: sled::Db,
+    by_age: sled::Tree,
+    bytes: Arc<AtomicU64>,
+    max_bytes: Option<u64>,
 }
+
+const HEADER: usize = 16;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -28,28 +40,110 @@ fn backend_error(error: impl std::fmt::Display) -> StoreError {
 
 /// Splits a stored value into its payload, or `None` if it expired or is too short to be ours.
 fn live_payload(stored: &[u8], now: u64) -> Option<&[u8]> {
-    let (expiry, payload) = stored.split_first_chunk::<8>()?;
+    let (expiry, rest) = stored.split_first_chunk::<8>()?;
+    let (_, payload) = rest.split_first_chunk::<8>()?;
     let expires_at = u64::from_be_bytes(*expiry);
     (expires_at == 0 || expires_at > now).then_some(payload)
 }
 
+/// The age-index row of a stored value: its insertion number, then the key.
+fn age_row(key: &[u8], stored: &[u8]) -> Option<Vec<u8>> {
+    let sequence = stored.get(8..HEADER)?;
+    let mut row = Vec::with_capacity(8 + key.len());
+    row.extend_from_slice(sequence);
+    row.extend_from_slice(key);
+    Some(row)
+}
+
+fn size_of(key: &[u8], stored: &[u8]) -> u64 {
+    (key.len() + stored.len()) as u64
+}
+
+/// What a blocking call needs besides the database.
+#[derive(Clone)]
+struct Books {
+    by_age: sled::Tree,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Books {
+    /// Accounts for an entry that left the store (deleted, expired, overwritten).
+    fn forget(&self, key: &[u8], stored: &[u8]) {
+        let size = size_of(key, stored);
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(size))
+            });
+        if let Some(row) = age_row(key, stored) {
+            let _ = self.by_age.remove(row);
+        }
+    }
+
+    /// Removes the oldest entries until the data is at most `target` bytes; how many.
+    fn evict(&self, db: &sled::Db, target: u64) -> Result<u64, StoreError> {
+        let mut evicted = 0;
+        for row in self.by_age.iter().keys() {
+            if self.bytes.load(Ordering::Relaxed) <= target {
+                break;
+            }
+            let row = row.map_err(backend_error)?;
+            self.by_age.remove(&row).map_err(backend_error)?;
+            let (sequence, key) = row.split_at(8.min(row.len()));
+            // Only if the entry is still the one this row was written for.
+            if let Some(stored) = db.get(key).map_err(backend_error)?
+                && stored.get(8..HEADER) == Some(sequence)
+                && db
+                    .compare_and_swap(key, Some(&stored), None::<&[u8]>)
+                    .map_err(backend_error)?
+                    .is_ok()
+            {
+                self.forget(key, &stored);
+                evicted += 1;
+            }
+        }
+        Ok(evicted)
+    }
+}
+
 impl SledStore {
-    /// Opens (or creates) the database at `path`; `cache_bytes` bounds sled's page cache in memory.
-    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+    /// Opens (or creates) the database at `path`; `cache_bytes` bounds sled's page cache in
+    /// memory, `max_bytes` (if any) the data kept.
+    pub fn open(path: &Path, cache_bytes: u64, max_bytes: Option<u64>) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
             .open()
             .map_err(backend_error)?;
-        Ok(Self { db })
+        let by_age = db.open_tree("by-age").map_err(backend_error)?;
+        let mut bytes = 0;
+        for entry in db.iter() {
+            let (key, stored) = entry.map_err(backend_error)?;
+            bytes += size_of(&key, &stored);
+        }
+        Ok(Self {
+            db,
+            by_age,
+            bytes: Arc::new(AtomicU64::new(bytes)),
+            max_bytes,
+        })
+    }
+
+    /// Bytes of keys and values held now (approximate while writes race).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&sled::Db) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnOnce(&sled::Db, &Books) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || work(&db))
+        let books = Books {
+            by_age: self.by_age.clone(),
+            bytes: Arc::clone(&self.bytes),
+        };
+        tokio::task::spawn_blocking(move || work(&db, &books))
             .await
             .map_err(backend_error)?
     }
@@ -59,7 +153,7 @@ impl SledStore {
 impl Store for SledStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_owned();
-        self.blocking(move |db| {
+        self.blocking(move |db, books| {
             let Some(stored) = db.get(key.as_bytes()).map_err(backend_error)? else {
                 return Ok(None);
             };
@@ -67,7 +161,11 @@ impl Store for SledStore {
                 Some(payload) => Ok(Some(payload.to_vec())),
                 None => {
                     // Only remove what we read: a concurrent put of a fresh value must survive.
-                    let _ = db.compare_and_swap(key.as_bytes(), Some(stored), None::<&[u8]>);
+                    if let Ok(Ok(())) =
+                        db.compare_and_swap(key.as_bytes(), Some(&stored), None::<&[u8]>)
+                    {
+                        books.forget(key.as_bytes(), &stored);
+                    }
                     Ok(None)
                 }
             }
@@ -82,12 +180,33 @@ impl Store for SledStore {
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         let expires_at = ttl.map_or(0, |ttl| now_ms().saturating_add(ttl.as_millis() as u64));
-        let mut stored = Vec::with_capacity(8 + value.len());
-        stored.extend_from_slice(&expires_at.to_be_bytes());
-        stored.extend_from_slice(&value);
         let key = key.to_owned();
-        self.blocking(move |db| {
-            db.insert(key.as_bytes(), stored).map_err(backend_error)?;
+        let max_bytes = self.max_bytes;
+        self.blocking(move |db, books| {
+            let sequence = db.generate_id().map_err(backend_error)?;
+            let mut stored = Vec::with_capacity(HEADER + value.len());
+            stored.extend_from_slice(&expires_at.to_be_bytes());
+            stored.extend_from_slice(&sequence.to_be_bytes());
+            stored.extend_from_slice(&value);
+            let key = key.as_bytes();
+            if let Some(row) = age_row(key, &stored) {
+                books.by_age.insert(row, &[]).map_err(backend_error)?;
+            }
+            books
+                .bytes
+                .fetch_add(size_of(key, &stored), Ordering::Relaxed);
+            if let Some(old) = db.insert(key, stored).map_err(backend_error)? {
+                books.forget(key, &old);
+            }
+            if let Some(max) = max_bytes
+                && books.bytes.load(Ordering::Relaxed) > max
+            {
+                let evicted = books.evict(db, max / 10 * 9)?;
+                tracing::debug!(
+                    evicted,
+                    "cache store over its size bound: evicted the oldest entries"
+                );
+            }
             Ok(())
         })
         .await?;
@@ -98,7 +217,13 @@ impl Store for SledStore {
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let key = key.to_owned();
         let existed = self
-            .blocking(move |db| Ok(db.remove(key.as_bytes()).map_err(backend_error)?.is_some()))
+            .blocking(move |db, books| {
+                let old = db.remove(key.as_bytes()).map_err(backend_error)?;
+                if let Some(old) = &old {
+                    books.forget(key.as_bytes(), old);
+                }
+                Ok(old.is_some())
+            })
             .await?;
         self.db.flush_async().await.map_err(backend_error)?;
         Ok(existed)
@@ -107,11 +232,12 @@ impl Store for SledStore {
     async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
         let prefix = prefix.to_owned();
         let removed = self
-            .blocking(move |db| {
+            .blocking(move |db, books| {
                 let mut removed = 0;
                 for entry in db.scan_prefix(prefix.as_bytes()).keys() {
                     let key = entry.map_err(backend_error)?;
-                    if db.remove(&key).map_err(backend_error)?.is_some() {
+                    if let Some(old) = db.remove(&key).map_err(backend_error)? {
+                        books.forget(&key, &old);
                         removed += 1;
                     }
                 }
@@ -124,7 +250,7 @@ impl Store for SledStore {
 
     async fn count_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
         let prefix = prefix.to_owned();
-        self.blocking(move |db| {
+        self.blocking(move |db, _| {
             let now = now_ms();
             let mut count = 0;
             for entry in db.scan_prefix(prefix.as_bytes()).values() {
@@ -148,7 +274,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, SledStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(&dir.path().join("db"), 1 << 20).unwrap();
+        let store = SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap();
         (dir, store)
     }
 
@@ -185,6 +311,11 @@ mod tests {
         assert!(store.get("k").await.unwrap().is_some());
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(store.get("k").await.unwrap(), None);
+        assert_eq!(
+            store.bytes(),
+            0,
+            "an expired entry leaves the books when removed"
+        );
     }
 
     #[tokio::test]
@@ -192,20 +323,51 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         {
-            let store = SledStore::open(&path, 1 << 20).unwrap();
+            let store = SledStore::open(&path, 1 << 20, None).unwrap();
             store.put("k", b"durable".to_vec(), None).await.unwrap();
         }
-        let store = SledStore::open(&path, 1 << 20).unwrap();
+        let store = SledStore::open(&path, 1 << 20, None).unwrap();
         assert_eq!(
             store.get("k").await.unwrap().as_deref(),
             Some(&b"durable"[..])
         );
     }
 
+    #[tokio::test]
+    async fn the_size_bound_evicts_the_oldest_entries_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = SledStore::open(&path, 1 << 20, Some(4_000)).unwrap();
+        for i in 0..50 {
+            store
+                .put(&format!("k{i:02}"), vec![b'x'; 200], None)
+                .await
+                .unwrap();
+            assert!(store.bytes() <= 4_000, "after {i}: {}", store.bytes());
+        }
+        // An overwrite replaces the entry: it is counted once.
+        store.put("k49", vec![b'y'; 200], None).await.unwrap();
+        assert!(
+            store.get("k00").await.unwrap().is_none(),
+            "the oldest went first"
+        );
+        assert_eq!(store.get("k49").await.unwrap(), Some(vec![b'y'; 200]));
+        assert!(store.get("k48").await.unwrap().is_some());
+        let kept = store.count_prefix("k").await.unwrap();
+        assert!((10..=19).contains(&kept), "{kept} entries kept");
+        let bytes = store.bytes();
+        drop(store);
+        let reopened = SledStore::open(&path, 1 << 20, Some(4_000)).unwrap();
+        assert_eq!(reopened.bytes(), bytes, "the size is recomputed on open");
+        assert!(reopened.delete("k49").await.unwrap());
+        assert!(reopened.bytes() < bytes);
+    }
+
     #[test]
     fn short_or_expired_values_read_as_missing() {
         assert_eq!(live_payload(b"short", 10), None);
         let mut stored = 5u64.to_be_bytes().to_vec();
+        stored.extend_from_slice(&1u64.to_be_bytes());
         stored.extend_from_slice(b"x");
         assert_eq!(live_payload(&stored, 10), None);
         assert_eq!(live_payload(&stored, 4), Some(&b"x"[..]));
