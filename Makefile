@@ -19,6 +19,8 @@ run:
 
 test: lint $(VENV)/.installed redis-server
 	REPRISE_SDK_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) test --locked
+	@echo "exact-cache suite again, on a real Redis:"
+	REPRISE_TEST_STORE=redis $(CARGO) test --locked --test exact_cache
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -13,6 +13,13 @@ use serde_json::{Value, json};
 struct Cached {
     gw: Gateway,
     dir: tempfile::TempDir,
+    /// The suite runs on sled, or on a real Redis with `REPRISE_TEST_STORE=redis` (`make test`
+    /// runs it both ways).
+    redis: Option<RedisServer>,
+}
+
+fn on_redis_requested() -> bool {
+    std::env::var("REPRISE_TEST_STORE").is_ok_and(|store| store == "redis")
 }
 
 fn cache_config(dir: &tempfile::TempDir, route_extra: &str) -> String {
@@ -64,8 +71,22 @@ fn cache_config_with(store: &str, route_extra: &str) -> String {
 
 async fn cached(route_extra: &str) -> Cached {
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(&cache_config(&dir, route_extra)).await;
-    Cached { gw, dir }
+    let redis = on_redis_requested().then(RedisServer::start);
+    let config = match &redis {
+        Some(redis) => redis_cache_config(redis, route_extra),
+        None => cache_config(&dir, route_extra),
+    };
+    let gw = Gateway::start(&config).await;
+    Cached { gw, dir, redis }
+}
+
+impl Cached {
+    fn config(&self, route_extra: &str) -> String {
+        match &self.redis {
+            Some(redis) => redis_cache_config(redis, route_extra),
+            None => cache_config(&self.dir, route_extra),
+        }
+    }
 }
 
 fn ask(text: &str) -> Value {
@@ -443,11 +464,12 @@ async fn entries_survive_a_restart() {
         .await
         .unwrap();
     c.wait_for_writes(1).await;
-    let Cached { gw, dir } = c;
+    let config = c.config("");
+    let Cached { gw, dir, redis } = c;
     let mock: Mock = gw.mock.clone();
     assert!(gw.server.stop().await.unwrap());
-    let gw = Gateway::start_with(mock, &cache_config(&dir, "")).await;
-    let c = Cached { gw, dir };
+    let gw = Gateway::start_with(mock, &config).await;
+    let c = Cached { gw, dir, redis };
     let again = c.request(KEY_A, ask("remember me"), &[]).await;
     assert_eq!(header(&again, "x-reprise-cache"), Some("hit"));
     assert_eq!(again.json::<Value>().await.unwrap(), first);
@@ -521,6 +543,7 @@ async fn on_redis(redis: &RedisServer) -> Cached {
     Cached {
         gw,
         dir: tempfile::tempdir().unwrap(),
+        redis: None,
     }
 }
 
@@ -560,6 +583,7 @@ async fn two_gateways_on_one_redis_share_hits() {
     let two = Cached {
         gw: Gateway::start_with(one.gw.mock.clone(), &redis_cache_config(&redis, "")).await,
         dir: tempfile::tempdir().unwrap(),
+        redis: None,
     };
     one.request(KEY_A, ask("shared"), &[]).await;
     one.wait_for_writes(1).await;
@@ -781,5 +805,57 @@ async fn admin_purges_by_key_namespace_tenant_and_everything() {
         c.purge(json!({"tenat": "a"})).await.status(),
         400,
         "unknown fields are refused"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_entry_is_a_logged_miss_not_an_error() {
+    let c = cached("").await;
+    let first = c.request(KEY_A, ask("fragile"), &[]).await;
+    let key = header(&first, "x-reprise-cache-key").unwrap().to_owned();
+    c.wait_for_writes(1).await;
+    let config = c.config("");
+    let Cached { gw, dir, redis } = c;
+    let mock = gw.mock.clone();
+    assert!(gw.server.stop().await.unwrap());
+    // Overwrite the entry with bytes that are not an entry, through the store the gateway uses.
+    let path = format!("cache/v1/a/chat/-/{key}");
+    let store: Box<dyn reprise::store::Store> = match &redis {
+        Some(redis) => Box::new(reprise::store::RedisStore::new(&redis.url(), "reprise:").unwrap()),
+        None => Box::new(
+            reprise::store::SledStore::open(&dir.path().join("store"), 1 << 20, None).unwrap(),
+        ),
+    };
+    store
+        .put(&path, b"\xff not json".to_vec(), None)
+        .await
+        .unwrap();
+    drop(store);
+    let gw = Gateway::start_with(mock, &config).await;
+    let c = Cached { gw, dir, redis };
+    let response = c.request(KEY_A, ask("fragile"), &[]).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-reprise-cache"), Some("miss"));
+    let metrics =
+        c.gw.client
+            .get(c.gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+    assert!(
+        metrics.contains(r#"reprise_cache_errors_total{kind="corrupt_entry"} 1"#),
+        "{metrics}"
+    );
+    c.wait_for_writes(1).await;
+    assert_eq!(
+        header(
+            &c.request(KEY_A, ask("fragile"), &[]).await,
+            "x-reprise-cache"
+        ),
+        Some("hit"),
+        "the fresh answer replaced it"
     );
 }
