@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Gateway, KEY_A, header, sse_data, sse_events, user};
+use common::{Gateway, KEY_A, header, sse_data, sse_events, streamed_text, user};
 use serde_json::{Value, json};
 
 const ROUTES: &str = r#"
@@ -84,10 +84,7 @@ async fn anthropic_tool_use_becomes_openai_tool_calls_whole_and_streamed() {
         .await;
     let data = sse_data(&response.text().await.unwrap());
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = common::stream_chunks_of(&data);
     let arguments: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
@@ -109,14 +106,8 @@ async fn anthropic_stream_becomes_an_openai_stream_with_usage() {
     assert_eq!(response.status(), 200);
     let data = sse_data(&response.text().await.unwrap());
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let chunks = common::stream_chunks_of(&data);
+    let text = streamed_text(&chunks);
     assert_eq!(text, "echo: a b c");
     assert_eq!(chunks.last().unwrap()["usage"]["total_tokens"], 18);
 }

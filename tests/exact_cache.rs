@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use common::{Gateway, KEY_A, KEY_B, Mock, header, sse_data, user};
+use common::{Gateway, KEY_A, KEY_B, Mock, header, sse_data, streamed_text, user};
 use serde_json::{Value, json};
 
 struct Cached {
@@ -163,15 +163,7 @@ async fn identical_requests_are_answered_from_the_cache() {
     );
     assert_eq!(c.gw.mock.calls("ok"), 1);
 
-    let metrics =
-        c.gw.client
-            .get(c.gw.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+    let metrics = c.gw.metrics().await;
     assert!(
         metrics
             .contains(r#"reprise_cache_requests_total{tenant="a",route="chat",outcome="hit"} 1"#),
@@ -273,19 +265,13 @@ async fn a_whole_answer_replays_as_a_stream_and_a_stream_as_a_whole_answer() {
     assert_eq!(header(&response, "content-type"), Some("text/event-stream"));
     let data = sse_data(&response.text().await.unwrap());
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = common::stream_chunks_of(&data);
     assert!(
         chunks.len() >= 4,
         "replayed in several chunks: {}",
         chunks.len()
     );
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text = streamed_text(&chunks);
     assert_eq!(
         text,
         whole["choices"][0]["message"]["content"].as_str().unwrap()
@@ -612,15 +598,7 @@ async fn when_redis_goes_away_requests_go_upstream_and_caching_resumes_when_it_r
         );
         assert_eq!(header(&response, "x-reprise-cache"), Some("miss"));
     }
-    let metrics =
-        c.gw.client
-            .get(c.gw.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+    let metrics = c.gw.metrics().await;
     assert!(
         metrics.contains("reprise_cache_errors_total{kind=\"lookup\"}"),
         "{metrics}"
@@ -711,15 +689,7 @@ async fn admin_stats_report_hits_tokens_and_cost_per_tenant_and_route() {
             .await
             .unwrap();
     assert_eq!(denied.status(), 403);
-    let metrics =
-        c.gw.client
-            .get(c.gw.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+    let metrics = c.gw.metrics().await;
     assert!(
         metrics
             .contains(r#"reprise_cache_requests_total{tenant="a",route="chat",outcome="hit"} 2"#),
@@ -836,15 +806,7 @@ async fn a_corrupt_entry_is_a_logged_miss_not_an_error() {
     let response = c.request(KEY_A, ask("fragile"), &[]).await;
     assert_eq!(response.status(), 200);
     assert_eq!(header(&response, "x-reprise-cache"), Some("miss"));
-    let metrics =
-        c.gw.client
-            .get(c.gw.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+    let metrics = c.gw.metrics().await;
     assert!(
         metrics.contains(r#"reprise_cache_errors_total{kind="corrupt_entry"} 1"#),
         "{metrics}"

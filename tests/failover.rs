@@ -402,15 +402,7 @@ async fn the_retry_budget_stops_retry_storms() {
     let (status, _, attempts, _) = served_by(gw.chat(ask()).await).await;
     assert_eq!((status, attempts.as_deref()), (502, Some("1")));
     assert_eq!(gw.mock.calls("status-503"), 1);
-    let metrics = gw
-        .client
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(r#"reprise_retry_budget_exhausted_total{route="r"} 1"#),
         "{metrics}"

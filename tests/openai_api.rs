@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ADMIN, Gateway, KEY_A, header, sse_data, user};
+use common::{ADMIN, Gateway, KEY_A, header, sse_data, streamed_text, user};
 use serde_json::{Value, json};
 
 const ROUTES: &str = r#"
@@ -83,14 +83,8 @@ async fn streaming_sends_sse_chunks_usage_and_done() {
     assert_eq!(header(&response, "x-reprise-target"), Some("mock/ok"));
     let data = sse_data(&response.text().await.unwrap());
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let chunks = common::stream_chunks_of(&data);
+    let text = streamed_text(&chunks);
     assert_eq!(text, "echo: one two three");
     assert!(
         chunks
@@ -399,15 +393,7 @@ async fn metrics_count_requests_and_attempts() {
         .await;
     gw.chat(json!({"model": "nope", "messages": user("hi")}))
         .await;
-    let text = gw
-        .client
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     assert!(
         text.contains(
             r#"reprise_requests_total{endpoint="chat_completions",route="chat",status="200"} 1"#

@@ -102,6 +102,17 @@ impl Gateway {
             .unwrap()
     }
 
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn health(&self) -> Value {
         self.client
             .get(self.url("/v1/health/providers"))
@@ -159,6 +170,27 @@ pub fn sse_events(body: &str) -> Vec<(Option<String>, String)> {
             }
             (event, data.join("\n"))
         })
+        .collect()
+}
+
+/// The chunks of an OpenAI stream body, parsed, without the final `[DONE]`.
+pub fn stream_chunks(body: &str) -> Vec<Value> {
+    stream_chunks_of(&sse_data(body))
+}
+
+/// The chunks among `sse_data` payloads, parsed, without the final `[DONE]`.
+pub fn stream_chunks_of(data: &[String]) -> Vec<Value> {
+    data.iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+/// The text a stream of chunks spells out (choice 0).
+pub fn streamed_text(chunks: &[Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect()
 }
 
