@@ -96,6 +96,11 @@ pub struct PurgeSelector {
     pub key: Option<String>,
 }
 
+enum CacheRead {
+    Answered(Answered<ChatAnswer>),
+    Miss { leader: Option<Leader> },
+}
+
 pub struct Pipeline {
     router: Router,
     tenants: Vec<String>,
@@ -186,53 +191,13 @@ impl Pipeline {
             route: Some(route.name.clone()),
             ..Trace::default()
         };
-        let mut leader = None;
-        if let (Ok(plan), Some(cache)) = (&plan, &self.exact_cache) {
-            if plan.mode.read()
-                && let Some((entry, age)) = cache.get(plan).await
-            {
-                trace.cache_age = Some(age);
-                trace.cache_key = Some(plan.key_hex.clone());
-                return Ok(answer_from_cache(
-                    cache,
-                    context,
-                    &route,
-                    &request,
-                    entry.response,
-                    Some(&entry.target),
-                    trace,
-                ));
-            }
-            match cache.join_flight(plan) {
-                Some(Joined::Leader(flight)) => leader = Some(flight),
-                Some(Joined::Follower(follower)) => {
-                    // An identical request is being answered: wait for it instead of paying twice.
-                    if let Ok(Some(answer)) =
-                        tokio::time::timeout(route.total_timeout(), follower.answer()).await
-                    {
-                        trace.cache_age = Some(Duration::ZERO);
-                        trace.cache_key = Some(plan.key_hex.clone());
-                        return Ok(answer_from_cache(
-                            cache,
-                            context,
-                            &route,
-                            &request,
-                            (*answer).clone(),
-                            None,
-                            trace,
-                        ));
-                    }
-                }
-                None => {}
-            }
-            trace.cache = Some(plan.status_without_hit());
-            trace.cache_key = Some(plan.key_hex.clone());
-        } else if let Err(Some(status)) = &plan {
-            trace.cache = Some(*status);
-        }
-        if let (Some(status), Some(cache)) = (trace.cache, &self.exact_cache) {
-            cache.record(&context.tenant, &route.name, status, None);
-        }
+        let leader = match self
+            .read_cache(context, &route, &request, &plan, &mut trace)
+            .await
+        {
+            CacheRead::Answered(answered) => return Ok(answered),
+            CacheRead::Miss { leader } => leader,
+        };
         let writer = plan.ok().filter(|p| p.mode.write());
 
         if !request.wants_stream() {
@@ -284,6 +249,69 @@ impl Pipeline {
             }
             Err(failure) => Err(failed(failure, trace)),
         }
+    }
+
+    /// The exact-cache stage: a stored answer, an identical request's answer (single flight), or
+    /// a miss, which leaves `trace` saying why and, for the first of identical misses, the flight
+    /// to lead.
+    async fn read_cache(
+        &self,
+        context: &RequestContext,
+        route: &Route,
+        request: &ChatRequest,
+        plan: &Result<Plan, Option<CacheStatus>>,
+        trace: &mut Trace,
+    ) -> CacheRead {
+        let mut leader = None;
+        match (plan, &self.exact_cache) {
+            (Ok(plan), Some(cache)) => {
+                trace.cache_key = Some(plan.key_hex.clone());
+                if plan.mode.read()
+                    && let Some((entry, age)) = cache.get(plan).await
+                {
+                    trace.cache_age = Some(age);
+                    let answered = answer_from_cache(
+                        cache,
+                        context,
+                        route,
+                        request,
+                        entry.response,
+                        Some(&entry.target),
+                        trace.clone(),
+                    );
+                    return CacheRead::Answered(answered);
+                }
+                match cache.join_flight(plan) {
+                    Some(Joined::Leader(flight)) => leader = Some(flight),
+                    Some(Joined::Follower(follower)) => {
+                        // An identical request is being answered: wait for it instead of paying twice.
+                        if let Ok(Some(answer)) =
+                            tokio::time::timeout(route.total_timeout(), follower.answer()).await
+                        {
+                            trace.cache_age = Some(Duration::ZERO);
+                            let answered = answer_from_cache(
+                                cache,
+                                context,
+                                route,
+                                request,
+                                (*answer).clone(),
+                                None,
+                                trace.clone(),
+                            );
+                            return CacheRead::Answered(answered);
+                        }
+                    }
+                    None => {}
+                }
+                trace.cache = Some(plan.status_without_hit());
+            }
+            (Err(Some(status)), _) => trace.cache = Some(*status),
+            _ => {}
+        }
+        if let (Some(status), Some(cache)) = (trace.cache, &self.exact_cache) {
+            cache.record(&context.tenant, &route.name, status, None);
+        }
+        CacheRead::Miss { leader }
     }
 
     pub async fn embeddings(
