@@ -225,6 +225,9 @@ pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
                     )
                 })
                 .on_request(())
+                // Upstream 5xx are answered and logged by the router and `on_response`; tower-http's
+                // default would log each again at ERROR as if the gateway had failed.
+                .on_failure(())
                 .on_response(
                     |response: &axum::http::Response<_>,
                      latency: Duration,
