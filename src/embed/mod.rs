@@ -1,0 +1,214 @@
+//! Local text embeddings for the semantic cache: all-MiniLM-L6-v2 (int8 ONNX) through `fastembed`,
+//! with ONNX Runtime loaded dynamically from a library file (no download at build or run time).
+//!
+//! Inference is CPU-bound, so it runs on a dedicated thread that owns the model, never on the async
+//! runtime's workers. Requests queue in a bounded channel; the thread takes whatever is queued (up
+//! to `max_batch`) and embeds it as one batch, so concurrent requests share the model's fixed cost.
+//! A full queue answers `Overloaded` at once: the caller skips the semantic stage rather than wait.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use fastembed::{
+    InitOptionsUserDefined, Pooling, TextEmbedding, TokenizerFiles, UserDefinedEmbeddingModel,
+};
+use tokio::sync::oneshot;
+
+/// Vectors of different models are unrelated: entries are keyed by this id.
+pub const MODEL_ID: &str = "all-MiniLM-L6-v2-int8";
+
+#[derive(Debug, Clone)]
+pub struct EmbedderConfig {
+    /// Holds `model.onnx`, `tokenizer.json`, `config.json`, `special_tokens_map.json`,
+    /// `tokenizer_config.json`.
+    pub model_dir: PathBuf,
+    /// The ONNX Runtime shared library (`libonnxruntime.so.*`, version 1.24 or later).
+    pub onnxruntime: PathBuf,
+    /// Requests waiting at most; beyond it `embed` answers `Overloaded`.
+    pub queue: usize,
+    pub max_batch: usize,
+    /// Threads ONNX Runtime may use for one batch.
+    pub intra_threads: usize,
+    /// Tokens per text; longer texts are truncated.
+    pub max_length: usize,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum EmbedError {
+    #[error("cannot load the embedding model: {0}")]
+    Load(String),
+    #[error("the embedding queue is full")]
+    Overloaded,
+    #[error("embedding failed: {0}")]
+    Failed(String),
+    #[error("the embedding worker has stopped")]
+    Stopped,
+}
+
+/// Counters since start, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct EmbedderStats {
+    pub texts: AtomicU64,
+    pub batches: AtomicU64,
+    pub overloaded: AtomicU64,
+}
+
+struct Job {
+    text: String,
+    reply: oneshot::Sender<Result<Vec<f32>, EmbedError>>,
+}
+
+pub struct Embedder {
+    queue: SyncSender<Job>,
+    stats: Arc<EmbedderStats>,
+    dimensions: usize,
+}
+
+/// ONNX Runtime allows one environment per process: the first load creates it from its library,
+/// later loads (tests, a reloaded config) share it, and a different library is refused.
+fn environment(library: &Path) -> Result<ort::environment::Environment, EmbedError> {
+    static ENVIRONMENT: Mutex<Option<(PathBuf, ort::environment::Environment)>> = Mutex::new(None);
+    let mut slot = ENVIRONMENT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((loaded_from, environment)) = slot.as_ref() {
+        if loaded_from != library {
+            return Err(EmbedError::Load(format!(
+                "ONNX Runtime is already loaded from {} in this process; cannot also load {}",
+                loaded_from.display(),
+                library.display()
+            )));
+        }
+        return Ok(environment.clone());
+    }
+    let environment = ort::init_from(library)
+        .map_err(|e| EmbedError::Load(format!("{}: {e}", library.display())))?
+        .build()
+        .map_err(|e| EmbedError::Load(e.to_string()))?;
+    *slot = Some((library.to_owned(), environment.clone()));
+    Ok(environment)
+}
+
+fn read(dir: &Path, file: &str) -> Result<Vec<u8>, EmbedError> {
+    let path = dir.join(file);
+    std::fs::read(&path).map_err(|e| EmbedError::Load(format!("{}: {e}", path.display())))
+}
+
+impl Embedder {
+    /// Loads the model (on the calling thread, at startup) and starts the worker thread.
+    pub fn load(config: &EmbedderConfig) -> Result<Self, EmbedError> {
+        if !config.onnxruntime.is_file() {
+            return Err(EmbedError::Load(format!(
+                "{}: no such file (run scripts/fetch-embedding-model.sh)",
+                config.onnxruntime.display()
+            )));
+        }
+        let environment = environment(&config.onnxruntime)?;
+        let dir = &config.model_dir;
+        let model = UserDefinedEmbeddingModel::new(
+            read(dir, "model.onnx")?,
+            TokenizerFiles {
+                tokenizer_file: read(dir, "tokenizer.json")?,
+                config_file: read(dir, "config.json")?,
+                special_tokens_map_file: read(dir, "special_tokens_map.json")?,
+                tokenizer_config_file: read(dir, "tokenizer_config.json")?,
+            },
+        )
+        // all-MiniLM-L6-v2 is trained with mean pooling.
+        .with_pooling(Pooling::Mean);
+        let options = InitOptionsUserDefined::new()
+            .with_environment(environment)
+            .with_max_length(config.max_length)
+            .with_intra_threads(config.intra_threads.max(1));
+        let mut model = TextEmbedding::try_new_from_user_defined(model, options)
+            .map_err(|e| EmbedError::Load(e.to_string()))?;
+        let dimensions = model
+            .embed(vec!["probe"], None)
+            .map_err(|e| EmbedError::Load(e.to_string()))?
+            .first()
+            .map_or(0, Vec::len);
+        let (queue, jobs) = sync_channel(config.queue.max(1));
+        let stats = Arc::new(EmbedderStats::default());
+        let worker_stats = Arc::clone(&stats);
+        let max_batch = config.max_batch.max(1);
+        std::thread::Builder::new()
+            .name("reprise-embed".into())
+            .spawn(move || run_worker(model, jobs, max_batch, &worker_stats))
+            .map_err(|e| EmbedError::Load(format!("cannot start the embedding thread: {e}")))?;
+        Ok(Self {
+            queue,
+            stats,
+            dimensions,
+        })
+    }
+
+    pub fn dimensions(&self) -> usize {
+        self.dimensions
+    }
+
+    pub fn stats(&self) -> &EmbedderStats {
+        &self.stats
+    }
+
+    /// The text's embedding, a unit vector of `dimensions()` floats.
+    pub async fn embed(&self, text: String) -> Result<Vec<f32>, EmbedError> {
+        let (reply, answer) = oneshot::channel();
+        match self.queue.try_send(Job { text, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                return Err(EmbedError::Overloaded);
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(EmbedError::Stopped),
+        }
+        answer.await.unwrap_or(Err(EmbedError::Stopped))
+    }
+}
+
+fn run_worker(
+    mut model: TextEmbedding,
+    jobs: Receiver<Job>,
+    max_batch: usize,
+    stats: &EmbedderStats,
+) {
+    // Ends when every `Embedder` handle is dropped.
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // A caller that gave up (cancelled request) needs no embedding.
+        batch.retain(|job| !job.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let texts: Vec<&str> = batch.iter().map(|job| job.text.as_str()).collect();
+        let result = model.embed(texts, Some(batch.len()));
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.texts.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        match result {
+            Ok(vectors) if vectors.len() == batch.len() => {
+                for (job, vector) in batch.into_iter().zip(vectors) {
+                    let _ = job.reply.send(Ok(vector));
+                }
+            }
+            Ok(vectors) => {
+                let message = format!("{} vectors for {} texts", vectors.len(), batch.len());
+                for job in batch {
+                    let _ = job.reply.send(Err(EmbedError::Failed(message.clone())));
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                for job in batch {
+                    let _ = job.reply.send(Err(EmbedError::Failed(message.clone())));
+                }
+            }
+        }
+    }
+}
