@@ -5,3 +5,4 @@ pub mod entry;
 pub mod exact;
 pub mod flight;
 pub mod key;
+pub mod verify;

@@ -1,0 +1,513 @@
+//! Verification of a semantic-cache candidate: an embedding says two texts are close, these
+//! checks ask whether they can share an answer. Embeddings are weak exactly where the answer
+//! changes: "turn on" vs "turn off", "5 USD" vs "50 USD", "one hour" vs "two hours", "Paris" vs
+//! "Rome", order 12345 vs 12346. Each rule looks for one such difference; any difference rejects.
+//!
+//! [`Verifier`] is the seam: [`RuleVerifier`] is the built-in one, and a model-based verifier
+//! (a cross-encoder) can replace it or be chained after it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Why a candidate was rejected; a low-cardinality label for metrics via [`Rejection::label`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// The texts mention different numbers, amounts or quantities.
+    Numbers {
+        query: Vec<String>,
+        candidate: Vec<String>,
+    },
+    /// The texts name different dates or times ("today" vs "tomorrow", "Monday" vs "Friday").
+    Times {
+        query: Vec<String>,
+        candidate: Vec<String>,
+    },
+    /// One text is negated and the other is not.
+    Negation,
+    /// The texts take opposite sides of a polarity pair (on/off, enable/disable, ...).
+    Polarity { query: String, candidate: String },
+    /// The texts name different entities (names, places, products, ids, codes).
+    Entities {
+        query: Vec<String>,
+        candidate: Vec<String>,
+    },
+}
+
+impl Rejection {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejection::Numbers { .. } => "numbers",
+            Rejection::Times { .. } => "times",
+            Rejection::Negation => "negation",
+            Rejection::Polarity { .. } => "polarity",
+            Rejection::Entities { .. } => "entities",
+        }
+    }
+}
+
+pub trait Verifier: Send + Sync {
+    /// `Ok(())` if an answer to `candidate` may answer `query`.
+    fn verify(&self, query: &str, candidate: &str) -> Result<(), Rejection>;
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RuleVerifier;
+
+const NUMBER_WORDS: &[(&str, u64)] = &[
+    ("zero", 0),
+    ("one", 1),
+    ("two", 2),
+    ("three", 3),
+    ("four", 4),
+    ("five", 5),
+    ("six", 6),
+    ("seven", 7),
+    ("eight", 8),
+    ("nine", 9),
+    ("ten", 10),
+    ("eleven", 11),
+    ("twelve", 12),
+    ("thirteen", 13),
+    ("fourteen", 14),
+    ("fifteen", 15),
+    ("sixteen", 16),
+    ("seventeen", 17),
+    ("eighteen", 18),
+    ("nineteen", 19),
+    ("twenty", 20),
+    ("thirty", 30),
+    ("forty", 40),
+    ("fifty", 50),
+    ("sixty", 60),
+    ("seventy", 70),
+    ("eighty", 80),
+    ("ninety", 90),
+    ("hundred", 100),
+    ("thousand", 1000),
+    ("million", 1_000_000),
+    ("billion", 1_000_000_000),
+    ("dozen", 12),
+];
+// Ordinals and words like "second", "double" or "once" are left out: too often they are not
+// quantities ("wait a second", "double-check"), and a false difference only costs a miss.
+
+/// Words that fix a date or time; two texts must name the same ones.
+const TIME_WORDS: &[&str] = &[
+    "today",
+    "tonight",
+    "tomorrow",
+    "yesterday",
+    "morning",
+    "afternoon",
+    "evening",
+    "night",
+    "weekend",
+    "weekday",
+    "weekly",
+    "daily",
+    "hourly",
+    "monthly",
+    "yearly",
+    "annual",
+    "annually",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+    "am",
+    "pm",
+    "now",
+    "later",
+    "next",
+    "last",
+    "past",
+    "ago",
+];
+
+/// Words that negate what follows ("n't" is handled as a suffix).
+const NEGATIONS: &[&str] = &[
+    "not", "no", "never", "none", "nobody", "nothing", "nowhere", "neither", "nor", "without",
+    "cannot", "cant", "dont", "doesnt", "didnt", "wont", "wouldnt", "shouldnt", "couldnt", "isnt",
+    "arent", "wasnt", "werent", "havent", "hasnt", "hadnt", "mustnt",
+];
+
+/// Pairs whose sides change the answer. Each word maps to its pair and side.
+const POLARITY: &[(&str, &str)] = &[
+    ("on", "off"),
+    ("enable", "disable"),
+    ("enabled", "disabled"),
+    ("start", "stop"),
+    ("open", "close"),
+    ("opened", "closed"),
+    ("increase", "decrease"),
+    ("raise", "lower"),
+    ("up", "down"),
+    ("add", "remove"),
+    ("buy", "sell"),
+    ("before", "after"),
+    ("lock", "unlock"),
+    ("mute", "unmute"),
+    ("allow", "deny"),
+    ("accept", "reject"),
+    ("include", "exclude"),
+    ("min", "max"),
+    ("minimum", "maximum"),
+    ("more", "less"),
+    ("most", "least"),
+    ("in", "out"),
+    ("import", "export"),
+    ("upload", "download"),
+    ("subscribe", "unsubscribe"),
+    ("login", "logout"),
+    ("activate", "deactivate"),
+    ("connect", "disconnect"),
+    ("install", "uninstall"),
+    ("encrypt", "decrypt"),
+    ("show", "hide"),
+    ("plus", "minus"),
+    ("cheapest", "dearest"),
+    ("fastest", "slowest"),
+    ("higher", "lower"),
+    ("larger", "smaller"),
+    ("bigger", "tinier"),
+    ("north", "south"),
+    ("east", "west"),
+    ("left", "right"),
+    ("true", "false"),
+    ("win", "lose"),
+    ("arrive", "depart"),
+    ("arrival", "departure"),
+    ("incoming", "outgoing"),
+    ("send", "receive"),
+    ("deposit", "withdraw"),
+    ("credit", "debit"),
+    ("refund", "charge"),
+    ("hot", "cold"),
+];
+
+fn is_number_word(word: &str) -> Option<u64> {
+    NUMBER_WORDS
+        .iter()
+        .find(|(w, _)| *w == word)
+        .map(|(_, n)| *n)
+}
+
+/// Lowercased words with apostrophes removed ("don't" → "dont"), split on anything that is not a
+/// letter or digit, except that a decimal point or comma between digits stays in a number.
+fn words(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut words = Vec::new();
+    let mut current = String::new();
+    for (i, &c) in chars.iter().enumerate() {
+        let between_digits = |c: char| {
+            matches!(c, '.' | ',')
+                && i > 0
+                && chars[i - 1].is_ascii_digit()
+                && chars.get(i + 1).is_some_and(char::is_ascii_digit)
+        };
+        if c.is_alphanumeric() || between_digits(c) {
+            current.extend(c.to_lowercase());
+        } else if c == '\'' || c == '’' {
+            // "don't" → "dont"; "user's" → "users"
+        } else if !current.is_empty() {
+            words.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    words
+}
+
+/// Every number the text mentions, normalised: digits without thousands separators, number words
+/// as their value, so "5" and "five" agree and "5" and "50" do not.
+fn numbers(words: &[String]) -> Vec<String> {
+    let mut found: Vec<String> = words
+        .iter()
+        .filter_map(|word| {
+            if word.chars().any(|c| c.is_ascii_digit()) {
+                // "12:30", "3pm", "2nd", "1,000", "4.5": keep the digits and decimal point.
+                let digits: String = word
+                    .chars()
+                    .filter(|c| c.is_ascii_digit() || *c == '.')
+                    .collect();
+                let trimmed = digits.trim_end_matches('.').to_owned();
+                Some(match trimmed.parse::<f64>() {
+                    Ok(value) if trimmed.contains('.') => format!("{value}"),
+                    _ => trimmed,
+                })
+            } else {
+                is_number_word(word).map(|n| n.to_string())
+            }
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+fn times(words: &[String]) -> Vec<String> {
+    let mut found: Vec<String> = words
+        .iter()
+        .filter(|w| TIME_WORDS.contains(&w.as_str()))
+        .cloned()
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+/// Whether the text says "not" an odd number of times ("not impossible" is not a negation).
+fn negated(words: &[String]) -> bool {
+    words
+        .iter()
+        .filter(|w| NEGATIONS.contains(&w.as_str()))
+        .count()
+        % 2
+        == 1
+}
+
+/// For each polarity pair the text uses: which sides it uses, and the first word seen.
+fn polarity(words: &[String]) -> BTreeMap<usize, (BTreeSet<bool>, &str)> {
+    let mut found: BTreeMap<usize, (BTreeSet<bool>, &str)> = BTreeMap::new();
+    for word in words {
+        for (pair, (a, b)) in POLARITY.iter().enumerate() {
+            let side = if word == a {
+                true
+            } else if word == b {
+                false
+            } else {
+                continue;
+            };
+            found
+                .entry(pair)
+                .or_insert_with(|| (BTreeSet::new(), word.as_str()))
+                .0
+                .insert(side);
+        }
+    }
+    found
+}
+
+/// Tokens that name something specific: capitalised words not at the start of a sentence,
+/// all-caps words, and codes mixing letters with digits or symbols (order ids, SKUs, emails).
+fn entities(text: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut sentence_start = true;
+    for raw in text.split_whitespace() {
+        let token: String = raw
+            .trim_matches(|c: char| !c.is_alphanumeric() && c != '#' && c != '@')
+            .to_owned();
+        if token.is_empty() {
+            sentence_start = raw.ends_with(['.', '!', '?']);
+            continue;
+        }
+        let letters = token.chars().filter(|c| c.is_alphabetic()).count();
+        let digits = token.chars().filter(|c| c.is_ascii_digit()).count();
+        let capitalised = token.chars().next().is_some_and(char::is_uppercase);
+        let all_caps = letters >= 2
+            && token
+                .chars()
+                .filter(|c| c.is_alphabetic())
+                .all(char::is_uppercase);
+        let code = (letters > 0 && digits > 0) || token.contains('@') || token.starts_with('#');
+        let pronoun_i = token == "I" || token.starts_with("I'");
+        if code || all_caps || (capitalised && !sentence_start && !pronoun_i) {
+            found.insert(token.to_lowercase());
+        }
+        sentence_start = raw.ends_with(['.', '!', '?', ':']);
+    }
+    found
+}
+
+impl Verifier for RuleVerifier {
+    fn verify(&self, query: &str, candidate: &str) -> Result<(), Rejection> {
+        let (q, c) = (words(query), words(candidate));
+        let (qn, cn) = (numbers(&q), numbers(&c));
+        if qn != cn {
+            return Err(Rejection::Numbers {
+                query: qn,
+                candidate: cn,
+            });
+        }
+        let (qt, ct) = (times(&q), times(&c));
+        if qt != ct {
+            return Err(Rejection::Times {
+                query: qt,
+                candidate: ct,
+            });
+        }
+        if negated(&q) != negated(&c) {
+            return Err(Rejection::Negation);
+        }
+        let (qp, cp) = (polarity(&q), polarity(&c));
+        for (pair, (query_sides, query_word)) in &qp {
+            if let Some((candidate_sides, candidate_word)) = cp.get(pair)
+                && query_sides != candidate_sides
+            {
+                return Err(Rejection::Polarity {
+                    query: (*query_word).to_owned(),
+                    candidate: (*candidate_word).to_owned(),
+                });
+            }
+        }
+        let (qe, ce) = (entities(query), entities(candidate));
+        if qe != ce {
+            return Err(Rejection::Entities {
+                query: qe.into_iter().collect(),
+                candidate: ce.into_iter().collect(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(a: &str, b: &str) -> Result<(), Rejection> {
+        RuleVerifier.verify(a, b)
+    }
+
+    #[test]
+    fn paraphrases_pass() {
+        for (a, b) in [
+            ("How do I cancel my order?", "I want to cancel my order"),
+            (
+                "What's the weather like in Paris today?",
+                "How is the weather in Paris today?",
+            ),
+            ("Can you reset my password", "please reset my password"),
+            ("Send 5 USD to Alice", "Send five USD to Alice"),
+            ("Set a timer for 10 minutes", "set a 10 minute timer"),
+            ("I can't log in", "I cannot log in"),
+        ] {
+            assert_eq!(verdict(a, b), Ok(()), "{a:?} ~ {b:?}");
+            assert_eq!(verdict(b, a), Ok(()), "{b:?} ~ {a:?}");
+        }
+    }
+
+    #[test]
+    fn different_numbers_amounts_and_times_are_rejected() {
+        for (a, b) in [
+            ("Send 5 USD to Alice", "Send 50 USD to Alice"),
+            (
+                "Mute notifications for one hour",
+                "Mute notifications for two hours",
+            ),
+            ("Book a table for 4 at 7pm", "Book a table for 4 at 8pm"),
+            ("Where is order 12345?", "Where is order 12346?"),
+            (
+                "Set the thermostat to 21.5 degrees",
+                "Set the thermostat to 22 degrees",
+            ),
+            ("What happened in 1999?", "What happened in 2001?"),
+            ("Transfer 1,000 dollars", "Transfer 100 dollars"),
+        ] {
+            assert!(
+                matches!(verdict(a, b), Err(Rejection::Numbers { .. })),
+                "{a:?} ~ {b:?}: {:?}",
+                verdict(a, b)
+            );
+        }
+    }
+
+    #[test]
+    fn negation_and_polarity_flips_are_rejected() {
+        assert_eq!(
+            verdict(
+                "Is the store open on Sunday?",
+                "Is the store not open on Sunday?"
+            ),
+            Err(Rejection::Negation)
+        );
+        assert_eq!(
+            verdict("I can log in", "I can't log in"),
+            Err(Rejection::Negation)
+        );
+        for (a, b) in [
+            ("Turn on the light", "Turn off the light"),
+            (
+                "Enable two-factor authentication",
+                "Disable two-factor authentication",
+            ),
+            (
+                "How do I unsubscribe from the newsletter?",
+                "How do I subscribe to the newsletter?",
+            ),
+            ("Lock the front door", "Unlock the front door"),
+            ("Increase the volume", "Decrease the volume"),
+        ] {
+            assert!(
+                matches!(verdict(a, b), Err(Rejection::Polarity { .. })),
+                "{a:?} ~ {b:?}: {:?}",
+                verdict(a, b)
+            );
+        }
+    }
+
+    #[test]
+    fn different_entities_and_codes_are_rejected() {
+        for (a, b) in [
+            (
+                "What's the weather in Paris?",
+                "What's the weather in Rome?",
+            ),
+            ("Where is my order #A1234?", "Where is my order #A1235?"),
+            (
+                "Compare the iPhone 15 and the Pixel 8",
+                "Compare the iPhone 15 and the Galaxy S24",
+            ),
+            (
+                "Email the report to bob@example.com",
+                "Email the report to alice@example.com",
+            ),
+            ("What does HTTP stand for?", "What does SMTP stand for?"),
+        ] {
+            assert!(verdict(a, b).is_err(), "{a:?} ~ {b:?}");
+        }
+    }
+
+    #[test]
+    fn different_dates_and_times_are_rejected() {
+        for (a, b) in [
+            ("What's the weather today?", "What's the weather tomorrow?"),
+            ("Is the shop open on Monday?", "Is the shop open on Friday?"),
+            ("Remind me in the morning", "Remind me in the evening"),
+            ("Book it for 7am", "Book it for 7pm"),
+        ] {
+            assert!(verdict(a, b).is_err(), "{a:?} ~ {b:?}");
+        }
+        assert!(matches!(
+            verdict("weather today", "weather tomorrow"),
+            Err(Rejection::Times { .. })
+        ));
+    }
+
+    #[test]
+    fn tokenising_keeps_decimals_and_drops_apostrophes() {
+        assert_eq!(
+            words("It's 4.5, not 4,000 - don't!"),
+            ["its", "4.5", "not", "4,000", "dont"]
+        );
+        assert_eq!(
+            numbers(&words("4,000 and 1.50 and three")),
+            ["1.5", "3", "4000"]
+        );
+        assert_eq!(Rejection::Negation.label(), "negation");
+    }
+}
