@@ -4,5 +4,6 @@
 pub mod entry;
 pub mod exact;
 pub mod flight;
+pub mod index;
 pub mod key;
 pub mod verify;
