@@ -6,6 +6,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY tests ./tests
 COPY examples ./examples
+# Cargo.toml declares the criterion bench target, so its file must exist for any build.
+COPY benches ./benches
 RUN cargo build --release --locked --bin reprise
 
 FROM debian:bookworm-slim
