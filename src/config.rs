@@ -46,6 +46,8 @@ pub struct Config {
     pub breaker: BreakerConfig,
     #[serde(default)]
     pub cache: CacheConfig,
+    #[serde(default)]
+    pub semantic: SemanticConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     /// USD per million tokens by model (the target's model name, or `provider/model`), to
@@ -219,6 +221,10 @@ pub struct CacheConfig {
     pub ttl: Option<Duration>,
     pub max_temperature: Option<f64>,
     pub cache_truncated: Option<bool>,
+    pub semantic: Option<bool>,
+    pub semantic_threshold: Option<f32>,
+    pub semantic_max_temperature: Option<f64>,
+    pub semantic_with_tools: Option<bool>,
 }
 
 impl CacheConfig {
@@ -228,6 +234,10 @@ impl CacheConfig {
             ttl: self.ttl,
             max_temperature: self.max_temperature,
             cache_truncated: self.cache_truncated,
+            semantic: self.semantic,
+            semantic_threshold: self.semantic_threshold,
+            semantic_max_temperature: self.semantic_max_temperature,
+            semantic_with_tools: self.semantic_with_tools,
         }
     }
 }
@@ -257,6 +267,10 @@ impl Default for CacheConfig {
             ttl: None,
             max_temperature: None,
             cache_truncated: None,
+            semantic: None,
+            semantic_threshold: None,
+            semantic_max_temperature: None,
+            semantic_with_tools: None,
         }
     }
 }
@@ -269,6 +283,120 @@ fn default_cache_memory_bytes() -> u64 {
 }
 fn default_cache_max_bytes() -> u64 {
     1024 * 1024 * 1024
+}
+
+/// The semantic cache's model and index (`[semantic]`); which routes use it is cache policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SemanticConfig {
+    /// Holds all-MiniLM-L6-v2 as ONNX with its tokenizer files
+    /// (`scripts/fetch-embedding-model.sh` puts them here).
+    #[serde(default = "default_model_dir")]
+    pub model_dir: PathBuf,
+    /// The ONNX Runtime library, 1.24 or later (default: the one the fetch script puts in
+    /// `model_dir`).
+    pub onnxruntime: Option<PathBuf>,
+    /// Embeddings waiting at most; beyond it the semantic stage is skipped (and counted).
+    #[serde(default = "default_embed_queue")]
+    pub queue: usize,
+    #[serde(default = "default_embed_batch")]
+    pub max_batch: usize,
+    #[serde(default = "default_embed_threads")]
+    pub intra_threads: usize,
+    /// Tokens embedded per text; a longer last turn is truncated.
+    #[serde(default = "default_embed_max_length")]
+    pub max_length: usize,
+    /// Nearest entries checked per lookup, best first, until one passes the guards.
+    #[serde(default = "default_candidates")]
+    pub candidates: usize,
+    /// The verification step after the similarity threshold: `rules` (numbers, times,
+    /// negation, polarity, entities) or `off` (plain threshold; for evaluation).
+    #[serde(default)]
+    pub verifier: VerifierKind,
+    /// HNSW links per node; more links, better recall, more memory.
+    #[serde(default = "default_hnsw_connections")]
+    pub connections: usize,
+    #[serde(default = "default_hnsw_ef_construction")]
+    pub ef_construction: usize,
+    #[serde(default = "default_hnsw_ef_search")]
+    pub ef_search: usize,
+    /// Entries the in-memory index holds at most (all tenants); beyond it the oldest are
+    /// dropped from the index (they stay in the store until their TTL).
+    #[serde(default = "default_semantic_max_entries")]
+    pub max_entries: usize,
+    /// With Redis: how often entries written by other replicas are picked up.
+    #[serde(default = "default_sync_interval", with = "humantime_serde")]
+    pub sync_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifierKind {
+    #[default]
+    Rules,
+    Off,
+}
+
+impl SemanticConfig {
+    pub fn onnxruntime_path(&self) -> PathBuf {
+        self.onnxruntime
+            .clone()
+            .unwrap_or_else(|| self.model_dir.join("libonnxruntime.so.1.32.0"))
+    }
+}
+
+impl Default for SemanticConfig {
+    fn default() -> Self {
+        Self {
+            model_dir: default_model_dir(),
+            onnxruntime: None,
+            queue: default_embed_queue(),
+            max_batch: default_embed_batch(),
+            intra_threads: default_embed_threads(),
+            max_length: default_embed_max_length(),
+            candidates: default_candidates(),
+            verifier: VerifierKind::default(),
+            connections: default_hnsw_connections(),
+            ef_construction: default_hnsw_ef_construction(),
+            ef_search: default_hnsw_ef_search(),
+            max_entries: default_semantic_max_entries(),
+            sync_interval: default_sync_interval(),
+        }
+    }
+}
+
+fn default_model_dir() -> PathBuf {
+    "models/all-MiniLM-L6-v2".into()
+}
+fn default_embed_queue() -> usize {
+    256
+}
+fn default_embed_batch() -> usize {
+    32
+}
+fn default_embed_threads() -> usize {
+    1
+}
+fn default_embed_max_length() -> usize {
+    128
+}
+fn default_candidates() -> usize {
+    4
+}
+fn default_hnsw_connections() -> usize {
+    16
+}
+fn default_hnsw_ef_construction() -> usize {
+    100
+}
+fn default_hnsw_ef_search() -> usize {
+    64
+}
+fn default_semantic_max_entries() -> usize {
+    1_000_000
+}
+fn default_sync_interval() -> Duration {
+    Duration::from_millis(250)
 }
 
 /// Cache policy. In `[cache]` it sets the defaults; in `[routes.NAME.cache]` any field overrides them.
@@ -284,7 +412,19 @@ pub struct RouteCacheConfig {
     pub max_temperature: Option<f64>,
     /// Also store answers cut off by `max_tokens` (`finish_reason: length`; default: no).
     pub cache_truncated: Option<bool>,
+    /// Also answer requests that mean the same as an earlier one (default: off; needs `enabled`).
+    pub semantic: Option<bool>,
+    /// Least cosine similarity of a semantic hit (default: [`DEFAULT_SEMANTIC_THRESHOLD`]).
+    pub semantic_threshold: Option<f32>,
+    /// Requests with a higher `temperature` skip the semantic stage (default: 1.0).
+    pub semantic_max_temperature: Option<f64>,
+    /// Requests that define tools may hit semantically (default: no: a tool call's arguments
+    /// come from the exact wording).
+    pub semantic_with_tools: Option<bool>,
 }
+
+/// Chosen by the evaluation in `eval/` (see the README): the guards make a lower threshold safe.
+pub const DEFAULT_SEMANTIC_THRESHOLD: f32 = 0.80;
 
 /// A route's cache policy with every default applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -293,6 +433,15 @@ pub struct CachePolicy {
     pub ttl: Duration,
     pub max_temperature: Option<f64>,
     pub cache_truncated: bool,
+    /// `None`: the route has no semantic stage.
+    pub semantic: Option<SemanticPolicy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SemanticPolicy {
+    pub threshold: f32,
+    pub max_temperature: f64,
+    pub with_tools: bool,
 }
 
 impl RouteCacheConfig {
@@ -308,6 +457,24 @@ impl RouteCacheConfig {
                 .cache_truncated
                 .or(defaults.cache_truncated)
                 .unwrap_or(false),
+            semantic: self
+                .semantic
+                .or(defaults.semantic)
+                .unwrap_or(false)
+                .then(|| SemanticPolicy {
+                    threshold: self
+                        .semantic_threshold
+                        .or(defaults.semantic_threshold)
+                        .unwrap_or(DEFAULT_SEMANTIC_THRESHOLD),
+                    max_temperature: self
+                        .semantic_max_temperature
+                        .or(defaults.semantic_max_temperature)
+                        .unwrap_or(1.0),
+                    with_tools: self
+                        .semantic_with_tools
+                        .or(defaults.semantic_with_tools)
+                        .unwrap_or(false),
+                }),
         }
     }
 }
@@ -580,6 +747,24 @@ impl Config {
                         "must be between 0 and 2".into(),
                     ));
                 }
+                if cache
+                    .semantic_max_temperature
+                    .is_some_and(|t| !(0.0..=2.0).contains(&t))
+                {
+                    return Err((
+                        format!("{field}.semantic_max_temperature"),
+                        "must be between 0 and 2".into(),
+                    ));
+                }
+                if cache
+                    .semantic_threshold
+                    .is_some_and(|t| !(t > 0.0 && t <= 1.0))
+                {
+                    return Err((
+                        format!("{field}.semantic_threshold"),
+                        "must be in (0, 1] (a cosine similarity)".into(),
+                    ));
+                }
                 Ok(())
             };
         check_cache("cache".into(), &self.cache.defaults())?;
@@ -611,8 +796,35 @@ impl Config {
                 Some(_) => {}
             }
         }
+        let defaults = self.cache.defaults();
         for (name, route) in &self.routes {
             check_cache(format!("routes.{name}.cache"), &route.cache)?;
+            let policy = route.cache.resolve(&defaults);
+            if policy.semantic.is_some() && !policy.enabled {
+                return Err((
+                    format!("routes.{name}.cache.semantic"),
+                    "the semantic stage needs the cache: set enabled = true".into(),
+                ));
+            }
+        }
+        let s = &self.semantic;
+        for (field, value) in [
+            ("queue", s.queue),
+            ("max_batch", s.max_batch),
+            ("intra_threads", s.intra_threads),
+            ("max_length", s.max_length),
+            ("candidates", s.candidates),
+            ("connections", s.connections),
+            ("ef_construction", s.ef_construction),
+            ("ef_search", s.ef_search),
+            ("max_entries", s.max_entries),
+        ] {
+            if value == 0 {
+                return Err((format!("semantic.{field}"), "must be above 0".into()));
+            }
+        }
+        if s.sync_interval.is_zero() {
+            return Err(("semantic.sync_interval".into(), "must be above 0".into()));
         }
         for (i, key) in self.auth.keys.iter().enumerate() {
             if !key
@@ -881,6 +1093,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("enabeld"), "{err}");
+    }
+
+    #[test]
+    fn semantic_settings_resolve_and_bad_ones_name_the_field() {
+        let text = MINIMAL.replace(
+            "[routes.chat]",
+            "[cache]\nenabled = true\nsemantic = true\n[routes.chat.cache]\nsemantic_threshold = 0.9\n[routes.chat]",
+        );
+        let config = Config::from_toml_str(&text, "t.toml", &env).unwrap();
+        let policy = config.routes["chat"]
+            .cache
+            .resolve(&config.cache.defaults());
+        let semantic = policy.semantic.unwrap();
+        assert_eq!(semantic.threshold, 0.9);
+        assert!(!semantic.with_tools);
+        assert_eq!(config.semantic.verifier, VerifierKind::Rules);
+        for (change, field) in [
+            (
+                "[routes.chat.cache]\nsemantic = true\n[routes.chat]",
+                "routes.chat.cache.semantic",
+            ),
+            (
+                "[cache]\nenabled = true\nsemantic = true\nsemantic_threshold = 1.5\n[routes.chat]",
+                "cache.semantic_threshold",
+            ),
+            (
+                "[semantic]\ncandidates = 0\n[routes.chat]",
+                "semantic.candidates",
+            ),
+            (
+                "[semantic]\nverifier = \"maybe\"\n[routes.chat]",
+                "semantic.verifier",
+            ),
+        ] {
+            let err =
+                Config::from_toml_str(&MINIMAL.replace("[routes.chat]", change), "t.toml", &env)
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

@@ -85,6 +85,12 @@ pub enum ApiError {
     },
     #[error("the cache store is unavailable: {0}")]
     CacheUnavailable(String),
+    /// Something the request names (an entry, a prompt) does not exist.
+    #[error("{message}")]
+    NotFound {
+        message: String,
+        param: Option<&'static str>,
+    },
     #[error("no healthy upstream target for model `{route}`: every circuit breaker is open")]
     NoHealthyTarget { route: String },
     #[error(
@@ -111,7 +117,7 @@ impl ApiError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminOnly => StatusCode::FORBIDDEN,
-            Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::ModelNotFound { .. } | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::UpstreamRejected { status, .. } | Self::UpstreamFailed { status, .. } => *status,
             Self::NoHealthyTarget { .. } | Self::CacheUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -132,6 +138,7 @@ impl ApiError {
             Self::UpstreamFailed { .. } => "upstream_failed",
             Self::NoHealthyTarget { .. } => "no_healthy_target",
             Self::CacheUnavailable(_) => "cache_unavailable",
+            Self::NotFound { .. } => "not_found",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
         }
     }
@@ -173,6 +180,11 @@ impl ApiError {
                 ("upstream_error".into(), None, owned("no_healthy_target"))
             }
             Self::CacheUnavailable(_) => ("server_error".into(), None, owned("cache_unavailable")),
+            Self::NotFound { param, .. } => (
+                "invalid_request_error".into(),
+                param.map(str::to_owned),
+                owned("not_found"),
+            ),
             Self::DeadlineExceeded { .. } => {
                 ("timeout_error".into(), None, owned("deadline_exceeded"))
             }

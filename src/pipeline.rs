@@ -3,11 +3,13 @@
 //!
 //! 1. route resolution (the model alias names a route);
 //! 2. exact cache: a hit answers at once, whole or replayed as a stream;
-//! 3. router (failover chain) → providers;
-//! 4. on the way back, the cache writer stores complete answers off the response path (streams
-//!    once they ended normally, never a truncated one).
+//! 3. semantic cache: an earlier answer to a request that means the same, if it passes the
+//!    guards;
+//! 4. router (failover chain) → providers;
+//! 5. on the way back, the cache writers store complete answers off the response path (streams
+//!    once they ended normally, never a truncated one), exact entry and semantic entry alike.
 //!
-//! Prompt resolution (before 1) and the semantic cache (after 2) slot in here later.
+//! Prompt resolution (before 1) slots in here later.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +23,14 @@ use crate::cache::exact::{
     CacheControls, CacheStatus, ExactCache, Plan, Price, RouteStats, prefix as cache_prefix,
 };
 use crate::cache::flight::{Joined, Leader};
-use crate::config::{CacheConfig, CachePolicy, Config, StoreKind};
+use crate::cache::index::IndexParams;
+use crate::cache::semantic::{
+    FeedbackOutcome, Lookup, SemanticCache, SemanticPlan, SemanticSettings,
+    prefix as semantic_prefix,
+};
+use crate::cache::verify::{RuleVerifier, Verifier};
+use crate::config::{CacheConfig, CachePolicy, Config, SemanticConfig, StoreKind, VerifierKind};
+use crate::embed::{Embedder, EmbedderConfig};
 use crate::error::ApiError;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions};
 use crate::providers::ChunkStream;
@@ -48,6 +57,12 @@ pub struct Trace {
     /// Prompt plus completion tokens of a cache hit: what the upstream would have billed.
     pub tokens_saved: u64,
     pub cache_key: Option<String>,
+    /// What the semantic stage did (`hit`, `miss`, `rejected-numbers`, `skipped-tools`, ...);
+    /// `None` if the route has no semantic stage.
+    pub semantic: Option<String>,
+    pub similarity: Option<f32>,
+    /// The semantic entry that answered.
+    pub cache_entry: Option<String>,
 }
 
 pub enum ChatAnswer {
@@ -81,6 +96,9 @@ pub struct CacheStatsRow {
     pub route: String,
     /// Entries in the store now (`null` if the store could not be read).
     pub entries: Option<u64>,
+    /// Semantic entries in the store now (`null` if unknown or the route has none).
+    pub semantic_entries: Option<u64>,
+    /// Exact and semantic hits over all lookups.
     pub hit_ratio: f64,
     #[serde(flatten)]
     pub counters: RouteStats,
@@ -98,13 +116,40 @@ pub struct PurgeSelector {
 
 enum CacheRead {
     Answered(Answered<ChatAnswer>),
-    Miss { leader: Option<Leader> },
+    Miss {
+        leader: Option<Leader>,
+        /// The query's embedding, to store the answer semantically.
+        vector: Option<Arc<Vec<f32>>>,
+    },
+}
+
+/// Where an upstream answer is stored once it is complete.
+struct CacheWriter {
+    exact: Plan,
+    semantic: Option<(SemanticPlan, Arc<Vec<f32>>)>,
+}
+
+impl CacheWriter {
+    fn store(
+        &self,
+        exact_cache: &ExactCache,
+        semantic_cache: Option<&SemanticCache>,
+        target: &str,
+        response: Value,
+        leader: Option<Leader>,
+    ) {
+        if let (Some((plan, vector)), Some(cache)) = (&self.semantic, semantic_cache) {
+            cache.store_behind(plan, Arc::clone(vector), target, &response);
+        }
+        exact_cache.store_behind(&self.exact, target, response, leader);
+    }
 }
 
 pub struct Pipeline {
     router: Router,
     tenants: Vec<String>,
     exact_cache: Option<ExactCache>,
+    semantic_cache: Option<SemanticCache>,
     cache_policies: HashMap<String, CachePolicy>,
     pub metrics: Arc<Metrics>,
 }
@@ -120,8 +165,16 @@ impl Pipeline {
             .collect();
         // The store is opened only when some route caches, so a gateway without caching writes
         // nothing to disk.
+        let mut semantic_cache = None;
         let exact_cache = if cache_policies.values().any(|p| p.enabled) {
             let store = open_store(&config.cache)?;
+            if cache_policies.values().any(|p| p.semantic.is_some()) {
+                semantic_cache = Some(start_semantic(
+                    &config.semantic,
+                    Arc::clone(&store),
+                    Arc::clone(&metrics),
+                )?);
+            }
             let prices = config
                 .prices
                 .iter()
@@ -146,6 +199,7 @@ impl Pipeline {
             router,
             tenants,
             exact_cache,
+            semantic_cache,
             cache_policies,
             metrics,
         })
@@ -191,21 +245,41 @@ impl Pipeline {
             route: Some(route.name.clone()),
             ..Trace::default()
         };
-        let leader = match self
-            .read_cache(context, &route, &request, &plan, &mut trace)
+        let semantic_plan = self.semantic_plan(context, &route, &request, &plan, &mut trace);
+        let (leader, vector) = match self
+            .read_cache(
+                context,
+                &route,
+                &request,
+                &plan,
+                semantic_plan.as_ref(),
+                &mut trace,
+            )
             .await
         {
             CacheRead::Answered(answered) => return Ok(answered),
-            CacheRead::Miss { leader } => leader,
+            CacheRead::Miss { leader, vector } => (leader, vector),
         };
-        let writer = plan.ok().filter(|p| p.mode.write());
+        let writer = plan
+            .ok()
+            .filter(|p| p.mode.write())
+            .map(|exact| CacheWriter {
+                exact,
+                semantic: semantic_plan.zip(vector),
+            });
 
         if !request.wants_stream() {
             let served = self.router.chat(&route, &request).await;
             return match served {
                 Ok(served) => {
-                    if let (Some(plan), Some(cache)) = (&writer, &self.exact_cache) {
-                        cache.store_behind(plan, &served.target, served.value.clone(), leader);
+                    if let (Some(writer), Some(cache)) = (&writer, &self.exact_cache) {
+                        writer.store(
+                            cache,
+                            self.semantic_cache.as_ref(),
+                            &served.target,
+                            served.value.clone(),
+                            leader,
+                        );
                     }
                     trace.target = Some(served.target);
                     trace.attempts = served.attempts;
@@ -230,10 +304,11 @@ impl Pipeline {
         match self.router.chat_stream(&route, &request).await {
             Ok(served) => {
                 let stream = match (writer, &self.exact_cache) {
-                    (Some(plan), Some(cache)) => tee_into_cache(
+                    (Some(writer), Some(cache)) => tee_into_cache(
                         served.value,
                         cache,
-                        plan,
+                        self.semantic_cache.clone(),
+                        writer,
                         served.target.clone(),
                         !client_wants_usage,
                         leader,
@@ -260,9 +335,11 @@ impl Pipeline {
         route: &Route,
         request: &ChatRequest,
         plan: &Result<Plan, Option<CacheStatus>>,
+        semantic_plan: Option<&SemanticPlan>,
         trace: &mut Trace,
     ) -> CacheRead {
         let mut leader = None;
+        let mut vector = None;
         match (plan, &self.exact_cache) {
             (Ok(plan), Some(cache)) => {
                 trace.cache_key = Some(plan.key_hex.clone());
@@ -277,9 +354,39 @@ impl Pipeline {
                         request,
                         entry.response,
                         Some(&entry.target),
+                        CacheStatus::Hit,
                         trace.clone(),
                     );
                     return CacheRead::Answered(answered);
+                }
+                if let (Some(semantic_plan), Some(semantic)) = (semantic_plan, &self.semantic_cache)
+                {
+                    match semantic.lookup(semantic_plan).await {
+                        Lookup::Hit(hit) => {
+                            trace.semantic = Some("hit".into());
+                            trace.similarity = Some(hit.similarity);
+                            trace.cache_entry = Some(hit.entry);
+                            trace.cache_age = Some(hit.age);
+                            let answered = answer_from_cache(
+                                cache,
+                                context,
+                                route,
+                                request,
+                                hit.response,
+                                Some(&hit.target),
+                                CacheStatus::SemanticHit,
+                                trace.clone(),
+                            );
+                            return CacheRead::Answered(answered);
+                        }
+                        Lookup::Miss {
+                            outcome,
+                            vector: computed,
+                        } => {
+                            trace.semantic = Some(outcome);
+                            vector = computed;
+                        }
+                    }
                 }
                 match cache.join_flight(plan) {
                     Some(Joined::Leader(flight)) => leader = Some(flight),
@@ -296,6 +403,7 @@ impl Pipeline {
                                 request,
                                 (*answer).clone(),
                                 None,
+                                CacheStatus::Hit,
                                 trace.clone(),
                             );
                             return CacheRead::Answered(answered);
@@ -311,7 +419,66 @@ impl Pipeline {
         if let (Some(status), Some(cache)) = (trace.cache, &self.exact_cache) {
             cache.record(&context.tenant, &route.name, status, None);
         }
-        CacheRead::Miss { leader }
+        CacheRead::Miss { leader, vector }
+    }
+
+    /// Whether the semantic stage runs for this request; `trace` records why not.
+    fn semantic_plan(
+        &self,
+        context: &RequestContext,
+        route: &Route,
+        request: &ChatRequest,
+        plan: &Result<Plan, Option<CacheStatus>>,
+        trace: &mut Trace,
+    ) -> Option<SemanticPlan> {
+        let semantic = self.semantic_cache.as_ref()?;
+        let policy = self.cache_policies.get(&route.name)?;
+        policy.semantic?;
+        let Ok(exact) = plan else {
+            trace.semantic = Some("skipped-bypass".into());
+            return None;
+        };
+        match semantic.plan(
+            policy,
+            exact.mode,
+            &context.cache,
+            &context.tenant,
+            &route.name,
+            &route.target_ids,
+            request,
+        ) {
+            Ok(plan) => Some(plan),
+            Err(reason) => {
+                trace.semantic = Some(reason.to_owned());
+                None
+            }
+        }
+    }
+
+    /// A client's verdict on a semantic hit (`POST /v1/cache/feedback`).
+    pub async fn semantic_feedback(
+        &self,
+        context: &RequestContext,
+        entry: &str,
+        similarity: Option<f32>,
+        correct: bool,
+    ) -> Result<FeedbackOutcome, ApiError> {
+        let semantic = self.semantic_cache.as_ref().ok_or_else(|| {
+            ApiError::invalid("no route has the semantic cache enabled", Some("entry"))
+        })?;
+        semantic
+            .feedback(&context.tenant, entry, similarity, correct)
+            .await
+    }
+
+    /// The semantic index's state, for the admin API: `None` without a semantic stage.
+    pub fn semantic_status(&self) -> Option<Value> {
+        let semantic = self.semantic_cache.as_ref()?;
+        Some(serde_json::json!({
+            "loaded": semantic.loaded().is_some(),
+            "loaded_at_startup": semantic.loaded(),
+            "indexed_entries": semantic.indexed(),
+        }))
     }
 
     pub async fn embeddings(
@@ -369,16 +536,30 @@ impl Pipeline {
                     .count_prefix(&cache_prefix(Some(tenant), Some(route), None))
                     .await
                     .ok();
+                let semantic_entries = match self
+                    .cache_policies
+                    .get(route)
+                    .and_then(|p| p.semantic.as_ref())
+                {
+                    Some(_) => cache
+                        .store()
+                        .count_prefix(&semantic_prefix(Some(tenant), Some(route), None))
+                        .await
+                        .ok(),
+                    None => None,
+                };
                 let counters = cache.stats(tenant, route);
-                let lookups = counters.hits + counters.misses;
+                let hits = counters.hits + counters.semantic_hits;
+                let lookups = hits + counters.misses;
                 rows.push(CacheStatsRow {
                     tenant: tenant.clone(),
                     route: route.to_owned(),
                     entries,
+                    semantic_entries,
                     hit_ratio: if lookups == 0 {
                         0.0
                     } else {
-                        counters.hits as f64 / lookups as f64
+                        hits as f64 / lookups as f64
                     },
                     counters,
                 });
@@ -446,8 +627,13 @@ impl Pipeline {
         let mut removed = 0;
         for tenant in &tenants {
             for route in &routes {
-                let prefix = cache_prefix(*tenant, *route, selector.namespace.as_deref());
-                removed += store.delete_prefix(&prefix).await.map_err(unavailable)?;
+                let namespace = selector.namespace.as_deref();
+                for prefix in [
+                    cache_prefix(*tenant, *route, namespace),
+                    semantic_prefix(*tenant, *route, namespace),
+                ] {
+                    removed += store.delete_prefix(&prefix).await.map_err(unavailable)?;
+                }
             }
         }
         Ok(removed)
@@ -465,6 +651,7 @@ impl Pipeline {
 }
 
 /// A stored (or coalesced) answer, whole or replayed as a stream as the request wants.
+#[allow(clippy::too_many_arguments)]
 fn answer_from_cache(
     cache: &ExactCache,
     context: &RequestContext,
@@ -472,15 +659,16 @@ fn answer_from_cache(
     request: &ChatRequest,
     response: Value,
     target: Option<&str>,
+    status: CacheStatus,
     mut trace: Trace,
 ) -> Answered<ChatAnswer> {
     let (prompt_tokens, completion_tokens) = usage_counts(&response);
-    trace.cache = Some(CacheStatus::Hit);
+    trace.cache = Some(status);
     trace.tokens_saved = prompt_tokens + completion_tokens;
     cache.record(
         &context.tenant,
         &route.name,
-        CacheStatus::Hit,
+        status,
         Some((&response, target)),
     );
     let value = if request.wants_stream() {
@@ -490,6 +678,47 @@ fn answer_from_cache(
         ChatAnswer::Complete(response)
     };
     Answered { value, trace }
+}
+
+fn start_semantic(
+    config: &SemanticConfig,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<SemanticCache> {
+    let embedder = Embedder::load(&EmbedderConfig {
+        model_dir: config.model_dir.clone(),
+        onnxruntime: config.onnxruntime_path(),
+        queue: config.queue,
+        max_batch: config.max_batch,
+        intra_threads: config.intra_threads,
+        max_length: config.max_length,
+    })
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "semantic.model_dir: {e} (scripts/fetch-embedding-model.sh fetches the model)"
+        )
+    })?;
+    let verifier: Option<Box<dyn Verifier>> = match config.verifier {
+        VerifierKind::Rules => Some(Box::new(RuleVerifier)),
+        VerifierKind::Off => None,
+    };
+    Ok(SemanticCache::start(
+        embedder,
+        verifier,
+        store,
+        metrics,
+        SemanticSettings {
+            candidates: config.candidates,
+            index: IndexParams {
+                connections: config.connections,
+                ef_construction: config.ef_construction,
+                ef_search: config.ef_search,
+                max_entries: config.max_entries,
+                ..IndexParams::default()
+            },
+            sync_interval: config.sync_interval,
+        },
+    ))
 }
 
 fn open_store(config: &CacheConfig) -> anyhow::Result<Arc<dyn Store>> {
@@ -538,7 +767,8 @@ fn is_usage_only(chunk: &Value) -> bool {
 fn tee_into_cache(
     mut stream: ChunkStream,
     cache: &ExactCache,
-    plan: Plan,
+    semantic: Option<SemanticCache>,
+    writer: CacheWriter,
     target: String,
     strip_usage: bool,
     leader: Option<Leader>,
@@ -562,6 +792,6 @@ fn tee_into_cache(
                 }
             }
         }
-        cache.store_behind(&plan, &target, assembler.finish(), leader);
+        writer.store(&cache, semantic.as_ref(), &target, assembler.finish(), leader);
     })
 }

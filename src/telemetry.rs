@@ -55,6 +55,24 @@ struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SemanticLabels {
+    tenant: String,
+    route: String,
+    /// hit, miss, rejected-GUARD, overloaded, error, write-only: a fixed set.
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GuardLabels {
+    guard: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheErrorLabels {
     kind: &'static str,
 }
@@ -80,6 +98,11 @@ pub struct Metrics {
     cache_cost_saved: Family<RouteLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     cache_errors: Family<CacheErrorLabels, Counter>,
     cache_writes: Counter,
+    semantic_lookups: Family<SemanticLabels, Counter>,
+    semantic_lookup_seconds: Histogram,
+    semantic_rejections: Family<GuardLabels, Counter>,
+    semantic_feedback: Family<VerdictLabels, Counter>,
+    semantic_entries: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -165,8 +188,45 @@ impl Metrics {
             "Answers stored in the exact cache",
             cache_writes.clone(),
         );
+        let semantic_lookups = Family::<SemanticLabels, Counter>::default();
+        registry.register(
+            "semantic_lookups",
+            "Semantic-cache lookups by outcome: hit, miss, rejected-GUARD (best candidate \
+             refused by a guard), overloaded (embedding queue full: stage skipped), error",
+            semantic_lookups.clone(),
+        );
+        // 0.5 ms .. ~4 s.
+        let semantic_lookup_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "semantic_lookup_duration_seconds",
+            "Embedding plus index search plus verification of one semantic lookup",
+            semantic_lookup_seconds.clone(),
+        );
+        let semantic_rejections = Family::<GuardLabels, Counter>::default();
+        registry.register(
+            "semantic_rejections",
+            "Semantic candidates above the threshold refused, by guard",
+            semantic_rejections.clone(),
+        );
+        let semantic_feedback = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "semantic_feedback",
+            "Client feedback about semantic hits: correct or wrong",
+            semantic_feedback.clone(),
+        );
+        let semantic_entries = Gauge::default();
+        registry.register(
+            "semantic_index_entries",
+            "Live entries in this replica's semantic index",
+            semantic_entries.clone(),
+        );
         Self {
             registry,
+            semantic_lookups,
+            semantic_lookup_seconds,
+            semantic_rejections,
+            semantic_feedback,
+            semantic_entries,
             cache_writes,
             cache_requests,
             cache_tokens_saved,
@@ -273,6 +333,33 @@ impl Metrics {
         self.cache_errors
             .get_or_create(&CacheErrorLabels { kind })
             .inc();
+    }
+
+    pub fn semantic_lookup(&self, tenant: &str, route: &str, outcome: &str, elapsed: Duration) {
+        self.semantic_lookups
+            .get_or_create(&SemanticLabels {
+                tenant: tenant.to_owned(),
+                route: route.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.semantic_lookup_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn semantic_rejected(&self, guard: &'static str) {
+        self.semantic_rejections
+            .get_or_create(&GuardLabels { guard })
+            .inc();
+    }
+
+    pub fn semantic_feedback(&self, verdict: &'static str) {
+        self.semantic_feedback
+            .get_or_create(&VerdictLabels { verdict })
+            .inc();
+    }
+
+    pub fn semantic_entries(&self, entries: usize) {
+        self.semantic_entries.set(entries as i64);
     }
 
     pub fn encode(&self) -> String {

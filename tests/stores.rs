@@ -62,10 +62,92 @@ async fn contract(store: &dyn Store) {
     );
 }
 
+/// A scan sees every live entry under the prefix once, across batch boundaries, and nothing else.
+async fn scan(store: &dyn Store) {
+    for i in 0..2500 {
+        store
+            .put(&format!("scan/in/{i:05}"), i.to_string().into_bytes(), None)
+            .await
+            .unwrap();
+    }
+    store
+        .put(
+            "scan/in/expiring",
+            b"x".to_vec(),
+            Some(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap();
+    store.put("scan/out/0", b"x".to_vec(), None).await.unwrap();
+    store.put("scan/io", b"x".to_vec(), None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut seen = Vec::new();
+    let visited = store
+        .scan_prefix("scan/in/", &mut |key, value| seen.push((key, value)))
+        .await
+        .unwrap();
+    assert_eq!(visited, 2500, "{}", store.backend());
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 2500);
+    assert_eq!(seen[7], ("scan/in/00007".to_owned(), b"7".to_vec()));
+    assert!(seen.iter().all(|(k, _)| k.starts_with("scan/in/0")));
+}
+
 #[tokio::test]
 async fn sled_keeps_the_store_contract() {
     let dir = tempfile::tempdir().unwrap();
     contract(&SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap()).await;
+}
+
+#[tokio::test]
+async fn both_stores_scan_a_prefix_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    scan(&SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap()).await;
+    let redis = RedisServer::start();
+    scan(&RedisStore::new(&redis.url(), "test:").unwrap()).await;
+}
+
+#[tokio::test]
+async fn a_redis_change_feed_is_read_by_another_client_in_order_from_its_cursor() {
+    let redis = RedisServer::start();
+    let writer = RedisStore::new(&redis.url(), "test:").unwrap();
+    let reader = RedisStore::new(&redis.url(), "test:").unwrap();
+    writer.publish("feed", b"before".to_vec()).await.unwrap();
+    let start = reader.read_feed("feed", None, 10).await.unwrap();
+    assert!(start.events.is_empty(), "a new reader starts at the end");
+    for i in 0..5 {
+        writer
+            .publish("feed", format!("e{i}").into_bytes())
+            .await
+            .unwrap();
+    }
+    let first = reader
+        .read_feed("feed", Some(&start.cursor), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        first.events,
+        vec![b"e0".to_vec(), b"e1".to_vec(), b"e2".to_vec()]
+    );
+    let rest = reader
+        .read_feed("feed", Some(&first.cursor), 10)
+        .await
+        .unwrap();
+    assert_eq!(rest.events, vec![b"e3".to_vec(), b"e4".to_vec()]);
+    let none = reader
+        .read_feed("feed", Some(&rest.cursor), 10)
+        .await
+        .unwrap();
+    assert!(none.events.is_empty());
+    assert_eq!(none.cursor, rest.cursor);
+    assert!(reader.is_shared());
+    let dir = tempfile::tempdir().unwrap();
+    let sled = SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap();
+    assert!(
+        !sled.is_shared(),
+        "one process owns a sled store: nothing to follow"
+    );
 }
 
 #[tokio::test]

@@ -28,6 +28,8 @@ pub struct CacheControls {
     pub ttl: Option<Duration>,
     /// `x-reprise-cache-namespace`: a separate cache within the tenant's.
     pub namespace: Option<String>,
+    /// `x-reprise-cache-semantic: off`: exact matches only, for this request.
+    pub no_semantic: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -92,6 +94,16 @@ impl CacheControls {
             })?;
             controls.ttl = Some(Duration::from_secs(seconds));
         }
+        match text("x-reprise-cache-semantic")? {
+            None | Some("") | Some("on") => {}
+            Some("off") => controls.no_semantic = true,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    format!("x-reprise-cache-semantic must be on or off, not {other:?}"),
+                    Some("x-reprise-cache-semantic"),
+                ));
+            }
+        }
         if let Some(namespace) = text("x-reprise-cache-namespace")? {
             let valid = !namespace.is_empty()
                 && namespace.len() <= 64
@@ -134,6 +146,7 @@ impl CacheMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
     Hit,
+    SemanticHit,
     Miss,
     Bypass,
     Refresh,
@@ -143,6 +156,7 @@ impl CacheStatus {
     pub fn label(self) -> &'static str {
         match self {
             CacheStatus::Hit => "hit",
+            CacheStatus::SemanticHit => "semantic-hit",
             CacheStatus::Miss => "miss",
             CacheStatus::Bypass => "bypass",
             CacheStatus::Refresh => "refresh",
@@ -191,11 +205,19 @@ fn now_ms() -> u64 {
 }
 
 /// Route aliases may contain `/`, which separates the parts of a store key.
-fn escape_segment(segment: &str) -> String {
+pub fn escape_segment(segment: &str) -> String {
     segment.replace('%', "%25").replace('/', "%2F")
 }
 
 const NO_NAMESPACE: &str = "-";
+
+pub fn namespace_segment(namespace: &str) -> &str {
+    if namespace.is_empty() {
+        NO_NAMESPACE
+    } else {
+        namespace
+    }
+}
 
 /// `cache/v1/{tenant}/{route}/{namespace}/{key}`: the order makes "everything of a tenant" and
 /// "everything of a tenant's route" single prefixes.
@@ -214,7 +236,17 @@ pub fn entry_path(tenant: &str, route: &str, namespace: &str, key_hex: &str) -> 
 /// The store prefix holding what a purge or a count selects. A namespace without a route is not
 /// one prefix: callers pass each route.
 pub fn prefix(tenant: Option<&str>, route: Option<&str>, namespace: Option<&str>) -> String {
-    let mut prefix = String::from("cache/v1/");
+    prefix_under("cache/v1/", tenant, route, namespace)
+}
+
+/// [`prefix`] for another kind of entry laid out the same way under `base`.
+pub fn prefix_under(
+    base: &str,
+    tenant: Option<&str>,
+    route: Option<&str>,
+    namespace: Option<&str>,
+) -> String {
+    let mut prefix = String::from(base);
     let Some(tenant) = tenant else { return prefix };
     prefix.push_str(tenant);
     prefix.push('/');
@@ -242,7 +274,9 @@ pub struct Price {
 /// Counters of one tenant's use of one route's cache, since the gateway started.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RouteStats {
+    /// Exact hits.
     pub hits: u64,
+    pub semantic_hits: u64,
     pub misses: u64,
     pub bypasses: u64,
     pub refreshes: u64,
@@ -297,7 +331,9 @@ impl ExactCache {
         answer: Option<(&Value, Option<&str>)>,
     ) {
         let (tokens, cost) = match answer {
-            Some((response, target)) if status == CacheStatus::Hit => {
+            Some((response, target))
+                if matches!(status, CacheStatus::Hit | CacheStatus::SemanticHit) =>
+            {
                 let (prompt, completion) = usage_counts(response);
                 let cost = self.price(target, response).map_or(0.0, |p| {
                     (prompt as f64 * p.input + completion as f64 * p.output) / 1e6
@@ -314,6 +350,7 @@ impl ExactCache {
             .or_default();
         match status {
             CacheStatus::Hit => entry.hits += 1,
+            CacheStatus::SemanticHit => entry.semantic_hits += 1,
             CacheStatus::Miss => entry.misses += 1,
             CacheStatus::Bypass => entry.bypasses += 1,
             CacheStatus::Refresh => entry.refreshes += 1,

@@ -2,14 +2,19 @@
 //! that must match exactly for a semantic hit (tenant, route, system prompt, earlier turns, ...),
 //! so a search can only ever return entries of its own scope, by construction.
 //!
-//! hnsw_rs cannot delete points: a removed entry is a tombstone that searches skip.
+//! hnsw_rs cannot delete points: a removed or expired entry is a tombstone that searches filter
+//! out, and [`SemanticIndex::maintain`] rebuilds a scope's graph once tombstones are the majority.
+//! The index holds vectors and store keys only; the entries themselves (answer, text, feedback)
+//! stay in the store, which remains the source of truth.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use hnsw_rs::anndists::dist::distances::DistCosine;
 use hnsw_rs::hnsw::Hnsw;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 pub type ScopeKey = [u8; 32];
 
@@ -20,32 +25,66 @@ pub struct IndexParams {
     pub connections: usize,
     pub ef_construction: usize,
     pub ef_search: usize,
-    /// Expected entries per scope; a sizing hint, not a limit.
+    /// Expected entries per scope; hnsw_rs reserves memory for this many up front, so keep it
+    /// small: most scopes (one system prompt, one conversation) hold few entries.
     pub expected_entries: usize,
+    /// Live entries over all scopes at most; beyond it the oldest-inserted are dropped.
+    pub max_entries: usize,
 }
 
 impl Default for IndexParams {
     fn default() -> Self {
         Self {
             connections: 16,
-            ef_construction: 200,
+            ef_construction: 100,
             ef_search: 64,
-            expected_entries: 10_000,
+            expected_entries: 64,
+            max_entries: 1_000_000,
         }
     }
 }
 
-struct Scope {
-    graph: Hnsw<'static, f32, DistCosine>,
-    /// Point id → entry id (the cache entry's store key).
-    entries: RwLock<Vec<Arc<str>>>,
-    removed: RwLock<HashSet<usize>>,
+/// How long a search waits for a scope being rebuilt before it gives up (a miss).
+const REBUILD_WAIT: Duration = Duration::from_millis(5);
+/// A scope is rebuilt once it has this many tombstones and they outnumber its live entries.
+const REBUILD_TOMBSTONES: usize = 256;
+
+struct Slot {
+    entry: Arc<str>,
+    /// Unix milliseconds; 0 = never.
+    expires_at_ms: u64,
 }
 
 #[derive(Default)]
+struct Book {
+    /// Point id → entry.
+    slots: Vec<Slot>,
+    live: HashMap<Arc<str>, usize>,
+    removed: HashSet<usize>,
+}
+
+impl Book {
+    fn is_live(&self, id: usize, now_ms: u64) -> bool {
+        !self.removed.contains(&id)
+            && self
+                .slots
+                .get(id)
+                .is_some_and(|s| s.expires_at_ms == 0 || s.expires_at_ms > now_ms)
+    }
+}
+
+struct Scope {
+    /// Written only to swap in a rebuilt graph; inserts and searches share it.
+    graph: RwLock<Hnsw<'static, f32, DistCosine>>,
+    book: RwLock<Book>,
+}
+
 pub struct SemanticIndex {
     params: IndexParams,
     scopes: RwLock<HashMap<ScopeKey, Arc<Scope>>>,
+    /// Insertion order, for the `max_entries` bound.
+    order: Mutex<VecDeque<(ScopeKey, Arc<str>)>>,
+    live: AtomicUsize,
 }
 
 /// A search result: the entry and its cosine similarity to the query.
@@ -55,12 +94,31 @@ pub struct Match {
     pub similarity: f32,
 }
 
+impl Default for SemanticIndex {
+    fn default() -> Self {
+        Self::new(IndexParams::default())
+    }
+}
+
 impl SemanticIndex {
     pub fn new(params: IndexParams) -> Self {
         Self {
             params,
             scopes: RwLock::default(),
+            order: Mutex::default(),
+            live: AtomicUsize::new(0),
         }
+    }
+
+    fn graph(&self) -> Hnsw<'static, f32, DistCosine> {
+        let p = self.params;
+        Hnsw::new(
+            p.connections,
+            p.expected_entries,
+            16,
+            p.ef_construction,
+            DistCosine,
+        )
     }
 
     fn scope(&self, key: &ScopeKey) -> Arc<Scope> {
@@ -68,50 +126,74 @@ impl SemanticIndex {
             return Arc::clone(scope);
         }
         let mut scopes = self.scopes.write();
-        let params = self.params;
         Arc::clone(scopes.entry(*key).or_insert_with(|| {
             Arc::new(Scope {
-                graph: Hnsw::new(
-                    params.connections,
-                    params.expected_entries,
-                    16,
-                    params.ef_construction,
-                    DistCosine,
-                ),
-                entries: RwLock::default(),
-                removed: RwLock::default(),
+                graph: RwLock::new(self.graph()),
+                book: RwLock::default(),
             })
         }))
     }
 
-    pub fn insert(&self, scope: &ScopeKey, vector: &[f32], entry: &str) {
-        let scope = self.scope(scope);
+    /// Adds `entry` (a store key) with its vector; an entry already live only has its expiry
+    /// renewed. Whether it was new.
+    pub fn insert(
+        &self,
+        scope_key: &ScopeKey,
+        vector: &[f32],
+        entry: &str,
+        expires_at_ms: u64,
+    ) -> bool {
+        let scope = self.scope(scope_key);
+        let entry: Arc<str> = Arc::from(entry);
+        // Graph before book, as everywhere: a rebuild cannot slip between the id and the point.
+        let graph = scope.graph.read();
         let id = {
-            let mut entries = scope.entries.write();
-            entries.push(Arc::from(entry));
-            entries.len() - 1
+            let mut book = scope.book.write();
+            if let Some(&id) = book.live.get(&entry) {
+                if let Some(slot) = book.slots.get_mut(id) {
+                    slot.expires_at_ms = expires_at_ms;
+                }
+                return false;
+            }
+            book.slots.push(Slot {
+                entry: Arc::clone(&entry),
+                expires_at_ms,
+            });
+            let id = book.slots.len() - 1;
+            book.live.insert(Arc::clone(&entry), id);
+            id
         };
-        scope.graph.insert_slice((vector, id));
+        graph.insert_slice((vector, id));
+        drop(graph);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        let mut order = self.order.lock();
+        order.push_back((*scope_key, entry));
+        while self.live.load(Ordering::Relaxed) > self.params.max_entries {
+            let Some((oldest_scope, oldest)) = order.pop_front() else {
+                break;
+            };
+            self.remove(&oldest_scope, &oldest);
+        }
+        true
     }
 
     /// Up to `k` live entries of `scope` nearest to `vector`, most similar first.
-    pub fn search(&self, scope: &ScopeKey, vector: &[f32], k: usize) -> Vec<Match> {
+    pub fn search(&self, scope: &ScopeKey, vector: &[f32], k: usize, now_ms: u64) -> Vec<Match> {
         let Some(scope) = self.scopes.read().get(scope).cloned() else {
             return Vec::new();
         };
-        let removed = scope.removed.read().clone();
-        // Ask for more than k so that tombstones do not starve the answer.
-        let wanted = k + removed.len().min(k * 4);
-        let neighbours = scope
-            .graph
-            .search(vector, wanted, self.params.ef_search.max(wanted));
-        let entries = scope.entries.read();
+        let Some(graph) = scope.graph.try_read_for(REBUILD_WAIT) else {
+            return Vec::new();
+        };
+        let live = |id: &usize| scope.book.read().is_live(*id, now_ms);
+        let neighbours = graph.search_filter(vector, k, self.params.ef_search.max(k), Some(&live));
+        let book = scope.book.read();
         let mut matches: Vec<Match> = neighbours
             .into_iter()
-            .filter(|n| !removed.contains(&n.d_id))
+            .filter(|n| book.is_live(n.d_id, now_ms))
             .filter_map(|n| {
-                entries.get(n.d_id).map(|entry| Match {
-                    entry: Arc::clone(entry),
+                book.slots.get(n.d_id).map(|slot| Match {
+                    entry: Arc::clone(&slot.entry),
                     similarity: 1.0 - n.distance,
                 })
             })
@@ -121,44 +203,122 @@ impl SemanticIndex {
         matches
     }
 
-    /// Stops `entry` from matching in `scope`; whether it was there.
+    /// Stops `entry` from matching in `scope`; whether it was live.
     pub fn remove(&self, scope: &ScopeKey, entry: &str) -> bool {
         let Some(scope) = self.scopes.read().get(scope).cloned() else {
             return false;
         };
-        let ids: Vec<usize> = scope
-            .entries
-            .read()
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| &***e == entry)
-            .map(|(id, _)| id)
-            .collect();
-        let mut removed = scope.removed.write();
-        let mut any = false;
-        for id in ids {
-            any |= removed.insert(id);
+        let mut book = scope.book.write();
+        let Some(id) = book.live.remove(entry) else {
+            return false;
+        };
+        book.removed.insert(id);
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Tombstones expired entries and rebuilds graphs that are mostly tombstones; how many
+    /// entries expired. Blocking work: run it off the async runtime.
+    pub fn maintain(&self, now_ms: u64) -> usize {
+        let scopes: HashMap<ScopeKey, Arc<Scope>> = self.scopes.read().clone();
+        let mut expired = 0;
+        for (key, scope) in &scopes {
+            let rebuild = {
+                let mut book = scope.book.write();
+                let stale: Vec<(Arc<str>, usize)> = book
+                    .live
+                    .iter()
+                    .filter(|(_, id)| {
+                        book.slots
+                            .get(**id)
+                            .is_some_and(|s| s.expires_at_ms != 0 && s.expires_at_ms <= now_ms)
+                    })
+                    .map(|(e, id)| (Arc::clone(e), *id))
+                    .collect();
+                for (entry, id) in stale {
+                    book.live.remove(&entry);
+                    book.removed.insert(id);
+                    self.live.fetch_sub(1, Ordering::Relaxed);
+                    expired += 1;
+                }
+                book.removed.len() >= REBUILD_TOMBSTONES && book.removed.len() > book.live.len()
+            };
+            if rebuild {
+                self.rebuild(scope);
+            }
+            if scope.book.read().live.is_empty() {
+                let mut all = self.scopes.write();
+                // Only if nothing was inserted meanwhile.
+                if scope.book.read().live.is_empty() {
+                    all.remove(key);
+                }
+            }
         }
-        any
+        // The insertion order forgets what left by other ways (expiry, removal).
+        let live_in = |key: &ScopeKey, entry: &Arc<str>| {
+            scopes
+                .get(key)
+                .is_some_and(|s| s.book.read().live.contains_key(entry))
+        };
+        self.order.lock().retain(|(key, entry)| live_in(key, entry));
+        expired
+    }
+
+    /// A new graph of the scope's live entries, swapped in under the graph's write lock.
+    fn rebuild(&self, scope: &Scope) {
+        let mut graph = scope.graph.write();
+        let mut book = scope.book.write();
+        let fresh = self.graph();
+        let mut slots = Vec::with_capacity(book.live.len());
+        let mut live = HashMap::with_capacity(book.live.len());
+        for point in graph.get_point_indexation() {
+            let old_id = point.get_origin_id();
+            if book.removed.contains(&old_id) {
+                continue;
+            }
+            let Some(slot) = book.slots.get(old_id) else {
+                continue;
+            };
+            let id = slots.len();
+            live.insert(Arc::clone(&slot.entry), id);
+            slots.push(Slot {
+                entry: Arc::clone(&slot.entry),
+                expires_at_ms: slot.expires_at_ms,
+            });
+            fresh.insert_slice((point.get_v(), id));
+        }
+        *book = Book {
+            slots,
+            live,
+            removed: HashSet::new(),
+        };
+        *graph = fresh;
     }
 
     /// Live entries over all scopes.
     pub fn len(&self) -> usize {
-        self.scopes
-            .read()
-            .values()
-            .map(|s| s.entries.read().len() - s.removed.read().len())
-            .sum()
+        self.live.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Graph slots over all scopes, tombstones included (what the memory holds).
+    pub fn slots(&self) -> usize {
+        self.scopes
+            .read()
+            .values()
+            .map(|s| s.book.read().slots.len())
+            .sum()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NOW: u64 = 1_000_000;
 
     /// Deterministic pseudo-random unit vectors (xorshift), so the test needs no model.
     fn vectors(count: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
@@ -194,14 +354,14 @@ mod tests {
         let scope = [1u8; 32];
         let data = vectors(1_000, 32, 7);
         for (i, v) in data.iter().enumerate() {
-            index.insert(&scope, v, &format!("e{i}"));
+            index.insert(&scope, v, &format!("e{i}"), 0);
         }
         let mut hits = 0;
         for q in &vectors(100, 32, 99) {
             let exact = (0..data.len())
                 .max_by(|&a, &b| dot(q, &data[a]).total_cmp(&dot(q, &data[b])))
                 .unwrap();
-            let found = &index.search(&scope, q, 1)[0];
+            let found = &index.search(&scope, q, 1, NOW)[0];
             let found_at: usize = found.entry[1..].parse().unwrap();
             assert!(
                 (found.similarity - dot(q, &data[found_at])).abs() < 1e-4,
@@ -212,7 +372,7 @@ mod tests {
             }
         }
         assert!(hits >= 95, "top-1 recall {hits}/100");
-        let me = &index.search(&scope, &data[5], 1)[0];
+        let me = &index.search(&scope, &data[5], 1, NOW)[0];
         assert_eq!(
             (&*me.entry, (me.similarity - 1.0).abs() < 1e-4),
             ("e5", true)
@@ -224,21 +384,81 @@ mod tests {
         let index = SemanticIndex::new(IndexParams::default());
         let (a, b) = ([1u8; 32], [2u8; 32]);
         let data = vectors(20, 16, 3);
-        index.insert(&a, &data[0], "only-in-a");
-        index.insert(&b, &data[1], "only-in-b");
+        index.insert(&a, &data[0], "only-in-a", 0);
+        index.insert(&b, &data[1], "only-in-b", 0);
         assert!(
             index
-                .search(&b, &data[0], 5)
+                .search(&b, &data[0], 5, NOW)
                 .iter()
                 .all(|m| &*m.entry != "only-in-a")
         );
         assert!(
-            index.search(&[9u8; 32], &data[0], 5).is_empty(),
+            index.search(&[9u8; 32], &data[0], 5, NOW).is_empty(),
             "an unknown scope has no entries"
         );
         assert!(index.remove(&a, "only-in-a"));
-        assert!(index.search(&a, &data[0], 5).is_empty());
+        assert!(index.search(&a, &data[0], 5, NOW).is_empty());
         assert!(!index.remove(&a, "never-there"));
         assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn expired_entries_stop_matching_and_tombstones_are_compacted() {
+        let index = SemanticIndex::new(IndexParams::default());
+        let scope = [3u8; 32];
+        let data = vectors(600, 16, 11);
+        for (i, v) in data.iter().enumerate() {
+            // Entries 0..400 expire at NOW + 10; the rest never.
+            let expiry = if i < 400 { NOW + 10 } else { 0 };
+            index.insert(&scope, v, &format!("e{i}"), expiry);
+        }
+        assert!(
+            !index.insert(&scope, &data[0], "e0", NOW + 10),
+            "already live"
+        );
+        assert_eq!(index.len(), 600);
+        let found = &index.search(&scope, &data[3], 1, NOW)[0];
+        assert_eq!(&*found.entry, "e3");
+        let later = NOW + 11;
+        assert!(
+            index
+                .search(&scope, &data[3], 5, later)
+                .iter()
+                .all(|m| m.entry[1..].parse::<usize>().unwrap() >= 400),
+            "expired entries are filtered out even before maintenance"
+        );
+        assert_eq!(index.maintain(later), 400);
+        assert_eq!(index.len(), 200);
+        assert_eq!(
+            index.slots(),
+            200,
+            "the graph was rebuilt without tombstones"
+        );
+        let found = &index.search(&scope, &data[450], 1, later)[0];
+        assert_eq!(&*found.entry, "e450");
+        assert!((found.similarity - 1.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn the_entry_bound_drops_the_oldest() {
+        let index = SemanticIndex::new(IndexParams {
+            max_entries: 10,
+            ..IndexParams::default()
+        });
+        let data = vectors(15, 8, 5);
+        for (i, v) in data.iter().enumerate() {
+            index.insert(&[i as u8 % 3; 32], v, &format!("e{i}"), 0);
+        }
+        assert_eq!(index.len(), 10);
+        assert!(
+            index
+                .search(&[0u8; 32], &data[0], 1, NOW)
+                .first()
+                .is_none_or(|m| &*m.entry != "e0")
+        );
+        assert_eq!(
+            &*index.search(&[2u8; 32], &data[14], 1, NOW)[0].entry,
+            "e14"
+        );
     }
 }

@@ -169,6 +169,26 @@ pub fn chat_key(scope: &KeyScope<'_>, request: &ChatRequest) -> CacheKey {
     CacheKey(*h.hasher.finalize().as_bytes())
 }
 
+/// The semantic scope: everything that must match exactly for a semantic hit. It is the exact key
+/// of the request with the last message's content left out (that text is what gets embedded),
+/// so tenant, namespace, route, targets, parameters, system prompt, earlier turns and tools all
+/// take part; and the embedding model, whose vectors mean nothing to another model.
+pub fn semantic_scope(scope: &KeyScope<'_>, request: &ChatRequest, model_id: &str) -> CacheKey {
+    let mut rest = request.clone();
+    if let Some(last) = rest.messages.last_mut() {
+        last.content = None;
+    }
+    let without_last_text = chat_key(scope, &rest);
+    let mut h = KeyHasher {
+        hasher: blake3::Hasher::new(),
+        scratch: Vec::new(),
+    };
+    h.field_bytes("key-version", b"semantic/1");
+    h.field_bytes("embedding-model", model_id.as_bytes());
+    h.field_bytes("request", &without_last_text.0);
+    CacheKey(*h.hasher.finalize().as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,12 @@ pub async fn cache_stats(State(state): State<Arc<AppState>>, headers: HeaderMap)
         return error.into_response();
     }
     match state.pipeline.cache_stats().await {
-        Ok(rows) => axum::Json(json!({"object": "list", "data": rows})).into_response(),
+        Ok(rows) => axum::Json(json!({
+            "object": "list",
+            "data": rows,
+            "semantic": state.pipeline.semantic_status(),
+        }))
+        .into_response(),
         Err(error) => error.into_response(),
     }
 }

@@ -144,6 +144,15 @@ fn trace_headers(trace: &Trace) -> HeaderMap {
     if let Some(key) = &trace.cache_key {
         put("x-reprise-cache-key", key);
     }
+    if let Some(semantic) = &trace.semantic {
+        put("x-reprise-cache-semantic", semantic);
+    }
+    if let Some(similarity) = trace.similarity {
+        put("x-reprise-cache-similarity", &format!("{similarity:.4}"));
+    }
+    if let Some(entry) = &trace.cache_entry {
+        put("x-reprise-cache-entry", entry);
+    }
     if let Some(age) = trace.cache_age {
         put("x-reprise-cache-age", &age.as_secs().to_string());
         put(
@@ -251,6 +260,7 @@ pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
         .route("/v1/models", get(openai::models))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/health/providers", get(admin::provider_health))
+        .route("/v1/cache/feedback", post(openai::cache_feedback))
         .route("/admin/cache/stats", get(admin::cache_stats))
         .route("/admin/cache/purge", post(admin::cache_purge))
         .route("/metrics", get(admin::metrics))

@@ -41,6 +41,44 @@ pub async fn chat_completions(
     }
 }
 
+/// `POST /v1/cache/feedback`: `{"entry": x-reprise-cache-entry, "similarity":
+/// x-reprise-cache-similarity, "correct": false}` from the tenant that was served the hit.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Feedback {
+    entry: String,
+    similarity: Option<f32>,
+    correct: bool,
+}
+
+pub async fn cache_feedback(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let (context, feedback): (_, Feedback) =
+        match authenticated_request(&state, &headers, body).await {
+            Ok(parsed) => parsed,
+            Err(error) => return error.into_response(),
+        };
+    match state
+        .pipeline
+        .semantic_feedback(
+            &context,
+            &feedback.entry,
+            feedback.similarity,
+            feedback.correct,
+        )
+        .await
+    {
+        Ok(outcome) => {
+            tracing::info!(entry = %outcome.entry, correct = feedback.correct, "semantic cache feedback");
+            axum::Json(outcome).into_response()
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
 /// Chunks as `data:` events, then `data: [DONE]`. An upstream failure after the first chunk ends
 /// the stream with an error event and no `[DONE]`, so SDKs raise instead of returning a truncated
 /// answer as if it were complete.

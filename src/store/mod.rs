@@ -20,6 +20,13 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// One read of a change feed.
+#[derive(Debug, Default)]
+pub struct FeedPage {
+    pub events: Vec<Vec<u8>>,
+    pub cursor: String,
+}
+
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The value under `key`, or `None` if there is none or it has expired.
@@ -38,6 +45,43 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many keys start with `prefix` (a scan: meant for admin statistics, not the hot path).
     async fn count_prefix(&self, prefix: &str) -> Result<u64, StoreError>;
+
+    /// Hands every live `(key, value)` under `prefix` to `visit`, a batch at a time (memory stays
+    /// bounded however many there are); how many. Meant for startup, not the hot path.
+    async fn scan_prefix(
+        &self,
+        prefix: &str,
+        visit: &mut (dyn FnMut(String, Vec<u8>) + Send),
+    ) -> Result<u64, StoreError>;
+
+    /// Appends `event` to `feed`, a change log every process sharing this store can read.
+    /// A store only one process can open has no one to tell: the default keeps nothing.
+    async fn publish(&self, feed: &str, event: Vec<u8>) -> Result<(), StoreError> {
+        let _ = (feed, event);
+        Ok(())
+    }
+
+    /// The events of `feed` published after `cursor`, oldest first (at most `limit`), and the
+    /// cursor to continue from. `cursor = None` starts at the current end: no events, just the
+    /// cursor.
+    async fn read_feed(
+        &self,
+        feed: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<FeedPage, StoreError> {
+        let _ = (feed, limit);
+        Ok(FeedPage {
+            events: Vec::new(),
+            cursor: cursor.unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// Whether other processes can write to this store (and so whether `read_feed` is worth
+    /// polling).
+    fn is_shared(&self) -> bool {
+        false
+    }
 
     /// A short name for logs and metrics.
     fn backend(&self) -> &'static str;

@@ -11,7 +11,9 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Mutex;
 
-use super::{Store, StoreError};
+use redis::streams::StreamRangeReply;
+
+use super::{FeedPage, Store, StoreError};
 
 pub struct RedisStore {
     client: redis::Client,
@@ -26,6 +28,8 @@ struct Connection {
 
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 const TIMEOUT: Duration = Duration::from_millis(500);
+/// Events a change feed keeps (Redis trims older ones).
+const FEED_LENGTH: usize = 100_000;
 
 fn backend_error(error: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(error.to_string())
@@ -166,6 +170,100 @@ impl Store for RedisStore {
             .iter()
             .map(|keys| keys.len() as u64)
             .sum())
+    }
+
+    async fn scan_prefix(
+        &self,
+        prefix: &str,
+        visit: &mut (dyn FnMut(String, Vec<u8>) + Send),
+    ) -> Result<u64, StoreError> {
+        let mut connection = self.connection().await?;
+        let mut visited = 0;
+        for keys in self.scan(prefix).await? {
+            let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut connection)
+                .await
+                .map_err(backend_error)?;
+            for (key, value) in keys.into_iter().zip(values) {
+                // A key that expired between SCAN and MGET reads as nil.
+                let (Some(value), Some(key)) = (value, key.strip_prefix(&self.prefix)) else {
+                    continue;
+                };
+                visit(key.to_owned(), value);
+                visited += 1;
+            }
+        }
+        Ok(visited)
+    }
+
+    async fn publish(&self, feed: &str, event: Vec<u8>) -> Result<(), StoreError> {
+        let mut connection = self.connection().await?;
+        // Readers are at most a few sync intervals behind: a bounded stream is plenty, and an
+        // approximate trim (`~`) costs nothing.
+        redis::cmd("XADD")
+            .arg(self.key(feed))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(FEED_LENGTH)
+            .arg("*")
+            .arg("e")
+            .arg(event)
+            .query_async::<String>(&mut connection)
+            .await
+            .map_err(backend_error)?;
+        Ok(())
+    }
+
+    async fn read_feed(
+        &self,
+        feed: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<FeedPage, StoreError> {
+        let mut connection = self.connection().await?;
+        let key = self.key(feed);
+        let Some(cursor) = cursor else {
+            let last: StreamRangeReply = redis::cmd("XREVRANGE")
+                .arg(&key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut connection)
+                .await
+                .map_err(backend_error)?;
+            return Ok(FeedPage {
+                events: Vec::new(),
+                cursor: last
+                    .ids
+                    .first()
+                    .map_or_else(|| "0-0".to_owned(), |entry| entry.id.clone()),
+            });
+        };
+        let page: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg(format!("({cursor}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut connection)
+            .await
+            .map_err(backend_error)?;
+        let cursor = page
+            .ids
+            .last()
+            .map_or_else(|| cursor.to_owned(), |entry| entry.id.clone());
+        let events = page
+            .ids
+            .iter()
+            .filter_map(|entry| entry.get::<Vec<u8>>("e"))
+            .collect();
+        Ok(FeedPage { events, cursor })
+    }
+
+    fn is_shared(&self) -> bool {
+        true
     }
 
     fn backend(&self) -> &'static str {

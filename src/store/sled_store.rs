@@ -263,6 +263,56 @@ impl Store for SledStore {
         .await
     }
 
+    async fn scan_prefix(
+        &self,
+        prefix: &str,
+        visit: &mut (dyn FnMut(String, Vec<u8>) + Send),
+    ) -> Result<u64, StoreError> {
+        const BATCH: usize = 1024;
+        let mut after: Option<Vec<u8>> = None;
+        let mut visited = 0;
+        loop {
+            let prefix = prefix.to_owned();
+            let from = after.take();
+            let batch = self
+                .blocking(move |db, _| {
+                    let now = now_ms();
+                    let range = match &from {
+                        Some(key) => db.range::<&[u8], _>((
+                            std::ops::Bound::Excluded(key.as_slice()),
+                            std::ops::Bound::Unbounded,
+                        )),
+                        None => db.range::<&[u8], _>(prefix.as_bytes()..),
+                    };
+                    let mut batch = Vec::with_capacity(BATCH);
+                    let mut last = None;
+                    for entry in range {
+                        let (key, stored) = entry.map_err(backend_error)?;
+                        if !key.starts_with(prefix.as_bytes()) || batch.len() == BATCH {
+                            break;
+                        }
+                        last = Some(key.to_vec());
+                        if let (Some(payload), Ok(key)) =
+                            (live_payload(&stored, now), std::str::from_utf8(&key))
+                        {
+                            batch.push((key.to_owned(), payload.to_vec()));
+                        }
+                    }
+                    Ok((batch, last))
+                })
+                .await?;
+            let (batch, last) = batch;
+            for (key, value) in batch {
+                visit(key, value);
+                visited += 1;
+            }
+            match last {
+                Some(last) => after = Some(last),
+                None => return Ok(visited),
+            }
+        }
+    }
+
     fn backend(&self) -> &'static str {
         "sled"
     }

@@ -1,0 +1,718 @@
+//! The semantic cache stage: a request that means the same as an earlier one of the same scope
+//! is answered with the earlier answer.
+//!
+//! A lookup embeds only the text that varies (the last user turn), searches the scope's HNSW
+//! graph, and takes the most similar entry that clears three bars: the route's threshold, the
+//! entry's own threshold (raised by feedback about wrong hits), and the [`Verifier`], which
+//! rejects what embeddings get wrong (other numbers, times, a negation, the other side of a
+//! polarity pair, other names).
+//!
+//! Entries live in the store (`semantic/v1/{tenant}/{route}/{namespace}/{model}/{id}`) with their
+//! vector, so the in-memory index is rebuilt from the store at startup and replicas sharing a
+//! Redis learn of each other's entries through the store's change feed.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::entry::is_cacheable;
+use super::exact::{CacheControls, CacheMode, escape_segment, namespace_segment};
+use super::index::{IndexParams, ScopeKey, SemanticIndex};
+use super::key::{KeyScope, semantic_scope};
+use super::verify::Verifier;
+use crate::config::{CachePolicy, SemanticPolicy};
+use crate::embed::{EmbedError, Embedder, MODEL_ID};
+use crate::error::ApiError;
+use crate::protocol::openai::{ChatRequest, Content, Role};
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+const BASE: &str = "semantic/v1/";
+const FEED: &str = "semantic/v1/feed";
+/// A reported wrong hit raises the entry's threshold this far above the reported similarity.
+const FEEDBACK_MARGIN: f32 = 0.02;
+/// Above any cosine similarity: the entry never hits semantically again.
+const NEVER: f32 = 1.01;
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(30);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The store prefix of what a purge or a count selects (see `exact::prefix`).
+pub fn prefix(tenant: Option<&str>, route: Option<&str>, namespace: Option<&str>) -> String {
+    super::exact::prefix_under(BASE, tenant, route, namespace)
+}
+
+/// One semantic entry as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SemanticRecord {
+    pub created_at_ms: u64,
+    pub ttl_secs: u64,
+    pub tenant: String,
+    pub route: String,
+    pub namespace: String,
+    /// The embedding model; vectors of another model are never compared with this one's.
+    pub model: String,
+    /// Hex of the scope key.
+    pub scope: String,
+    /// The embedded text (the last user turn), for the verifier.
+    pub text: String,
+    #[serde(with = "vector_base64")]
+    pub vector: Vec<f32>,
+    /// Raised by feedback about a wrong hit: the entry hits only above it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
+    #[serde(default)]
+    pub wrong_reports: u32,
+    pub target: String,
+    pub response: Value,
+}
+
+impl SemanticRecord {
+    fn expires_at_ms(&self) -> u64 {
+        self.created_at_ms
+            .saturating_add(self.ttl_secs.saturating_mul(1000))
+    }
+}
+
+mod vector_base64 {
+    use super::{BASE64, Engine};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(vector: &[f32], serializer: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+        serializer.serialize_str(&BASE64.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<f32>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let bytes = BASE64.decode(text).map_err(serde::de::Error::custom)?;
+        if bytes.len() % 4 != 0 {
+            return Err(serde::de::Error::custom("vector bytes not a multiple of 4"));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+/// The semantic stage's decision for one request that may use it.
+#[derive(Debug, Clone)]
+pub struct SemanticPlan {
+    scope: ScopeKey,
+    text: String,
+    threshold: f32,
+    read: bool,
+    write: bool,
+    tenant: String,
+    route: String,
+    namespace: String,
+    ttl: Duration,
+    max_age: Option<Duration>,
+    cache_truncated: bool,
+}
+
+impl SemanticPlan {
+    /// `{route}/{namespace}/{id}`: what `x-reprise-cache-entry` reports and feedback names.
+    fn public_id(&self, id: &str) -> String {
+        format!(
+            "{}/{}/{id}",
+            escape_segment(&self.route),
+            namespace_segment(&self.namespace)
+        )
+    }
+
+    fn path(&self, id: &str) -> String {
+        format!(
+            "{BASE}{}/{}/{MODEL_ID}/{id}",
+            self.tenant,
+            self.public_id_prefix()
+        )
+    }
+
+    fn public_id_prefix(&self) -> String {
+        format!(
+            "{}/{}",
+            escape_segment(&self.route),
+            namespace_segment(&self.namespace)
+        )
+    }
+
+    /// The entry this request's answer is stored as: one per scope and text.
+    fn entry_id(&self) -> String {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&self.scope);
+        hasher.update(self.text.as_bytes());
+        hasher.finalize().to_hex().to_string()
+    }
+}
+
+/// A semantic hit.
+#[derive(Debug)]
+pub struct SemanticHit {
+    pub response: Value,
+    pub target: String,
+    pub similarity: f32,
+    /// `{route}/{namespace}/{id}`, for `x-reprise-cache-entry` and feedback.
+    pub entry: String,
+    pub age: Duration,
+}
+
+pub enum Lookup {
+    Hit(Box<SemanticHit>),
+    /// No hit; `outcome` says why (`miss`, `rejected-numbers`, `overloaded`, ...). The query's
+    /// vector, if it was computed, lets the answer be stored without embedding twice.
+    Miss {
+        outcome: String,
+        vector: Option<Arc<Vec<f32>>>,
+    },
+}
+
+/// What feedback did to an entry.
+#[derive(Debug, Serialize)]
+pub struct FeedbackOutcome {
+    pub entry: String,
+    /// The entry's threshold now; above 1 means it never hits semantically again.
+    pub threshold: Option<f32>,
+    pub wrong_reports: u32,
+}
+
+struct Shared {
+    embedder: Embedder,
+    index: SemanticIndex,
+    verifier: Option<Box<dyn Verifier>>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    candidates: usize,
+    /// Set once the startup rebuild of the index finished.
+    loaded: AtomicBool,
+    /// Tells this process's own feed events apart from other replicas'.
+    origin: u64,
+    loaded_entries: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct SemanticCache {
+    shared: Arc<Shared>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FeedEvent {
+    origin: u64,
+    path: String,
+}
+
+/// Settings of the semantic stage that are not per route.
+pub struct SemanticSettings {
+    pub candidates: usize,
+    pub index: IndexParams,
+    pub sync_interval: Duration,
+}
+
+impl SemanticCache {
+    /// Starts the stage: the index is rebuilt from the store in the background (lookups miss
+    /// until it is loaded), and with a shared store the change feed is followed.
+    pub fn start(
+        embedder: Embedder,
+        verifier: Option<Box<dyn Verifier>>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        settings: SemanticSettings,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            embedder,
+            index: SemanticIndex::new(settings.index),
+            verifier,
+            store,
+            metrics,
+            candidates: settings.candidates,
+            loaded: AtomicBool::new(false),
+            origin: rand::random(),
+            loaded_entries: AtomicU64::new(0),
+        });
+        tokio::spawn(background(Arc::downgrade(&shared), settings.sync_interval));
+        Self { shared }
+    }
+
+    /// Whether the startup rebuild finished, and how many entries it loaded.
+    pub fn loaded(&self) -> Option<u64> {
+        self.shared
+            .loaded
+            .load(Ordering::Acquire)
+            .then(|| self.shared.loaded_entries.load(Ordering::Relaxed))
+    }
+
+    /// Live entries in the index (all tenants).
+    pub fn indexed(&self) -> usize {
+        self.shared.index.len()
+    }
+
+    /// Whether and how a request uses the semantic stage; `Err(reason)` if it does not.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan(
+        &self,
+        policy: &CachePolicy,
+        mode: CacheMode,
+        controls: &CacheControls,
+        tenant: &str,
+        route: &str,
+        targets: &[String],
+        request: &ChatRequest,
+    ) -> Result<SemanticPlan, &'static str> {
+        let Some(semantic) = &policy.semantic else {
+            return Err("off");
+        };
+        if controls.no_semantic {
+            return Err("skipped-request");
+        }
+        let text = eligible_text(semantic, request)?;
+        let namespace = controls.namespace.clone().unwrap_or_default();
+        let scope = semantic_scope(
+            &KeyScope {
+                tenant,
+                namespace: &namespace,
+                route,
+                targets,
+            },
+            request,
+            MODEL_ID,
+        );
+        Ok(SemanticPlan {
+            scope: scope.0,
+            text,
+            threshold: semantic.threshold,
+            read: mode.read(),
+            write: mode.write(),
+            tenant: tenant.to_owned(),
+            route: route.to_owned(),
+            namespace,
+            ttl: controls.ttl.unwrap_or(policy.ttl),
+            max_age: controls.max_age,
+            cache_truncated: policy.cache_truncated,
+        })
+    }
+
+    pub async fn lookup(&self, plan: &SemanticPlan) -> Lookup {
+        let started = Instant::now();
+        let shared = &self.shared;
+        let vector = match shared.embedder.embed(plan.text.clone()).await {
+            Ok(vector) => Arc::new(vector),
+            Err(EmbedError::Overloaded) => {
+                return self.finish(plan, started, "overloaded", None);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "embedding failed; semantic stage skipped");
+                return self.finish(plan, started, "error", None);
+            }
+        };
+        if !plan.read {
+            return Lookup::Miss {
+                outcome: "write-only".into(),
+                vector: Some(vector),
+            };
+        }
+        let now = now_ms();
+        let matches = shared
+            .index
+            .search(&plan.scope, &vector, shared.candidates, now);
+        let mut outcome = String::from("miss");
+        for candidate in matches {
+            if candidate.similarity < plan.threshold {
+                break;
+            }
+            let record = match self.read_record(&candidate.entry).await {
+                Some(record) => record,
+                None => {
+                    // Purged, evicted or expired in the store: the index follows lazily.
+                    shared.index.remove(&plan.scope, &candidate.entry);
+                    continue;
+                }
+            };
+            if record.tenant != plan.tenant || record.scope != hex(&plan.scope) {
+                tracing::error!(entry = %candidate.entry, "semantic entry outside its scope; not served");
+                continue;
+            }
+            let age = Duration::from_millis(now.saturating_sub(record.created_at_ms));
+            if plan.max_age.is_some_and(|max| age > max) {
+                continue;
+            }
+            if record.threshold.is_some_and(|t| candidate.similarity < t) {
+                if outcome == "miss" {
+                    outcome = "rejected-feedback".into();
+                }
+                shared.metrics.semantic_rejected("feedback");
+                continue;
+            }
+            if let Some(verifier) = &shared.verifier
+                && let Err(rejection) = verifier.verify(&plan.text, &record.text)
+            {
+                tracing::debug!(
+                    ?rejection,
+                    similarity = candidate.similarity,
+                    "semantic candidate rejected"
+                );
+                shared.metrics.semantic_rejected(rejection.label());
+                if outcome == "miss" {
+                    outcome = format!("rejected-{}", rejection.label());
+                }
+                continue;
+            }
+            let id = candidate
+                .entry
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let hit = SemanticHit {
+                response: record.response,
+                target: record.target,
+                similarity: candidate.similarity,
+                entry: plan.public_id(&id),
+                age,
+            };
+            self.record_outcome(plan, started, "hit");
+            return Lookup::Hit(Box::new(hit));
+        }
+        self.finish(plan, started, &outcome, Some(vector))
+    }
+
+    fn record_outcome(&self, plan: &SemanticPlan, started: Instant, outcome: &str) {
+        self.shared
+            .metrics
+            .semantic_lookup(&plan.tenant, &plan.route, outcome, started.elapsed());
+    }
+
+    fn finish(
+        &self,
+        plan: &SemanticPlan,
+        started: Instant,
+        outcome: &str,
+        vector: Option<Arc<Vec<f32>>>,
+    ) -> Lookup {
+        self.record_outcome(plan, started, outcome);
+        Lookup::Miss {
+            outcome: outcome.to_owned(),
+            vector,
+        }
+    }
+
+    async fn read_record(&self, path: &str) -> Option<SemanticRecord> {
+        read_record(self.shared.store.as_ref(), &self.shared.metrics, path).await
+    }
+
+    /// Stores `response` as this scope's entry for the plan's text, off the response path.
+    pub fn store_behind(
+        &self,
+        plan: &SemanticPlan,
+        vector: Arc<Vec<f32>>,
+        target: &str,
+        response: &Value,
+    ) {
+        if !plan.write || !is_cacheable(response, plan.cache_truncated) {
+            return;
+        }
+        let id = plan.entry_id();
+        let path = plan.path(&id);
+        let record = SemanticRecord {
+            created_at_ms: now_ms(),
+            ttl_secs: plan.ttl.as_secs().max(1),
+            tenant: plan.tenant.clone(),
+            route: plan.route.clone(),
+            namespace: plan.namespace.clone(),
+            model: MODEL_ID.to_owned(),
+            scope: hex(&plan.scope),
+            text: plan.text.clone(),
+            vector: vector.as_ref().clone(),
+            threshold: None,
+            wrong_reports: 0,
+            target: target.to_owned(),
+            response: response.clone(),
+        };
+        let shared = Arc::clone(&self.shared);
+        let scope = plan.scope;
+        let ttl = plan.ttl;
+        tokio::spawn(async move {
+            let Ok(bytes) = serde_json::to_vec(&record) else {
+                return;
+            };
+            if let Err(error) = shared.store.put(&path, bytes, Some(ttl)).await {
+                tracing::warn!(%error, "semantic cache write failed");
+                shared.metrics.cache_error("semantic_write");
+                return;
+            }
+            shared
+                .index
+                .insert(&scope, &vector, &path, record.expires_at_ms());
+            shared.metrics.semantic_entries(shared.index.len());
+            if shared.store.is_shared() {
+                let event = FeedEvent {
+                    origin: shared.origin,
+                    path,
+                };
+                if let Ok(event) = serde_json::to_vec(&event)
+                    && let Err(error) = shared.store.publish(FEED, event).await
+                {
+                    // Other replicas still find the entry after their next restart.
+                    tracing::warn!(%error, "could not tell other replicas of a semantic entry");
+                }
+            }
+        });
+    }
+
+    /// A client's verdict on a semantic hit it was served. A wrong hit raises the entry's
+    /// threshold above the similarity it was served at (or, without one, stops the entry from
+    /// hitting semantically at all): the entry keeps answering closer paraphrases, but no
+    /// longer the neighbourhood where it was wrong.
+    pub async fn feedback(
+        &self,
+        tenant: &str,
+        entry: &str,
+        similarity: Option<f32>,
+        correct: bool,
+    ) -> Result<FeedbackOutcome, ApiError> {
+        let parts: Vec<&str> = entry.split('/').collect();
+        let valid = parts.len() == 3
+            && parts.iter().all(|p| !p.is_empty())
+            && parts[2].len() == 64
+            && parts[2].chars().all(|c| c.is_ascii_hexdigit());
+        if !valid {
+            return Err(ApiError::invalid(
+                "entry must be the value of x-reprise-cache-entry",
+                Some("entry"),
+            ));
+        }
+        if let Some(s) = similarity
+            && !(-1.0..=1.0).contains(&s)
+        {
+            return Err(ApiError::invalid(
+                "similarity must be between -1 and 1 (x-reprise-cache-similarity)",
+                Some("similarity"),
+            ));
+        }
+        let path = format!(
+            "{BASE}{tenant}/{}/{}/{MODEL_ID}/{}",
+            parts[0], parts[1], parts[2]
+        );
+        let store = self.shared.store.as_ref();
+        let unavailable = |e: crate::store::StoreError| ApiError::CacheUnavailable(e.to_string());
+        let Some(mut record) = self.read_record(&path).await else {
+            return Err(ApiError::NotFound {
+                message: format!("no semantic cache entry {entry:?} (expired or purged?)"),
+                param: Some("entry"),
+            });
+        };
+        self.shared
+            .metrics
+            .semantic_feedback(if correct { "correct" } else { "wrong" });
+        if !correct {
+            let raised = similarity.map_or(NEVER, |s| (s + FEEDBACK_MARGIN).min(NEVER));
+            record.threshold = Some(record.threshold.map_or(raised, |t| t.max(raised)));
+            record.wrong_reports += 1;
+            let remaining = record.expires_at_ms().saturating_sub(now_ms());
+            if remaining > 0 {
+                let bytes = serde_json::to_vec(&record)
+                    .map_err(|e| ApiError::CacheUnavailable(e.to_string()))?;
+                store
+                    .put(&path, bytes, Some(Duration::from_millis(remaining)))
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(FeedbackOutcome {
+            entry: entry.to_owned(),
+            threshold: record.threshold,
+            wrong_reports: record.wrong_reports,
+        })
+    }
+}
+
+async fn read_record(store: &dyn Store, metrics: &Metrics, path: &str) -> Option<SemanticRecord> {
+    let bytes = match store.get(path).await {
+        Ok(bytes) => bytes?,
+        Err(error) => {
+            tracing::warn!(%error, "semantic cache lookup failed");
+            metrics.cache_error("semantic_lookup");
+            return None;
+        }
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(record) => Some(record),
+        Err(error) => {
+            tracing::warn!(%error, path, "unreadable semantic cache entry; ignored");
+            metrics.cache_error("corrupt_entry");
+            None
+        }
+    }
+}
+
+fn hex(bytes: &[u8; 32]) -> String {
+    blake3::Hash::from_bytes(*bytes).to_hex().to_string()
+}
+
+fn scope_from_hex(text: &str) -> Option<ScopeKey> {
+    blake3::Hash::from_hex(text).ok().map(|h| *h.as_bytes())
+}
+
+/// The text a request is matched by, or why it is not semantically cached.
+fn eligible_text(policy: &SemanticPolicy, request: &ChatRequest) -> Result<String, &'static str> {
+    if request
+        .temperature
+        .is_some_and(|t| t > policy.max_temperature)
+    {
+        return Err("skipped-temperature");
+    }
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) && !policy.with_tools {
+        return Err("skipped-tools");
+    }
+    if request
+        .messages
+        .iter()
+        .any(|m| m.role == Role::Tool || m.role == Role::Function || m.tool_calls.is_some())
+    {
+        return Err("skipped-tool-calls");
+    }
+    let Some(last) = request.messages.last() else {
+        return Err("skipped-no-user-turn");
+    };
+    if last.role != Role::User {
+        return Err("skipped-no-user-turn");
+    }
+    let text = match &last.content {
+        Some(Content::Text(text)) => text.clone(),
+        Some(Content::Parts(parts)) => {
+            // Images, audio and files are not embedded: a text-only match could hand one
+            // picture's description to another.
+            if parts
+                .iter()
+                .any(|p| p.get("type").and_then(Value::as_str) != Some("text"))
+            {
+                return Err("skipped-non-text");
+            }
+            parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        None => return Err("skipped-no-user-turn"),
+    };
+    if text.trim().is_empty() {
+        return Err("skipped-empty");
+    }
+    Ok(text)
+}
+
+/// Loads the index from the store, then (with a shared store) follows the change feed, and
+/// keeps the index tidy; ends when the cache is dropped.
+async fn background(shared: Weak<Shared>, sync_interval: Duration) {
+    let Some(cache) = shared.upgrade() else {
+        return;
+    };
+    // The feed position is taken before the scan, so an entry written during the scan is seen
+    // by one or the other (twice is harmless).
+    let mut cursor = if cache.store.is_shared() {
+        match cache.store.read_feed(FEED, None, 0).await {
+            Ok(page) => Some(page.cursor),
+            Err(error) => {
+                tracing::warn!(%error, "semantic cache: cannot read the change feed yet");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let loaded = rebuild(&cache).await;
+    cache.loaded_entries.store(loaded, Ordering::Relaxed);
+    cache.loaded.store(true, Ordering::Release);
+    cache.metrics.semantic_entries(cache.index.len());
+    tracing::info!(entries = loaded, "semantic cache index loaded");
+    let shared_store = cache.store.is_shared();
+    drop(cache);
+    let mut last_maintenance = Instant::now();
+    loop {
+        tokio::time::sleep(sync_interval).await;
+        let Some(cache) = shared.upgrade() else {
+            return;
+        };
+        if shared_store {
+            cursor = follow_feed(&cache, cursor).await;
+        }
+        if last_maintenance.elapsed() >= MAINTENANCE_INTERVAL {
+            last_maintenance = Instant::now();
+            let worker = Arc::clone(&cache);
+            let _ = tokio::task::spawn_blocking(move || worker.index.maintain(now_ms())).await;
+            cache.metrics.semantic_entries(cache.index.len());
+        }
+    }
+}
+
+async fn rebuild(cache: &Shared) -> u64 {
+    let now = now_ms();
+    let mut records = Vec::new();
+    let mut loaded = 0;
+    let mut visit = |path: String, bytes: Vec<u8>| {
+        if let Ok(record) = serde_json::from_slice::<SemanticRecord>(&bytes) {
+            records.push((path, record));
+        }
+    };
+    if let Err(error) = cache.store.scan_prefix(BASE, &mut visit).await {
+        tracing::warn!(%error, "semantic cache: cannot load entries from the store; starting empty");
+    }
+    for (path, record) in records {
+        if index_record(cache, &path, &record, now) {
+            loaded += 1;
+        }
+    }
+    loaded
+}
+
+fn index_record(cache: &Shared, path: &str, record: &SemanticRecord, now: u64) -> bool {
+    if record.model != MODEL_ID
+        || record.expires_at_ms() <= now
+        || record.vector.len() != cache.embedder.dimensions()
+    {
+        return false;
+    }
+    let Some(scope) = scope_from_hex(&record.scope) else {
+        return false;
+    };
+    cache
+        .index
+        .insert(&scope, &record.vector, path, record.expires_at_ms());
+    true
+}
+
+/// Indexes what other replicas stored since `cursor`; the cursor to continue from.
+async fn follow_feed(cache: &Shared, cursor: Option<String>) -> Option<String> {
+    let page = match cache.store.read_feed(FEED, cursor.as_deref(), 1000).await {
+        Ok(page) => page,
+        Err(error) => {
+            tracing::debug!(%error, "semantic cache: change feed unreadable; retrying");
+            return cursor;
+        }
+    };
+    let now = now_ms();
+    for event in page.events {
+        let Ok(event) = serde_json::from_slice::<FeedEvent>(&event) else {
+            continue;
+        };
+        if event.origin == cache.origin {
+            continue;
+        }
+        if let Some(record) = read_record(cache.store.as_ref(), &cache.metrics, &event.path).await {
+            index_record(cache, &event.path, &record, now);
+        }
+    }
+    cache.metrics.semantic_entries(cache.index.len());
+    Some(page.cursor)
+}

@@ -1,0 +1,592 @@
+//! The semantic cache through HTTP, with the real embedding model and a mock upstream that counts
+//! its calls: "served from cache" is asserted as "the upstream was not called again".
+//!
+//! Needs the model (`make test` fetches it and sets `REPRISE_EMBED_MODEL_DIR`); a bare
+//! `cargo test` without it says so and skips these tests, unless `CI` is set, where a missing
+//! model is a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis_server::RedisServer;
+use common::{ADMIN, Gateway, KEY_A, KEY_B, Mock, header, stream_chunks, streamed_text, user};
+use serde_json::{Value, json};
+
+fn model_dir() -> Option<String> {
+    match std::env::var("REPRISE_EMBED_MODEL_DIR") {
+        Ok(dir) => Some(dir),
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!("REPRISE_EMBED_MODEL_DIR must be set in CI (make test sets it)")
+        }
+        Err(_) => {
+            eprintln!(
+                "REPRISE_EMBED_MODEL_DIR is not set: semantic cache tests not run (run `make test`)"
+            );
+            None
+        }
+    }
+}
+
+struct Semantic {
+    gw: Gateway,
+    config: String,
+    _dir: tempfile::TempDir,
+}
+
+fn config(model_dir: &str, store: &str, extra: &str) -> String {
+    format!(
+        r#"
+        [cache]
+        enabled = true
+        semantic = true
+        {store}
+        [semantic]
+        model_dir = "{model_dir}"
+        sync_interval = "100ms"
+        {extra}
+        [routes.chat]
+        targets = [{{ provider = "mock", model = "ok" }}]
+        [routes.exact-only]
+        targets = [{{ provider = "mock", model = "ok" }}]
+        [routes.exact-only.cache]
+        semantic = false
+        [routes.strict]
+        targets = [{{ provider = "mock", model = "ok" }}]
+        [routes.strict.cache]
+        semantic_threshold = 0.99
+        "#
+    )
+}
+
+async fn start(extra: &str) -> Option<Semantic> {
+    let model_dir = model_dir()?;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("path = \"{}\"", dir.path().join("store").display());
+    let config = config(&model_dir, &store, extra);
+    let gw = Gateway::start(&config).await;
+    let s = Semantic {
+        gw,
+        config,
+        _dir: dir,
+    };
+    s.wait_loaded().await;
+    Some(s)
+}
+
+fn ask(text: &str) -> Value {
+    json!({"model": "chat", "messages": user(text)})
+}
+
+impl Semantic {
+    async fn send(&self, key: &str, body: Value, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = self
+            .gw
+            .client
+            .post(self.gw.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response
+    }
+
+    async fn stats(&self) -> Value {
+        self.gw
+            .client
+            .get(self.gw.url("/admin/cache/stats"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn indexed(&self) -> u64 {
+        self.stats().await["semantic"]["indexed_entries"]
+            .as_u64()
+            .unwrap()
+    }
+
+    async fn wait_loaded(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.stats().await["semantic"]["loaded"] != true {
+            assert!(Instant::now() < deadline, "the semantic index never loaded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until this gateway's index holds `count` entries (writes land after the answer).
+    async fn wait_indexed(&self, count: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.indexed().await < count {
+            assert!(
+                Instant::now() < deadline,
+                "semantic entries never reached {count}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends `first`, waits for its entry, then sends `second`: the response to `second`.
+    async fn pair(&self, first: Value, second: Value) -> reqwest::Response {
+        let before = self.indexed().await;
+        self.send(KEY_A, first, &[]).await;
+        self.wait_indexed(before + 1).await;
+        self.send(KEY_A, second, &[]).await
+    }
+
+    fn calls(&self) -> usize {
+        self.gw.mock.calls("ok")
+    }
+}
+
+fn content(body: &Value) -> &str {
+    body["choices"][0]["message"]["content"].as_str().unwrap()
+}
+
+#[tokio::test]
+async fn a_paraphrase_is_answered_from_the_cache() {
+    let Some(s) = start("").await else { return };
+    let first = s.send(KEY_A, ask("How do I cancel my order?"), &[]).await;
+    assert_eq!(header(&first, "x-reprise-cache"), Some("miss"));
+    assert_eq!(header(&first, "x-reprise-cache-semantic"), Some("miss"));
+    s.wait_indexed(1).await;
+    let hit = s.send(KEY_A, ask("How can I cancel my order?"), &[]).await;
+    assert_eq!(header(&hit, "x-reprise-cache"), Some("semantic-hit"));
+    assert_eq!(header(&hit, "x-reprise-cache-semantic"), Some("hit"));
+    let similarity: f32 = header(&hit, "x-reprise-cache-similarity")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.8..1.0).contains(&similarity), "{similarity}");
+    let entry = header(&hit, "x-reprise-cache-entry").unwrap().to_owned();
+    assert!(entry.starts_with("chat/-/"), "{entry}");
+    let body: Value = hit.json().await.unwrap();
+    assert_eq!(content(&body), "echo: How do I cancel my order?");
+    assert_eq!(s.calls(), 1, "the paraphrase did not reach the upstream");
+
+    // Streamed, the same entry is replayed as a stream.
+    let mut streamed = ask("how do i cancel my order");
+    streamed["stream"] = json!(true);
+    let response = s.send(KEY_A, streamed, &[]).await;
+    assert_eq!(header(&response, "x-reprise-cache"), Some("semantic-hit"));
+    let chunks = stream_chunks(&response.text().await.unwrap());
+    assert_eq!(streamed_text(&chunks), "echo: How do I cancel my order?");
+    assert_eq!(s.calls(), 1);
+
+    let metrics = s.gw.metrics().await;
+    assert!(
+        metrics
+            .contains(r#"reprise_semantic_lookups_total{tenant="a",route="chat",outcome="hit"} 2"#),
+        "{metrics}"
+    );
+    let stats = s.stats().await;
+    let row = stats["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["tenant"] == "a" && r["route"] == "chat")
+        .unwrap();
+    assert_eq!(row["semantic_hits"], 2);
+    assert_eq!(row["semantic_entries"], 1);
+}
+
+/// Pairs an embedding puts close together but whose answers differ, and the guard that must
+/// catch each.
+const LOOKALIKES: &[(&str, &str, &str)] = &[
+    ("Send 5 USD to Alice", "Send 50 USD to Alice", "numbers"),
+    (
+        "Mute notifications for one hour",
+        "Mute notifications for two hours",
+        "numbers",
+    ),
+    (
+        "Book a table for tonight",
+        "Book a table for tomorrow",
+        "times",
+    ),
+    (
+        "Turn on the lights in the kitchen",
+        "Turn off the lights in the kitchen",
+        "polarity",
+    ),
+    (
+        "Is the pharmacy open on Sunday?",
+        "Is the pharmacy not open on Sunday?",
+        "negation",
+    ),
+    (
+        "What is the price of the Model S?",
+        "What is the price of the Model X?",
+        "entities",
+    ),
+];
+
+#[tokio::test]
+async fn each_guard_blocks_its_lookalike_which_a_plain_threshold_would_serve() {
+    let Some(guarded) = start("").await else {
+        return;
+    };
+    let Some(plain) = start(r#"verifier = "off""#).await else {
+        return;
+    };
+    for (i, (first, second, guard)) in LOOKALIKES.iter().enumerate() {
+        // A plain threshold (the guards off) serves the first answer to the second request:
+        // these are real false hits, not pairs the embedding already tells apart.
+        let response = plain.pair(ask(first), ask(second)).await;
+        assert_eq!(
+            header(&response, "x-reprise-cache"),
+            Some("semantic-hit"),
+            "{first:?} ~ {second:?} is not similar enough to test the {guard} guard"
+        );
+        assert_eq!(
+            content(&response.json().await.unwrap()),
+            format!("echo: {first}")
+        );
+
+        let response = guarded.pair(ask(first), ask(second)).await;
+        assert_eq!(
+            header(&response, "x-reprise-cache"),
+            Some("miss"),
+            "{first:?} ~ {second:?}"
+        );
+        assert_eq!(
+            header(&response, "x-reprise-cache-semantic"),
+            Some(format!("rejected-{guard}").as_str()),
+            "{first:?} ~ {second:?}"
+        );
+        assert_eq!(
+            content(&response.json().await.unwrap()),
+            format!("echo: {second}")
+        );
+        assert_eq!(guarded.calls(), 2 * (i + 1));
+    }
+    let metrics = guarded.gw.metrics().await;
+    for guard in ["numbers", "times", "polarity", "negation", "entities"] {
+        assert!(
+            metrics.contains(&format!(
+                "reprise_semantic_rejections_total{{guard=\"{guard}\"}}"
+            )),
+            "{guard}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn scopes_never_cross() {
+    let Some(s) = start("").await else { return };
+    let question = "How do I reset my password?";
+    let paraphrase = "How can I reset my password?";
+    let with_system = |system: &str, text: &str| {
+        json!({"model": "chat", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": text}]})
+    };
+    let after_turns = |earlier: &str, text: &str| {
+        json!({"model": "chat", "messages": [
+            {"role": "user", "content": earlier},
+            {"role": "assistant", "content": "Sure."},
+            {"role": "user", "content": text}]})
+    };
+    let with_temperature =
+        |t: f64, text: &str| json!({"model": "chat", "messages": user(text), "temperature": t});
+    s.send(KEY_A, ask(question), &[]).await;
+    s.send(KEY_A, with_system("You are a bank.", question), &[])
+        .await;
+    s.send(KEY_A, after_turns("I use the mobile app.", question), &[])
+        .await;
+    s.send(KEY_A, with_temperature(0.0, question), &[]).await;
+    s.wait_indexed(4).await;
+    assert_eq!(s.calls(), 4);
+
+    type Headers = Vec<(&'static str, &'static str)>;
+    let cases: Vec<(&str, &str, Value, Headers)> = vec![
+        ("another tenant", KEY_B, ask(paraphrase), vec![]),
+        (
+            "another system prompt",
+            KEY_A,
+            with_system("You are an airline.", paraphrase),
+            vec![],
+        ),
+        (
+            "other earlier turns",
+            KEY_A,
+            after_turns("I use the website.", paraphrase),
+            vec![],
+        ),
+        (
+            "another temperature",
+            KEY_A,
+            with_temperature(0.5, paraphrase),
+            vec![],
+        ),
+        (
+            "another namespace",
+            KEY_A,
+            ask(paraphrase),
+            vec![("x-reprise-cache-namespace", "other")],
+        ),
+    ];
+    for (what, key, body, headers) in cases {
+        let calls = s.calls();
+        let response = s.send(key, body, &headers).await;
+        assert_eq!(
+            header(&response, "x-reprise-cache"),
+            Some("miss"),
+            "{what} must not share answers"
+        );
+        assert_eq!(s.calls(), calls + 1, "{what}");
+    }
+    // ...while within each scope the paraphrase hits.
+    let same_scope = [
+        ask(paraphrase),
+        with_system("You are a bank.", paraphrase),
+        after_turns("I use the mobile app.", paraphrase),
+        with_temperature(0.0, paraphrase),
+    ];
+    let calls = s.calls();
+    for body in same_scope {
+        let response = s.send(KEY_A, body.clone(), &[]).await;
+        assert_eq!(
+            header(&response, "x-reprise-cache"),
+            Some("semantic-hit"),
+            "{body}"
+        );
+    }
+    assert_eq!(s.calls(), calls);
+}
+
+#[tokio::test]
+async fn requests_that_are_not_semantically_cached_say_why() {
+    let Some(s) = start("").await else { return };
+    s.pair(
+        ask("What are your opening hours?"),
+        ask("When are you open?"),
+    )
+    .await;
+    let tools = json!([{"type": "function", "function": {"name": "hours", "parameters": {"type": "object"}}}]);
+    let image = json!([{"role": "user", "content": [
+        {"type": "text", "text": "What are your opening hours?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]);
+    type Headers = Vec<(&'static str, &'static str)>;
+    let cases: Vec<(Value, Headers, &str)> = vec![
+        (
+            json!({"model": "chat", "messages": user("What are your opening hours today?"), "temperature": 1.5}),
+            vec![],
+            "skipped-temperature",
+        ),
+        (
+            json!({"model": "chat", "messages": user("What are your opening hours today?"), "tools": tools}),
+            vec![],
+            "skipped-tools",
+        ),
+        (
+            json!({"model": "chat", "messages": image}),
+            vec![],
+            "skipped-non-text",
+        ),
+        (
+            ask("What are your opening hours today?"),
+            vec![("x-reprise-cache-semantic", "off")],
+            "skipped-request",
+        ),
+    ];
+    for (body, headers, why) in cases {
+        let calls = s.calls();
+        let response = s.send(KEY_A, body, &headers).await;
+        assert_eq!(header(&response, "x-reprise-cache-semantic"), Some(why));
+        assert_eq!(header(&response, "x-reprise-cache"), Some("miss"));
+        assert_eq!(s.calls(), calls + 1, "{why}");
+    }
+    // A route with the stage off, and a route whose threshold only a near-repeat meets.
+    let mut body = ask("What are your opening hours?");
+    body["model"] = json!("exact-only");
+    s.send(KEY_A, body.clone(), &[]).await;
+    body["messages"] = user("When are you open?");
+    let response = s.send(KEY_A, body, &[]).await;
+    assert_eq!(header(&response, "x-reprise-cache-semantic"), None);
+    assert_eq!(header(&response, "x-reprise-cache"), Some("miss"));
+    let mut strict = ask("What are your opening hours?");
+    strict["model"] = json!("strict");
+    let mut paraphrase = strict.clone();
+    paraphrase["messages"] = user("When are you open?");
+    let response = s.pair(strict, paraphrase).await;
+    assert_eq!(header(&response, "x-reprise-cache-semantic"), Some("miss"));
+    let bad =
+        s.gw.client
+            .post(s.gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY_A)
+            .header("x-reprise-cache-semantic", "maybe")
+            .json(&ask("hello"))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(bad.status(), 400);
+    let error: Value = bad.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "x-reprise-cache-semantic");
+}
+
+#[tokio::test]
+async fn feedback_about_a_wrong_hit_stops_the_entry_matching_there() {
+    let Some(s) = start("").await else { return };
+    let hit = s
+        .pair(
+            ask("Where can I park my car?"),
+            ask("Where should I park my car?"),
+        )
+        .await;
+    assert_eq!(header(&hit, "x-reprise-cache"), Some("semantic-hit"));
+    let entry = header(&hit, "x-reprise-cache-entry").unwrap().to_owned();
+    let similarity: f32 = header(&hit, "x-reprise-cache-similarity")
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let feedback = |key: &'static str, body: Value| {
+        let s = &s;
+        async move {
+            s.gw.client
+                .post(s.gw.url("/v1/cache/feedback"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Another tenant cannot touch the entry: for it, the entry does not exist.
+    let response = feedback(
+        KEY_B,
+        json!({"entry": entry, "similarity": similarity, "correct": false}),
+    )
+    .await;
+    assert_eq!(response.status(), 404);
+    for (bad, param) in [
+        (json!({"entry": "nonsense", "correct": false}), "entry"),
+        (
+            json!({"entry": entry, "similarity": 7, "correct": false}),
+            "similarity",
+        ),
+        (json!({"entry": entry}), "correct"),
+    ] {
+        let response = feedback(KEY_A, bad.clone()).await;
+        assert_eq!(response.status(), 400, "{bad}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], param, "{bad}: {error}");
+    }
+    let response = feedback(
+        KEY_A,
+        json!({"entry": entry, "similarity": similarity, "correct": false}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let outcome: Value = response.json().await.unwrap();
+    assert!(outcome["threshold"].as_f64().unwrap() > f64::from(similarity));
+
+    let again = s.send(KEY_A, ask("Where should I park my car?"), &[]).await;
+    assert_eq!(header(&again, "x-reprise-cache"), Some("miss"));
+    assert_eq!(
+        header(&again, "x-reprise-cache-semantic"),
+        Some("rejected-feedback")
+    );
+    assert_eq!(s.calls(), 2);
+    // The exact repeat of the original question is still a (exact) hit.
+    let exact = s.send(KEY_A, ask("Where can I park my car?"), &[]).await;
+    assert_eq!(header(&exact, "x-reprise-cache"), Some("hit"));
+    assert!(
+        s.gw.metrics()
+            .await
+            .contains(r#"reprise_semantic_feedback_total{verdict="wrong"} 1"#)
+    );
+}
+
+#[tokio::test]
+async fn entries_survive_a_restart() {
+    let Some(s) = start("").await else { return };
+    s.send(KEY_A, ask("How do I change my delivery address?"), &[])
+        .await;
+    s.wait_indexed(1).await;
+    let Semantic { gw, config, _dir } = s;
+    let mock: Mock = gw.mock.clone();
+    assert!(gw.server.stop().await.unwrap());
+    let gw = Gateway::start_with(mock, &config).await;
+    let s = Semantic { gw, config, _dir };
+    s.wait_loaded().await;
+    assert_eq!(s.stats().await["semantic"]["loaded_at_startup"], 1);
+    let hit = s
+        .send(KEY_A, ask("How can I change my delivery address?"), &[])
+        .await;
+    assert_eq!(header(&hit, "x-reprise-cache"), Some("semantic-hit"));
+    assert_eq!(s.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_purge_removes_semantic_entries_too() {
+    let Some(s) = start("").await else { return };
+    s.send(KEY_A, ask("How do I close my account?"), &[]).await;
+    s.wait_indexed(1).await;
+    let purged: Value =
+        s.gw.client
+            .post(s.gw.url("/admin/cache/purge"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"tenant": "a"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(purged["purged"], 2, "the exact and the semantic entry");
+    let response = s.send(KEY_A, ask("How can I close my account?"), &[]).await;
+    assert_eq!(header(&response, "x-reprise-cache"), Some("miss"));
+    assert_eq!(s.calls(), 2);
+}
+
+#[tokio::test]
+async fn two_gateways_on_one_redis_share_semantic_hits_within_a_second() {
+    let Some(model_dir) = model_dir() else { return };
+    let redis = RedisServer::start();
+    let store = format!("store = \"redis\"\nredis_url = \"{}\"", redis.url());
+    let config = config(&model_dir, &store, "");
+    let one = Semantic {
+        gw: Gateway::start(&config).await,
+        config: config.clone(),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let two = Semantic {
+        gw: Gateway::start_with(one.gw.mock.clone(), &config).await,
+        config,
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    one.wait_loaded().await;
+    two.wait_loaded().await;
+    one.send(KEY_A, ask("Can I return a gift without a receipt?"), &[])
+        .await;
+    one.wait_indexed(1).await;
+    let written = Instant::now();
+    loop {
+        let response = two
+            .send(
+                KEY_A,
+                ask("Can I return a present without a receipt?"),
+                &[("cache-control", "no-store")],
+            )
+            .await;
+        if header(&response, "x-reprise-cache") == Some("semantic-hit") {
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(1),
+            "the other replica's entry was not a hit within a second"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("replica sync took {:?}", written.elapsed());
+}
