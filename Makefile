@@ -14,9 +14,9 @@ EMBED_MODEL := models/all-MiniLM-L6-v2
 export REPRISE_API_KEY ?= reprise-dev-key
 export REPRISE_ADMIN_KEY ?= reprise-dev-admin
 
-.PHONY: run test lint bench clean-tools redis-server
+.PHONY: run test lint bench eval clean-tools redis-server
 
-run:
+run: $(EMBED_MODEL)/.complete
 	$(CARGO) run --release -- serve --config config/reprise.toml
 
 test: lint $(VENV)/.installed redis-server $(EMBED_MODEL)/.complete
@@ -45,6 +45,11 @@ redis-server:
 # Load benchmark (numbers in the README). Installs oha into .tools on first use.
 bench:
 	bash benches/load.sh
+
+# Semantic-cache evaluation on public labelled data (tables in the README).
+eval: $(EMBED_MODEL)/.complete
+	$(PYTHON) eval/prepare.py eval/data/kwik_e_mart.jsonl
+	$(CARGO) run --release --example semantic_eval -- eval/data/kwik_e_mart.jsonl $(EMBED_MODEL)
 
 clean-tools:
 	rm -rf $(VENV) .tools

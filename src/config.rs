@@ -424,7 +424,7 @@ pub struct RouteCacheConfig {
 }
 
 /// Chosen by the evaluation in `eval/` (see the README): the guards make a lower threshold safe.
-pub const DEFAULT_SEMANTIC_THRESHOLD: f32 = 0.80;
+pub const DEFAULT_SEMANTIC_THRESHOLD: f32 = 0.85;
 
 /// A route's cache policy with every default applied.
 #[derive(Debug, Clone, PartialEq)]

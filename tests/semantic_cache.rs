@@ -41,6 +41,7 @@ fn config(model_dir: &str, store: &str, extra: &str) -> String {
         [cache]
         enabled = true
         semantic = true
+        semantic_threshold = 0.8
         {store}
         [semantic]
         model_dir = "{model_dir}"
@@ -575,7 +576,7 @@ async fn two_gateways_on_one_redis_share_semantic_hits_within_a_second() {
         let response = two
             .send(
                 KEY_A,
-                ask("Can I return a present without a receipt?"),
+                ask("How can I return a gift without a receipt?"),
                 &[("cache-control", "no-store")],
             )
             .await;

@@ -30,6 +30,11 @@ pub enum Rejection {
         query: Vec<String>,
         candidate: Vec<String>,
     },
+    /// The texts are one template with a different content word in one slot ("from savings to
+    /// checking" vs "from credit to checking", "hours of the Elm store" vs "... the Oak store"):
+    /// the slot is what the answer is about. Lowercase names, which the entity rule cannot see,
+    /// are caught here.
+    Substitution { query: String, candidate: String },
 }
 
 impl Rejection {
@@ -40,6 +45,7 @@ impl Rejection {
             Rejection::Negation => "negation",
             Rejection::Polarity { .. } => "polarity",
             Rejection::Entities { .. } => "entities",
+            Rejection::Substitution { .. } => "substitution",
         }
     }
 }
@@ -302,6 +308,69 @@ fn polarity(words: &[String]) -> BTreeMap<usize, (BTreeSet<bool>, &str)> {
     found
 }
 
+/// Words that carry grammar, not content: two texts differing only in these can share an answer
+/// ("how do I" / "how can I", "where should I" / "where can I").
+const FUNCTION_WORDS: &[&str] = &[
+    "a", "an", "the", "i", "me", "my", "mine", "you", "your", "yours", "we", "us", "our", "he",
+    "she", "it", "its", "they", "them", "their", "this", "that", "these", "those", "there", "here",
+    "is", "are", "was", "were", "be", "been", "being", "am", "do", "does", "did", "can", "could",
+    "would", "should", "will", "shall", "may", "might", "must", "have", "has", "had", "to", "of",
+    "for", "from", "with", "by", "about", "at", "as", "into", "onto", "please", "what", "whats",
+    "when", "whens", "where", "wheres", "how", "hows", "why", "which", "who", "whom", "and", "or",
+    "but", "if", "so", "just", "some", "any", "im", "ive", "id", "ill", "youre", "its", "want",
+    "wanna", "like", "need", "tell", "know", "let", "lets", "get", "kindly", "hi", "hello", "hey",
+    "thanks", "thank", "ok", "okay", "also", "then", "there", "still", "ever", "really", "very",
+];
+
+fn is_function_word(word: &str) -> bool {
+    FUNCTION_WORDS.contains(&word)
+}
+
+/// The differing content words if the texts are one template with one slot filled differently:
+/// a shared start and end (at least two words together), a non-empty middle on both sides, and
+/// different content words in the middles.
+fn substitution(q: &[String], c: &[String]) -> Option<(String, String)> {
+    let prefix = q.iter().zip(c).take_while(|(a, b)| a == b).count();
+    let room = q.len().min(c.len()) - prefix;
+    let suffix = q
+        .iter()
+        .rev()
+        .zip(c.iter().rev())
+        .take(room)
+        .take_while(|(a, b)| a == b)
+        .count();
+    if prefix + suffix < 2 {
+        return None;
+    }
+    let content = |words: &[String]| -> BTreeSet<String> {
+        words
+            .iter()
+            // Numbers were compared by value already ("5" = "five").
+            .filter(|w| {
+                // Negations were compared by parity already ("can't" = "cannot").
+                !is_function_word(w)
+                    && !NEGATIONS.contains(&w.as_str())
+                    && is_number_word(w).is_none()
+                    && !w.chars().any(|c| c.is_ascii_digit())
+            })
+            // A plural is not another slot value ("10 minutes" / "10 minute timer").
+            .map(|w| match w.strip_suffix('s') {
+                Some(stem) if stem.len() >= 3 => stem.to_owned(),
+                _ => w.clone(),
+            })
+            .collect()
+    };
+    let (qm, cm) = (
+        content(&q[prefix..q.len() - suffix]),
+        content(&c[prefix..c.len() - suffix]),
+    );
+    if qm.is_empty() || cm.is_empty() || qm == cm {
+        return None;
+    }
+    let join = |set: BTreeSet<String>| set.into_iter().collect::<Vec<_>>().join(" ");
+    Some((join(qm), join(cm)))
+}
+
 /// Tokens that name something specific: capitalised words not at the start of a sentence,
 /// all-caps words, and codes mixing letters with digits or symbols (order ids, SKUs, emails).
 fn entities(text: &str) -> BTreeSet<String> {
@@ -370,6 +439,9 @@ impl Verifier for RuleVerifier {
                 query: qe.into_iter().collect(),
                 candidate: ce.into_iter().collect(),
             });
+        }
+        if let Some((query, candidate)) = substitution(&q, &c) {
+            return Err(Rejection::Substitution { query, candidate });
         }
         Ok(())
     }
@@ -509,5 +581,33 @@ mod tests {
             ["1.5", "3", "4000"]
         );
         assert_eq!(Rejection::Negation.label(), "negation");
+    }
+
+    #[test]
+    fn one_slot_filled_differently_is_rejected_but_function_words_may_differ() {
+        for (a, b) in [
+            (
+                "transfer 20 dollars from savings to checking",
+                "transfer 20 dollars from money market to checking",
+            ),
+            (
+                "what are the hours of the store on n oak?",
+                "what are the hours of the store on gerard street?",
+            ),
+            ("call springfield mall", "take me to springfield mall"),
+        ] {
+            assert!(
+                matches!(verdict(a, b), Err(Rejection::Substitution { .. })),
+                "{a:?} ~ {b:?}: {:?}",
+                verdict(a, b)
+            );
+        }
+        for (a, b) in [
+            ("Where can I park my car?", "Where should I park my car?"),
+            ("How do I cancel my order?", "How can I cancel my order?"),
+            ("what's the closest store?", "which store is closest to me?"),
+        ] {
+            assert_eq!(verdict(a, b), Ok(()), "{a:?} ~ {b:?}");
+        }
     }
 }

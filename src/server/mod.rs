@@ -287,6 +287,9 @@ pub struct RunningServer {
     shutdown: Shutdown,
     grace: Duration,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Gone once every connection and background write let go of the gateway's state (and so
+    /// of its store: a sled store can be reopened only then).
+    state: std::sync::Weak<AppState>,
 }
 
 impl RunningServer {
@@ -299,14 +302,20 @@ impl RunningServer {
     pub async fn wait(self) -> anyhow::Result<bool> {
         let mut stopped = self.shutdown.0.subscribe();
         let mut task = self.task;
+        let state = self.state;
         tokio::select! {
             result = &mut task => { result??; return Ok(true); }
             _ = stopped.wait_for(|stop| *stop) => {}
         }
-        match tokio::time::timeout(self.grace, &mut task).await {
+        let deadline = tokio::time::Instant::now() + self.grace;
+        match tokio::time::timeout_at(deadline, &mut task).await {
             Ok(result) => {
                 result??;
-                Ok(true)
+                // Connection tasks and cache writes finish just after the server future.
+                while state.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok(state.strong_count() == 0)
             }
             Err(_) => {
                 task.abort();
@@ -324,6 +333,7 @@ impl RunningServer {
 /// Builds the gateway from config and starts listening on `server.listen` (port 0 picks a free one).
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let state = Arc::new(AppState::from_config(config)?);
+    let weak_state = Arc::downgrade(&state);
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
@@ -349,5 +359,6 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         shutdown: Shutdown(sender),
         grace: config.server.shutdown_grace,
         task,
+        state: weak_state,
     })
 }

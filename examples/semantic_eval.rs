@@ -1,0 +1,287 @@
+//! Replays the evaluation set (`eval/prepare.py`) through a real gateway and reports, per slice,
+//! how the semantic cache answered: hit rate on true repeats, wrong answers among hits, and false
+//! hits on hard negatives, with the guards off (a plain threshold) and on.
+//!
+//! `cargo run --release --example semantic_eval -- eval/data/kwik_e_mart.jsonl models/all-MiniLM-L6-v2`
+//!
+//! Each configuration gets a fresh gateway (sled store in a temporary directory) in front of an
+//! upstream that echoes the question, so the answer names the request that produced it. The
+//! requests are sent one by one in the file's (shuffled) order, as live traffic would: a miss is
+//! answered upstream and stored, a hit is judged by the labels. A request whose group (intent and
+//! entity values) came earlier is a true repeat; one whose group is new is a hard negative of its
+//! slice, or "first of its group" for an ordinary query: any hit on it is a wrong answer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Json;
+use axum::routing::post;
+use serde_json::{Value, json};
+
+#[derive(serde::Deserialize)]
+struct Row {
+    text: String,
+    group: String,
+    slice: String,
+}
+
+#[derive(Default)]
+struct Tally {
+    probes: usize,
+    hits: usize,
+    wrong: usize,
+}
+
+const SLICES: &[&str] = &[
+    "repeat",
+    "parameters",
+    "sibling",
+    "negation",
+    "unrelated",
+    "first",
+];
+fn thresholds() -> Vec<f32> {
+    std::env::var("EVAL_THRESHOLDS")
+        .ok()
+        .map(|t| t.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![0.70, 0.75, 0.80, 0.85, 0.90])
+}
+
+fn guard_modes() -> Vec<bool> {
+    match std::env::var("EVAL_GUARDS").as_deref() {
+        Ok("on") => vec![true],
+        Ok("off") => vec![false],
+        _ => vec![false, true],
+    }
+}
+
+async fn echo_upstream() -> anyhow::Result<String> {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(|Json(body): Json<Value>| async move {
+            let text = body["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or_default()
+                .to_owned();
+            Json(json!({
+                "id": "chatcmpl-eval", "object": "chat.completion", "created": 0, "model": "echo",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
+            }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(format!("http://{addr}/v1"))
+}
+
+async fn run(
+    rows: &[Row],
+    upstream: &str,
+    model_dir: &str,
+    threshold: f32,
+    guards: bool,
+) -> anyhow::Result<BTreeMap<String, Tally>> {
+    let dir = tempfile::tempdir()?;
+    let config = format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        [log]
+        level = "warn"
+        [auth]
+        admin_key = "eval-admin"
+        keys = [{{ key = "eval", tenant = "eval" }}]
+        [cache]
+        enabled = true
+        semantic = true
+        semantic_threshold = {threshold}
+        path = "{store}"
+        [semantic]
+        model_dir = "{model_dir}"
+        verifier = "{verifier}"
+        [providers.echo]
+        kind = "openai"
+        base_url = "{upstream}"
+        [routes.chat]
+        targets = [{{ provider = "echo", model = "echo" }}]
+        "#,
+        store = dir.path().join("store").display(),
+        verifier = if guards { "rules" } else { "off" },
+    );
+    let config = reprise::config::Config::from_toml_str(&config, "eval.toml", &|_| None)?;
+    let server = reprise::server::start(&config).await?;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let send = |text: &str, cache_control: &'static str| {
+        let mut request = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth("eval");
+        if !cache_control.is_empty() {
+            request = request.header("cache-control", cache_control);
+        }
+        request
+            .json(&json!({"model": "chat", "messages": [{"role": "user", "content": text}]}))
+            .send()
+    };
+    // EVAL_DUMP=file: one JSON line per request, to see what was served for what.
+    let dump = std::env::var("EVAL_DUMP").ok().and_then(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+            .map(std::sync::Mutex::new)
+    });
+    let indexed = || async {
+        let stats: Value = client
+            .get(format!("{base}/admin/cache/stats"))
+            .bearer_auth("eval-admin")
+            .send()
+            .await?
+            .json()
+            .await?;
+        anyhow::Ok(stats["semantic"]["indexed_entries"].as_u64().unwrap_or(0))
+    };
+    let mut group_of_answer: HashMap<String, String> = HashMap::new();
+    let mut seen_groups: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
+    for request in rows {
+        // A request whose group came before is a true repeat: an answer for it may be cached.
+        // Otherwise it is new, and any hit is a wrong answer: a hard negative of its slice
+        // (or, for an ordinary query, "first of its group").
+        let slice = if seen_groups.contains(request.group.as_str()) {
+            "repeat"
+        } else if request.slice == "seed" || request.slice == "repeat" {
+            "first"
+        } else {
+            request.slice.as_str()
+        };
+        seen_groups.insert(&request.group);
+        let before = indexed().await?;
+        let response = send(&request.text, "").await?.error_for_status()?;
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let hit = header("x-reprise-cache").as_deref() == Some("semantic-hit");
+        let exact = header("x-reprise-cache").as_deref() == Some("hit");
+        let similarity = header("x-reprise-cache-similarity");
+        let semantic = header("x-reprise-cache-semantic");
+        let body: Value = response.json().await?;
+        let answer = body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if !hit && !exact {
+            group_of_answer.insert(answer.clone(), request.group.clone());
+            // Writes land after the answer: the next request must see this one's entry.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while indexed().await? <= before && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let wrong = hit && group_of_answer.get(&answer) != Some(&request.group);
+        if let Some(dump) = &dump {
+            use std::io::Write;
+            let _ = writeln!(
+                dump.lock().unwrap_or_else(|e| e.into_inner()),
+                "{}",
+                json!({"threshold": threshold, "guards": guards, "slice": slice,
+                       "text": request.text, "group": request.group, "hit": hit,
+                       "wrong": wrong, "answer": answer,
+                       "answer_group": group_of_answer.get(&answer),
+                       "similarity": similarity, "semantic": semantic})
+            );
+        }
+        let tally = tallies.entry(slice.to_owned()).or_default();
+        tally.probes += 1;
+        if hit {
+            tally.hits += 1;
+            if wrong {
+                tally.wrong += 1;
+            }
+        }
+    }
+    server.stop().await?;
+    Ok(tallies)
+}
+
+fn percent(part: usize, whole: usize) -> String {
+    if whole == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}%", 100.0 * part as f64 / whole as f64)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let data = args
+        .next()
+        .unwrap_or_else(|| "eval/data/kwik_e_mart.jsonl".into());
+    let model_dir = args
+        .next()
+        .unwrap_or_else(|| "models/all-MiniLM-L6-v2".into());
+    let rows: Vec<Row> = std::fs::read_to_string(&data)
+        .with_context(|| format!("{data} (run eval/prepare.py)"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let upstream = echo_upstream().await?;
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for row in &rows {
+        *counts.entry(row.slice.as_str()).or_default() += 1;
+    }
+    println!("Requests: {counts:?}\n");
+    println!(
+        "| guards | threshold | hits on repeats | wrong among hits | false hits: parameters | sibling | negation | unrelated | first of its group | all hard negatives |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for guards in guard_modes() {
+        for threshold in thresholds() {
+            let tallies = run(&rows, &upstream, &model_dir, threshold, guards).await?;
+            let get = |slice: &str| {
+                tallies
+                    .get(slice)
+                    .map_or((0, 0, 0), |t| (t.probes, t.hits, t.wrong))
+            };
+            let (repeats, repeat_hits, _) = get("repeat");
+            let all_hits: usize = tallies.values().map(|t| t.hits).sum();
+            let all_wrong: usize = tallies.values().map(|t| t.wrong).sum();
+            let negatives: Vec<(usize, usize)> = SLICES[1..]
+                .iter()
+                .map(|s| {
+                    let (p, h, _) = get(s);
+                    (p, h)
+                })
+                .collect();
+            let (neg_probes, neg_hits) = negatives[..4]
+                .iter()
+                .fold((0, 0), |(p, h), (pp, hh)| (p + pp, h + hh));
+            let correct_repeat_hits = repeat_hits - get("repeat").2;
+            println!(
+                "| {} | {threshold:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                if guards { "on" } else { "off" },
+                percent(correct_repeat_hits, repeats),
+                percent(all_wrong, all_hits),
+                percent(negatives[0].1, negatives[0].0),
+                percent(negatives[1].1, negatives[1].0),
+                percent(negatives[2].1, negatives[2].0),
+                percent(negatives[3].1, negatives[3].0),
+                percent(negatives[4].1, negatives[4].0),
+                percent(neg_hits, neg_probes),
+            );
+        }
+    }
+    Ok(())
+}
