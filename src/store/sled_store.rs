@@ -376,7 +376,15 @@ mod tests {
             let store = SledStore::open(&path, 1 << 20, None).unwrap();
             store.put("k", b"durable".to_vec(), None).await.unwrap();
         }
-        let store = SledStore::open(&path, 1 << 20, None).unwrap();
+        // sled's flusher thread lets go of the file lock shortly after the last handle drops.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let store = loop {
+            match SledStore::open(&path, 1 << 20, None) {
+                Ok(store) => break store,
+                Err(error) if std::time::Instant::now() > deadline => panic!("{error}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
         assert_eq!(
             store.get("k").await.unwrap().as_deref(),
             Some(&b"durable"[..])
