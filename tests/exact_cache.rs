@@ -95,16 +95,7 @@ fn ask(text: &str) -> Value {
 
 impl Cached {
     async fn request(&self, key: &str, body: Value, headers: &[(&str, &str)]) -> reqwest::Response {
-        let mut request = self
-            .gw
-            .client
-            .post(self.gw.url("/v1/chat/completions"))
-            .bearer_auth(key)
-            .json(&body);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        request.send().await.unwrap()
+        self.gw.chat_with(key, body, headers).await
     }
 
     async fn writes(&self) -> u64 {

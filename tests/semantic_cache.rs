@@ -82,16 +82,7 @@ fn ask(text: &str) -> Value {
 
 impl Semantic {
     async fn send(&self, key: &str, body: Value, headers: &[(&str, &str)]) -> reqwest::Response {
-        let mut request = self
-            .gw
-            .client
-            .post(self.gw.url("/v1/chat/completions"))
-            .bearer_auth(key)
-            .json(&body);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let response = request.send().await.unwrap();
+        let response = self.gw.chat_with(key, body, headers).await;
         assert_eq!(response.status(), 200);
         response
     }

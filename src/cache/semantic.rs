@@ -133,19 +133,7 @@ impl SemanticPlan {
     }
 
     fn path(&self, id: &str) -> String {
-        format!(
-            "{BASE}{}/{}/{MODEL_ID}/{id}",
-            self.tenant,
-            self.public_id_prefix()
-        )
-    }
-
-    fn public_id_prefix(&self) -> String {
-        format!(
-            "{}/{}",
-            escape_segment(&self.route),
-            namespace_segment(&self.namespace)
-        )
+        entry_path(&self.tenant, &self.public_id(id))
     }
 
     /// The entry this request's answer is stored as: one per scope and text.
@@ -499,10 +487,7 @@ impl SemanticCache {
                 Some("similarity"),
             ));
         }
-        let path = format!(
-            "{BASE}{tenant}/{}/{}/{MODEL_ID}/{}",
-            parts[0], parts[1], parts[2]
-        );
+        let path = entry_path(tenant, entry);
         let store = self.shared.store.as_ref();
         let unavailable = |e: crate::store::StoreError| ApiError::CacheUnavailable(e.to_string());
         let Some(mut record) = self.read_record(&path).await else {
@@ -553,6 +538,12 @@ async fn read_record(store: &dyn Store, metrics: &Metrics, path: &str) -> Option
             None
         }
     }
+}
+
+/// The store key of a tenant's entry `{route}/{namespace}/{id}`.
+fn entry_path(tenant: &str, public_id: &str) -> String {
+    let (scope, id) = public_id.rsplit_once('/').unwrap_or(("", public_id));
+    format!("{BASE}{tenant}/{scope}/{MODEL_ID}/{id}")
 }
 
 fn hex(bytes: &[u8; 32]) -> String {
@@ -638,9 +629,15 @@ async fn background(shared: Weak<Shared>, sync_interval: Duration) {
     tracing::info!(entries = loaded, "semantic cache index loaded");
     let shared_store = cache.store.is_shared();
     drop(cache);
+    // Without a feed to follow, only maintenance needs waking up for.
+    let tick = if shared_store {
+        sync_interval
+    } else {
+        MAINTENANCE_INTERVAL
+    };
     let mut last_maintenance = Instant::now();
     loop {
-        tokio::time::sleep(sync_interval).await;
+        tokio::time::sleep(tick).await;
         let Some(cache) = shared.upgrade() else {
             return;
         };

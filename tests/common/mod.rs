@@ -92,6 +92,24 @@ impl Gateway {
         self.post("/v1/chat/completions", KEY_A, body).await
     }
 
+    /// A chat completion with extra request headers (cache controls, namespaces, ...).
+    pub async fn chat_with(
+        &self,
+        key: &str,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
     pub async fn post(&self, path: &str, key: &str, body: Value) -> reqwest::Response {
         self.client
             .post(self.url(path))
