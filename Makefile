@@ -22,8 +22,8 @@ run: $(EMBED_MODEL)/.complete
 test: lint $(VENV)/.installed redis-server $(EMBED_MODEL)/.complete
 	REPRISE_SDK_PYTHON=$(abspath $(VENV))/bin/python REPRISE_EMBED_MODEL_DIR=$(abspath $(EMBED_MODEL)) \
 	  $(CARGO) test --locked
-	@echo "exact-cache suite again, on a real Redis:"
-	REPRISE_TEST_STORE=redis $(CARGO) test --locked --test exact_cache
+	@echo "exact-cache and prompt-store suites again, on a real Redis:"
+	REPRISE_TEST_STORE=redis $(CARGO) test --locked --test exact_cache --test prompts
 
 lint:
 	$(CARGO) fmt --all -- --check

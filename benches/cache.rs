@@ -45,6 +45,7 @@ fn key_hashing(c: &mut Criterion) {
         namespace: "",
         route: "chat",
         targets: &targets,
+        prompt: None,
     };
     for turns in [0, 10] {
         let request = request(turns);

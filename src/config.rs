@@ -48,6 +48,8 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub semantic: SemanticConfig,
+    /// The versioned prompt store; off without this section.
+    pub prompts: Option<PromptsConfig>,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     /// USD per million tokens by model (the target's model name, or `provider/model`), to
@@ -283,6 +285,26 @@ fn default_cache_memory_bytes() -> u64 {
 }
 fn default_cache_max_bytes() -> u64 {
     1024 * 1024 * 1024
+}
+
+/// The prompt store (`[prompts]`). Prompts live in the same store as the cache (`[cache]`'s
+/// `store`, `path`, `redis_url`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptsConfig {
+    /// The folder of prompt files imported at startup (one folder per prompt id).
+    #[serde(default = "default_prompts_dir")]
+    pub dir: PathBuf,
+    /// With Redis: how often to look for prompt changes made through another replica.
+    #[serde(default = "default_prompt_sync", with = "humantime_serde")]
+    pub sync_interval: Duration,
+}
+
+fn default_prompts_dir() -> PathBuf {
+    "prompts".into()
+}
+fn default_prompt_sync() -> Duration {
+    Duration::from_millis(250)
 }
 
 /// The semantic cache's model and index (`[semantic]`); which routes use it is cache policy.
@@ -707,6 +729,11 @@ impl Config {
         }
         if self.server.max_in_flight == 0 {
             return Err(("server.max_in_flight".into(), "must be above 0".into()));
+        }
+        if let Some(prompts) = &self.prompts
+            && prompts.sync_interval.is_zero()
+        {
+            return Err(("prompts.sync_interval".into(), "must be above 0".into()));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(("log.level".into(), e.to_string()));

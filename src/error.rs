@@ -91,6 +91,23 @@ pub enum ApiError {
         message: String,
         param: Option<&'static str>,
     },
+    /// A request that is well-formed but cannot be carried out as asked (a prompt template that
+    /// fails to render with the given variables).
+    #[error("{message}")]
+    Unprocessable {
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+    },
+    /// An admin change that clashes with what is stored (a version number taken by other
+    /// content, a revision that moved on).
+    #[error("{message}")]
+    Conflict {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("the store is unavailable: {0}")]
+    StoreUnavailable(String),
     #[error("no healthy upstream target for model `{route}`: every circuit breaker is open")]
     NoHealthyTarget { route: String },
     #[error(
@@ -118,10 +135,12 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminOnly => StatusCode::FORBIDDEN,
             Self::ModelNotFound { .. } | Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::UpstreamRejected { status, .. } | Self::UpstreamFailed { status, .. } => *status,
-            Self::NoHealthyTarget { .. } | Self::CacheUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoHealthyTarget { .. }
+            | Self::CacheUnavailable(_)
+            | Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -139,6 +158,9 @@ impl ApiError {
             Self::NoHealthyTarget { .. } => "no_healthy_target",
             Self::CacheUnavailable(_) => "cache_unavailable",
             Self::NotFound { .. } => "not_found",
+            Self::Unprocessable { .. } => "unprocessable",
+            Self::Conflict { .. } => "conflict",
+            Self::StoreUnavailable(_) => "store_unavailable",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
         }
     }
@@ -185,6 +207,15 @@ impl ApiError {
                 param.map(str::to_owned),
                 owned("not_found"),
             ),
+            Self::Unprocessable { param, code, .. } => {
+                ("invalid_request_error".into(), param.clone(), owned(code))
+            }
+            Self::Conflict { param, .. } => (
+                "invalid_request_error".into(),
+                param.map(str::to_owned),
+                owned("conflict"),
+            ),
+            Self::StoreUnavailable(_) => ("server_error".into(), None, owned("store_unavailable")),
             Self::DeadlineExceeded { .. } => {
                 ("timeout_error".into(), None, owned("deadline_exceeded"))
             }

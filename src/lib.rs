@@ -20,6 +20,7 @@ pub mod config;
 pub mod embed;
 pub mod error;
 pub mod pipeline;
+pub mod prompts;
 pub mod protocol;
 pub mod providers;
 pub mod router;

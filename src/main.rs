@@ -1,5 +1,7 @@
 //! `reprise serve` runs the gateway; `reprise check-config` validates a config file and prints the
-//! resolved routes with secrets masked.
+//! resolved routes with secrets masked; `reprise prompts ...` manages the prompt store.
+
+mod prompts_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,12 +40,15 @@ enum Command {
         #[arg(env = "REPRISE_CONFIG")]
         config: PathBuf,
     },
+    /// Manage versioned prompts through a running gateway's admin API.
+    Prompts(prompts_cli::PromptsArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config),
+        Command::Prompts(args) => prompts_cli::run(args),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(config) => {
                 print!("{}", describe(&config));

@@ -1,12 +1,14 @@
 //! The business pipeline, composed in plain code: every stage a request passes is called from
 //! here, in order, so the path of a request can be read top to bottom:
 //!
-//! 1. route resolution (the model alias names a route);
-//! 2. exact cache: a hit answers at once, whole or replayed as a stream;
-//! 3. semantic cache: an earlier answer to a request that means the same, if it passes the
+//! 1. prompt resolution: a `prompt` reference (body or header) becomes the rendered messages,
+//!    model alias and default parameters of one immutable prompt version;
+//! 2. route resolution (the model alias names a route);
+//! 3. exact cache: a hit answers at once, whole or replayed as a stream;
+//! 4. semantic cache: an earlier answer to a request that means the same, if it passes the
 //!    guards;
-//! 4. router (failover chain) → providers;
-//! 5. on the way back, the cache writers store complete answers off the response path (streams
+//! 5. router (failover chain) → providers;
+//! 6. on the way back, the cache writers store complete answers off the response path (streams
 //!    once they ended normally, never a truncated one), exact entry and semantic entry alike.
 //!
 //! Prompt resolution (before 1) slots in here later.
@@ -20,23 +22,25 @@ use serde_json::Value;
 
 use crate::cache::entry::{StreamAssembler, replay_chunks, usage_counts};
 use crate::cache::exact::{
-    CacheControls, CacheStatus, ExactCache, Plan, Price, RouteStats, prefix as cache_prefix,
+    CacheControls, CacheStatus, ExactCache, Plan, Price, PriceTable, RouteStats,
+    prefix as cache_prefix,
 };
 use crate::cache::flight::{Joined, Leader};
 use crate::cache::index::IndexParams;
 use crate::cache::semantic::{
-    FeedbackOutcome, Lookup, SemanticCache, SemanticPlan, SemanticSettings,
+    FeedbackOutcome, Lookup, PromptText, SemanticCache, SemanticPlan, SemanticSettings,
     prefix as semantic_prefix,
 };
 use crate::cache::verify::{RuleVerifier, Verifier};
 use crate::config::{CacheConfig, CachePolicy, Config, SemanticConfig, StoreKind, VerifierKind};
 use crate::embed::{Embedder, EmbedderConfig};
 use crate::error::ApiError;
+use crate::prompts::{PromptRef, PromptStore, Resolution, Usage as PromptUsage};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions};
 use crate::providers::ChunkStream;
 use crate::router::{Route, RouteFailure, Router, Served, TargetHealth};
 use crate::store::{RedisStore, SledStore, Store};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, PromptUse};
 
 /// What later stages need to know about the caller, resolved once by the server.
 #[derive(Debug, Clone)]
@@ -44,6 +48,20 @@ pub struct RequestContext {
     pub tenant: Arc<str>,
     pub request_id: String,
     pub cache: CacheControls,
+    /// A prompt named by header (`x-reprise-prompt`), for SDKs that cannot add a body field.
+    pub prompt: Option<PromptRef>,
+    /// The end user (`x-reprise-user`), for sticky rollout arms; else the body's `user`.
+    pub user: Option<String>,
+}
+
+/// The prompt version that rendered a request.
+#[derive(Debug, Clone)]
+pub struct PromptTrace {
+    pub id: String,
+    pub version: u32,
+    pub label: Option<String>,
+    /// For a rollout: the arm (1-based) and how many there are.
+    pub arm: Option<(usize, usize)>,
 }
 
 /// How an answer (or a failure) was produced, for response headers and the request's log line.
@@ -63,6 +81,7 @@ pub struct Trace {
     pub similarity: Option<f32>,
     /// The semantic entry that answered.
     pub cache_entry: Option<String>,
+    pub prompt: Option<PromptTrace>,
 }
 
 pub enum ChatAnswer {
@@ -115,7 +134,7 @@ pub struct PurgeSelector {
 }
 
 enum CacheRead {
-    Answered(Answered<ChatAnswer>),
+    Answered(Box<Answered<ChatAnswer>>),
     Miss {
         leader: Option<Leader>,
         /// The query's embedding, to store the answer semantically.
@@ -148,14 +167,16 @@ impl CacheWriter {
 pub struct Pipeline {
     router: Router,
     tenants: Vec<String>,
+    prompts: Option<Arc<PromptStore>>,
     exact_cache: Option<ExactCache>,
     semantic_cache: Option<SemanticCache>,
     cache_policies: HashMap<String, CachePolicy>,
+    prices: Arc<PriceTable>,
     pub metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
-    pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub async fn from_config(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let router = Router::from_config(config, Arc::clone(&metrics))?;
         let defaults = config.cache.defaults();
         let cache_policies: HashMap<String, CachePolicy> = config
@@ -163,19 +184,8 @@ impl Pipeline {
             .iter()
             .map(|(name, route)| (name.clone(), route.cache.resolve(&defaults)))
             .collect();
-        // The store is opened only when some route caches, so a gateway without caching writes
-        // nothing to disk.
-        let mut semantic_cache = None;
-        let exact_cache = if cache_policies.values().any(|p| p.enabled) {
-            let store = open_store(&config.cache)?;
-            if cache_policies.values().any(|p| p.semantic.is_some()) {
-                semantic_cache = Some(start_semantic(
-                    &config.semantic,
-                    Arc::clone(&store),
-                    Arc::clone(&metrics),
-                )?);
-            }
-            let prices = config
+        let prices = Arc::new(PriceTable(
+            config
                 .prices
                 .iter()
                 .map(|(model, p)| {
@@ -187,10 +197,41 @@ impl Pipeline {
                         },
                     )
                 })
-                .collect();
-            Some(ExactCache::new(store, Arc::clone(&metrics), prices))
+                .collect(),
+        ));
+        let caching = cache_policies.values().any(|p| p.enabled);
+        // The store is opened only when something keeps data, so a plain gateway writes nothing
+        // to disk.
+        let store = if caching || config.prompts.is_some() {
+            Some(open_store(&config.cache)?)
         } else {
             None
+        };
+        let prompts = match (&config.prompts, &store) {
+            (Some(prompts), Some(store)) => {
+                let opened = PromptStore::open(Arc::clone(store), Some(&prompts.dir)).await?;
+                opened.follow(prompts.sync_interval);
+                Some(opened)
+            }
+            _ => None,
+        };
+        let mut semantic_cache = None;
+        let exact_cache = match store {
+            Some(store) if caching => {
+                if cache_policies.values().any(|p| p.semantic.is_some()) {
+                    semantic_cache = Some(start_semantic(
+                        &config.semantic,
+                        Arc::clone(&store),
+                        Arc::clone(&metrics),
+                    )?);
+                }
+                Some(ExactCache::new(
+                    store,
+                    Arc::clone(&metrics),
+                    Arc::clone(&prices),
+                ))
+            }
+            _ => None,
         };
         let mut tenants: Vec<String> = config.auth.keys.iter().map(|k| k.tenant.clone()).collect();
         tenants.sort_unstable();
@@ -198,11 +239,100 @@ impl Pipeline {
         Ok(Self {
             router,
             tenants,
+            prompts,
             exact_cache,
             semantic_cache,
             cache_policies,
+            prices,
             metrics,
         })
+    }
+
+    /// The prompt store, if `[prompts]` is configured.
+    pub fn prompts(&self) -> Result<&PromptStore, ApiError> {
+        self.prompts.as_deref().ok_or_else(|| {
+            ApiError::invalid(
+                "this gateway has no prompt store (add [prompts] to its config)",
+                Some("prompt"),
+            )
+        })
+    }
+
+    /// The prompt stage: a request naming a prompt (in its body or by header) becomes the
+    /// request that prompt version makes.
+    fn resolve_prompt(
+        &self,
+        context: &RequestContext,
+        request: &mut ChatRequest,
+    ) -> Result<Option<Resolution>, ApiError> {
+        let reference = match (request.extra.remove("prompt"), &context.prompt) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "name the prompt in the body or in x-reprise-prompt, not both",
+                    Some("prompt"),
+                ));
+            }
+            (Some(value), None) => PromptRef::from_body(value)?,
+            (None, Some(reference)) => reference.clone(),
+            (None, None) => return Ok(None),
+        };
+        let user = context.user.as_deref().or(request.user.as_deref());
+        let resolution = self.prompts()?.resolve(&reference, user)?;
+        let original = std::mem::take(&mut request.messages);
+        let mut unrendered = request.clone();
+        unrendered.messages = original;
+        *request = resolution.apply(unrendered)?;
+        Ok(Some(resolution))
+    }
+
+    /// Counts a finished request against its prompt version (admin stats and metrics).
+    pub fn record_prompt_use(
+        &self,
+        trace: &Trace,
+        status: u16,
+        elapsed: Duration,
+        response: Option<&Value>,
+    ) {
+        let (Some(prompt), Some(prompts)) = (&trace.prompt, &self.prompts) else {
+            return;
+        };
+        let outcome = if status >= 400 {
+            "error"
+        } else {
+            trace.cache.map_or("none", CacheStatus::label)
+        };
+        // Hits cost nothing upstream; streams are counted when their usage chunk passes.
+        let (prompt_tokens, completion_tokens, cost_usd) = match response {
+            Some(response) if trace.cache_age.is_none() => {
+                let (input, output) = usage_counts(response);
+                let cost = self
+                    .prices
+                    .cost(trace.target.as_deref(), response, input, output);
+                (input, output, cost)
+            }
+            _ => (0, 0, 0.0),
+        };
+        prompts.record_use(
+            &prompt.id,
+            prompt.version,
+            &PromptUsage {
+                outcome,
+                error: status >= 400,
+                latency: elapsed,
+                prompt_tokens,
+                completion_tokens,
+                cost_usd,
+            },
+        );
+        self.metrics.prompt_request(&PromptUse {
+            prompt: &prompt.id,
+            version: prompt.version,
+            outcome,
+            elapsed,
+            prompt_tokens,
+            completion_tokens,
+            cost_usd,
+        });
     }
 
     fn resolve(&self, model: &str) -> Result<Arc<Route>, ApiError> {
@@ -217,6 +347,7 @@ impl Pipeline {
         &self,
         context: &RequestContext,
         route: &Route,
+        prompt: Option<&Resolution>,
         request: &ChatRequest,
     ) -> Result<Plan, Option<CacheStatus>> {
         let (Some(cache), Some(policy)) = (&self.exact_cache, self.cache_policies.get(&route.name))
@@ -229,6 +360,7 @@ impl Pipeline {
             &context.tenant,
             &route.name,
             &route.target_ids,
+            prompt.map(Resolution::cache_identity).as_deref(),
             request,
         )
     }
@@ -238,14 +370,32 @@ impl Pipeline {
         context: &RequestContext,
         mut request: ChatRequest,
     ) -> Result<Answered<ChatAnswer>, Failed> {
-        request.validate()?;
-        let route = self.resolve(&request.model)?;
-        let plan = self.cache_plan(context, &route, &request);
+        let prompt = self.resolve_prompt(context, &mut request)?;
         let mut trace = Trace {
-            route: Some(route.name.clone()),
+            prompt: prompt.as_ref().map(|p| PromptTrace {
+                id: p.id.clone(),
+                version: p.version,
+                label: p.label.clone(),
+                arm: p.arm,
+            }),
             ..Trace::default()
         };
-        let semantic_plan = self.semantic_plan(context, &route, &request, &plan, &mut trace);
+        let fail = |error: ApiError, trace: &Trace| Failed {
+            error,
+            trace: trace.clone(),
+        };
+        request.validate().map_err(|e| fail(e, &trace))?;
+        let route = self.resolve(&request.model).map_err(|e| fail(e, &trace))?;
+        trace.route = Some(route.name.clone());
+        let plan = self.cache_plan(context, &route, prompt.as_ref(), &request);
+        let semantic_plan = self.semantic_plan(
+            context,
+            &route,
+            prompt.as_ref(),
+            &request,
+            &plan,
+            &mut trace,
+        );
         let (leader, vector) = match self
             .read_cache(
                 context,
@@ -257,7 +407,7 @@ impl Pipeline {
             )
             .await
         {
-            CacheRead::Answered(answered) => return Ok(answered),
+            CacheRead::Answered(answered) => return Ok(*answered),
             CacheRead::Miss { leader, vector } => (leader, vector),
         };
         let writer = plan
@@ -357,7 +507,7 @@ impl Pipeline {
                         CacheStatus::Hit,
                         trace.clone(),
                     );
-                    return CacheRead::Answered(answered);
+                    return CacheRead::Answered(Box::new(answered));
                 }
                 if let (Some(semantic_plan), Some(semantic)) = (semantic_plan, &self.semantic_cache)
                 {
@@ -377,7 +527,7 @@ impl Pipeline {
                                 CacheStatus::SemanticHit,
                                 trace.clone(),
                             );
-                            return CacheRead::Answered(answered);
+                            return CacheRead::Answered(Box::new(answered));
                         }
                         Lookup::Miss {
                             outcome,
@@ -406,7 +556,7 @@ impl Pipeline {
                                 CacheStatus::Hit,
                                 trace.clone(),
                             );
-                            return CacheRead::Answered(answered);
+                            return CacheRead::Answered(Box::new(answered));
                         }
                     }
                     None => {}
@@ -427,6 +577,7 @@ impl Pipeline {
         &self,
         context: &RequestContext,
         route: &Route,
+        prompt: Option<&Resolution>,
         request: &ChatRequest,
         plan: &Result<Plan, Option<CacheStatus>>,
         trace: &mut Trace,
@@ -438,6 +589,9 @@ impl Pipeline {
             trace.semantic = Some("skipped-bypass".into());
             return None;
         };
+        let semantic_scope = prompt
+            .map(Resolution::semantic_identity)
+            .unwrap_or_default();
         match semantic.plan(
             policy,
             exact.mode,
@@ -445,6 +599,13 @@ impl Pipeline {
             &context.tenant,
             &route.name,
             &route.target_ids,
+            prompt
+                .map(|p| PromptText {
+                    scope: &semantic_scope,
+                    free_text: p.rendered.free_text.as_deref(),
+                    client_turns: p.has_client_turns(request),
+                })
+                .as_ref(),
             request,
         ) {
             Ok(plan) => Some(plan),

@@ -77,6 +77,39 @@ struct CacheErrorLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PromptLabels {
+    prompt: String,
+    version: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PromptOutcomeLabels {
+    prompt: String,
+    version: u32,
+    /// The cache outcome (`hit`, `semantic-hit`, `miss`, ...) or `error`: a fixed set.
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PromptTokenLabels {
+    prompt: String,
+    version: u32,
+    kind: &'static str,
+}
+
+/// One answered request that used a prompt version, for the per-version metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptUse<'a> {
+    pub prompt: &'a str,
+    pub version: u32,
+    pub outcome: &'static str,
+    pub elapsed: Duration,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+}
+
 /// Why the router made more than one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtraAttempt {
@@ -103,6 +136,10 @@ pub struct Metrics {
     semantic_rejections: Family<GuardLabels, Counter>,
     semantic_feedback: Family<VerdictLabels, Counter>,
     semantic_entries: Gauge,
+    prompt_requests: Family<PromptOutcomeLabels, Counter>,
+    prompt_latency: Family<PromptLabels, Histogram, fn() -> Histogram>,
+    prompt_tokens: Family<PromptTokenLabels, Counter>,
+    prompt_cost: Family<PromptLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -220,8 +257,42 @@ impl Metrics {
             "Live entries in this replica's semantic index",
             semantic_entries.clone(),
         );
+        let prompt_requests = Family::<PromptOutcomeLabels, Counter>::default();
+        registry.register(
+            "prompt_requests",
+            "Requests that used a prompt version, by prompt, version and outcome (the cache \
+             outcome, or error)",
+            prompt_requests.clone(),
+        );
+        let prompt_latency =
+            Family::<PromptLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "prompt_request_duration_seconds",
+            "Time to the response head of requests that used a prompt version",
+            prompt_latency.clone(),
+        );
+        let prompt_tokens = Family::<PromptTokenLabels, Counter>::default();
+        registry.register(
+            "prompt_tokens",
+            "Tokens billed upstream for a prompt version (kind: prompt or completion; cache hits \
+             bill nothing)",
+            prompt_tokens.clone(),
+        );
+        let prompt_cost =
+            Family::<PromptLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "prompt_cost_usd",
+            "Estimated upstream cost of a prompt version (per the price table)",
+            prompt_cost.clone(),
+        );
         Self {
             registry,
+            prompt_requests,
+            prompt_latency,
+            prompt_tokens,
+            prompt_cost,
             semantic_lookups,
             semantic_lookup_seconds,
             semantic_rejections,
@@ -360,6 +431,42 @@ impl Metrics {
 
     pub fn semantic_entries(&self, entries: usize) {
         self.semantic_entries.set(entries as i64);
+    }
+
+    pub fn prompt_request(&self, used: &PromptUse<'_>) {
+        let labels = PromptLabels {
+            prompt: used.prompt.to_owned(),
+            version: used.version,
+        };
+        self.prompt_requests
+            .get_or_create(&PromptOutcomeLabels {
+                prompt: used.prompt.to_owned(),
+                version: used.version,
+                outcome: used.outcome,
+            })
+            .inc();
+        self.prompt_latency
+            .get_or_create(&labels)
+            .observe(used.elapsed.as_secs_f64());
+        for (kind, tokens) in [
+            ("prompt", used.prompt_tokens),
+            ("completion", used.completion_tokens),
+        ] {
+            if tokens > 0 {
+                self.prompt_tokens
+                    .get_or_create(&PromptTokenLabels {
+                        prompt: used.prompt.to_owned(),
+                        version: used.version,
+                        kind,
+                    })
+                    .inc_by(tokens);
+            }
+        }
+        if used.cost_usd > 0.0 {
+            self.prompt_cost
+                .get_or_create(&labels)
+                .inc_by(used.cost_usd);
+        }
     }
 
     pub fn encode(&self) -> String {

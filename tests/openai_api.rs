@@ -255,14 +255,14 @@ async fn bad_inputs_get_openai_errors_that_name_the_field() {
         gw.chat(json!({"messages": user("hi")})).await,
         400,
         Some("model"),
-        "missing field",
+        "`model` is required",
     )
     .await;
     assert_openai_error(
         gw.chat(json!({"model": "chat"})).await,
         400,
         Some("messages"),
-        "missing field",
+        "`messages` is required",
     )
     .await;
     assert_openai_error(

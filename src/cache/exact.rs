@@ -193,7 +193,7 @@ pub struct ExactCache {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     flights: Arc<Flights>,
-    prices: Arc<HashMap<String, Price>>,
+    prices: Arc<PriceTable>,
     stats: Arc<parking_lot::Mutex<HashMap<(String, String), RouteStats>>>,
 }
 
@@ -271,6 +271,43 @@ pub struct Price {
     pub output: f64,
 }
 
+/// USD per million tokens by model, to estimate what an answer cost (or a hit saved).
+#[derive(Debug, Default)]
+pub struct PriceTable(pub HashMap<String, Price>);
+
+impl PriceTable {
+    /// The price of the model that produced `response`: by the target's model name, else by the
+    /// model the upstream reported.
+    fn price(&self, target: Option<&str>, response: &Value) -> Option<Price> {
+        let target_model = target
+            .and_then(|t| t.split_once('/'))
+            .map(|(_, model)| model);
+        target_model
+            .and_then(|m| self.0.get(m))
+            .or_else(|| target.and_then(|t| self.0.get(t)))
+            .or_else(|| {
+                response
+                    .get("model")
+                    .and_then(Value::as_str)
+                    .and_then(|m| self.0.get(m))
+            })
+            .copied()
+    }
+
+    /// The estimated cost of `prompt` input and `completion` output tokens (0 without a price).
+    pub fn cost(
+        &self,
+        target: Option<&str>,
+        response: &Value,
+        prompt: u64,
+        completion: u64,
+    ) -> f64 {
+        self.price(target, response).map_or(0.0, |p| {
+            (prompt as f64 * p.input + completion as f64 * p.output) / 1e6
+        })
+    }
+}
+
 /// Counters of one tenant's use of one route's cache, since the gateway started.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RouteStats {
@@ -285,40 +322,18 @@ pub struct RouteStats {
 }
 
 impl ExactCache {
-    pub fn new(
-        store: Arc<dyn Store>,
-        metrics: Arc<Metrics>,
-        prices: HashMap<String, Price>,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, prices: Arc<PriceTable>) -> Self {
         Self {
             store,
             metrics,
             flights: Arc::default(),
-            prices: Arc::new(prices),
+            prices,
             stats: Arc::default(),
         }
     }
 
     pub fn store(&self) -> &dyn Store {
         self.store.as_ref()
-    }
-
-    /// The price of the model that produced `response`: by the target's model name, else by the
-    /// model the upstream reported.
-    fn price(&self, target: Option<&str>, response: &Value) -> Option<Price> {
-        let target_model = target
-            .and_then(|t| t.split_once('/'))
-            .map(|(_, model)| model);
-        target_model
-            .and_then(|m| self.prices.get(m))
-            .or_else(|| target.and_then(|t| self.prices.get(t)))
-            .or_else(|| {
-                response
-                    .get("model")
-                    .and_then(Value::as_str)
-                    .and_then(|m| self.prices.get(m))
-            })
-            .copied()
     }
 
     /// Counts one request's cache outcome (stats and metrics). For a hit, `answer` is the served
@@ -335,9 +350,7 @@ impl ExactCache {
                 if matches!(status, CacheStatus::Hit | CacheStatus::SemanticHit) =>
             {
                 let (prompt, completion) = usage_counts(response);
-                let cost = self.price(target, response).map_or(0.0, |p| {
-                    (prompt as f64 * p.input + completion as f64 * p.output) / 1e6
-                });
+                let cost = self.prices.cost(target, response, prompt, completion);
                 (prompt + completion, cost)
             }
             _ => (0, 0.0),
@@ -382,6 +395,7 @@ impl ExactCache {
         tenant: &str,
         route: &str,
         targets: &[String],
+        prompt: Option<&str>,
         request: &ChatRequest,
     ) -> Result<Plan, Option<CacheStatus>> {
         if !policy.enabled {
@@ -408,6 +422,7 @@ impl ExactCache {
                 namespace,
                 route,
                 targets,
+                prompt,
             },
             request,
         );

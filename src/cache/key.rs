@@ -51,6 +51,10 @@ pub struct KeyScope<'a> {
     pub namespace: &'a str,
     pub route: &'a str,
     pub targets: &'a [String],
+    /// The prompt version the request was rendered from (`id@version#hash`, plus, for a semantic
+    /// scope, the variables that must match exactly): two versions never share an answer, even
+    /// where they render alike.
+    pub prompt: Option<&'a str>,
 }
 
 struct KeyHasher {
@@ -82,7 +86,7 @@ impl KeyHasher {
 }
 
 /// JSON with object keys sorted and no whitespace, so key order and formatting do not matter.
-fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+pub(crate) fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
             let mut entries: Vec<(&String, &Value)> = map.iter().collect();
@@ -144,6 +148,10 @@ pub fn chat_key(scope: &KeyScope<'_>, request: &ChatRequest) -> CacheKey {
     h.field_bytes("route", scope.route.as_bytes());
     for target in scope.targets {
         h.field_bytes("target", target.as_bytes());
+    }
+    // Absent for requests without a prompt, so their keys are what they were before prompts.
+    if let Some(prompt) = scope.prompt {
+        h.field_bytes("prompt", prompt.as_bytes());
     }
     h.field("messages", &Some(messages));
     h.field("temperature", temperature);
@@ -207,6 +215,7 @@ mod tests {
             namespace,
             route: "chat",
             targets: TARGETS,
+            prompt: None,
         };
         chat_key(&scope, &request)
     }
@@ -315,6 +324,7 @@ mod tests {
                 namespace: "",
                 route: "chat2",
                 targets: TARGETS,
+                prompt: None,
             },
             &request,
         );
@@ -326,6 +336,7 @@ mod tests {
                 namespace: "",
                 route: "chat",
                 targets: &targets,
+                prompt: None,
             },
             &request,
         );

@@ -106,6 +106,16 @@ mod vector_base64 {
     }
 }
 
+/// What the semantic stage needs of a request rendered from a prompt version.
+pub struct PromptText<'a> {
+    /// The version and the variables that must match exactly (see `KeyScope::prompt`).
+    pub scope: &'a str,
+    /// The free-text variables' values: embedded instead of the rendered last turn.
+    pub free_text: Option<&'a str>,
+    /// Whether the client added turns after the template's; then its last turn is embedded.
+    pub client_turns: bool,
+}
+
 /// The semantic stage's decision for one request that may use it.
 #[derive(Debug, Clone)]
 pub struct SemanticPlan {
@@ -255,6 +265,7 @@ impl SemanticCache {
         tenant: &str,
         route: &str,
         targets: &[String],
+        prompt: Option<&PromptText<'_>>,
         request: &ChatRequest,
     ) -> Result<SemanticPlan, &'static str> {
         let Some(semantic) = &policy.semantic else {
@@ -263,18 +274,35 @@ impl SemanticCache {
         if controls.no_semantic {
             return Err("skipped-request");
         }
-        let text = eligible_text(semantic, request)?;
+        check_eligible(semantic, request)?;
         let namespace = controls.namespace.clone().unwrap_or_default();
-        let scope = semantic_scope(
-            &KeyScope {
-                tenant,
-                namespace: &namespace,
-                route,
-                targets,
-            },
-            request,
-            MODEL_ID,
-        );
+        let key_scope = KeyScope {
+            tenant,
+            namespace: &namespace,
+            route,
+            targets,
+            prompt: prompt.map(|p| p.scope),
+        };
+        let (text, scope) = match prompt {
+            // A prompt without turns of the client's: the free-text variables are what varies;
+            // the template and every other variable are in the scope.
+            Some(prompt) if !prompt.client_turns => {
+                let text = prompt.free_text.ok_or("skipped-no-free-text")?;
+                if text.trim().is_empty() {
+                    return Err("skipped-empty");
+                }
+                let mut without_messages = request.clone();
+                without_messages.messages.clear();
+                (
+                    text.to_owned(),
+                    semantic_scope(&key_scope, &without_messages, MODEL_ID),
+                )
+            }
+            _ => (
+                last_user_text(request)?,
+                semantic_scope(&key_scope, request, MODEL_ID),
+            ),
+        };
         Ok(SemanticPlan {
             scope: scope.0,
             text,
@@ -555,7 +583,8 @@ fn scope_from_hex(text: &str) -> Option<ScopeKey> {
 }
 
 /// The text a request is matched by, or why it is not semantically cached.
-fn eligible_text(policy: &SemanticPolicy, request: &ChatRequest) -> Result<String, &'static str> {
+/// The request-wide reasons not to answer semantically.
+fn check_eligible(policy: &SemanticPolicy, request: &ChatRequest) -> Result<(), &'static str> {
     if request
         .temperature
         .is_some_and(|t| t > policy.max_temperature)
@@ -572,6 +601,11 @@ fn eligible_text(policy: &SemanticPolicy, request: &ChatRequest) -> Result<Strin
     {
         return Err("skipped-tool-calls");
     }
+    Ok(())
+}
+
+/// The text of the last turn, which must be the user's and text only.
+fn last_user_text(request: &ChatRequest) -> Result<String, &'static str> {
     let Some(last) = request.messages.last() else {
         return Err("skipped-no-user-turn");
     };

@@ -9,7 +9,10 @@ use serde_json::{Map, Value};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ChatRequest {
+    // Both may be left out when a prompt version supplies them; `validate` runs after that.
+    #[serde(default)]
     pub model: String,
+    #[serde(default)]
     pub messages: Vec<ChatMessage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
@@ -174,13 +177,13 @@ impl ChatRequest {
         use crate::error::ApiError;
         if self.model.is_empty() {
             return Err(ApiError::invalid(
-                "`model` must not be empty",
+                "`model` is required (a missing or empty model names no route)",
                 Some("model"),
             ));
         }
         if self.messages.is_empty() {
             return Err(ApiError::invalid(
-                "`messages` must contain at least one message",
+                "`messages` is required and must contain at least one message (or name a `prompt`)",
                 Some("messages"),
             ));
         }

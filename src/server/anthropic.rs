@@ -28,6 +28,7 @@ pub async fn messages(
             &failed.trace,
             failed.error.status().as_u16(),
             started,
+            None,
         );
         let headers = trace_headers(&failed.trace);
         (headers, failed.error.into_anthropic_response()).into_response()
@@ -44,12 +45,15 @@ pub async fn messages(
     match state.pipeline.chat(&context, request).await {
         Ok(answered) => {
             let trace: Trace = answered.trace;
-            state.record(endpoint, &trace, 200, started);
             let body = match answered.value {
                 ChatAnswer::Complete(body) => {
+                    state.record(endpoint, &trace, 200, started, Some(&body));
                     axum::Json(response_from_openai(&body)).into_response()
                 }
-                ChatAnswer::Stream(stream) => anthropic_sse(stream).into_response(),
+                ChatAnswer::Stream(stream) => {
+                    state.record(endpoint, &trace, 200, started, None);
+                    anthropic_sse(stream).into_response()
+                }
             };
             (trace_headers(&trace), body).into_response()
         }

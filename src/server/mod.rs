@@ -19,6 +19,7 @@ mod anthropic;
 mod auth;
 mod body;
 mod openai;
+mod prompts;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +46,7 @@ use crate::cache::exact::CacheControls;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::pipeline::{Failed, Pipeline, RequestContext, Trace};
+use crate::prompts::PromptRef;
 use crate::telemetry::Metrics;
 
 pub struct AppState {
@@ -71,21 +73,32 @@ impl Endpoint {
 }
 
 impl AppState {
-    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
         Ok(Self {
-            pipeline: Pipeline::from_config(config, metrics)?,
+            pipeline: Pipeline::from_config(config, metrics).await?,
             auth: Auth::from_config(&config.auth),
             max_body_bytes: config.server.max_body_bytes,
         })
     }
 
-    /// Metrics and the request span's fields, once per answered request.
-    fn record(&self, endpoint: Endpoint, trace: &Trace, status: u16, started: Instant) {
+    /// Metrics and the request span's fields, once per answered request; `response` is the
+    /// whole answer, if it was one (not a stream).
+    fn record(
+        &self,
+        endpoint: Endpoint,
+        trace: &Trace,
+        status: u16,
+        started: Instant,
+        response: Option<&serde_json::Value>,
+    ) {
         let route = trace.route.as_deref().unwrap_or("-");
+        let elapsed = started.elapsed();
         self.pipeline
             .metrics
-            .request(endpoint.label(), route, status, started.elapsed());
+            .request(endpoint.label(), route, status, elapsed);
+        self.pipeline
+            .record_prompt_use(trace, status, elapsed, response);
         let span = tracing::Span::current();
         span.record("route", route);
         if let Some(target) = &trace.target {
@@ -104,10 +117,29 @@ fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiE
         .unwrap_or_default()
         .to_owned();
     let cache = CacheControls::from_headers(headers)?;
+    let text = |name: &str| -> Result<Option<&str>, ApiError> {
+        headers
+            .get(name)
+            .map(|v| {
+                std::str::from_utf8(v.as_bytes())
+                    .map_err(|_| ApiError::invalid(format!("{name} is not UTF-8"), Some(name)))
+            })
+            .transpose()
+    };
+    let prompt = match text("x-reprise-prompt")? {
+        Some(reference) => Some(PromptRef::from_header(
+            reference,
+            text("x-reprise-prompt-variables")?,
+        )?),
+        None => None,
+    };
+    let user = text("x-reprise-user")?.map(str::to_owned);
     Ok(RequestContext {
         tenant,
         request_id,
         cache,
+        prompt,
+        user,
     })
 }
 
@@ -153,6 +185,16 @@ fn trace_headers(trace: &Trace) -> HeaderMap {
     if let Some(entry) = &trace.cache_entry {
         put("x-reprise-cache-entry", entry);
     }
+    if let Some(prompt) = &trace.prompt {
+        put("x-reprise-prompt", &prompt.id);
+        put("x-reprise-prompt-version", &prompt.version.to_string());
+        if let Some(label) = &prompt.label {
+            put("x-reprise-prompt-label", label);
+        }
+        if let Some((arm, arms)) = prompt.arm {
+            put("x-reprise-prompt-arm", &format!("{arm}/{arms}"));
+        }
+    }
     if let Some(age) = trace.cache_age {
         put("x-reprise-cache-age", &age.as_secs().to_string());
         put(
@@ -174,6 +216,7 @@ fn respond_error(
         &failed.trace,
         failed.error.status().as_u16(),
         started,
+        None,
     );
     (trace_headers(&failed.trace), failed.error).into_response()
 }
@@ -263,6 +306,29 @@ pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
         .route("/v1/cache/feedback", post(openai::cache_feedback))
         .route("/admin/cache/stats", get(admin::cache_stats))
         .route("/admin/cache/purge", post(admin::cache_purge))
+        .route("/admin/prompts", get(prompts::list))
+        .route("/admin/prompts/audit", get(prompts::audit))
+        .route("/admin/prompts/stats", get(prompts::stats))
+        .route("/admin/prompts/{id}", get(prompts::show))
+        .route("/admin/prompts/{id}/history", get(prompts::history))
+        .route("/admin/prompts/{id}/export", get(prompts::export))
+        .route("/admin/prompts/{id}/diff", get(prompts::diff))
+        .route(
+            "/admin/prompts/{id}/versions",
+            post(prompts::create_version),
+        )
+        .route(
+            "/admin/prompts/{id}/versions/{version}",
+            get(prompts::version),
+        )
+        .route(
+            "/admin/prompts/{id}/labels/{label}",
+            axum::routing::put(prompts::set_label).delete(prompts::delete_label),
+        )
+        .route(
+            "/admin/prompts/{id}/labels/{label}/rollback",
+            post(prompts::rollback),
+        )
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(admin::liveness))
         .fallback(not_found)
@@ -332,7 +398,7 @@ impl RunningServer {
 
 /// Builds the gateway from config and starts listening on `server.listen` (port 0 picks a free one).
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
-    let state = Arc::new(AppState::from_config(config)?);
+    let state = Arc::new(AppState::from_config(config).await?);
     let weak_state = Arc::downgrade(&state);
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await

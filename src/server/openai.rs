@@ -30,10 +30,15 @@ pub async fn chat_completions(
     match state.pipeline.chat(&context, request).await {
         Ok(answered) => {
             let trace = answered.trace;
-            state.record(endpoint, &trace, 200, started);
             let body = match answered.value {
-                ChatAnswer::Complete(body) => axum::Json(body).into_response(),
-                ChatAnswer::Stream(stream) => openai_sse(stream).into_response(),
+                ChatAnswer::Complete(body) => {
+                    state.record(endpoint, &trace, 200, started, Some(&body));
+                    axum::Json(body).into_response()
+                }
+                ChatAnswer::Stream(stream) => {
+                    state.record(endpoint, &trace, 200, started, None);
+                    openai_sse(stream).into_response()
+                }
             };
             (trace_headers(&trace), body).into_response()
         }
@@ -119,7 +124,7 @@ pub async fn embeddings(
         };
     match state.pipeline.embeddings(&context, request).await {
         Ok(answered) => {
-            state.record(endpoint, &answered.trace, 200, started);
+            state.record(endpoint, &answered.trace, 200, started, None);
             (trace_headers(&answered.trace), axum::Json(answered.value)).into_response()
         }
         Err(failed) => respond_error(&state, endpoint, failed, started),

@@ -37,6 +37,17 @@ pub trait Store: Send + Sync + 'static {
     async fn put(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>)
     -> Result<(), StoreError>;
 
+    /// Writes `new` under `key` only if the value there is still `expected` (`None`: no value),
+    /// atomically, durably like `put`; whether it did. This is how records that must not lose an
+    /// update (the prompt store's) are written: read, change, swap, and on `false` start over.
+    /// Values written this way never expire and are never evicted by a size bound.
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Vec<u8>,
+    ) -> Result<bool, StoreError>;
+
     /// Removes `key`; whether it existed.
     async fn delete(&self, key: &str) -> Result<bool, StoreError>;
 

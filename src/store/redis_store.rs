@@ -144,6 +144,39 @@ impl Store for RedisStore {
         .map_err(backend_error)
     }
 
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        // A script runs atomically in Redis: no other client's write lands between the compare
+        // and the set. `SET` without `PX` clears any expiry.
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+            local current = redis.call('GET', KEYS[1])
+            if ARGV[1] == '0' then
+                if current then return 0 end
+            elseif current ~= ARGV[2] then
+                return 0
+            end
+            redis.call('SET', KEYS[1], ARGV[3])
+            return 1",
+            )
+        });
+        let mut connection = self.connection().await?;
+        let swapped: i64 = SCRIPT
+            .key(self.key(key))
+            .arg(if expected.is_some() { "1" } else { "0" })
+            .arg(expected.unwrap_or_default())
+            .arg(new)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(backend_error)?;
+        Ok(swapped == 1)
+    }
+
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let mut connection = self.connection().await?;
         let removed: u64 = connection.del(self.key(key)).await.map_err(backend_error)?;

@@ -110,11 +110,26 @@ impl SledStore {
     /// Opens (or creates) the database at `path`; `cache_bytes` bounds sled's page cache in
     /// memory, `max_bytes` (if any) the data kept.
     pub fn open(path: &Path, cache_bytes: u64, max_bytes: Option<u64>) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(backend_error)?;
+        // sled's background flusher lets go of the file lock a moment after the last handle is
+        // dropped: a restart in the same process (or right after the previous one exited) waits
+        // for it instead of failing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(cache_bytes)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(backend_error(e)),
+            }
+        };
         let by_age = db.open_tree("by-age").map_err(backend_error)?;
         let mut bytes = 0;
         for entry in db.iter() {
@@ -212,6 +227,47 @@ impl Store for SledStore {
         .await?;
         self.db.flush_async().await.map_err(backend_error)?;
         Ok(())
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let key = key.to_owned();
+        let expected = expected.map(<[u8]>::to_vec);
+        let swapped = self
+            .blocking(move |db, books| {
+                let current = db.get(key.as_bytes()).map_err(backend_error)?;
+                let current_payload = current.as_deref().and_then(|c| live_payload(c, now_ms()));
+                if current_payload != expected.as_deref() {
+                    return Ok(false);
+                }
+                // Insertion number 0 and no age-index row: the size bound never evicts a record.
+                let mut stored = Vec::with_capacity(HEADER + new.len());
+                stored.extend_from_slice(&0u64.to_be_bytes());
+                stored.extend_from_slice(&0u64.to_be_bytes());
+                stored.extend_from_slice(&new);
+                let swapped = db
+                    .compare_and_swap(key.as_bytes(), current.as_deref(), Some(stored.as_slice()))
+                    .map_err(backend_error)?
+                    .is_ok();
+                if swapped {
+                    if let Some(old) = &current {
+                        books.forget(key.as_bytes(), old);
+                    }
+                    books
+                        .bytes
+                        .fetch_add(size_of(key.as_bytes(), &stored), Ordering::Relaxed);
+                }
+                Ok(swapped)
+            })
+            .await?;
+        if swapped {
+            self.db.flush_async().await.map_err(backend_error)?;
+        }
+        Ok(swapped)
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
