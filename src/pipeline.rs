@@ -442,10 +442,13 @@ impl Pipeline {
             };
         }
 
-        // A cached stream must carry usage (entries record tokens); a client that did not ask for
-        // it does not see the extra chunk.
+        // A cached stream must carry usage (entries record tokens), and so must a prompt
+        // version's (its stats count tokens); a client that did not ask for it does not see the
+        // extra chunk.
         let client_wants_usage = request.wants_usage_in_stream();
-        if writer.is_some() && !client_wants_usage {
+        let counted = trace.prompt.clone().zip(self.prompts.clone());
+        let add_usage = (writer.is_some() || counted.is_some()) && !client_wants_usage;
+        if add_usage {
             request
                 .stream_options
                 .get_or_insert_with(StreamOptions::default)
@@ -453,9 +456,20 @@ impl Pipeline {
         }
         match self.router.chat_stream(&route, &request).await {
             Ok(served) => {
+                let mut stream = served.value;
+                if let Some((prompt, prompts)) = counted {
+                    stream = count_prompt_usage(
+                        stream,
+                        prompt,
+                        prompts,
+                        Arc::clone(&self.metrics),
+                        Arc::clone(&self.prices),
+                        served.target.clone(),
+                    );
+                }
                 let stream = match (writer, &self.exact_cache) {
                     (Some(writer), Some(cache)) => tee_into_cache(
-                        served.value,
+                        stream,
                         cache,
                         self.semantic_cache.clone(),
                         writer,
@@ -463,7 +477,11 @@ impl Pipeline {
                         !client_wants_usage,
                         leader,
                     ),
-                    _ => served.value,
+                    _ if add_usage => Box::pin(stream.filter(|item| {
+                        let keep = !matches!(item, Ok(chunk) if is_usage_only(chunk));
+                        futures::future::ready(keep)
+                    })),
+                    _ => stream,
                 };
                 trace.target = Some(served.target);
                 trace.attempts = served.attempts;
@@ -920,6 +938,27 @@ fn is_usage_only(chunk: &Value) -> bool {
         .and_then(Value::as_array)
         .is_some_and(Vec::is_empty)
         && chunk.get("usage").is_some_and(|u| !u.is_null())
+}
+
+/// Adds a stream's usage chunk to its prompt version's token and cost counts as it passes.
+fn count_prompt_usage(
+    stream: ChunkStream,
+    prompt: PromptTrace,
+    prompts: Arc<PromptStore>,
+    metrics: Arc<Metrics>,
+    prices: Arc<PriceTable>,
+    target: String,
+) -> ChunkStream {
+    Box::pin(stream.inspect(move |item| {
+        if let Ok(chunk) = item
+            && chunk.get("usage").is_some_and(|u| !u.is_null())
+        {
+            let (input, output) = usage_counts(chunk);
+            let cost = prices.cost(Some(&target), chunk, input, output);
+            prompts.record_tokens(&prompt.id, prompt.version, input, output, cost);
+            metrics.prompt_usage(&prompt.id, prompt.version, input, output, cost);
+        }
+    }))
 }
 
 /// Forwards a live stream to the client while assembling it; only a stream that ended normally is

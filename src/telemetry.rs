@@ -434,10 +434,6 @@ impl Metrics {
     }
 
     pub fn prompt_request(&self, used: &PromptUse<'_>) {
-        let labels = PromptLabels {
-            prompt: used.prompt.to_owned(),
-            version: used.version,
-        };
         self.prompt_requests
             .get_or_create(&PromptOutcomeLabels {
                 prompt: used.prompt.to_owned(),
@@ -446,26 +442,47 @@ impl Metrics {
             })
             .inc();
         self.prompt_latency
-            .get_or_create(&labels)
+            .get_or_create(&PromptLabels {
+                prompt: used.prompt.to_owned(),
+                version: used.version,
+            })
             .observe(used.elapsed.as_secs_f64());
-        for (kind, tokens) in [
-            ("prompt", used.prompt_tokens),
-            ("completion", used.completion_tokens),
-        ] {
+        self.prompt_usage(
+            used.prompt,
+            used.version,
+            used.prompt_tokens,
+            used.completion_tokens,
+            used.cost_usd,
+        );
+    }
+
+    /// Tokens billed for a prompt version (a stream's arrive after its request was counted).
+    pub fn prompt_usage(
+        &self,
+        prompt: &str,
+        version: u32,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        cost_usd: f64,
+    ) {
+        for (kind, tokens) in [("prompt", prompt_tokens), ("completion", completion_tokens)] {
             if tokens > 0 {
                 self.prompt_tokens
                     .get_or_create(&PromptTokenLabels {
-                        prompt: used.prompt.to_owned(),
-                        version: used.version,
+                        prompt: prompt.to_owned(),
+                        version,
                         kind,
                     })
                     .inc_by(tokens);
             }
         }
-        if used.cost_usd > 0.0 {
+        if cost_usd > 0.0 {
             self.prompt_cost
-                .get_or_create(&labels)
-                .inc_by(used.cost_usd);
+                .get_or_create(&PromptLabels {
+                    prompt: prompt.to_owned(),
+                    version,
+                })
+                .inc_by(cost_usd);
         }
     }
 

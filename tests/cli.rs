@@ -98,6 +98,8 @@ fn every_subcommand_has_help() {
         vec!["--help"],
         vec!["serve", "--help"],
         vec!["check-config", "--help"],
+        vec!["prompts", "--help"],
+        vec!["prompts", "rollout", "--help"],
     ] {
         let output = Command::new(BIN).args(&args).output().unwrap();
         assert!(output.status.success(), "{args:?}");
@@ -267,4 +269,165 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
         !lines.contains(KEY_A) && !lines.contains("sk-upstream-secret"),
         "no secret in logs: {lines}"
     );
+}
+
+const PROMPT_V1: &str = r#"
+description = "support reply"
+model = "chat"
+[variables.question]
+type = "string"
+free_text = true
+[[messages]]
+role = "system"
+content = "Be brief."
+[[messages]]
+role = "user"
+content = "{{ question }}"
+"#;
+
+#[test]
+fn prompts_check_accepts_the_shipped_examples_and_names_the_file_and_line_of_a_bad_one() {
+    let output = Command::new(BIN)
+        .args(["prompts", "check", "prompts"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("support-reply: v1, v2 (labels: production, staging)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("3 prompt(s) OK"), "{stdout}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("reply/v1.toml");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, PROMPT_V1.replace("{{ question }}", "{{ questoin }}")).unwrap();
+    let output = Command::new(BIN)
+        .args(["prompts", "check", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains(&format!("{}:12: messages[1].content", file.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("questoin"), "{stderr}");
+}
+
+/// Runs `reprise prompts ARGS` against the gateway at `addr`; its exit success and stdout.
+fn prompts_cli(addr: &str, args: &[&str]) -> (bool, String) {
+    let output = Command::new(BIN)
+        .arg("prompts")
+        .args(["--url", &format!("http://{addr}"), "--actor", "carol"])
+        .args(args)
+        .env("REPRISE_ADMIN_KEY", common::ADMIN)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    (output.status.success(), format!("{stdout}{stderr}"))
+}
+
+#[tokio::test]
+async fn the_prompts_cli_manages_a_running_gateway_and_its_changes_survive_kill_9() {
+    let mock = Mock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts");
+    std::fs::create_dir_all(prompts.join("reply")).unwrap();
+    std::fs::write(prompts.join("reply/v1.toml"), PROMPT_V1).unwrap();
+    std::fs::write(
+        prompts.join("reply/labels.toml"),
+        "production = { version = 1 }\n",
+    )
+    .unwrap();
+    let v2 = dir.path().join("v2.toml");
+    std::fs::write(&v2, PROMPT_V1.replace("Be brief.", "Use numbered steps.")).unwrap();
+    let config = format!(
+        "{}\n[log]\nformat = \"json\"\n[cache]\npath = \"{}\"\n[prompts]\ndir = \"{}\"\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
+        base_config(&mock),
+        dir.path().join("store").display(),
+        prompts.display()
+    );
+    let path = write_config(&dir, &config);
+    let (mut child, addr, _) = spawn_gateway(&path);
+    let run = |args: &[&str]| {
+        let addr = addr.clone();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            prompts_cli(&addr, &args)
+        })
+    };
+
+    let (ok, out) = run(&["create", "reply", v2.to_str().unwrap()])
+        .await
+        .unwrap();
+    assert!(ok && out.contains("created version 2"), "{out}");
+    let (ok, out) = run(&["rollout", "reply", "production", "1=90", "2=10"])
+        .await
+        .unwrap();
+    assert!(
+        ok && out.contains("start-rollout production -> rollout[v1:90%,v2:10%]"),
+        "{out}"
+    );
+    let (ok, out) = run(&["rollout", "reply", "production", "1=150"])
+        .await
+        .unwrap();
+    assert!(!ok && out.contains("sum to 100"), "{out}");
+    let (ok, out) = run(&["label", "reply", "staging", "2"]).await.unwrap();
+    assert!(ok && out.contains("move-label staging -> v2"), "{out}");
+    let (ok, out) = run(&["diff", "reply", "1", "2"]).await.unwrap();
+    assert!(
+        ok && out.contains("+content = \"Use numbered steps.\""),
+        "{out}"
+    );
+    let (ok, out) = run(&["list"]).await.unwrap();
+    assert!(
+        ok && out.contains("reply\trevision 5\t2 version(s)"),
+        "{out}"
+    );
+    let (ok, out) = run(&["show", "reply", "--version", "9"]).await.unwrap();
+    assert!(
+        !ok && out.contains("404") && out.contains("no version 9"),
+        "{out}"
+    );
+
+    child.kill().unwrap(); // SIGKILL: what was acknowledged must be on disk already
+    child.wait().unwrap();
+    let (mut child, addr, _) = spawn_gateway(&path);
+    let run = |args: &[&str]| prompts_cli(&addr, args);
+    let (ok, out) = run(&["rollback", "reply", "production"]);
+    assert!(ok && out.contains("rollback production -> v1"), "{out}");
+    let (ok, out) = run(&["history", "reply"]);
+    assert!(ok, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 6, "{out}");
+    assert!(lines[2].contains("carol\tcreate-version v2"), "{out}");
+    assert!(
+        lines[5].contains("carol\trollback production: rollout[v1:90%,v2:10%] -> v1"),
+        "{out}"
+    );
+    let exported = dir.path().join("exported");
+    let (ok, out) = run(&["export", "reply", "--dir", exported.to_str().unwrap()]);
+    assert!(ok && out.contains("v2.toml"), "{out}");
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        let output = Command::new(BIN)
+            .args(["prompts", "check", exported.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8(output.stdout).unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        ok && out.contains("reply: v1, v2 (labels: production, staging)"),
+        "{out}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

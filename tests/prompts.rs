@@ -723,6 +723,38 @@ async fn stats_and_metrics_compare_versions() {
         (v2["requests"].clone(), v2["cache_hits"].clone()),
         (json!(1), json!(0))
     );
+    // A stream's tokens are counted from its usage chunk, which a client that did not ask for
+    // it does not see.
+    let tokens_before = v2["completion_tokens"].as_u64().unwrap();
+    assert!(tokens_before > 0);
+    let streamed = p
+        .gw
+        .chat_with(
+            KEY_A,
+            json!({"model": "x", "stream": true, "prompt": {"id": "reply", "version": 2, "variables": question("streamed?")}}),
+            &[],
+        )
+        .await;
+    let chunks = common::stream_chunks(&streamed.text().await.unwrap());
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c.get("usage").is_none_or(Value::is_null)),
+        "{chunks:?}"
+    );
+    let stats = p.get("/admin/prompts/stats").await;
+    let v2 = stats["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["version"] == 2)
+        .unwrap()
+        .clone();
+    assert_eq!(v2["requests"], 2);
+    assert!(
+        v2["completion_tokens"].as_u64().unwrap() > tokens_before,
+        "{v2}"
+    );
     let metrics = p.gw.metrics().await;
     assert!(
         metrics.contains(
@@ -731,6 +763,76 @@ async fn stats_and_metrics_compare_versions() {
         "{metrics}"
     );
     assert!(metrics.contains(
-        r#"reprise_prompt_request_duration_seconds_count{prompt="reply",version="2"} 1"#
+        r#"reprise_prompt_request_duration_seconds_count{prompt="reply",version="2"} 2"#
     ));
+}
+
+#[tokio::test]
+async fn replicas_on_one_redis_follow_each_others_changes_within_a_second() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = prompts_dir(&dir);
+    write(&prompts.join("reply/v1.toml"), V1);
+    write(&prompts.join("reply/v2.toml"), &v2());
+    write(&prompts.join("reply/labels.toml"), LABELS);
+    let redis = RedisServer::start();
+    let config = config(&dir, Some(&redis));
+    let one = Prompted {
+        gw: Gateway::start(&config).await,
+        dir,
+        redis: None,
+    };
+    let two = Gateway::start(&config).await;
+    let (status, _) = one
+        .admin(
+            Method::PUT,
+            "/admin/prompts/reply/labels/production",
+            Some(json!({"version": 2})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let started = std::time::Instant::now();
+    loop {
+        let response = two
+            .chat_with(
+                KEY_A,
+                json!({"model": "x", "prompt": {"id": "reply", "variables": question("q")}}),
+                &[],
+            )
+            .await;
+        if header(&response, "x-reprise-prompt-version") == Some("2") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the other replica still serves v1"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // A version created on the second replica is known to the first.
+    let spec: Value = toml::from_str(&V1.replace("Be brief.", "Be warm.")).unwrap();
+    let created = two
+        .client
+        .post(two.url("/admin/prompts/reply/versions"))
+        .bearer_auth(ADMIN)
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let started = std::time::Instant::now();
+    loop {
+        let (status, _) = one
+            .admin(Method::GET, "/admin/prompts/reply/versions/3", None)
+            .await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "replica one does not know v3"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    drop(redis);
 }

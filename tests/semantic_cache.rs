@@ -582,3 +582,74 @@ async fn two_gateways_on_one_redis_share_semantic_hits_within_a_second() {
     }
     eprintln!("replica sync took {:?}", written.elapsed());
 }
+
+#[tokio::test]
+async fn a_prompt_embeds_only_its_free_text_and_versions_and_variables_stay_apart() {
+    let prompts = tempfile::tempdir().unwrap();
+    let version = |instruction: &str| {
+        format!(
+            r#"
+            model = "chat"
+            [variables.product]
+            type = "string"
+            default = "Acme"
+            [variables.question]
+            type = "string"
+            free_text = true
+            [[messages]]
+            role = "system"
+            content = "You support {{{{ product }}}}. {instruction}"
+            [[messages]]
+            role = "user"
+            content = "A customer of {{{{ product }}}} writes: {{{{ question }}}} (answer in two sentences)"
+            "#
+        )
+    };
+    let folder = prompts.path().join("reply");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("v1.toml"), version("Be brief.")).unwrap();
+    std::fs::write(folder.join("v2.toml"), version("Use numbered steps.")).unwrap();
+    std::fs::write(folder.join("labels.toml"), "production = { version = 1 }\n").unwrap();
+    let extra = format!("[prompts]\ndir = \"{}\"", prompts.path().display());
+    let Some(s) = start(&extra).await else { return };
+    let ask = |question: &str, version: u32, product: &str| {
+        json!({"model": "x", "prompt": {"id": "reply", "version": version,
+            "variables": {"question": question, "product": product}}})
+    };
+    let hit = s
+        .pair(
+            ask("How do I cancel my order?", 1, "Acme"),
+            ask("How can I cancel my order?", 1, "Acme"),
+        )
+        .await;
+    assert_eq!(header(&hit, "x-reprise-cache"), Some("semantic-hit"));
+    assert_eq!(header(&hit, "x-reprise-prompt-version"), Some("1"));
+    assert_eq!(s.calls(), 1);
+    // Another value of a variable that is not free text, or another version: never a hit.
+    for (product, version) in [("Zeta", 1), ("Acme", 2)] {
+        let response = s
+            .send(
+                KEY_A,
+                ask("How can I cancel my order?", version, product),
+                &[],
+            )
+            .await;
+        assert_eq!(
+            header(&response, "x-reprise-cache"),
+            Some("miss"),
+            "{product} v{version}"
+        );
+    }
+    assert_eq!(s.calls(), 3);
+    // The guards read the free text: a different order number is not a hit.
+    let guarded = s
+        .pair(
+            ask("Cancel order 1234", 1, "Acme"),
+            ask("Cancel order 1243", 1, "Acme"),
+        )
+        .await;
+    assert_eq!(
+        header(&guarded, "x-reprise-cache-semantic"),
+        Some("rejected-numbers")
+    );
+}

@@ -797,6 +797,22 @@ impl PromptStore {
         row.latency_seconds += usage.latency.as_secs_f64();
     }
 
+    /// Adds tokens billed for a version after its request was counted (a stream's usage).
+    pub fn record_tokens(
+        &self,
+        id: &str,
+        version: u32,
+        prompt: u64,
+        completion: u64,
+        cost_usd: f64,
+    ) {
+        let mut stats = self.stats.lock();
+        let row = stats.entry((id.to_owned(), version)).or_default();
+        row.prompt_tokens += prompt;
+        row.completion_tokens += completion;
+        row.cost_usd += cost_usd;
+    }
+
     /// Counters per prompt version with the labels pointing there, to compare rollout arms.
     pub fn stats(&self) -> Vec<VersionStatsRow> {
         let prompts = self.prompts.read();
