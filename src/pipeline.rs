@@ -203,7 +203,7 @@ impl Pipeline {
         // The store is opened only when something keeps data, so a plain gateway writes nothing
         // to disk.
         let store = if caching || config.prompts.is_some() {
-            Some(open_store(&config.cache)?)
+            Some(open_store(&config.cache).await?)
         } else {
             None
         };
@@ -900,17 +900,22 @@ fn start_semantic(
     ))
 }
 
-fn open_store(config: &CacheConfig) -> anyhow::Result<Arc<dyn Store>> {
+async fn open_store(config: &CacheConfig) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match config.store {
         StoreKind::Sled => Arc::new(
-            SledStore::open(&config.path, config.memory_bytes, Some(config.max_bytes)).map_err(
-                |e| {
-                    anyhow::anyhow!(
-                        "cache.path: cannot open the store at {}: {e}",
-                        config.path.display()
-                    )
-                },
-            )?,
+            SledStore::open_when_free(
+                &config.path,
+                config.memory_bytes,
+                Some(config.max_bytes),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cache.path: cannot open the store at {}: {e}",
+                    config.path.display()
+                )
+            })?,
         ),
         StoreKind::Redis => {
             let url = config.redis_url.as_deref().unwrap_or_default();

@@ -18,6 +18,9 @@ pub enum StoreError {
     /// The backend answered with an error (I/O, corruption).
     #[error("store error: {0}")]
     Backend(String),
+    /// Another handle holds the embedded store's file lock.
+    #[error("store error: {0}")]
+    Locked(String),
 }
 
 /// One read of a change feed.

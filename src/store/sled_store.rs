@@ -110,26 +110,16 @@ impl SledStore {
     /// Opens (or creates) the database at `path`; `cache_bytes` bounds sled's page cache in
     /// memory, `max_bytes` (if any) the data kept.
     pub fn open(path: &Path, cache_bytes: u64, max_bytes: Option<u64>) -> Result<Self, StoreError> {
-        // sled's background flusher lets go of the file lock a moment after the last handle is
-        // dropped: a restart in the same process (or right after the previous one exited) waits
-        // for it instead of failing.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let db = loop {
-            match sled::Config::new()
-                .path(path)
-                .cache_capacity(cache_bytes)
-                .open()
-            {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked(io.to_string())
                 }
-                Err(e) => return Err(backend_error(e)),
-            }
-        };
+                other => backend_error(other),
+            })?;
         let by_age = db.open_tree("by-age").map_err(backend_error)?;
         let mut bytes = 0;
         for entry in db.iter() {
@@ -142,6 +132,26 @@ impl SledStore {
             bytes: Arc::new(AtomicU64::new(bytes)),
             max_bytes,
         })
+    }
+
+    /// `open`, waiting up to `wait` for the file lock: a process that just exited (or a gateway
+    /// stopped in this process, whose writes are finishing) lets go of it a moment later.
+    pub async fn open_when_free(
+        path: &Path,
+        cache_bytes: u64,
+        max_bytes: Option<u64>,
+        wait: Duration,
+    ) -> Result<Self, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match Self::open(path, cache_bytes, max_bytes) {
+                Err(StoreError::Locked(_)) if tokio::time::Instant::now() < deadline => {
+                    // Asynchronously: the work that holds the lock may need this very thread.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Bytes of keys and values held now (approximate while writes race).
