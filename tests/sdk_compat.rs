@@ -15,20 +15,36 @@ async fn official_python_sdks_work_unchanged() {
         eprintln!("REPRISE_SDK_PYTHON is not set: SDK compatibility not checked (run `make test`)");
         return;
     };
-    let gw = Gateway::start(
-        r#"
-        [routes.chat]
-        targets = [{ provider = "mock", model = "ok" }]
-        [routes.tools]
-        targets = [{ provider = "mock", model = "tool" }]
-        [routes.drop]
-        targets = [{ provider = "mock", model = "drop" }]
-        [routes.embed]
-        targets = [{ provider = "mock", model = "emb" }]
-        [routes.claude]
-        targets = [{ provider = "claude", model = "claude-ok" }]
-        "#,
+    // A prompt, to check that the SDK's `extra_body` and `extra_headers` reach the prompt store.
+    let dir = tempfile::tempdir().unwrap();
+    let greet = dir.path().join("prompts/greet");
+    std::fs::create_dir_all(&greet).unwrap();
+    std::fs::write(
+        greet.join("v1.toml"),
+        "model = \"chat\"\n[variables.name]\ntype = \"string\"\n[[messages]]\nrole = \"user\"\ncontent = \"Say hello to {{ name }}\"\n",
     )
+    .unwrap();
+    std::fs::write(greet.join("labels.toml"), "production = { version = 1 }\n").unwrap();
+    let gw = Gateway::start(&format!(
+        r#"
+        [cache]
+        path = "{store}"
+        [prompts]
+        dir = "{prompts}"
+        [routes.chat]
+        targets = [{{ provider = "mock", model = "ok" }}]
+        [routes.tools]
+        targets = [{{ provider = "mock", model = "tool" }}]
+        [routes.drop]
+        targets = [{{ provider = "mock", model = "drop" }}]
+        [routes.embed]
+        targets = [{{ provider = "mock", model = "emb" }}]
+        [routes.claude]
+        targets = [{{ provider = "claude", model = "claude-ok" }}]
+        "#,
+        store = dir.path().join("store").display(),
+        prompts = dir.path().join("prompts").display(),
+    ))
     .await;
     let output = tokio::process::Command::new(python)
         .arg("tests/sdk/check_sdks.py")

@@ -50,6 +50,23 @@ def openai_checks():
     check(text == "echo: stream me please", "openai: streamed text")
     check(usage is not None and usage.total_tokens == 18, "openai: usage in the last chunk")
 
+    prompted = client.chat.completions.with_raw_response.create(
+        model="chat", messages=[], user="sdk-user",
+        extra_body={"prompt": {"id": "greet", "variables": {"name": "SDK"}}})
+    check(prompted.headers.get("x-reprise-prompt-version") == "1", "openai: a prompt in extra_body")
+    check(prompted.parse().choices[0].message.content == "echo: Say hello to SDK",
+          "openai: the prompt rendered")
+    via_header = client.chat.completions.create(
+        model="chat", messages=[],
+        extra_headers={"x-reprise-prompt": "greet@v1", "x-reprise-prompt-variables": '{"name": "Header"}'})
+    check(via_header.choices[0].message.content == "echo: Say hello to Header",
+          "openai: a prompt by header")
+    try:
+        client.chat.completions.create(model="chat", messages=[], extra_body={"prompt": {"id": "greet"}})
+        check(False, "openai: a missing variable is an error")
+    except openai.BadRequestError as error:
+        check(error.body["param"] == "prompt.variables.name", "openai: a missing variable is a 400 naming it")
+
     tools = client.chat.completions.create(
         model="tools", messages=[{"role": "user", "content": "weather?"}],
         tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
