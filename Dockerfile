@@ -27,6 +27,7 @@ COPY --from=build /src/models /var/lib/reprise/models
 USER reprise
 WORKDIR /var/lib/reprise
 ENV REPRISE_CONFIG=/etc/reprise/reprise.toml \
+    REPRISE_PROMPTS_DIR=/etc/reprise/prompts \
     REPRISE_LISTEN=0.0.0.0:8080
 EXPOSE 8080
 STOPSIGNAL SIGTERM
