@@ -278,10 +278,7 @@ impl Pipeline {
         };
         let user = context.user.as_deref().or(request.user.as_deref());
         let resolution = self.prompts()?.resolve(&reference, user)?;
-        let original = std::mem::take(&mut request.messages);
-        let mut unrendered = request.clone();
-        unrendered.messages = original;
-        *request = resolution.apply(unrendered)?;
+        resolution.apply(request)?;
         Ok(Some(resolution))
     }
 

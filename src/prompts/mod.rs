@@ -156,33 +156,30 @@ impl Resolution {
         )
     }
 
-    /// The request the prompt makes: the rendered messages, then the client's own messages; the
-    /// version's model alias; its parameters where the request set none.
-    pub fn apply(&self, request: ChatRequest) -> Result<ChatRequest, ApiError> {
-        let mut messages = self.rendered.messages.clone();
-        let client_messages = request.messages.len();
-        let mut value = serde_json::to_value(request)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
-        let Some(fields) = value.as_object_mut() else {
-            return Err(ApiError::invalid("the request is not an object", None));
-        };
-        for (name, parameter) in &self.parameters {
-            if !fields.contains_key(name) {
-                fields.insert(name.clone(), parameter.clone());
+    /// Turns `request` into the one the prompt makes: the rendered messages, then the client's
+    /// own messages; the version's model alias; its parameters where the request set none.
+    pub fn apply(&self, request: &mut ChatRequest) -> Result<(), ApiError> {
+        let client_messages = std::mem::take(&mut request.messages);
+        if !self.parameters.is_empty() {
+            // Parameters are any request fields: merge them as JSON, where "set" is "present".
+            let mut value = serde_json::to_value(&*request)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
+            if let Some(fields) = value.as_object_mut() {
+                for (name, parameter) in &self.parameters {
+                    if !fields.contains_key(name) {
+                        fields.insert(name.clone(), parameter.clone());
+                    }
+                }
             }
+            *request = serde_json::from_value(value)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
         }
         if let Some(model) = &self.model {
-            fields.insert("model".into(), Value::from(model.clone()));
+            request.model.clone_from(model);
         }
-        let mut request: ChatRequest = serde_json::from_value(value)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
-        messages.append(&mut request.messages);
-        debug_assert_eq!(
-            messages.len(),
-            self.rendered.messages.len() + client_messages
-        );
-        request.messages = messages;
-        Ok(request)
+        request.messages = self.rendered.messages.clone();
+        request.messages.extend(client_messages);
+        Ok(())
     }
 
     /// Whether the client sent messages of its own after the template's.
@@ -452,6 +449,22 @@ impl PromptStore {
             {
                 if let Err(error) = self.store.publish(FEED, id.as_bytes().to_vec()).await {
                     tracing::warn!(%error, prompt = id, "prompt change not announced to other replicas; they pick it up on restart");
+                }
+                // One line per change, whatever made it (admin API, CLI, startup import).
+                for event in record
+                    .history
+                    .iter()
+                    .filter(|e| e.revision == record.revision)
+                {
+                    tracing::info!(
+                        prompt = id,
+                        revision = record.revision,
+                        action = ?event.action,
+                        version = ?event.version,
+                        label = ?event.label,
+                        actor = %event.actor,
+                        "prompt changed"
+                    );
                 }
                 self.install(record.clone());
                 return Ok((detail, record, true));

@@ -215,9 +215,6 @@ pub async fn create_version(
     .await;
     match result {
         Ok(outcome) => {
-            if outcome.changed {
-                tracing::info!(prompt = %id, version = outcome.detail.version, "prompt version created");
-            }
             let status = if outcome.changed {
                 StatusCode::CREATED
             } else {
@@ -244,49 +241,51 @@ pub async fn set_label(
             .await
     }
     .await;
-    if let Ok(outcome) = &result
-        && outcome.changed
-    {
-        tracing::info!(prompt = %id, %label, action = ?outcome.detail.action, "prompt label changed");
+    reply(result)
+}
+
+/// The label changes that take no body: `DELETE .../labels/{label}` and `POST .../rollback`.
+enum LabelCommand {
+    Delete,
+    Rollback,
+}
+
+async fn label_command(
+    state: &AppState,
+    headers: &HeaderMap,
+    (id, label): (String, String),
+    query: &HashMap<String, String>,
+    command: LabelCommand,
+) -> Response {
+    let result = async {
+        let store = store(state, headers)?;
+        let if_revision = revision_query(query)?;
+        let actor = actor(headers);
+        match command {
+            LabelCommand::Delete => store.delete_label(&id, &label, if_revision, &actor).await,
+            LabelCommand::Rollback => store.rollback(&id, &label, if_revision, &actor).await,
+        }
     }
+    .await;
     reply(result)
 }
 
 pub async fn delete_label(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((id, label)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let result = async {
-        let store = store(&state, &headers)?;
-        let if_revision = revision_query(&query)?;
-        store
-            .delete_label(&id, &label, if_revision, &actor(&headers))
-            .await
-    }
-    .await;
-    reply(result)
+    label_command(&state, &headers, path, &query, LabelCommand::Delete).await
 }
 
 pub async fn rollback(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((id, label)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let result = async {
-        let store = store(&state, &headers)?;
-        let if_revision = revision_query(&query)?;
-        store
-            .rollback(&id, &label, if_revision, &actor(&headers))
-            .await
-    }
-    .await;
-    if let Ok(outcome) = &result {
-        tracing::info!(prompt = %id, %label, target = ?outcome.detail.target, "prompt label rolled back");
-    }
-    reply(result)
+    label_command(&state, &headers, path, &query, LabelCommand::Rollback).await
 }
 
 fn revision_query(query: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
