@@ -64,6 +64,23 @@ struct Book {
 }
 
 impl Book {
+    /// A new id for `entry`, or `None` if it is live already (its expiry is renewed then).
+    fn admit(&mut self, entry: &Arc<str>, expires_at_ms: u64) -> Option<usize> {
+        if let Some(&id) = self.live.get(entry) {
+            if let Some(slot) = self.slots.get_mut(id) {
+                slot.expires_at_ms = expires_at_ms;
+            }
+            return None;
+        }
+        self.slots.push(Slot {
+            entry: Arc::clone(entry),
+            expires_at_ms,
+        });
+        let id = self.slots.len() - 1;
+        self.live.insert(Arc::clone(entry), id);
+        Some(id)
+    }
+
     fn is_live(&self, id: usize, now_ms: u64) -> bool {
         !self.removed.contains(&id)
             && self
@@ -85,6 +102,17 @@ pub struct SemanticIndex {
     /// Insertion order, for the `max_entries` bound.
     order: Mutex<VecDeque<(ScopeKey, Arc<str>)>>,
     live: AtomicUsize,
+}
+
+/// An entry to index with [`SemanticIndex::insert_many`].
+#[derive(Debug, Clone)]
+pub struct IndexEntry {
+    pub scope: ScopeKey,
+    pub vector: Vec<f32>,
+    /// The store key.
+    pub entry: String,
+    /// Unix milliseconds; 0 = never.
+    pub expires_at_ms: u64,
 }
 
 /// A search result: the entry and its cosine similarity to the query.
@@ -182,34 +210,60 @@ impl SemanticIndex {
         let entry: Arc<str> = Arc::from(entry);
         // Graph before book, as everywhere: a rebuild cannot slip between the id and the point.
         let graph = scope.graph.read();
-        let id = {
-            let mut book = scope.book.write();
-            if let Some(&id) = book.live.get(&entry) {
-                if let Some(slot) = book.slots.get_mut(id) {
-                    slot.expires_at_ms = expires_at_ms;
-                }
-                return false;
-            }
-            book.slots.push(Slot {
-                entry: Arc::clone(&entry),
-                expires_at_ms,
-            });
-            let id = book.slots.len() - 1;
-            book.live.insert(Arc::clone(&entry), id);
-            id
+        let Some(id) = scope.book.write().admit(&entry, expires_at_ms) else {
+            return false;
         };
         graph.insert_slice((&unit(vector), id));
         drop(graph);
-        self.live.fetch_add(1, Ordering::Relaxed);
+        self.admitted(scope_key, vec![entry]);
+        true
+    }
+
+    /// Adds many entries at once, the graph work spread over every core (hnsw_rs's parallel
+    /// insert): for loading the index from the store. Blocking work: run it off the async
+    /// runtime. How many were new.
+    pub fn insert_many(&self, entries: Vec<IndexEntry>) -> usize {
+        let mut by_scope: HashMap<ScopeKey, Vec<IndexEntry>> = HashMap::new();
+        for entry in entries {
+            by_scope.entry(entry.scope).or_default().push(entry);
+        }
+        let mut added = 0;
+        for (key, entries) in by_scope {
+            let scope = self.scope(&key);
+            let graph = scope.graph.read();
+            let mut points = Vec::with_capacity(entries.len());
+            let mut admitted = Vec::with_capacity(entries.len());
+            {
+                let mut book = scope.book.write();
+                for entry in entries {
+                    let name: Arc<str> = Arc::from(entry.entry);
+                    if let Some(id) = book.admit(&name, entry.expires_at_ms) {
+                        points.push((unit(&entry.vector), id));
+                        admitted.push(name);
+                    }
+                }
+            }
+            let slices: Vec<(&[f32], usize)> =
+                points.iter().map(|(v, id)| (v.as_slice(), *id)).collect();
+            graph.parallel_insert_slice(&slices);
+            drop(graph);
+            added += admitted.len();
+            self.admitted(&key, admitted);
+        }
+        added
+    }
+
+    /// Counts newly admitted entries and drops the oldest beyond `max_entries`.
+    fn admitted(&self, scope_key: &ScopeKey, entries: Vec<Arc<str>>) {
+        self.live.fetch_add(entries.len(), Ordering::Relaxed);
         let mut order = self.order.lock();
-        order.push_back((*scope_key, entry));
+        order.extend(entries.into_iter().map(|entry| (*scope_key, entry)));
         while self.live.load(Ordering::Relaxed) > self.params.max_entries {
             let Some((oldest_scope, oldest)) = order.pop_front() else {
                 break;
             };
             self.remove(&oldest_scope, &oldest);
         }
-        true
     }
 
     /// Up to `k` live entries of `scope` nearest to `vector`, most similar first.
@@ -511,6 +565,52 @@ mod tests {
             found.iter().all(|m| m.entry.starts_with("live")),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn a_bulk_insert_finds_every_entry_in_its_own_scope_only() {
+        let index = SemanticIndex::new(IndexParams {
+            max_entries: 1_500,
+            ..IndexParams::default()
+        });
+        let data = vectors(1_600, 32, 21);
+        let entries: Vec<IndexEntry> = data
+            .iter()
+            .enumerate()
+            .map(|(i, v)| IndexEntry {
+                scope: [(i % 2) as u8; 32],
+                vector: v.clone(),
+                entry: format!("e{i}"),
+                expires_at_ms: 0,
+            })
+            .chain(std::iter::once(IndexEntry {
+                scope: [0; 32],
+                vector: data[0].clone(),
+                entry: "e0".into(),
+                expires_at_ms: 0,
+            }))
+            .collect();
+        assert_eq!(
+            index.insert_many(entries),
+            1_600,
+            "the duplicate is not new"
+        );
+        assert_eq!(index.len(), 1_500, "the bound holds for bulk inserts too");
+        let mut found = 0;
+        for i in (200..1_600).step_by(7) {
+            let scope = [(i % 2) as u8; 32];
+            let nearest = &index.search(&scope, &data[i], 1, NOW)[0];
+            found += usize::from(*nearest.entry == *format!("e{i}"));
+            let other = [((i + 1) % 2) as u8; 32];
+            assert!(
+                index
+                    .search(&other, &data[i], 3, NOW)
+                    .iter()
+                    .all(|m| *m.entry != *format!("e{i}")),
+                "never found in the other scope"
+            );
+        }
+        assert!(found >= 195, "{found}/200 found themselves");
     }
 
     #[test]

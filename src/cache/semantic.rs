@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use super::entry::is_cacheable;
 use super::exact::{CacheControls, CacheMode, escape_segment, namespace_segment};
-use super::index::{IndexParams, ScopeKey, SemanticIndex};
+use super::index::{IndexEntry, IndexParams, ScopeKey, SemanticIndex};
 use super::key::{KeyScope, semantic_scope};
 use super::verify::Verifier;
 use crate::config::{CachePolicy, SemanticPolicy};
@@ -687,44 +687,59 @@ async fn background(shared: Weak<Shared>, sync_interval: Duration) {
     }
 }
 
-async fn rebuild(cache: &Shared) -> u64 {
+/// Loads every live entry of the store into the index; how many. The store is read first and
+/// only what the index needs (vector, key, expiry) is kept; the graph is then built on the
+/// blocking pool over all cores, so a large index never stalls the runtime's workers.
+async fn rebuild(cache: &Arc<Shared>) -> u64 {
     let now = now_ms();
-    let mut records = Vec::new();
-    let mut loaded = 0;
+    let dimensions = cache.embedder.dimensions();
+    let mut entries = Vec::new();
     let mut visit = |path: String, bytes: Vec<u8>| {
-        if let Ok(record) = serde_json::from_slice::<SemanticRecord>(&bytes) {
-            records.push((path, record));
+        if let Ok(record) = serde_json::from_slice::<SemanticRecord>(&bytes)
+            && let Some(entry) = index_entry(path, record, now, dimensions)
+        {
+            entries.push(entry);
         }
     };
     if let Err(error) = cache.store.scan_prefix(BASE, &mut visit).await {
         tracing::warn!(%error, "semantic cache: cannot load entries from the store; starting empty");
     }
-    for (path, record) in records {
-        if index_record(cache, &path, &record, now) {
-            loaded += 1;
-        }
-    }
-    loaded
+    index_in_background(cache, entries).await as u64
 }
 
-fn index_record(cache: &Shared, path: &str, record: &SemanticRecord, now: u64) -> bool {
+/// What the index needs of a stored record, if it belongs in the index at all.
+fn index_entry(
+    path: String,
+    record: SemanticRecord,
+    now: u64,
+    dimensions: usize,
+) -> Option<IndexEntry> {
     if record.model != MODEL_ID
         || record.expires_at_ms() <= now
-        || record.vector.len() != cache.embedder.dimensions()
+        || record.vector.len() != dimensions
     {
-        return false;
+        return None;
     }
-    let Some(scope) = scope_from_hex(&record.scope) else {
-        return false;
-    };
-    cache
-        .index
-        .insert(&scope, &record.vector, path, record.expires_at_ms());
-    true
+    Some(IndexEntry {
+        scope: scope_from_hex(&record.scope)?,
+        expires_at_ms: record.expires_at_ms(),
+        vector: record.vector,
+        entry: path,
+    })
+}
+
+async fn index_in_background(cache: &Arc<Shared>, entries: Vec<IndexEntry>) -> usize {
+    if entries.is_empty() {
+        return 0;
+    }
+    let worker = Arc::clone(cache);
+    tokio::task::spawn_blocking(move || worker.index.insert_many(entries))
+        .await
+        .unwrap_or(0)
 }
 
 /// Indexes what other replicas stored since `cursor`; the cursor to continue from.
-async fn follow_feed(cache: &Shared, cursor: Option<String>) -> Option<String> {
+async fn follow_feed(cache: &Arc<Shared>, cursor: Option<String>) -> Option<String> {
     let page = match cache.store.read_feed(FEED, cursor.as_deref(), 1000).await {
         Ok(page) => page,
         Err(error) => {
@@ -733,6 +748,7 @@ async fn follow_feed(cache: &Shared, cursor: Option<String>) -> Option<String> {
         }
     };
     let now = now_ms();
+    let mut entries = Vec::new();
     for event in page.events {
         let Ok(event) = serde_json::from_slice::<FeedEvent>(&event) else {
             continue;
@@ -740,10 +756,13 @@ async fn follow_feed(cache: &Shared, cursor: Option<String>) -> Option<String> {
         if event.origin == cache.origin {
             continue;
         }
-        if let Some(record) = read_record(cache.store.as_ref(), &cache.metrics, &event.path).await {
-            index_record(cache, &event.path, &record, now);
+        if let Some(record) = read_record(cache.store.as_ref(), &cache.metrics, &event.path).await
+            && let Some(entry) = index_entry(event.path, record, now, cache.embedder.dimensions())
+        {
+            entries.push(entry);
         }
     }
+    index_in_background(cache, entries).await;
     cache.metrics.semantic_entries(cache.index.len());
     Some(page.cursor)
 }
