@@ -1,6 +1,6 @@
 //! Replays the evaluation set (`eval/prepare.py`) through a real gateway and reports, per slice,
 //! how the semantic cache answered: hit rate on true repeats, wrong answers among hits, and false
-//! hits on hard negatives, with the guards off (a plain threshold) and on.
+//! hits on hard negatives, for each verifier setting: off (a plain threshold), `rules`, `rules+words`.
 //!
 //! `cargo run --release --example semantic_eval -- eval/data/kwik_e_mart.jsonl models/all-MiniLM-L6-v2`
 //!
@@ -48,12 +48,13 @@ fn thresholds() -> Vec<f32> {
         .unwrap_or_else(|| vec![0.70, 0.75, 0.80, 0.85, 0.90])
 }
 
-fn guard_modes() -> Vec<bool> {
-    match std::env::var("EVAL_GUARDS").as_deref() {
-        Ok("on") => vec![true],
-        Ok("off") => vec![false],
-        _ => vec![false, true],
-    }
+/// `semantic.verifier` settings to compare: `off` is a plain threshold.
+fn verifiers() -> Vec<String> {
+    std::env::var("EVAL_VERIFIERS")
+        .unwrap_or_else(|_| "off,rules,rules+words".into())
+        .split(',')
+        .map(|v| v.trim().to_owned())
+        .collect()
 }
 
 async fn echo_upstream() -> anyhow::Result<String> {
@@ -85,7 +86,7 @@ async fn run(
     upstream: &str,
     model_dir: &str,
     threshold: f32,
-    guards: bool,
+    verifier: &str,
 ) -> anyhow::Result<BTreeMap<String, Tally>> {
     let dir = tempfile::tempdir()?;
     let config = format!(
@@ -105,6 +106,7 @@ async fn run(
         [semantic]
         model_dir = "{model_dir}"
         verifier = "{verifier}"
+        {semantic_extra}
         [providers.echo]
         kind = "openai"
         base_url = "{upstream}"
@@ -112,7 +114,8 @@ async fn run(
         targets = [{{ provider = "echo", model = "echo" }}]
         "#,
         store = dir.path().join("store").display(),
-        verifier = if guards { "rules" } else { "off" },
+        // EVAL_SEMANTIC: more `[semantic]` settings, e.g. "word_similarity = 0.4".
+        semantic_extra = std::env::var("EVAL_SEMANTIC").unwrap_or_default(),
     );
     let config = reprise::config::Config::from_toml_str(&config, "eval.toml", &|_| None)?;
     let server = reprise::server::start(&config).await?;
@@ -195,7 +198,7 @@ async fn run(
             let _ = writeln!(
                 dump.lock().unwrap_or_else(|e| e.into_inner()),
                 "{}",
-                json!({"threshold": threshold, "guards": guards, "slice": slice,
+                json!({"threshold": threshold, "verifier": verifier, "slice": slice,
                        "text": request.text, "group": request.group, "hit": hit,
                        "wrong": wrong, "answer": answer,
                        "answer_group": group_of_answer.get(&answer),
@@ -244,12 +247,12 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("Requests: {counts:?}\n");
     println!(
-        "| guards | threshold | hits on repeats | wrong among hits | false hits: parameters | sibling | negation | unrelated | first of its group | all hard negatives |"
+        "| verifier | threshold | hits on repeats | wrong among hits | false hits: parameters | sibling | negation | unrelated | first of its group | all hard negatives |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for guards in guard_modes() {
+    for verifier in verifiers() {
         for threshold in thresholds() {
-            let tallies = run(&rows, &upstream, &model_dir, threshold, guards).await?;
+            let tallies = run(&rows, &upstream, &model_dir, threshold, &verifier).await?;
             let get = |slice: &str| {
                 tallies
                     .get(slice)
@@ -271,7 +274,7 @@ async fn main() -> anyhow::Result<()> {
             let correct_repeat_hits = repeat_hits - get("repeat").2;
             println!(
                 "| {} | {threshold:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                if guards { "on" } else { "off" },
+                verifier,
                 percent(correct_repeat_hits, repeats),
                 percent(all_wrong, all_hits),
                 percent(negatives[0].1, negatives[0].0),

@@ -332,9 +332,17 @@ pub struct SemanticConfig {
     #[serde(default = "default_candidates")]
     pub candidates: usize,
     /// The verification step after the similarity threshold: `rules` (numbers, times,
-    /// negation, polarity, entities) or `off` (plain threshold; for evaluation).
+    /// negation, polarity, entities, slots), `rules+words` (the rules, then every unshared
+    /// content word needs a counterpart of similar meaning) or `off` (plain threshold; for
+    /// evaluation).
     #[serde(default)]
     pub verifier: VerifierKind,
+    /// `rules+words`: the cosine at which two words count as counterparts.
+    #[serde(default = "default_word_similarity")]
+    pub word_similarity: f32,
+    /// `rules+words`: word vectors kept in memory (1.5 KiB each).
+    #[serde(default = "default_cached_words")]
+    pub cached_words: usize,
     /// HNSW links per node; more links, better recall, more memory.
     #[serde(default = "default_hnsw_connections")]
     pub connections: usize,
@@ -354,8 +362,10 @@ pub struct SemanticConfig {
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifierKind {
-    #[default]
     Rules,
+    #[default]
+    #[serde(rename = "rules+words")]
+    RulesAndWords,
     Off,
 }
 
@@ -378,6 +388,8 @@ impl Default for SemanticConfig {
             max_length: default_embed_max_length(),
             candidates: default_candidates(),
             verifier: VerifierKind::default(),
+            word_similarity: default_word_similarity(),
+            cached_words: default_cached_words(),
             connections: default_hnsw_connections(),
             ef_construction: default_hnsw_ef_construction(),
             ef_search: default_hnsw_ef_search(),
@@ -403,6 +415,12 @@ fn default_embed_threads() -> usize {
 }
 fn default_embed_max_length() -> usize {
     128
+}
+fn default_word_similarity() -> f32 {
+    0.5
+}
+fn default_cached_words() -> usize {
+    20_000
 }
 fn default_candidates() -> usize {
     4
@@ -448,7 +466,7 @@ pub struct RouteCacheConfig {
 }
 
 /// Chosen by the evaluation in `eval/` (see the README): the guards make a lower threshold safe.
-pub const DEFAULT_SEMANTIC_THRESHOLD: f32 = 0.85;
+pub const DEFAULT_SEMANTIC_THRESHOLD: f32 = 0.80;
 
 /// A route's cache policy with every default applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -847,10 +865,17 @@ impl Config {
             ("ef_construction", s.ef_construction),
             ("ef_search", s.ef_search),
             ("max_entries", s.max_entries),
+            ("cached_words", s.cached_words),
         ] {
             if value == 0 {
                 return Err((format!("semantic.{field}"), "must be above 0".into()));
             }
+        }
+        if !(s.word_similarity > 0.0 && s.word_similarity <= 1.0) {
+            return Err((
+                "semantic.word_similarity".into(),
+                "must be in (0, 1] (a cosine similarity)".into(),
+            ));
         }
         if s.sync_interval.is_zero() {
             return Err(("semantic.sync_interval".into(), "must be above 0".into()));
@@ -1137,7 +1162,7 @@ mod tests {
         let semantic = policy.semantic.unwrap();
         assert_eq!(semantic.threshold, 0.9);
         assert!(!semantic.with_tools);
-        assert_eq!(config.semantic.verifier, VerifierKind::Rules);
+        assert_eq!(config.semantic.verifier, VerifierKind::RulesAndWords);
         for (change, field) in [
             (
                 "[routes.chat.cache]\nsemantic = true\n[routes.chat]",
@@ -1154,6 +1179,10 @@ mod tests {
             (
                 "[semantic]\nverifier = \"maybe\"\n[routes.chat]",
                 "semantic.verifier",
+            ),
+            (
+                "[semantic]\nword_similarity = 0\n[routes.chat]",
+                "semantic.word_similarity",
             ),
         ] {
             let err =

@@ -31,7 +31,8 @@ use crate::cache::semantic::{
     FeedbackOutcome, Lookup, PromptText, SemanticCache, SemanticPlan, SemanticSettings,
     prefix as semantic_prefix,
 };
-use crate::cache::verify::{RuleVerifier, Verifier};
+use crate::cache::verify::{Chain, RuleVerifier, Verifier};
+use crate::cache::words::WordVerifier;
 use crate::config::{CacheConfig, CachePolicy, Config, SemanticConfig, StoreKind, VerifierKind};
 use crate::embed::{Embedder, EmbedderConfig};
 use crate::error::ApiError;
@@ -876,6 +877,14 @@ fn start_semantic(
     })?;
     let verifier: Option<Box<dyn Verifier>> = match config.verifier {
         VerifierKind::Rules => Some(Box::new(RuleVerifier)),
+        VerifierKind::RulesAndWords => Some(Box::new(Chain(vec![
+            Box::new(RuleVerifier),
+            Box::new(WordVerifier::new(
+                embedder.clone(),
+                config.word_similarity,
+                config.cached_words,
+            )),
+        ]))),
         VerifierKind::Off => None,
     };
     Ok(SemanticCache::start(

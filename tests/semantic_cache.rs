@@ -190,6 +190,33 @@ async fn a_paraphrase_is_answered_from_the_cache() {
     assert_eq!(row["semantic_entries"], 1);
 }
 
+#[tokio::test]
+async fn a_paraphrase_in_other_words_passes_the_word_check() {
+    let Some(s) = start("").await else { return };
+    for (first, second) in [
+        (
+            "Where is the nearest store?",
+            "Which store is closest to me?",
+        ),
+        (
+            "What are your opening hours?",
+            "At what times are you open?",
+        ),
+    ] {
+        let response = s.pair(ask(first), ask(second)).await;
+        assert_eq!(
+            header(&response, "x-reprise-cache-semantic"),
+            Some("hit"),
+            "{first:?} ~ {second:?}"
+        );
+        assert_eq!(
+            content(&response.json().await.unwrap()),
+            format!("echo: {first}")
+        );
+    }
+    assert_eq!(s.calls(), 2);
+}
+
 /// Pairs an embedding puts close together but whose answers differ, and the guard that must
 /// catch each.
 const LOOKALIKES: &[(&str, &str, &str)] = &[
@@ -218,6 +245,11 @@ const LOOKALIKES: &[(&str, &str, &str)] = &[
         "What is the price of the Model S?",
         "What is the price of the Model X?",
         "entities",
+    ),
+    (
+        "What is the number for the Central Plaza store?",
+        "When does the Central Plaza store close?",
+        "content",
     ),
 ];
 
@@ -261,7 +293,9 @@ async fn each_guard_blocks_its_lookalike_which_a_plain_threshold_would_serve() {
         assert_eq!(guarded.calls(), 2 * (i + 1));
     }
     let metrics = guarded.gw.metrics().await;
-    for guard in ["numbers", "times", "polarity", "negation", "entities"] {
+    for guard in [
+        "numbers", "times", "polarity", "negation", "entities", "content",
+    ] {
         assert!(
             metrics.contains(&format!(
                 "reprise_semantic_rejections_total{{guard=\"{guard}\"}}"

@@ -9,3 +9,4 @@ pub mod index;
 pub mod key;
 pub mod semantic;
 pub mod verify;
+pub mod words;

@@ -370,7 +370,7 @@ impl SemanticCache {
                 continue;
             }
             if let Some(verifier) = &shared.verifier
-                && let Err(rejection) = verifier.verify(&plan.text, &record.text)
+                && let Err(rejection) = verifier.verify(&plan.text, &record.text).await
             {
                 tracing::debug!(
                     ?rejection,

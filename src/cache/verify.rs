@@ -3,10 +3,13 @@
 //! changes: "turn on" vs "turn off", "5 USD" vs "50 USD", "one hour" vs "two hours", "Paris" vs
 //! "Rome", order 12345 vs 12346. Each rule looks for one such difference; any difference rejects.
 //!
-//! [`Verifier`] is the seam: [`RuleVerifier`] is the built-in one, and a model-based verifier
-//! (a cross-encoder) can replace it or be chained after it.
+//! [`Verifier`] is the seam: [`RuleVerifier`] is the built-in one, [`Chain`] runs several in
+//! turn, and a model-based verifier (the word-vector check in `words.rs`, or a cross-encoder)
+//! joins the rules there or replaces them.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use async_trait::async_trait;
 
 /// Why a candidate was rejected; a low-cardinality label for metrics via [`Rejection::label`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +38,10 @@ pub enum Rejection {
     /// the slot is what the answer is about. Lowercase names, which the entity rule cannot see,
     /// are caught here.
     Substitution { query: String, candidate: String },
+    /// A content word of one text has no counterpart of similar meaning in the other ("when
+    /// does it close" vs "what is its number"): the texts ask about different things. An
+    /// empty side means the word has no counterpart at all.
+    Content { query: String, candidate: String },
 }
 
 impl Rejection {
@@ -46,13 +53,29 @@ impl Rejection {
             Rejection::Polarity { .. } => "polarity",
             Rejection::Entities { .. } => "entities",
             Rejection::Substitution { .. } => "substitution",
+            Rejection::Content { .. } => "content",
         }
     }
 }
 
+/// Asynchronous because a model-based verifier runs a model (off the async workers).
+#[async_trait]
 pub trait Verifier: Send + Sync {
     /// `Ok(())` if an answer to `candidate` may answer `query`.
-    fn verify(&self, query: &str, candidate: &str) -> Result<(), Rejection>;
+    async fn verify(&self, query: &str, candidate: &str) -> Result<(), Rejection>;
+}
+
+/// Verifiers in turn, cheapest first: the first rejection stands.
+pub struct Chain(pub Vec<Box<dyn Verifier>>);
+
+#[async_trait]
+impl Verifier for Chain {
+    async fn verify(&self, query: &str, candidate: &str) -> Result<(), Rejection> {
+        for verifier in &self.0 {
+            verifier.verify(query, candidate).await?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -315,11 +338,12 @@ const FUNCTION_WORDS: &[&str] = &[
     "she", "it", "its", "they", "them", "their", "this", "that", "these", "those", "there", "here",
     "is", "are", "was", "were", "be", "been", "being", "am", "do", "does", "did", "can", "could",
     "would", "should", "will", "shall", "may", "might", "must", "have", "has", "had", "to", "of",
-    "for", "from", "with", "by", "about", "at", "as", "into", "onto", "please", "what", "whats",
-    "when", "whens", "where", "wheres", "how", "hows", "why", "which", "who", "whom", "and", "or",
-    "but", "if", "so", "just", "some", "any", "im", "ive", "id", "ill", "youre", "its", "want",
-    "wanna", "like", "need", "tell", "know", "let", "lets", "get", "kindly", "hi", "hello", "hey",
-    "thanks", "thank", "ok", "okay", "also", "then", "there", "still", "ever", "really", "very",
+    "for", "from", "with", "by", "about", "at", "as", "in", "on", "into", "onto", "please", "what",
+    "whats", "when", "whens", "where", "wheres", "how", "hows", "why", "which", "who", "whom",
+    "and", "or", "but", "if", "so", "just", "some", "any", "im", "ive", "id", "ill", "youre",
+    "its", "want", "wanna", "like", "need", "tell", "know", "let", "lets", "get", "kindly", "hi",
+    "hello", "hey", "thanks", "thank", "ok", "okay", "also", "then", "there", "still", "ever",
+    "really", "very",
 ];
 
 fn is_function_word(word: &str) -> bool {
@@ -354,10 +378,7 @@ fn substitution(q: &[String], c: &[String]) -> Option<(String, String)> {
                     && !w.chars().any(|c| c.is_ascii_digit())
             })
             // A plural is not another slot value ("10 minutes" / "10 minute timer").
-            .map(|w| match w.strip_suffix('s') {
-                Some(stem) if stem.len() >= 3 => stem.to_owned(),
-                _ => w.clone(),
-            })
+            .map(|w| singular(w))
             .collect()
     };
     let (qm, cm) = (
@@ -402,8 +423,47 @@ fn entities(text: &str) -> BTreeSet<String> {
     found
 }
 
+#[async_trait]
 impl Verifier for RuleVerifier {
-    fn verify(&self, query: &str, candidate: &str) -> Result<(), Rejection> {
+    async fn verify(&self, query: &str, candidate: &str) -> Result<(), Rejection> {
+        self.check(query, candidate)
+    }
+}
+
+/// The words of `text` that carry content: not grammar, and not what the rules compare on their
+/// own terms (numbers, times, negations). A plural counts as its singular.
+pub fn content_words(text: &str) -> BTreeSet<String> {
+    words(text)
+        .into_iter()
+        .filter(|w| {
+            !is_function_word(w)
+                && !NEGATIONS.contains(&w.as_str())
+                && !TIME_WORDS.contains(&w.as_str())
+                && is_number_word(w).is_none()
+                && !w.chars().any(|c| c.is_ascii_digit())
+        })
+        .map(|w| singular(&w))
+        .collect()
+}
+
+/// A rough singular, enough to match "hours" with "hour" and "addresses" with "address";
+/// "status", "analysis" and "class" stay as they are.
+fn singular(word: &str) -> String {
+    if ["sses", "xes", "ches", "shes"]
+        .iter()
+        .any(|suffix| word.ends_with(suffix))
+    {
+        return word[..word.len() - 2].to_owned();
+    }
+    match word.strip_suffix('s') {
+        Some(stem) if stem.len() >= 3 && !stem.ends_with(['s', 'u', 'i']) => stem.to_owned(),
+        _ => word.to_owned(),
+    }
+}
+
+impl RuleVerifier {
+    /// The rules without a runtime: [`Verifier::verify`] is this.
+    pub fn check(&self, query: &str, candidate: &str) -> Result<(), Rejection> {
         let (q, c) = (words(query), words(candidate));
         let (qn, cn) = (numbers(&q), numbers(&c));
         if qn != cn {
@@ -452,7 +512,7 @@ mod tests {
     use super::*;
 
     fn verdict(a: &str, b: &str) -> Result<(), Rejection> {
-        RuleVerifier.verify(a, b)
+        RuleVerifier.check(a, b)
     }
 
     #[test]
@@ -568,6 +628,20 @@ mod tests {
             verdict("weather today", "weather tomorrow"),
             Err(Rejection::Times { .. })
         ));
+    }
+
+    #[test]
+    fn content_words_leave_out_grammar_numbers_and_times() {
+        assert_eq!(
+            content_words("What are the store's hours on Sunday? Is it 5 or five? Not sure.")
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["hour", "store", "sure"]
+        );
+        assert_eq!(
+            content_words("the class address"),
+            content_words("the class addresses")
+        );
     }
 
     #[test]

@@ -60,6 +60,8 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<f32>, EmbedError>>,
 }
 
+/// A handle: clones share the one model and its queue.
+#[derive(Clone)]
 pub struct Embedder {
     queue: SyncSender<Job>,
     stats: Arc<EmbedderStats>,
