@@ -267,7 +267,11 @@ fn words(text: &str) -> Vec<String> {
 fn numbers(words: &[String]) -> Vec<String> {
     let mut found: Vec<String> = words
         .iter()
-        .filter_map(|word| {
+        .enumerate()
+        .filter(|&(i, word)| {
+            !(word == "one" && i > 0 && ONE_AS_PRONOUN.contains(&words[i - 1].as_str()))
+        })
+        .filter_map(|(_, word)| {
             if word.chars().any(|c| c.is_ascii_digit()) {
                 // "12:30", "3pm", "2nd", "1,000", "4.5": keep the digits and decimal point.
                 let digits: String = word
@@ -287,6 +291,11 @@ fn numbers(words: &[String]) -> Vec<String> {
     found.sort_unstable();
     found
 }
+
+/// "this one", "the one near the park": after these, "one" points at a thing, it does not count.
+const ONE_AS_PRONOUN: &[&str] = &[
+    "this", "that", "the", "which", "each", "every", "any", "another", "no", "some", "other",
+];
 
 fn times(words: &[String]) -> Vec<String> {
     let mut found: Vec<String> = words
@@ -397,6 +406,8 @@ fn substitution(q: &[String], c: &[String]) -> Option<(String, String)> {
 fn entities(text: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     let mut sentence_start = true;
+    // A text in capitals throughout ("GOODBYE") is shouted, not an acronym.
+    let shouted = !text.chars().any(char::is_lowercase);
     for raw in text.split_whitespace() {
         let token: String = raw
             .trim_matches(|c: char| !c.is_alphanumeric() && c != '#' && c != '@')
@@ -408,14 +419,17 @@ fn entities(text: &str) -> BTreeSet<String> {
         let letters = token.chars().filter(|c| c.is_alphabetic()).count();
         let digits = token.chars().filter(|c| c.is_ascii_digit()).count();
         let capitalised = token.chars().next().is_some_and(char::is_uppercase);
-        let all_caps = letters >= 2
+        let all_caps = !shouted
+            && letters >= 2
             && token
                 .chars()
                 .filter(|c| c.is_alphabetic())
                 .all(char::is_uppercase);
         let code = (letters > 0 && digits > 0) || token.contains('@') || token.starts_with('#');
         let pronoun_i = token == "I" || token.starts_with("I'");
-        if code || all_caps || (capitalised && !sentence_start && !pronoun_i) {
+        // "Hi, How are you": a capitalised grammar word names nothing.
+        let grammar = is_function_word(&token.to_lowercase());
+        if code || all_caps || (capitalised && !sentence_start && !pronoun_i && !grammar) {
             found.insert(token.to_lowercase());
         }
         sentence_start = raw.ends_with(['.', '!', '?', ':']);
@@ -493,11 +507,21 @@ impl RuleVerifier {
                 });
             }
         }
+        // A name counts as shared if the other text has it too, capitalised or not ("West Oak"
+        // / "west oak").
+        let unshared =
+            |names: BTreeSet<String>, other: &BTreeSet<String>, other_words: &[String]| {
+                names
+                    .into_iter()
+                    .filter(|name| !other.contains(name) && !other_words.contains(name))
+                    .collect::<Vec<_>>()
+            };
         let (qe, ce) = (entities(query), entities(candidate));
-        if qe != ce {
+        let (query_names, candidate_names) = (unshared(qe.clone(), &ce, &c), unshared(ce, &qe, &q));
+        if !query_names.is_empty() || !candidate_names.is_empty() {
             return Err(Rejection::Entities {
-                query: qe.into_iter().collect(),
-                candidate: ce.into_iter().collect(),
+                query: query_names,
+                candidate: candidate_names,
             });
         }
         if let Some((query, candidate)) = substitution(&q, &c) {
@@ -627,6 +651,30 @@ mod tests {
         assert!(matches!(
             verdict("weather today", "weather tomorrow"),
             Err(Rejection::Times { .. })
+        ));
+    }
+
+    #[test]
+    fn a_name_written_in_lowercase_a_pronoun_one_and_shouting_are_no_differences() {
+        for (a, b) in [
+            (
+                "store hours for the kwik-e-mart on West oak",
+                "what are the store hours for the kwik-e-mart on west oak",
+            ),
+            ("When does this one open?", "When does the store open?"),
+            ("Hi, How are you?", "hi, how are you?"),
+            ("GOODBYE", "goodbye"),
+        ] {
+            assert_eq!(verdict(a, b), Ok(()), "{a:?} ~ {b:?}");
+            assert_eq!(verdict(b, a), Ok(()), "{b:?} ~ {a:?}");
+        }
+        assert!(matches!(
+            verdict("Buy one ticket", "Buy two tickets"),
+            Err(Rejection::Numbers { .. })
+        ));
+        assert!(matches!(
+            verdict("What does NASA do?", "What does ESA do?"),
+            Err(Rejection::Entities { .. })
         ));
     }
 
