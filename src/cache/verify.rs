@@ -378,14 +378,7 @@ fn substitution(q: &[String], c: &[String]) -> Option<(String, String)> {
     let content = |words: &[String]| -> BTreeSet<String> {
         words
             .iter()
-            // Numbers were compared by value already ("5" = "five").
-            .filter(|w| {
-                // Negations were compared by parity already ("can't" = "cannot").
-                !is_function_word(w)
-                    && !NEGATIONS.contains(&w.as_str())
-                    && is_number_word(w).is_none()
-                    && !w.chars().any(|c| c.is_ascii_digit())
-            })
+            .filter(|w| is_content_word(w))
             // A plural is not another slot value ("10 minutes" / "10 minute timer").
             .map(|w| singular(w))
             .collect()
@@ -449,15 +442,18 @@ impl Verifier for RuleVerifier {
 pub fn content_words(text: &str) -> BTreeSet<String> {
     words(text)
         .into_iter()
-        .filter(|w| {
-            !is_function_word(w)
-                && !NEGATIONS.contains(&w.as_str())
-                && !TIME_WORDS.contains(&w.as_str())
-                && is_number_word(w).is_none()
-                && !w.chars().any(|c| c.is_ascii_digit())
-        })
+        .filter(|w| is_content_word(w) && !TIME_WORDS.contains(&w.as_str()))
         .map(|w| singular(&w))
         .collect()
+}
+
+/// Not grammar, and not a number or a negation: those are compared by value ("5" = "five") and
+/// by parity ("can't" = "cannot") already.
+fn is_content_word(word: &str) -> bool {
+    !is_function_word(word)
+        && !NEGATIONS.contains(&word)
+        && is_number_word(word).is_none()
+        && !word.chars().any(|c| c.is_ascii_digit())
 }
 
 /// A rough singular, enough to match "hours" with "hour" and "addresses" with "address";
