@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use reprise::cache::index::{IndexEntry, IndexParams, SemanticIndex};
-use reprise::cache::verify::{Chain, RuleVerifier, Verifier};
-use reprise::cache::words::WordVerifier;
+use reprise::cache::verify::{self as verify, RuleVerifier, Verifier};
+use reprise::config::SemanticConfig;
 use reprise::embed::{Embedder, EmbedderConfig};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
@@ -236,11 +236,8 @@ const QUERY_FILLERS: &[&str] = &[
 
 /// The default verifier (`rules+words`); its word vectors are cached as in the gateway, so the
 /// first lookups pay for embedding their words and later ones mostly do not.
-fn verifier(embedder: &Embedder) -> Chain {
-    Chain(vec![
-        Box::new(RuleVerifier),
-        Box::new(WordVerifier::new(embedder.clone(), 0.5, 20_000)),
-    ])
+fn verifier(embedder: &Embedder) -> Box<dyn Verifier> {
+    verify::from_config(&SemanticConfig::default(), embedder).expect("the default verifier")
 }
 
 /// One whole lookup: embed the query, search, and verify the candidates best first against the
@@ -322,7 +319,13 @@ fn main() {
     }
     let hundred_k = &indexes[1].1;
     let verifier = verifier(&embedder);
-    percentiles(&runtime, &embedder, &verifier, hundred_k, &centre_texts);
+    percentiles(
+        &runtime,
+        &embedder,
+        verifier.as_ref(),
+        hundred_k,
+        &centre_texts,
+    );
 
     let mut c = Criterion::default()
         .configure_from_args()
@@ -374,7 +377,7 @@ fn main() {
     group.finish();
     let mut group = c.benchmark_group("semantic lookup");
     let (embedder, verifier, centre_texts, queries) =
-        (&embedder, &verifier, &centre_texts, &queries);
+        (&embedder, verifier.as_ref(), &centre_texts, &queries);
     let mut i = 0;
     group.bench_function("embed + search + guards, 100k entries", |b| {
         b.to_async(&runtime).iter(|| {

@@ -31,9 +31,8 @@ use crate::cache::semantic::{
     FeedbackOutcome, Lookup, PromptText, SemanticCache, SemanticPlan, SemanticSettings,
     prefix as semantic_prefix,
 };
-use crate::cache::verify::{Chain, RuleVerifier, Verifier};
-use crate::cache::words::WordVerifier;
-use crate::config::{CacheConfig, CachePolicy, Config, SemanticConfig, StoreKind, VerifierKind};
+use crate::cache::verify;
+use crate::config::{CacheConfig, CachePolicy, Config, SemanticConfig, StoreKind};
 use crate::embed::{Embedder, EmbedderConfig};
 use crate::error::ApiError;
 use crate::prompts::{PromptRef, PromptStore, Resolution, Usage as PromptUsage};
@@ -875,18 +874,7 @@ fn start_semantic(
             "semantic.model_dir: {e} (scripts/fetch-embedding-model.sh fetches the model)"
         )
     })?;
-    let verifier: Option<Box<dyn Verifier>> = match config.verifier {
-        VerifierKind::Rules => Some(Box::new(RuleVerifier)),
-        VerifierKind::RulesAndWords => Some(Box::new(Chain(vec![
-            Box::new(RuleVerifier),
-            Box::new(WordVerifier::new(
-                embedder.clone(),
-                config.word_similarity,
-                config.cached_words,
-            )),
-        ]))),
-        VerifierKind::Off => None,
-    };
+    let verifier = verify::from_config(config, &embedder);
     Ok(SemanticCache::start(
         embedder,
         verifier,

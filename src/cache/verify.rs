@@ -11,6 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 
+use super::words::WordVerifier;
+use crate::config::{SemanticConfig, VerifierKind};
+use crate::embed::Embedder;
+
 /// Why a candidate was rejected; a low-cardinality label for metrics via [`Rejection::label`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
@@ -75,6 +79,22 @@ impl Verifier for Chain {
             verifier.verify(query, candidate).await?;
         }
         Ok(())
+    }
+}
+
+/// The verifier `semantic.verifier` names; `None` for `off` (a plain threshold).
+pub fn from_config(config: &SemanticConfig, embedder: &Embedder) -> Option<Box<dyn Verifier>> {
+    match config.verifier {
+        VerifierKind::Rules => Some(Box::new(RuleVerifier)),
+        VerifierKind::RulesAndWords => Some(Box::new(Chain(vec![
+            Box::new(RuleVerifier),
+            Box::new(WordVerifier::new(
+                embedder.clone(),
+                config.word_similarity,
+                config.cached_words,
+            )),
+        ]))),
+        VerifierKind::Off => None,
     }
 }
 
