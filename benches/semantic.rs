@@ -240,6 +240,41 @@ fn verifier(embedder: &Embedder) -> Box<dyn Verifier> {
     verify::from_config(&SemanticConfig::default(), embedder).expect("the default verifier")
 }
 
+/// How many of each query's 4 nearest entries (by exhaustive search) the index's search returns.
+fn recall_at_4(
+    index: &SemanticIndex,
+    centres: &[Vec<f32>],
+    size: usize,
+    queries: &[Vec<f32>],
+) -> f64 {
+    // The entries as `build` made them: `size` in bulk (seed 11), then 1,000 one at a time (12).
+    let entries = clustered(centres, size, 11).chain(clustered(centres, 1_000, 12));
+    let mut nearest: Vec<Vec<(f32, usize)>> = vec![Vec::with_capacity(5); queries.len()];
+    for (number, vector) in entries.enumerate() {
+        for (query, best) in queries.iter().zip(&mut nearest) {
+            let similarity: f32 = query.iter().zip(&vector).map(|(a, b)| a * b).sum();
+            if best.len() < 4 || similarity > best[best.len() - 1].0 {
+                best.push((similarity, number));
+                best.sort_by(|a, b| b.0.total_cmp(&a.0));
+                best.truncate(4);
+            }
+        }
+    }
+    let found: usize = queries
+        .iter()
+        .zip(&nearest)
+        .map(|(query, best)| {
+            let returned: Vec<usize> = index
+                .search(&SCOPE, query, 4, 0)
+                .iter()
+                .map(|m| number(&m.entry))
+                .collect();
+            best.iter().filter(|(_, n)| returned.contains(n)).count()
+        })
+        .sum();
+    found as f64 / (4 * queries.len()) as f64
+}
+
 /// One whole lookup: embed the query, search, and verify the candidates best first against the
 /// texts their entries stand for, until one passes.
 async fn lookup(
@@ -293,6 +328,8 @@ fn main() {
     if std::env::var_os("REPRISE_BENCH_1M").is_some() {
         sizes.push(1_000_000);
     }
+    let queries = texts(TEMPLATES, QUERY_FILLERS);
+    let query_vectors = embed_all(&runtime, &embedder, &queries);
     let mut indexes = Vec::new();
     for &size in &sizes {
         let region = Region::new(ALLOCATOR);
@@ -315,6 +352,11 @@ fn main() {
             per_entry(with_overhead),
             allocations as f64 / entries as f64,
         );
+        eprintln!(
+            "index of {size}: recall@4 {:.3} (ef_search {})",
+            recall_at_4(&index, &centres, size, &query_vectors),
+            IndexParams::default().ef_search
+        );
         indexes.push((size, index));
     }
     let hundred_k = &indexes[1].1;
@@ -335,7 +377,6 @@ fn main() {
         b.to_async(&runtime)
             .iter(|| embedder.embed(black_box("Can I change the delivery address?").to_owned()))
     });
-    let queries = texts(TEMPLATES, QUERY_FILLERS);
     group.bench_function("32 concurrent texts", |b| {
         b.to_async(&runtime).iter(|| {
             futures::future::join_all(queries.iter().take(32).map(|q| embedder.embed(q.clone())))
@@ -343,7 +384,6 @@ fn main() {
     });
     group.finish();
     let mut group = c.benchmark_group("index search (k=4)");
-    let query_vectors = embed_all(&runtime, &embedder, &queries);
     for (size, index) in &indexes {
         let mut i = 0;
         group.bench_function(format!("{size} entries"), |b| {
