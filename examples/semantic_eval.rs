@@ -5,7 +5,8 @@
 //! `cargo run --release --example semantic_eval -- eval/data/kwik_e_mart.jsonl models/all-MiniLM-L6-v2`
 //!
 //! Each configuration gets a fresh gateway (sled store in a temporary directory) in front of an
-//! upstream that echoes the question, so the answer names the request that produced it. The
+//! upstream that echoes the question, so the answer names the request that produced it (or, with
+//! `EVAL_UPSTREAM=intent`, answers each group with one answer of its own). The
 //! requests are sent one by one in the file's (shuffled) order, as live traffic would: a miss is
 //! answered upstream and stored, a hit is judged by the labels. A request whose group (intent and
 //! entity values) came earlier is a true repeat; one whose group is new is a hard negative of its
@@ -57,22 +58,33 @@ fn verifiers() -> Vec<String> {
         .collect()
 }
 
-async fn echo_upstream() -> anyhow::Result<String> {
+/// The upstream: it echoes the question, or with `by_intent` (`EVAL_UPSTREAM=intent`) answers
+/// every question of a group (intent and entity values) with that group's one answer, as an FAQ
+/// bot with templated replies does; only then can `semantic.answer_agreement` learn anything.
+async fn upstream(by_intent: Option<HashMap<String, String>>) -> anyhow::Result<String> {
+    let by_intent = std::sync::Arc::new(by_intent);
     let app = axum::Router::new().route(
         "/v1/chat/completions",
-        post(|Json(body): Json<Value>| async move {
-            let text = body["messages"]
+        post(move |Json(body): Json<Value>| {
+            let by_intent = std::sync::Arc::clone(&by_intent);
+            async move {
+            let question = body["messages"]
                 .as_array()
                 .and_then(|m| m.last())
                 .and_then(|m| m["content"].as_str())
                 .unwrap_or_default()
                 .to_owned();
+            let text = match by_intent.as_ref().as_ref().and_then(|groups| groups.get(&question)) {
+                Some(group) => format!("The answer for {group}"),
+                None => question,
+            };
             Json(json!({
                 "id": "chatcmpl-eval", "object": "chat.completion", "created": 0, "model": "echo",
                 "choices": [{"index": 0, "finish_reason": "stop",
                              "message": {"role": "assistant", "content": text}}],
                 "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
             }))
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -240,7 +252,12 @@ async fn main() -> anyhow::Result<()> {
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
-    let upstream = echo_upstream().await?;
+    let by_intent = (std::env::var("EVAL_UPSTREAM").as_deref() == Ok("intent")).then(|| {
+        rows.iter()
+            .map(|row| (row.text.clone(), row.group.clone()))
+            .collect()
+    });
+    let upstream = upstream(by_intent).await?;
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for row in &rows {
         *counts.entry(row.slice.as_str()).or_default() += 1;

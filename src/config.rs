@@ -343,6 +343,16 @@ pub struct SemanticConfig {
     /// `rules+words`: word vectors kept in memory (1.5 KiB each).
     #[serde(default = "default_cached_words")]
     pub cached_words: usize,
+    /// Off (0) by default. With N >= 2: a request whose N nearest entries (each at least
+    /// `agreement_similarity` alike) were all answered with the very same text is answered with
+    /// it too, after the rules but without the word check or the route's threshold. It learns
+    /// from the upstream which wordings it treats alike, so it suits backends whose answer is
+    /// set by the intent (FAQ and support bots, templated replies); leave it off where one
+    /// answer stands for many different questions (classifiers, yes/no prompts).
+    #[serde(default)]
+    pub answer_agreement: usize,
+    #[serde(default = "default_agreement_similarity")]
+    pub agreement_similarity: f32,
     /// HNSW links per node; more links, better recall, more memory.
     #[serde(default = "default_hnsw_connections")]
     pub connections: usize,
@@ -390,6 +400,8 @@ impl Default for SemanticConfig {
             verifier: VerifierKind::default(),
             word_similarity: default_word_similarity(),
             cached_words: default_cached_words(),
+            answer_agreement: 0,
+            agreement_similarity: default_agreement_similarity(),
             connections: default_hnsw_connections(),
             ef_construction: default_hnsw_ef_construction(),
             ef_search: default_hnsw_ef_search(),
@@ -418,6 +430,9 @@ fn default_embed_max_length() -> usize {
 }
 fn default_word_similarity() -> f32 {
     0.5
+}
+fn default_agreement_similarity() -> f32 {
+    0.6
 }
 fn default_cached_words() -> usize {
     20_000
@@ -877,6 +892,18 @@ impl Config {
                 "must be in (0, 1] (a cosine similarity)".into(),
             ));
         }
+        if s.answer_agreement == 1 {
+            return Err((
+                "semantic.answer_agreement".into(),
+                "must be 0 (off) or at least 2 (one entry cannot agree with itself)".into(),
+            ));
+        }
+        if !(s.agreement_similarity > 0.0 && s.agreement_similarity <= 1.0) {
+            return Err((
+                "semantic.agreement_similarity".into(),
+                "must be in (0, 1] (a cosine similarity)".into(),
+            ));
+        }
         if s.sync_interval.is_zero() {
             return Err(("semantic.sync_interval".into(), "must be above 0".into()));
         }
@@ -1183,6 +1210,14 @@ mod tests {
             (
                 "[semantic]\nword_similarity = 0\n[routes.chat]",
                 "semantic.word_similarity",
+            ),
+            (
+                "[semantic]\nanswer_agreement = 1\n[routes.chat]",
+                "semantic.answer_agreement",
+            ),
+            (
+                "[semantic]\nagreement_similarity = 1.5\n[routes.chat]",
+                "semantic.agreement_similarity",
             ),
         ] {
             let err =

@@ -28,11 +28,11 @@ use crate::cache::exact::{
 use crate::cache::flight::{Joined, Leader};
 use crate::cache::index::IndexParams;
 use crate::cache::semantic::{
-    FeedbackOutcome, Lookup, PromptText, SemanticCache, SemanticPlan, SemanticSettings,
+    Agreement, FeedbackOutcome, Lookup, PromptText, SemanticCache, SemanticPlan, SemanticSettings,
     prefix as semantic_prefix,
 };
 use crate::cache::verify;
-use crate::config::{CacheConfig, CachePolicy, Config, SemanticConfig, StoreKind};
+use crate::config::{CacheConfig, CachePolicy, Config, SemanticConfig, StoreKind, VerifierKind};
 use crate::embed::{Embedder, EmbedderConfig};
 use crate::error::ApiError;
 use crate::prompts::{PromptRef, PromptStore, Resolution, Usage as PromptUsage};
@@ -528,7 +528,7 @@ impl Pipeline {
                 {
                     match semantic.lookup(semantic_plan).await {
                         Lookup::Hit(hit) => {
-                            trace.semantic = Some("hit".into());
+                            trace.semantic = Some(hit.basis.into());
                             trace.similarity = Some(hit.similarity);
                             trace.cache_entry = Some(hit.entry);
                             trace.cache_age = Some(hit.age);
@@ -890,6 +890,11 @@ fn start_semantic(
                 ..IndexParams::default()
             },
             sync_interval: config.sync_interval,
+            agreement: (config.answer_agreement >= 2).then(|| Agreement {
+                neighbours: config.answer_agreement,
+                min_similarity: config.agreement_similarity,
+                rules: config.verifier != VerifierKind::Off,
+            }),
         },
     ))
 }

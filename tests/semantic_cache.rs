@@ -53,6 +53,8 @@ fn config(model_dir: &str, store: &str, extra: &str) -> String {
         targets = [{{ provider = "mock", model = "ok" }}]
         [routes.exact-only.cache]
         semantic = false
+        [routes.faq]
+        targets = [{{ provider = "mock", model = "constant" }}]
         [routes.strict]
         targets = [{{ provider = "mock", model = "ok" }}]
         [routes.strict.cache]
@@ -215,6 +217,93 @@ async fn a_paraphrase_in_other_words_passes_the_word_check() {
         );
     }
     assert_eq!(s.calls(), 2);
+}
+
+/// Wordings of one intent that the word check keeps apart ("donuts" and "squishee" have no
+/// counterparts in each other), and a third that is near both and that the word check keeps
+/// apart from each ("donuts" or "squishee" is left over).
+const ONE_INTENT: [&str; 2] = [
+    "Where can I buy donuts near me?",
+    "Where can I buy a squishee near me?",
+];
+const NEAR_ALL_OF_THEM: &str = "Where can I buy a squishee and donuts near me?";
+
+#[tokio::test]
+async fn answer_agreement_serves_what_the_upstream_answered_alike_and_nothing_else() {
+    let Some(s) = start("answer_agreement = 2").await else {
+        return;
+    };
+    let on = |route: &str, text: &str| json!({"model": route, "messages": user(text)});
+    // Two wordings, each a miss: the word check rejects them as paraphrases of each other.
+    for (route, answers_alike) in [("faq", true), ("chat", false)] {
+        for (i, text) in ONE_INTENT.iter().enumerate() {
+            let before = s.indexed().await;
+            let response = s.send(KEY_A, on(route, text), &[]).await;
+            assert_ne!(
+                header(&response, "x-reprise-cache"),
+                Some("semantic-hit"),
+                "{route}: wording {i} {text:?}"
+            );
+            s.wait_indexed(before + 1).await;
+        }
+        let calls = s.gw.mock.calls("constant") + s.calls();
+        let response = s.send(KEY_A, on(route, NEAR_ALL_OF_THEM), &[]).await;
+        let semantic = header(&response, "x-reprise-cache-semantic").map(str::to_owned);
+        if answers_alike {
+            // The upstream gave both one answer: the third wording gets it from the cache.
+            assert_eq!(semantic.as_deref(), Some("hit-agreement"));
+            assert_eq!(header(&response, "x-reprise-cache"), Some("semantic-hit"));
+            assert!(header(&response, "x-reprise-cache-entry").is_some());
+            assert_eq!(content(&response.json().await.unwrap()), "the one answer");
+            assert_eq!(s.gw.mock.calls("constant") + s.calls(), calls);
+        } else {
+            // Two different answers: no agreement, and the upstream answers.
+            assert_ne!(semantic.as_deref(), Some("hit-agreement"));
+            assert_ne!(header(&response, "x-reprise-cache"), Some("semantic-hit"));
+            assert_eq!(s.gw.mock.calls("constant") + s.calls(), calls + 1);
+        }
+    }
+    // Agreement does not lift the rules: a day makes it another question (this one is alike
+    // enough to both wordings, 0.74 and 0.85).
+    let calls = s.gw.mock.calls("constant");
+    let response = s
+        .send(
+            KEY_A,
+            on(
+                "faq",
+                "Where can I buy a squishee and donuts near me tomorrow?",
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        header(&response, "x-reprise-cache-semantic"),
+        Some("rejected-times")
+    );
+    assert_eq!(s.gw.mock.calls("constant"), calls + 1);
+    // Nor does it cross tenants.
+    let response = s.send(KEY_B, on("faq", NEAR_ALL_OF_THEM), &[]).await;
+    assert_ne!(header(&response, "x-reprise-cache"), Some("semantic-hit"));
+}
+
+#[tokio::test]
+async fn answer_agreement_is_off_by_default() {
+    let Some(s) = start("").await else { return };
+    for text in ONE_INTENT {
+        let before = s.indexed().await;
+        s.send(KEY_A, json!({"model": "faq", "messages": user(text)}), &[])
+            .await;
+        s.wait_indexed(before + 1).await;
+    }
+    let response = s
+        .send(
+            KEY_A,
+            json!({"model": "faq", "messages": user(NEAR_ALL_OF_THEM)}),
+            &[],
+        )
+        .await;
+    assert_ne!(header(&response, "x-reprise-cache"), Some("semantic-hit"));
+    assert_eq!(s.gw.mock.calls("constant"), 3);
 }
 
 /// Pairs an embedding puts close together but whose answers differ, and the guard that must

@@ -22,9 +22,9 @@ use serde_json::Value;
 
 use super::entry::is_cacheable;
 use super::exact::{CacheControls, CacheMode, escape_segment, namespace_segment};
-use super::index::{IndexEntry, IndexParams, ScopeKey, SemanticIndex};
+use super::index::{IndexEntry, IndexParams, Match, ScopeKey, SemanticIndex};
 use super::key::{KeyScope, semantic_scope};
-use super::verify::Verifier;
+use super::verify::{RuleVerifier, Verifier};
 use crate::config::{CachePolicy, SemanticPolicy};
 use crate::embed::{EmbedError, Embedder, MODEL_ID};
 use crate::error::ApiError;
@@ -45,6 +45,44 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// How old `record` is, if it may answer `plan`'s request at `similarity`.
+fn usable(
+    plan: &SemanticPlan,
+    record: &SemanticRecord,
+    similarity: f32,
+    now: u64,
+) -> Result<Duration, Unusable> {
+    if record.tenant != plan.tenant || record.scope != hex(&plan.scope) {
+        return Err(Unusable::OutOfScope);
+    }
+    let age = Duration::from_millis(now.saturating_sub(record.created_at_ms));
+    if plan.max_age.is_some_and(|max| age > max) {
+        return Err(Unusable::TooOld);
+    }
+    if record.threshold.is_some_and(|t| similarity < t) {
+        return Err(Unusable::Feedback);
+    }
+    Ok(age)
+}
+
+fn semantic_hit(
+    plan: &SemanticPlan,
+    candidate: &Match,
+    record: SemanticRecord,
+    age: Duration,
+    basis: &'static str,
+) -> SemanticHit {
+    let id = candidate.entry.rsplit('/').next().unwrap_or_default();
+    SemanticHit {
+        response: record.response,
+        target: record.target,
+        similarity: candidate.similarity,
+        entry: plan.public_id(id),
+        age,
+        basis,
+    }
 }
 
 /// The store prefix of what a purge or a count selects (see `exact::prefix`).
@@ -164,6 +202,8 @@ pub struct SemanticHit {
     /// `{route}/{namespace}/{id}`, for `x-reprise-cache-entry` and feedback.
     pub entry: String,
     pub age: Duration,
+    /// `hit`, or `hit-agreement` for an answer its neighbours agreed on (`x-reprise-cache-semantic`).
+    pub basis: &'static str,
 }
 
 pub enum Lookup {
@@ -192,6 +232,7 @@ struct Shared {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     candidates: usize,
+    agreement: Option<Agreement>,
     /// Set once the startup rebuild of the index finished.
     loaded: AtomicBool,
     /// Tells this process's own feed events apart from other replicas'.
@@ -215,6 +256,37 @@ pub struct SemanticSettings {
     pub candidates: usize,
     pub index: IndexParams,
     pub sync_interval: Duration,
+    pub agreement: Option<Agreement>,
+}
+
+/// `semantic.answer_agreement`: a request may be answered with the answer its `neighbours`
+/// nearest entries were all given, word for word, by the upstream. Each entry was a different
+/// wording, so their agreement is the upstream's own evidence that it treats this neighbourhood
+/// alike, which the word check (built to catch "cancel" vs "track") cannot know.
+#[derive(Debug, Clone, Copy)]
+pub struct Agreement {
+    pub neighbours: usize,
+    /// Every one of the neighbours is at least this similar to the request.
+    pub min_similarity: f32,
+    /// Whether the rules (numbers, times, negation, polarity, names) still apply: off only with
+    /// `verifier = "off"`.
+    pub rules: bool,
+}
+
+/// Why a stored entry may not answer a request although the index returned it.
+enum Unusable {
+    OutOfScope,
+    TooOld,
+    /// Feedback raised the entry's threshold above this similarity.
+    Feedback,
+}
+
+/// The digest of an answer's text, for [`Agreement`]: `None` for an answer without text.
+fn answer_digest(response: &Value) -> Option<blake3::Hash> {
+    let text = response["choices"][0]["message"]["content"]
+        .as_str()?
+        .trim();
+    (!text.is_empty()).then(|| blake3::hash(text.as_bytes()))
 }
 
 impl SemanticCache {
@@ -234,6 +306,7 @@ impl SemanticCache {
             store,
             metrics,
             candidates: settings.candidates,
+            agreement: settings.agreement,
             loaded: AtomicBool::new(false),
             origin: rand::random(),
             loaded_entries: AtomicU64::new(0),
@@ -338,11 +411,12 @@ impl SemanticCache {
             };
         }
         let now = now_ms();
-        let matches = shared
-            .index
-            .search(&plan.scope, &vector, shared.candidates, now);
+        let wanted = shared
+            .agreement
+            .map_or(shared.candidates, |a| a.neighbours.max(shared.candidates));
+        let matches = shared.index.search(&plan.scope, &vector, wanted, now);
         let mut outcome = String::from("miss");
-        for candidate in matches {
+        for candidate in matches.iter().take(shared.candidates) {
             if candidate.similarity < plan.threshold {
                 break;
             }
@@ -354,21 +428,21 @@ impl SemanticCache {
                     continue;
                 }
             };
-            if record.tenant != plan.tenant || record.scope != hex(&plan.scope) {
-                tracing::error!(entry = %candidate.entry, "semantic entry outside its scope; not served");
-                continue;
-            }
-            let age = Duration::from_millis(now.saturating_sub(record.created_at_ms));
-            if plan.max_age.is_some_and(|max| age > max) {
-                continue;
-            }
-            if record.threshold.is_some_and(|t| candidate.similarity < t) {
-                if outcome == "miss" {
-                    outcome = "rejected-feedback".into();
+            let age = match usable(plan, &record, candidate.similarity, now) {
+                Ok(age) => age,
+                Err(Unusable::OutOfScope) => {
+                    tracing::error!(entry = %candidate.entry, "semantic entry outside its scope; not served");
+                    continue;
                 }
-                shared.metrics.semantic_rejected("feedback");
-                continue;
-            }
+                Err(Unusable::TooOld) => continue,
+                Err(Unusable::Feedback) => {
+                    if outcome == "miss" {
+                        outcome = "rejected-feedback".into();
+                    }
+                    shared.metrics.semantic_rejected("feedback");
+                    continue;
+                }
+            };
             if let Some(verifier) = &shared.verifier
                 && let Err(rejection) = verifier.verify(&plan.text, &record.text).await
             {
@@ -383,23 +457,59 @@ impl SemanticCache {
                 }
                 continue;
             }
-            let id = candidate
-                .entry
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            let hit = SemanticHit {
-                response: record.response,
-                target: record.target,
-                similarity: candidate.similarity,
-                entry: plan.public_id(&id),
-                age,
-            };
             self.record_outcome(plan, started, "hit");
+            return Lookup::Hit(Box::new(semantic_hit(plan, candidate, record, age, "hit")));
+        }
+        if let Some(agreement) = shared.agreement
+            && let Some(hit) = self.agreed_answer(plan, &matches, now, agreement).await
+        {
+            self.record_outcome(plan, started, hit.basis);
             return Lookup::Hit(Box::new(hit));
         }
         self.finish(plan, started, &outcome, Some(vector))
+    }
+
+    /// The answer of the nearest entry if it and the next `neighbours - 1` were all given that
+    /// very answer, are all alike enough, and all pass the rules against the request.
+    async fn agreed_answer(
+        &self,
+        plan: &SemanticPlan,
+        matches: &[Match],
+        now: u64,
+        agreement: Agreement,
+    ) -> Option<SemanticHit> {
+        let neighbours = matches.get(..agreement.neighbours)?;
+        if neighbours
+            .iter()
+            .any(|m| m.similarity < agreement.min_similarity)
+        {
+            return None;
+        }
+        let mut agreed: Option<(blake3::Hash, SemanticRecord, Duration)> = None;
+        for candidate in neighbours {
+            let record = self.read_record(&candidate.entry).await?;
+            let age = usable(plan, &record, candidate.similarity, now).ok()?;
+            let answer = answer_digest(&record.response)?;
+            if agreement.rules
+                && let Err(rejection) = RuleVerifier.check(&plan.text, &record.text)
+            {
+                self.shared.metrics.semantic_rejected(rejection.label());
+                return None;
+            }
+            match &agreed {
+                Some((digest, ..)) if *digest != answer => return None,
+                Some(_) => {}
+                None => agreed = Some((answer, record, age)),
+            }
+        }
+        let (_, record, age) = agreed?;
+        Some(semantic_hit(
+            plan,
+            &neighbours[0],
+            record,
+            age,
+            "hit-agreement",
+        ))
     }
 
     fn record_outcome(&self, plan: &SemanticPlan, started: Instant, outcome: &str) {

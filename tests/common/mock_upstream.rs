@@ -5,6 +5,7 @@
 //! | model                | behaviour                                                                 |
 //! |----------------------|---------------------------------------------------------------------------|
 //! | `ok`, anything else  | answers; the text is `echo: <last user text>`                             |
+//! | `constant`           | answers every question with the same text, `the one answer`               |
 //! | `status-N`           | always answers status N with an error body in the API's shape             |
 //! | `flaky-K-N`          | the first K calls answer status N, later calls answer normally            |
 //! | `retry-after-S`      | the first call answers 429 with `Retry-After: S` (seconds), then normally |
@@ -264,6 +265,14 @@ fn sse_body(state: Arc<MockState>, pieces: Vec<Piece>) -> Response {
         .unwrap()
 }
 
+fn answer_text(model: &str, body: &Value) -> String {
+    if model == "constant" {
+        "the one answer".into()
+    } else {
+        format!("echo: {}", last_user_text(body))
+    }
+}
+
 async fn openai_chat(
     State(state): State<Arc<MockState>>,
     headers: HeaderMap,
@@ -274,7 +283,7 @@ async fn openai_chat(
     let call = record(&state, &model, &headers, &body);
     let stream = body["stream"] == true;
     let include_usage = body["stream_options"]["include_usage"] == true;
-    let text = format!("echo: {}", last_user_text(&body));
+    let text = answer_text(&model, &body);
     let plan = match slow_failure(&model).await {
         Some(failure) => failure,
         None => plan(&model, call),
@@ -423,7 +432,7 @@ async fn anthropic_messages(
     if body.get("max_tokens").is_none() {
         return error_response(Api::Anthropic, 400, None);
     }
-    let text = format!("echo: {}", last_user_text(&body));
+    let text = answer_text(&model, &body);
     let plan = match slow_failure(&model).await {
         Some(failure) => failure,
         None => plan(&model, call),
