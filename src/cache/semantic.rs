@@ -490,10 +490,8 @@ impl SemanticCache {
             let record = self.read_record(&candidate.entry).await?;
             let age = usable(plan, &record, candidate.similarity, now).ok()?;
             let answer = answer_digest(&record.response)?;
-            if agreement.rules
-                && let Err(rejection) = RuleVerifier.check(&plan.text, &record.text)
-            {
-                self.shared.metrics.semantic_rejected(rejection.label());
+            // Not counted in the rejection metric: the main pass counted its candidates already.
+            if agreement.rules && RuleVerifier.check(&plan.text, &record.text).is_err() {
                 return None;
             }
             match &agreed {
