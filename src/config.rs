@@ -227,6 +227,8 @@ pub struct CacheConfig {
     pub semantic_threshold: Option<f32>,
     pub semantic_max_temperature: Option<f64>,
     pub semantic_with_tools: Option<bool>,
+    pub semantic_answer_agreement: Option<usize>,
+    pub semantic_agreement_similarity: Option<f32>,
 }
 
 impl CacheConfig {
@@ -240,6 +242,8 @@ impl CacheConfig {
             semantic_threshold: self.semantic_threshold,
             semantic_max_temperature: self.semantic_max_temperature,
             semantic_with_tools: self.semantic_with_tools,
+            semantic_answer_agreement: self.semantic_answer_agreement,
+            semantic_agreement_similarity: self.semantic_agreement_similarity,
         }
     }
 }
@@ -273,6 +277,8 @@ impl Default for CacheConfig {
             semantic_threshold: None,
             semantic_max_temperature: None,
             semantic_with_tools: None,
+            semantic_answer_agreement: None,
+            semantic_agreement_similarity: None,
         }
     }
 }
@@ -478,7 +484,15 @@ pub struct RouteCacheConfig {
     /// Requests that define tools may hit semantically (default: no: a tool call's arguments
     /// come from the exact wording).
     pub semantic_with_tools: Option<bool>,
+    /// This route's `semantic.answer_agreement` (default: that setting). A route held to a strict
+    /// `semantic_threshold` should set 0 here: agreement answers from `agreement_similarity` up.
+    pub semantic_answer_agreement: Option<usize>,
+    /// This route's `semantic.agreement_similarity` (default: that setting).
+    pub semantic_agreement_similarity: Option<f32>,
 }
+
+const ONE_AGREEING_ENTRY: &str =
+    "must be 0 (off) or at least 2 (one entry cannot agree with itself)";
 
 /// Chosen by the evaluation in `eval/` (see the README): the guards make a lower threshold safe.
 pub const DEFAULT_SEMANTIC_THRESHOLD: f32 = 0.80;
@@ -499,6 +513,9 @@ pub struct SemanticPolicy {
     pub threshold: f32,
     pub max_temperature: f64,
     pub with_tools: bool,
+    /// Overrides of `[semantic]`'s `answer_agreement` and `agreement_similarity`.
+    pub answer_agreement: Option<usize>,
+    pub agreement_similarity: Option<f32>,
 }
 
 impl RouteCacheConfig {
@@ -531,6 +548,12 @@ impl RouteCacheConfig {
                         .semantic_with_tools
                         .or(defaults.semantic_with_tools)
                         .unwrap_or(false),
+                    answer_agreement: self
+                        .semantic_answer_agreement
+                        .or(defaults.semantic_answer_agreement),
+                    agreement_similarity: self
+                        .semantic_agreement_similarity
+                        .or(defaults.semantic_agreement_similarity),
                 }),
         }
     }
@@ -827,6 +850,21 @@ impl Config {
                         "must be in (0, 1] (a cosine similarity)".into(),
                     ));
                 }
+                if cache.semantic_answer_agreement == Some(1) {
+                    return Err((
+                        format!("{field}.semantic_answer_agreement"),
+                        ONE_AGREEING_ENTRY.into(),
+                    ));
+                }
+                if cache
+                    .semantic_agreement_similarity
+                    .is_some_and(|t| !(t > 0.0 && t <= 1.0))
+                {
+                    return Err((
+                        format!("{field}.semantic_agreement_similarity"),
+                        "must be in (0, 1] (a cosine similarity)".into(),
+                    ));
+                }
                 Ok(())
             };
         check_cache("cache".into(), &self.cache.defaults())?;
@@ -895,7 +933,7 @@ impl Config {
         if s.answer_agreement == 1 {
             return Err((
                 "semantic.answer_agreement".into(),
-                "must be 0 (off) or at least 2 (one entry cannot agree with itself)".into(),
+                ONE_AGREEING_ENTRY.into(),
             ));
         }
         if !(s.agreement_similarity > 0.0 && s.agreement_similarity <= 1.0) {
@@ -1189,6 +1227,9 @@ mod tests {
         let semantic = policy.semantic.unwrap();
         assert_eq!(semantic.threshold, 0.9);
         assert!(!semantic.with_tools);
+        // Unset, the route follows `[semantic]`'s answer agreement.
+        assert_eq!(semantic.answer_agreement, None);
+        assert_eq!(semantic.agreement_similarity, None);
         assert_eq!(config.semantic.verifier, VerifierKind::RulesAndWords);
         for (change, field) in [
             (
@@ -1218,6 +1259,14 @@ mod tests {
             (
                 "[semantic]\nagreement_similarity = 1.5\n[routes.chat]",
                 "semantic.agreement_similarity",
+            ),
+            (
+                "[routes.chat.cache]\nsemantic_answer_agreement = 1\n[routes.chat]",
+                "routes.chat.cache.semantic_answer_agreement",
+            ),
+            (
+                "[cache]\nsemantic_agreement_similarity = 0\n[routes.chat]",
+                "cache.semantic_agreement_similarity",
             ),
         ] {
             let err =

@@ -28,8 +28,8 @@ use crate::cache::exact::{
 use crate::cache::flight::{Joined, Leader};
 use crate::cache::index::IndexParams;
 use crate::cache::semantic::{
-    Agreement, FeedbackOutcome, Lookup, PromptText, SemanticCache, SemanticPlan, SemanticSettings,
-    prefix as semantic_prefix,
+    AgreementDefaults, FeedbackOutcome, Lookup, PromptText, SemanticCache, SemanticPlan,
+    SemanticSettings, prefix as semantic_prefix,
 };
 use crate::cache::verify;
 use crate::config::{CacheConfig, CachePolicy, Config, SemanticConfig, StoreKind, VerifierKind};
@@ -890,11 +890,11 @@ fn start_semantic(
                 ..IndexParams::default()
             },
             sync_interval: config.sync_interval,
-            agreement: (config.answer_agreement >= 2).then(|| Agreement {
+            agreement: AgreementDefaults {
                 neighbours: config.answer_agreement,
                 min_similarity: config.agreement_similarity,
                 rules: config.verifier != VerifierKind::Off,
-            }),
+            },
         },
     ))
 }

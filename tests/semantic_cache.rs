@@ -59,6 +59,15 @@ fn config(model_dir: &str, store: &str, extra: &str) -> String {
         targets = [{{ provider = "mock", model = "ok" }}]
         [routes.strict.cache]
         semantic_threshold = 0.99
+        [routes.faq-agreeing]
+        targets = [{{ provider = "mock", model = "constant" }}]
+        [routes.faq-agreeing.cache]
+        semantic_answer_agreement = 2
+        [routes.faq-strict]
+        targets = [{{ provider = "mock", model = "constant" }}]
+        [routes.faq-strict.cache]
+        semantic_threshold = 0.99
+        semantic_answer_agreement = 0
         "#
     )
 }
@@ -286,24 +295,47 @@ async fn answer_agreement_serves_what_the_upstream_answered_alike_and_nothing_el
     assert_ne!(header(&response, "x-reprise-cache"), Some("semantic-hit"));
 }
 
-#[tokio::test]
-async fn answer_agreement_is_off_by_default() {
-    let Some(s) = start("").await else { return };
-    for text in ONE_INTENT {
-        let before = s.indexed().await;
-        s.send(KEY_A, json!({"model": "faq", "messages": user(text)}), &[])
-            .await;
-        s.wait_indexed(before + 1).await;
+impl Semantic {
+    /// Stores `ONE_INTENT`'s wordings on `route`, then asks `NEAR_ALL_OF_THEM`: its
+    /// `x-reprise-cache-semantic`, and whether the upstream was asked again.
+    async fn agreement_outcome(&self, route: &str) -> (Option<String>, bool) {
+        let on = |text: &str| json!({"model": route, "messages": user(text)});
+        for text in ONE_INTENT {
+            let before = self.indexed().await;
+            self.send(KEY_A, on(text), &[]).await;
+            self.wait_indexed(before + 1).await;
+        }
+        let calls = self.gw.mock.calls("constant");
+        let response = self.send(KEY_A, on(NEAR_ALL_OF_THEM), &[]).await;
+        let semantic = header(&response, "x-reprise-cache-semantic").map(str::to_owned);
+        (semantic, self.gw.mock.calls("constant") > calls)
     }
-    let response = s
-        .send(
-            KEY_A,
-            json!({"model": "faq", "messages": user(NEAR_ALL_OF_THEM)}),
-            &[],
-        )
-        .await;
-    assert_ne!(header(&response, "x-reprise-cache"), Some("semantic-hit"));
-    assert_eq!(s.gw.mock.calls("constant"), 3);
+}
+
+#[tokio::test]
+async fn answer_agreement_is_off_by_default_and_set_per_route() {
+    let Some(s) = start("").await else { return };
+    let (semantic, asked_upstream) = s.agreement_outcome("faq").await;
+    assert_ne!(semantic.as_deref(), Some("hit-agreement"));
+    assert!(asked_upstream);
+    // A route may switch it on for itself.
+    let (semantic, asked_upstream) = s.agreement_outcome("faq-agreeing").await;
+    assert_eq!(semantic.as_deref(), Some("hit-agreement"));
+    assert!(!asked_upstream);
+}
+
+#[tokio::test]
+async fn a_route_switches_answer_agreement_off_for_itself() {
+    let Some(s) = start("answer_agreement = 2").await else {
+        return;
+    };
+    // On for every route by default; a route held to a strict threshold opts out.
+    let (semantic, asked_upstream) = s.agreement_outcome("faq-strict").await;
+    assert_ne!(semantic.as_deref(), Some("hit-agreement"));
+    assert!(asked_upstream);
+    let (semantic, asked_upstream) = s.agreement_outcome("faq").await;
+    assert_eq!(semantic.as_deref(), Some("hit-agreement"));
+    assert!(!asked_upstream);
 }
 
 /// Pairs an embedding puts close together but whose answers differ, and the guard that must

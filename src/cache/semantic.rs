@@ -168,6 +168,7 @@ pub struct SemanticPlan {
     ttl: Duration,
     max_age: Option<Duration>,
     cache_truncated: bool,
+    agreement: Option<Agreement>,
 }
 
 impl SemanticPlan {
@@ -232,7 +233,7 @@ struct Shared {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     candidates: usize,
-    agreement: Option<Agreement>,
+    agreement: AgreementDefaults,
     /// Set once the startup rebuild of the index finished.
     loaded: AtomicBool,
     /// Tells this process's own feed events apart from other replicas'.
@@ -256,7 +257,29 @@ pub struct SemanticSettings {
     pub candidates: usize,
     pub index: IndexParams,
     pub sync_interval: Duration,
-    pub agreement: Option<Agreement>,
+    pub agreement: AgreementDefaults,
+}
+
+/// `[semantic]`'s answer agreement, which a route's cache policy may override.
+#[derive(Debug, Clone, Copy)]
+pub struct AgreementDefaults {
+    /// 0: off.
+    pub neighbours: usize,
+    pub min_similarity: f32,
+    /// Whether the rules (numbers, times, negation, polarity, names) still apply: off only with
+    /// `verifier = "off"`.
+    pub rules: bool,
+}
+
+impl AgreementDefaults {
+    fn for_route(&self, policy: &SemanticPolicy) -> Option<Agreement> {
+        let neighbours = policy.answer_agreement.unwrap_or(self.neighbours);
+        (neighbours >= 2).then(|| Agreement {
+            neighbours,
+            min_similarity: policy.agreement_similarity.unwrap_or(self.min_similarity),
+            rules: self.rules,
+        })
+    }
 }
 
 /// `semantic.answer_agreement`: a request may be answered with the answer its `neighbours`
@@ -268,8 +291,6 @@ pub struct Agreement {
     pub neighbours: usize,
     /// Every one of the neighbours is at least this similar to the request.
     pub min_similarity: f32,
-    /// Whether the rules (numbers, times, negation, polarity, names) still apply: off only with
-    /// `verifier = "off"`.
     pub rules: bool,
 }
 
@@ -388,6 +409,7 @@ impl SemanticCache {
             ttl: controls.ttl.unwrap_or(policy.ttl),
             max_age: controls.max_age,
             cache_truncated: policy.cache_truncated,
+            agreement: self.shared.agreement.for_route(semantic),
         })
     }
 
@@ -411,7 +433,7 @@ impl SemanticCache {
             };
         }
         let now = now_ms();
-        let wanted = shared
+        let wanted = plan
             .agreement
             .map_or(shared.candidates, |a| a.neighbours.max(shared.candidates));
         let matches = shared.index.search(&plan.scope, &vector, wanted, now);
@@ -460,7 +482,7 @@ impl SemanticCache {
             self.record_outcome(plan, started, "hit");
             return Lookup::Hit(Box::new(semantic_hit(plan, candidate, record, age, "hit")));
         }
-        if let Some(agreement) = shared.agreement
+        if let Some(agreement) = plan.agreement
             && let Some(hit) = self.agreed_answer(plan, &matches, now, agreement).await
         {
             self.record_outcome(plan, started, hit.basis);
