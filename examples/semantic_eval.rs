@@ -10,7 +10,9 @@
 //! requests are sent one by one in the file's (shuffled) order, as live traffic would: a miss is
 //! answered upstream and stored, a hit is judged by the labels. A request whose group (intent and
 //! entity values) came earlier is a true repeat; one whose group is new is a hard negative of its
-//! slice, or "first of its group" for an ordinary query: any hit on it is a wrong answer.
+//! slice, or "first of its group" for an ordinary query: any hit on it is a wrong answer. The
+//! unseeded intents' queries (sibling, unrelated) are sent `Cache-Control: no-store`: they probe
+//! the cache but never become entries, so every one of them is a hard negative.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -167,19 +169,29 @@ async fn run(
     let mut seen_groups: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
     for request in rows {
+        // The unseeded intents (sibling, unrelated) only probe: sent `no-store`, they never
+        // become entries, so each one tests the seeded traffic's entries.
+        let probe_only = matches!(request.slice.as_str(), "sibling" | "unrelated");
         // A request whose group came before is a true repeat: an answer for it may be cached.
         // Otherwise it is new, and any hit is a wrong answer: a hard negative of its slice
         // (or, for an ordinary query, "first of its group").
-        let slice = if seen_groups.contains(request.group.as_str()) {
+        let slice = if probe_only {
+            request.slice.as_str()
+        } else if seen_groups.contains(request.group.as_str()) {
             "repeat"
         } else if request.slice == "seed" || request.slice == "repeat" {
             "first"
         } else {
             request.slice.as_str()
         };
-        seen_groups.insert(&request.group);
+        if !probe_only {
+            seen_groups.insert(&request.group);
+        }
         let before = indexed().await?;
-        let response = send(&request.text, "").await?.error_for_status()?;
+        let cache_control = if probe_only { "no-store" } else { "" };
+        let response = send(&request.text, cache_control)
+            .await?
+            .error_for_status()?;
         let header = |name: &str| {
             response
                 .headers()
@@ -196,7 +208,7 @@ async fn run(
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        if !hit && !exact {
+        if !hit && !exact && !probe_only {
             group_of_answer.insert(answer.clone(), request.group.clone());
             // Writes land after the answer: the next request must see this one's entry.
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -217,6 +229,8 @@ async fn run(
                        "similarity": similarity, "semantic": semantic})
             );
         }
+        // An exact repeat never reaches the semantic stage: counted apart, not as a miss.
+        let slice = if exact { "exact" } else { slice };
         let tally = tallies.entry(slice.to_owned()).or_default();
         tally.probes += 1;
         if hit {
@@ -238,6 +252,86 @@ fn percent(part: usize, whole: usize) -> String {
     }
 }
 
+/// Requests a replay stores (all but the unseeded intents' probes), and whether each is a true
+/// repeat (its group came earlier): the same rule as [`run`], without a cache.
+fn replay_roles(rows: &[Row]) -> Vec<(bool, bool)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut texts = std::collections::HashSet::new();
+    rows.iter()
+        .map(|row| {
+            let stored = !matches!(row.slice.as_str(), "sibling" | "unrelated");
+            // Word for word again: the exact cache's, not a semantic repeat.
+            let new_text = texts.insert(row.text.as_str());
+            let repeat = stored && new_text && seen.contains(row.group.as_str());
+            if stored {
+                seen.insert(row.group.as_str());
+            }
+            (stored && new_text, repeat)
+        })
+        .collect()
+}
+
+/// `EVAL_ORACLE=1`: what a perfect verifier could reach at each threshold. Every request that a
+/// replay sends upstream is stored; for each true repeat: is some earlier entry of its group at
+/// least that similar, and is the nearest earlier entry of its group and at least that similar?
+async fn oracle(rows: &[Row], model_dir: &str) -> anyhow::Result<()> {
+    let semantic = reprise::config::SemanticConfig {
+        model_dir: model_dir.into(),
+        ..Default::default()
+    };
+    let embedder = reprise::embed::Embedder::load(&reprise::embed::EmbedderConfig {
+        model_dir: semantic.model_dir.clone(),
+        onnxruntime: semantic.onnxruntime_path(),
+        queue: rows.len(),
+        max_batch: semantic.max_batch,
+        intra_threads: semantic.intra_threads,
+        max_length: semantic.max_length,
+    })?;
+    let vectors =
+        futures::future::try_join_all(rows.iter().map(|row| embedder.embed(row.text.clone())))
+            .await?;
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let roles = replay_roles(rows);
+    let thresholds = thresholds();
+    let (mut repeats, mut any, mut nearest) =
+        (0, vec![0; thresholds.len()], vec![0; thresholds.len()]);
+    for (i, row) in rows.iter().enumerate() {
+        if !roles[i].1 {
+            continue;
+        }
+        repeats += 1;
+        let earlier = (0..i).filter(|&j| roles[j].0);
+        let best_same = earlier
+            .clone()
+            .filter(|&j| rows[j].group == row.group)
+            .map(|j| dot(&vectors[i], &vectors[j]))
+            .fold(f32::MIN, f32::max);
+        let top = earlier.max_by(|&a, &b| {
+            dot(&vectors[i], &vectors[a]).total_cmp(&dot(&vectors[i], &vectors[b]))
+        });
+        let top_same = top.filter(|&j| rows[j].group == row.group);
+        for (k, &t) in thresholds.iter().enumerate() {
+            any[k] += usize::from(best_same >= t);
+            nearest[k] += usize::from(top_same.is_some_and(|j| dot(&vectors[i], &vectors[j]) >= t));
+        }
+    }
+    println!(
+        "Ceiling over {repeats} true repeats (a perfect verifier, every earlier request stored):\n"
+    );
+    println!(
+        "| threshold | an entry of its group is at least this similar | the nearest entry is of its group and at least this similar |"
+    );
+    println!("|---|---|---|");
+    for (k, t) in thresholds.iter().enumerate() {
+        println!(
+            "| {t:.2} | {} | {} |",
+            percent(any[k], repeats),
+            percent(nearest[k], repeats)
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -252,6 +346,9 @@ async fn main() -> anyhow::Result<()> {
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
+    if std::env::var_os("EVAL_ORACLE").is_some() {
+        return oracle(&rows, &model_dir).await;
+    }
     let by_intent = (std::env::var("EVAL_UPSTREAM").as_deref() == Ok("intent")).then(|| {
         rows.iter()
             .map(|row| (row.text.clone(), row.group.clone()))
@@ -264,12 +361,20 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("Requests: {counts:?}\n");
     println!(
-        "| verifier | threshold | hits on repeats | wrong among hits | false hits: parameters | sibling | negation | unrelated | first of its group | all hard negatives |"
+        "| verifier | threshold | hits on repeats | wrong among hits | false hits: parameters | sibling | negation | unrelated | first of its group | all hard negatives | exact |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut probe_counts = String::new();
     for verifier in verifiers() {
         for threshold in thresholds() {
             let tallies = run(&rows, &upstream, &model_dir, threshold, &verifier).await?;
+            if probe_counts.is_empty() {
+                probe_counts = tallies
+                    .iter()
+                    .map(|(slice, tally)| format!("{slice} {}", tally.probes))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+            }
             let get = |slice: &str| {
                 tallies
                     .get(slice)
@@ -290,7 +395,7 @@ async fn main() -> anyhow::Result<()> {
                 .fold((0, 0), |(p, h), (pp, hh)| (p + pp, h + hh));
             let correct_repeat_hits = repeat_hits - get("repeat").2;
             println!(
-                "| {} | {threshold:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {threshold:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 verifier,
                 percent(correct_repeat_hits, repeats),
                 percent(all_wrong, all_hits),
@@ -300,8 +405,13 @@ async fn main() -> anyhow::Result<()> {
                 percent(negatives[3].1, negatives[3].0),
                 percent(negatives[4].1, negatives[4].0),
                 percent(neg_hits, neg_probes),
+                get("exact").0,
             );
         }
     }
+    println!(
+        "\n`exact`: requests that repeated an earlier one word for word, answered by the exact cache \
+         and counted in no other column.\nRequests per column in the first row: {probe_counts}."
+    );
     Ok(())
 }

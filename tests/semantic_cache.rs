@@ -213,6 +213,11 @@ async fn a_paraphrase_in_other_words_passes_the_word_check() {
             "What are your opening hours?",
             "At what times are you open?",
         ),
+        // "time" is said by "when" on the other side: a grammar word is a counterpart too.
+        (
+            "When will the Elm Street store close?",
+            "At what time does the Elm Street store close?",
+        ),
     ] {
         let response = s.pair(ask(first), ask(second)).await;
         assert_eq!(
@@ -225,7 +230,7 @@ async fn a_paraphrase_in_other_words_passes_the_word_check() {
             format!("echo: {first}")
         );
     }
-    assert_eq!(s.calls(), 2);
+    assert_eq!(s.calls(), 3);
 }
 
 /// Wordings of one intent that the word check keeps apart ("donuts" and "squishee" have no
@@ -272,6 +277,25 @@ async fn answer_agreement_serves_what_the_upstream_answered_alike_and_nothing_el
             assert_eq!(s.gw.mock.calls("constant") + s.calls(), calls + 1);
         }
     }
+    // Nor a word that neither wording has ("cheap"): the upstream's one answer says nothing
+    // about it (0.88 alike, and the rules pass).
+    let calls = s.gw.mock.calls("constant");
+    let response = s
+        .send(
+            KEY_A,
+            on(
+                "faq",
+                "Do you know where I can buy donuts and a squishee near me for cheap?",
+            ),
+            &[],
+        )
+        .await;
+    let semantic = header(&response, "x-reprise-cache-semantic").unwrap();
+    assert!(
+        semantic == "miss" || semantic.starts_with("rejected-"),
+        "{semantic}"
+    );
+    assert_eq!(s.gw.mock.calls("constant"), calls + 1);
     // Agreement does not lift the rules: a day makes it another question (this one is alike
     // enough to both wordings, 0.74 and 0.85).
     let calls = s.gw.mock.calls("constant");

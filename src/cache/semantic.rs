@@ -24,7 +24,7 @@ use super::entry::is_cacheable;
 use super::exact::{CacheControls, CacheMode, escape_segment, namespace_segment};
 use super::index::{IndexEntry, IndexParams, Match, ScopeKey, SemanticIndex};
 use super::key::{KeyScope, semantic_scope};
-use super::verify::{RuleVerifier, Verifier};
+use super::verify::{RuleVerifier, Verifier, within_agreement};
 use crate::config::{CachePolicy, SemanticPolicy};
 use crate::embed::{EmbedError, Embedder, MODEL_ID};
 use crate::error::ApiError;
@@ -508,6 +508,7 @@ impl SemanticCache {
             return None;
         }
         let mut agreed: Option<(blake3::Hash, SemanticRecord, Duration)> = None;
+        let mut texts = Vec::with_capacity(neighbours.len());
         for candidate in neighbours {
             let record = self.read_record(&candidate.entry).await?;
             let age = usable(plan, &record, candidate.similarity, now).ok()?;
@@ -516,11 +517,16 @@ impl SemanticCache {
             if agreement.rules && RuleVerifier.check(&plan.text, &record.text).is_err() {
                 return None;
             }
+            texts.push(record.text.clone());
             match &agreed {
                 Some((digest, ..)) if *digest != answer => return None,
                 Some(_) => {}
                 None => agreed = Some((answer, record, age)),
             }
+        }
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        if agreement.rules && !within_agreement(&plan.text, &texts) {
+            return None;
         }
         let (_, record, age) = agreed?;
         Some(semantic_hit(

@@ -467,6 +467,47 @@ pub fn content_words(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Whether `query` differs from `neighbours`, entries that the upstream gave one answer, only as
+/// they differ among themselves. Their differences are what that answer does not depend on
+/// ("donuts" / "squishee" for a store finder); a word none of them has ("number" near questions
+/// about opening hours) may be what another answer depends on. So every content word of the
+/// query is one some neighbour has, and the query has every content word they all share.
+pub fn within_agreement(query: &str, neighbours: &[&str]) -> bool {
+    let Some((first, rest)) = neighbours.split_first() else {
+        return false;
+    };
+    let query = content_words(query);
+    let mut any = content_words(first);
+    let mut all = any.clone();
+    for neighbour in rest {
+        let words = content_words(neighbour);
+        all.retain(|w| words.contains(w));
+        any.extend(words);
+    }
+    query.is_subset(&any) && all.is_subset(&query)
+}
+
+/// The words of `text` that may explain a content word the other text lacks: its content words
+/// and its grammar words ("when" explains "time", "where" explains "location"), but not its
+/// numbers and negations, which the rules compare by value and parity.
+pub fn counterpart_words(text: &str) -> BTreeSet<String> {
+    words(text)
+        .into_iter()
+        .filter(|w| {
+            !NEGATIONS.contains(&w.as_str())
+                && is_number_word(w).is_none()
+                && !w.chars().any(|c| c.is_ascii_digit())
+        })
+        .map(|w| {
+            if is_function_word(&w) {
+                w
+            } else {
+                singular(&w)
+            }
+        })
+        .collect()
+}
+
 /// Not grammar, and not a number or a negation: those are compared by value ("5" = "five") and
 /// by parity ("can't" = "cannot") already.
 fn is_content_word(word: &str) -> bool {
@@ -705,6 +746,43 @@ mod tests {
         assert_eq!(
             content_words("the class address"),
             content_words("the class addresses")
+        );
+    }
+
+    #[test]
+    fn agreement_licenses_only_the_differences_among_the_neighbours() {
+        let neighbours = [
+            "Where can I buy donuts near me?",
+            "Where can I buy a squishee near me?",
+        ];
+        assert!(within_agreement(
+            "Where can I buy a squishee and donuts near me?",
+            &neighbours
+        ));
+        // A word no neighbour has, or a word they all have missing.
+        assert!(!within_agreement(
+            "Where can I buy a slurpee near me?",
+            &neighbours
+        ));
+        assert!(!within_agreement("Where are donuts near me?", &neighbours));
+        let hours = [
+            "When does the Elm Street store close?",
+            "When does the Elm Street store open?",
+        ];
+        assert!(!within_agreement(
+            "What is the number of the Elm Street store?",
+            &hours
+        ));
+        assert!(!within_agreement("anything", &[]));
+    }
+
+    #[test]
+    fn counterparts_include_grammar_words_but_not_numbers_or_negations() {
+        assert_eq!(
+            counterpart_words("When don't the stores open? At 5 or five?")
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["at", "open", "or", "store", "the", "when"]
         );
     }
 
