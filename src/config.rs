@@ -491,6 +491,16 @@ pub struct RouteCacheConfig {
     pub semantic_agreement_similarity: Option<f32>,
 }
 
+/// A similarity setting, if set, must be a cosine a match can reach.
+fn check_cosine(field: String, value: Option<f32>) -> Result<(), (String, String)> {
+    match value {
+        Some(t) if !(t > 0.0 && t <= 1.0) => {
+            Err((field, "must be in (0, 1] (a cosine similarity)".into()))
+        }
+        _ => Ok(()),
+    }
+}
+
 const ONE_AGREEING_ENTRY: &str =
     "must be 0 (off) or at least 2 (one entry cannot agree with itself)";
 
@@ -841,28 +851,18 @@ impl Config {
                         "must be between 0 and 2".into(),
                     ));
                 }
-                if cache
-                    .semantic_threshold
-                    .is_some_and(|t| !(t > 0.0 && t <= 1.0))
-                {
-                    return Err((
-                        format!("{field}.semantic_threshold"),
-                        "must be in (0, 1] (a cosine similarity)".into(),
-                    ));
-                }
+                check_cosine(
+                    format!("{field}.semantic_threshold"),
+                    cache.semantic_threshold,
+                )?;
+                check_cosine(
+                    format!("{field}.semantic_agreement_similarity"),
+                    cache.semantic_agreement_similarity,
+                )?;
                 if cache.semantic_answer_agreement == Some(1) {
                     return Err((
                         format!("{field}.semantic_answer_agreement"),
                         ONE_AGREEING_ENTRY.into(),
-                    ));
-                }
-                if cache
-                    .semantic_agreement_similarity
-                    .is_some_and(|t| !(t > 0.0 && t <= 1.0))
-                {
-                    return Err((
-                        format!("{field}.semantic_agreement_similarity"),
-                        "must be in (0, 1] (a cosine similarity)".into(),
                     ));
                 }
                 Ok(())
@@ -924,22 +924,15 @@ impl Config {
                 return Err((format!("semantic.{field}"), "must be above 0".into()));
             }
         }
-        if !(s.word_similarity > 0.0 && s.word_similarity <= 1.0) {
-            return Err((
-                "semantic.word_similarity".into(),
-                "must be in (0, 1] (a cosine similarity)".into(),
-            ));
-        }
+        check_cosine("semantic.word_similarity".into(), Some(s.word_similarity))?;
+        check_cosine(
+            "semantic.agreement_similarity".into(),
+            Some(s.agreement_similarity),
+        )?;
         if s.answer_agreement == 1 {
             return Err((
                 "semantic.answer_agreement".into(),
                 ONE_AGREEING_ENTRY.into(),
-            ));
-        }
-        if !(s.agreement_similarity > 0.0 && s.agreement_similarity <= 1.0) {
-            return Err((
-                "semantic.agreement_similarity".into(),
-                "must be in (0, 1] (a cosine similarity)".into(),
             ));
         }
         if s.sync_interval.is_zero() {

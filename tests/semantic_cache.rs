@@ -277,52 +277,41 @@ async fn answer_agreement_serves_what_the_upstream_answered_alike_and_nothing_el
             assert_eq!(s.gw.mock.calls("constant") + s.calls(), calls + 1);
         }
     }
-    // Nor a word that neither wording has ("cheap"): the upstream's one answer says nothing
-    // about it (0.88 alike, and the rules pass).
-    let calls = s.gw.mock.calls("constant");
-    let response = s
-        .send(
-            KEY_A,
-            on(
-                "faq",
-                "Do you know where I can buy donuts and a squishee near me for cheap?",
+    for (text, refused_by) in [
+        // A word that neither wording has ("cheap"): the upstream's one answer says nothing
+        // about it (0.88 alike, and the rules pass).
+        (
+            "Do you know where I can buy donuts and a squishee near me for cheap?",
+            None,
+        ),
+        // Agreement does not lift the rules: a day makes it another question (this one is
+        // alike enough to both wordings, 0.74 and 0.85).
+        (
+            "Where can I buy a squishee and donuts near me tomorrow?",
+            Some("rejected-times"),
+        ),
+    ] {
+        let calls = s.gw.mock.calls("constant");
+        let response = s.send(KEY_A, on("faq", text), &[]).await;
+        let semantic = header(&response, "x-reprise-cache-semantic").unwrap();
+        match refused_by {
+            Some(outcome) => assert_eq!(semantic, outcome, "{text}"),
+            None => assert!(
+                semantic == "miss" || semantic.starts_with("rejected-"),
+                "{text}: {semantic}"
             ),
-            &[],
-        )
-        .await;
-    let semantic = header(&response, "x-reprise-cache-semantic").unwrap();
-    assert!(
-        semantic == "miss" || semantic.starts_with("rejected-"),
-        "{semantic}"
-    );
-    assert_eq!(s.gw.mock.calls("constant"), calls + 1);
-    // Agreement does not lift the rules: a day makes it another question (this one is alike
-    // enough to both wordings, 0.74 and 0.85).
-    let calls = s.gw.mock.calls("constant");
-    let response = s
-        .send(
-            KEY_A,
-            on(
-                "faq",
-                "Where can I buy a squishee and donuts near me tomorrow?",
-            ),
-            &[],
-        )
-        .await;
-    assert_eq!(
-        header(&response, "x-reprise-cache-semantic"),
-        Some("rejected-times")
-    );
-    assert_eq!(s.gw.mock.calls("constant"), calls + 1);
+        }
+        assert_eq!(s.gw.mock.calls("constant"), calls + 1, "{text}");
+    }
     // Nor does it cross tenants.
     let response = s.send(KEY_B, on("faq", NEAR_ALL_OF_THEM), &[]).await;
     assert_ne!(header(&response, "x-reprise-cache"), Some("semantic-hit"));
 }
 
 impl Semantic {
-    /// Stores `ONE_INTENT`'s wordings on `route`, then asks `NEAR_ALL_OF_THEM`: its
-    /// `x-reprise-cache-semantic`, and whether the upstream was asked again.
-    async fn agreement_outcome(&self, route: &str) -> (Option<String>, bool) {
+    /// Stores `ONE_INTENT`'s wordings on `route`, then asks `NEAR_ALL_OF_THEM`: answered by
+    /// agreement (and not by the upstream) exactly when `agreed`.
+    async fn expect_agreement(&self, route: &str, agreed: bool) {
         let on = |text: &str| json!({"model": route, "messages": user(text)});
         for text in ONE_INTENT {
             let before = self.indexed().await;
@@ -331,21 +320,23 @@ impl Semantic {
         }
         let calls = self.gw.mock.calls("constant");
         let response = self.send(KEY_A, on(NEAR_ALL_OF_THEM), &[]).await;
-        let semantic = header(&response, "x-reprise-cache-semantic").map(str::to_owned);
-        (semantic, self.gw.mock.calls("constant") > calls)
+        let semantic = header(&response, "x-reprise-cache-semantic");
+        assert_eq!(
+            semantic == Some("hit-agreement"),
+            agreed,
+            "{route}: {semantic:?}"
+        );
+        let asked_upstream = self.gw.mock.calls("constant") > calls;
+        assert_eq!(asked_upstream, !agreed, "{route}");
     }
 }
 
 #[tokio::test]
 async fn answer_agreement_is_off_by_default_and_set_per_route() {
     let Some(s) = start("").await else { return };
-    let (semantic, asked_upstream) = s.agreement_outcome("faq").await;
-    assert_ne!(semantic.as_deref(), Some("hit-agreement"));
-    assert!(asked_upstream);
+    s.expect_agreement("faq", false).await;
     // A route may switch it on for itself.
-    let (semantic, asked_upstream) = s.agreement_outcome("faq-agreeing").await;
-    assert_eq!(semantic.as_deref(), Some("hit-agreement"));
-    assert!(!asked_upstream);
+    s.expect_agreement("faq-agreeing", true).await;
 }
 
 #[tokio::test]
@@ -354,12 +345,8 @@ async fn a_route_switches_answer_agreement_off_for_itself() {
         return;
     };
     // On for every route by default; a route held to a strict threshold opts out.
-    let (semantic, asked_upstream) = s.agreement_outcome("faq-strict").await;
-    assert_ne!(semantic.as_deref(), Some("hit-agreement"));
-    assert!(asked_upstream);
-    let (semantic, asked_upstream) = s.agreement_outcome("faq").await;
-    assert_eq!(semantic.as_deref(), Some("hit-agreement"));
-    assert!(!asked_upstream);
+    s.expect_agreement("faq-strict", false).await;
+    s.expect_agreement("faq", true).await;
 }
 
 /// Pairs an embedding puts close together but whose answers differ, and the guard that must

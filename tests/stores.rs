@@ -197,3 +197,34 @@ async fn redis_down_is_an_error_not_a_hang_and_recovery_is_automatic() {
         Some(&b"back"[..])
     );
 }
+
+/// sled 0.34's `flush_async` parks a thread of sled's own small pool until the log is written,
+/// and the write needs that pool too: enough concurrent writes used to hang the store for good
+/// (spacejam/sled#1308). Many writers at once must all be acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sled_acknowledges_many_concurrent_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap());
+    for round in 0..20 {
+        let writes = (0..64).map(|i| {
+            let store = std::sync::Arc::clone(&store);
+            tokio::spawn(async move {
+                let key = format!("k/{round}/{i}");
+                store.put(&key, vec![7; 512], None).await.unwrap();
+                assert!(
+                    store
+                        .compare_and_swap(&key, Some(&[7; 512]), vec![8])
+                        .await
+                        .unwrap()
+                );
+                store.delete(&key).await.unwrap();
+            })
+        });
+        let all = futures::future::join_all(writes);
+        let done = tokio::time::timeout(std::time::Duration::from_secs(30), all)
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: writes still unacknowledged after 30 s"));
+        assert!(done.iter().all(Result::is_ok));
+    }
+}

@@ -174,6 +174,14 @@ impl SledStore {
     }
 }
 
+/// Waits until what was written is on disk. sled 0.34's `flush_async` would wait on a thread of
+/// sled's own small pool, which also writes the log: enough concurrent writers park every
+/// thread of it and nothing is ever written (spacejam/sled#1308). A blocking flush waits on
+/// the calling thread, one of tokio's blocking pool.
+fn durable(db: &sled::Db) -> Result<(), StoreError> {
+    db.flush().map(drop).map_err(backend_error)
+}
+
 #[async_trait::async_trait]
 impl Store for SledStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -232,11 +240,9 @@ impl Store for SledStore {
                     "cache store over its size bound: evicted the oldest entries"
                 );
             }
-            Ok(())
+            durable(db)
         })
-        .await?;
-        self.db.flush_async().await.map_err(backend_error)?;
-        Ok(())
+        .await
     }
 
     async fn compare_and_swap(
@@ -271,12 +277,12 @@ impl Store for SledStore {
                         .bytes
                         .fetch_add(size_of(key.as_bytes(), &stored), Ordering::Relaxed);
                 }
+                if swapped {
+                    durable(db)?;
+                }
                 Ok(swapped)
             })
             .await?;
-        if swapped {
-            self.db.flush_async().await.map_err(backend_error)?;
-        }
         Ok(swapped)
     }
 
@@ -288,10 +294,10 @@ impl Store for SledStore {
                 if let Some(old) = &old {
                     books.forget(key.as_bytes(), old);
                 }
+                durable(db)?;
                 Ok(old.is_some())
             })
             .await?;
-        self.db.flush_async().await.map_err(backend_error)?;
         Ok(existed)
     }
 
@@ -307,10 +313,10 @@ impl Store for SledStore {
                         removed += 1;
                     }
                 }
+                durable(db)?;
                 Ok(removed)
             })
             .await?;
-        self.db.flush_async().await.map_err(backend_error)?;
         Ok(removed)
     }
 
