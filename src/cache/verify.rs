@@ -267,6 +267,8 @@ const POLARITY: &[(&str, &str)] = &[
     ("earliest", "latest"),
     ("old", "new"),
     ("summer", "winter"),
+    ("create", "delete"),
+    ("pause", "resume"),
 ];
 
 fn is_number_word(word: &str) -> Option<u64> {
@@ -798,6 +800,10 @@ mod tests {
             (
                 "Block all inbound traffic on port 22",
                 "How do I block outbound traffic on port 22?",
+            ),
+            (
+                "How can I delete the account I made?",
+                "Steps to create an account",
             ),
         ] {
             assert!(
