@@ -29,6 +29,14 @@ struct Row {
     slice: String,
 }
 
+impl Row {
+    /// The unseeded intents' queries only probe: sent `no-store`, they never become entries, so
+    /// each one tests the seeded traffic's entries.
+    fn probe_only(&self) -> bool {
+        matches!(self.slice.as_str(), "sibling" | "unrelated")
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     probes: usize,
@@ -169,9 +177,7 @@ async fn run(
     let mut seen_groups: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
     for request in rows {
-        // The unseeded intents (sibling, unrelated) only probe: sent `no-store`, they never
-        // become entries, so each one tests the seeded traffic's entries.
-        let probe_only = matches!(request.slice.as_str(), "sibling" | "unrelated");
+        let probe_only = request.probe_only();
         // A request whose group came before is a true repeat: an answer for it may be cached.
         // Otherwise it is new, and any hit is a wrong answer: a hard negative of its slice
         // (or, for an ordinary query, "first of its group").
@@ -259,7 +265,7 @@ fn replay_roles(rows: &[Row]) -> Vec<(bool, bool)> {
     let mut texts = std::collections::HashSet::new();
     rows.iter()
         .map(|row| {
-            let stored = !matches!(row.slice.as_str(), "sibling" | "unrelated");
+            let stored = !row.probe_only();
             // Word for word again: the exact cache's, not a semantic repeat.
             let new_text = texts.insert(row.text.as_str());
             let repeat = stored && new_text && seen.contains(row.group.as_str());
