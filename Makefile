@@ -22,8 +22,6 @@ run: $(EMBED_MODEL)/.complete
 test: lint $(VENV)/.installed redis-server $(EMBED_MODEL)/.complete
 	REPRISE_SDK_PYTHON=$(abspath $(VENV))/bin/python REPRISE_EMBED_MODEL_DIR=$(abspath $(EMBED_MODEL)) \
 	  $(CARGO) test --locked
-	@echo "the vendored hnsw_rs's own tests, on its patched graph storage (vendor/hnsw_rs/PATCHED.md):"
-	$(CARGO) test --locked --release -p hnsw_rs
 	@echo "exact-cache and prompt-store suites again, on a real Redis:"
 	REPRISE_TEST_STORE=redis $(CARGO) test --locked --test exact_cache --test prompts
 

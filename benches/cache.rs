@@ -8,8 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use reprise::cache::entry::{StreamAssembler, replay_chunks};
-use reprise::cache::key::{KeyScope, chat_key};
+use reprise::cache::{KeyScope, StreamAssembler, chat_key, replay_chunks};
 use reprise::protocol::openai::ChatRequest;
 use reprise::store::{RedisStore, SledStore, Store};
 use serde_json::{Value, json};

@@ -19,8 +19,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use reprise::cache::index::{IndexEntry, IndexParams, SemanticIndex};
-use reprise::cache::verify::{self as verify, RuleVerifier, Verifier};
+use reprise::cache::semantic::{
+    IndexEntry, IndexParams, RuleVerifier, SemanticIndex, Verifier, verifier_from_config,
+};
 use reprise::config::SemanticConfig;
 use reprise::embed::{Embedder, EmbedderConfig};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -237,7 +238,7 @@ const QUERY_FILLERS: &[&str] = &[
 /// The default verifier (`rules+words`); its word vectors are cached as in the gateway, so the
 /// first lookups pay for embedding their words and later ones mostly do not.
 fn verifier(embedder: &Embedder) -> Box<dyn Verifier> {
-    verify::from_config(&SemanticConfig::default(), embedder).expect("the default verifier")
+    verifier_from_config(&SemanticConfig::default(), embedder).expect("the default verifier")
 }
 
 /// How many of each query's 4 nearest entries (by exhaustive search) the index's search returns.

@@ -577,6 +577,9 @@ pub enum ProviderKind {
     OpenAi,
     /// Anthropic's native Messages API.
     Anthropic,
+    /// The built-in demo: answers inside the gateway by echoing the last user turn (no
+    /// `base_url`, no key), so a fresh install serves requests without any provider account.
+    Echo,
 }
 
 #[derive(Debug, Deserialize)]
@@ -585,8 +588,12 @@ pub struct ProviderConfig {
     pub kind: ProviderKind,
     /// For `openai`, the base up to and including `/v1` (requests go to `{base_url}/chat/completions`);
     /// for `anthropic`, the host (requests go to `{base_url}/v1/messages`).
-    pub base_url: url::Url,
-    /// Empty is allowed: local servers such as Ollama need no key.
+    /// Not used by `echo`.
+    #[serde(default)]
+    pub base_url: Option<url::Url>,
+    /// Left out: the provider needs no key (a local server such as Ollama). Present but empty
+    /// (an unset `${OPENAI_API_KEY:-}`): a key is missing; startup warns and the provider's
+    /// targets fail over at once with "no API key configured".
     #[serde(default)]
     pub api_key: Option<SecretString>,
     /// Extra headers sent upstream on every request (e.g. OpenRouter's `HTTP-Referer`).
@@ -785,6 +792,25 @@ impl Config {
         Ok(config)
     }
 
+    /// What is valid but probably not meant: printed at startup and by `check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        use secrecy::ExposeSecret;
+        self.providers
+            .iter()
+            .filter(|(_, p)| {
+                p.api_key
+                    .as_ref()
+                    .is_some_and(|k| k.expose_secret().is_empty())
+            })
+            .map(|(name, _)| {
+                format!(
+                    "provider {name} has no API key (providers.{name}.api_key is empty): \
+                     its targets are skipped until one is set"
+                )
+            })
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), (String, String)> {
         if self.server.max_body_bytes == 0 {
             return Err(("server.max_body_bytes".into(), "must be above 0".into()));
@@ -961,12 +987,23 @@ impl Config {
             return Err(("breaker.error_ratio".into(), "must be in (0, 1]".into()));
         }
         for (name, provider) in &self.providers {
-            let scheme = provider.base_url.scheme();
-            if scheme != "http" && scheme != "https" {
-                return Err((
-                    format!("providers.{name}.base_url"),
-                    format!("scheme must be http or https, not {scheme}"),
-                ));
+            match (&provider.base_url, provider.kind) {
+                (Some(_), ProviderKind::Echo) => {
+                    return Err((
+                        format!("providers.{name}.base_url"),
+                        "the echo provider answers inside the gateway; leave base_url out".into(),
+                    ));
+                }
+                (None, ProviderKind::OpenAi | ProviderKind::Anthropic) => {
+                    return Err((format!("providers.{name}.base_url"), "required".into()));
+                }
+                (Some(url), _) if url.scheme() != "http" && url.scheme() != "https" => {
+                    return Err((
+                        format!("providers.{name}.base_url"),
+                        format!("scheme must be http or https, not {}", url.scheme()),
+                    ));
+                }
+                _ => {}
             }
             for header in provider.headers.keys() {
                 if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err() {

@@ -16,10 +16,12 @@
 //! [`error`] the one error type clients see; [`telemetry`] logs and Prometheus metrics.
 
 pub mod cache;
+pub mod canonical;
 pub mod config;
 pub mod embed;
 pub mod error;
 pub mod pipeline;
+pub mod prices;
 pub mod prompts;
 pub mod protocol;
 pub mod providers;

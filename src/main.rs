@@ -52,6 +52,9 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(config) => {
                 print!("{}", describe(&config));
+                for warning in config.warnings() {
+                    println!("warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(error) => {
@@ -71,6 +74,9 @@ fn serve(path: PathBuf) -> ExitCode {
         }
     };
     reprise::telemetry::init_logging(&config.log);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let runtime = match config.server.worker_threads {
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -161,13 +167,20 @@ fn describe(config: &Config) -> String {
         let kind = match provider.kind {
             ProviderKind::OpenAi => "openai-compatible",
             ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Echo => "echo (built-in demo)",
         };
-        let _ = writeln!(
-            out,
-            "  {name}: {kind} at {} (api key: {})",
-            provider.base_url,
-            mask(provider.api_key.as_ref())
-        );
+        match &provider.base_url {
+            Some(url) => {
+                let _ = writeln!(
+                    out,
+                    "  {name}: {kind} at {url} (api key: {})",
+                    mask(provider.api_key.as_ref())
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  {name}: {kind}");
+            }
+        }
     }
     let _ = writeln!(out, "routes:");
     for (name, route) in &config.routes {

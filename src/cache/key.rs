@@ -19,6 +19,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::canonical::write_canonical;
 use crate::protocol::openai::ChatRequest;
 
 /// Unknown-to-us request fields that never change an answer.
@@ -82,38 +83,6 @@ impl KeyHasher {
                 self.scratch = scratch;
             }
         }
-    }
-}
-
-/// JSON with object keys sorted and no whitespace, so key order and formatting do not matter.
-pub(crate) fn write_canonical(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push(b'{');
-            for (i, (key, value)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(&Value::String(key.clone()), out);
-                out.push(b':');
-                write_canonical(value, out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(b']');
-        }
-        // Strings, numbers, booleans and null have one serialization already.
-        scalar => out.extend_from_slice(scalar.to_string().as_bytes()),
     }
 }
 

@@ -148,7 +148,7 @@ impl Resolution {
         let exact =
             serde_json::Value::Object(self.rendered.exact_variables.iter().cloned().collect());
         let mut canonical = Vec::new();
-        crate::cache::key::write_canonical(&exact, &mut canonical);
+        crate::canonical::write_canonical(&exact, &mut canonical);
         format!(
             "{}\n{}",
             self.cache_identity(),

@@ -108,7 +108,7 @@ const FUEL: u64 = 200_000;
 pub fn content_hash(spec: &VersionSpec) -> String {
     let value = serde_json::to_value(spec).unwrap_or(Value::Null);
     let mut canonical = b"prompt-version/1\n".to_vec();
-    crate::cache::key::write_canonical(&value, &mut canonical);
+    crate::canonical::write_canonical(&value, &mut canonical);
     blake3::hash(&canonical).to_hex().to_string()
 }
 

@@ -275,6 +275,16 @@ impl EmbeddingsRequest {
 /// Whether a streamed chunk carries output (text, a tool call, a refusal or a finish reason) rather
 /// than only the opening role announcement. Time-to-first-token is measured to the first such chunk,
 /// because some upstreams send the role chunk at once and then stall.
+/// A stream's closing usage chunk (`choices` empty, `usage` set), which only clients that asked
+/// for `stream_options.include_usage` receive.
+pub fn is_usage_only_chunk(chunk: &Value) -> bool {
+    chunk
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty)
+        && chunk.get("usage").is_some_and(|u| !u.is_null())
+}
+
 pub fn chunk_carries_output(chunk: &Value) -> bool {
     let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
         return chunk.get("usage").is_some_and(|u| !u.is_null());

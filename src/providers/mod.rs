@@ -2,6 +2,7 @@
 //! provider means one new implementation here and one arm in [`build`], nowhere else.
 
 mod anthropic;
+mod echo;
 mod openai;
 
 use std::pin::Pin;
@@ -54,6 +55,9 @@ pub enum ProviderError {
     Untranslatable(String),
     #[error("{0} is not supported by this provider")]
     Unsupported(&'static str),
+    /// The config names a key for this provider (`api_key`) but it is empty: no request is sent.
+    #[error("no API key configured for provider {0}")]
+    MissingKey(Arc<str>),
 }
 
 impl ProviderError {
@@ -71,10 +75,14 @@ impl ProviderError {
             Self::InvalidResponse(_) => "invalid_response",
             Self::StreamBroken(_) => "stream_broken",
             Self::Untranslatable(_) | Self::Unsupported(_) => "unsupported",
+            Self::MissingKey(_) => "missing_key",
         }
     }
 
     fn from_send(error: reqwest::Error) -> Self {
+        // The upstream's address is ours, not the client's business: it stays out of error
+        // bodies and log lines.
+        let error = error.without_url();
         if error.is_connect() {
             Self::Connect(error_chain(&error))
         } else if error.is_timeout() {
@@ -131,28 +139,53 @@ pub fn build(name: &str, config: &ProviderConfig) -> anyhow::Result<Arc<dyn Prov
             })?,
         );
     }
-    let api_key = config
-        .api_key
-        .as_ref()
-        .map(|k| k.expose_secret().to_owned())
-        .filter(|k| !k.is_empty());
+    let api_key = match &config.api_key {
+        Some(key) if key.expose_secret().is_empty() => {
+            return Ok(Arc::new(MissingKey(Arc::from(name))));
+        }
+        Some(key) => Some(key.expose_secret().to_owned()),
+        None => None,
+    };
+    let base_url = || {
+        config
+            .base_url
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("providers.{name}.base_url: required"))
+    };
     let provider: Arc<dyn Provider> = match config.kind {
         ProviderKind::OpenAi => Arc::new(openai::OpenAiCompatible::new(
             client,
-            &config.base_url,
+            base_url()?,
             api_key.as_deref(),
             headers,
         )?),
         ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(
             client,
-            &config.base_url,
+            base_url()?,
             api_key.as_deref(),
             &config.anthropic_version,
             config.default_max_tokens,
             headers,
         )?),
+        ProviderKind::Echo => Arc::new(echo::Echo),
     };
     Ok(provider)
+}
+
+/// A provider whose configured key is empty: its targets fail over at once, saying why, instead
+/// of sending a request bound to be refused (or, for a local default such as Ollama's, refused
+/// by a server that is not running).
+struct MissingKey(Arc<str>);
+
+#[async_trait::async_trait]
+impl Provider for MissingKey {
+    async fn chat(&self, _: &ChatRequest, _: &str, _: bool) -> Result<ChatReply, ProviderError> {
+        Err(ProviderError::MissingKey(Arc::clone(&self.0)))
+    }
+
+    async fn embeddings(&self, _: &EmbeddingsRequest, _: &str) -> Result<Value, ProviderError> {
+        Err(ProviderError::MissingKey(Arc::clone(&self.0)))
+    }
 }
 
 /// A secret header value that `Debug` output of the header map will not print.

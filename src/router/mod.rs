@@ -376,6 +376,9 @@ impl Router {
                     if disposition == Disposition::ReturnToClient {
                         return Err(failure(rejected(error), attempts));
                     }
+                    if let ProviderError::MissingKey(provider) = &error {
+                        plan.missing_keys.push(Arc::clone(provider));
+                    }
                     last_error = Some((index, error));
                     if !in_flight.is_empty() {
                         // A hedged attempt is still running; let it finish before deciding more.
@@ -427,6 +430,9 @@ struct Plan<'r> {
     order: Vec<usize>,
     cursor: usize,
     tries: Vec<u32>,
+    /// Providers skipped for want of a key: named in the error even when another target failed
+    /// last, since the key is what the operator has to fix.
+    missing_keys: Vec<Arc<str>>,
 }
 
 impl<'r> Plan<'r> {
@@ -437,6 +443,7 @@ impl<'r> Plan<'r> {
             order: route.attempt_order(),
             cursor: 0,
             tries: vec![0; route.targets.len()],
+            missing_keys: Vec::new(),
         }
     }
 
@@ -481,7 +488,14 @@ fn exhausted(route: &Route, last: Option<(usize, ProviderError)>, plan: &Plan<'_
         };
     };
     let attempts: u32 = plan.tries.iter().sum();
-    let last = format!("{}: {error}", route.targets[index].id);
+    let mut last = format!("{}: {error}", route.targets[index].id);
+    if !matches!(error, ProviderError::MissingKey(_)) && !plan.missing_keys.is_empty() {
+        let names: Vec<&str> = plan.missing_keys.iter().map(|p| &**p).collect();
+        last.push_str(&format!(
+            "; no API key configured for provider {}",
+            names.join(", ")
+        ));
+    }
     let status = match &error {
         ProviderError::Untranslatable(_) | ProviderError::Unsupported(_) => {
             return ApiError::invalid(

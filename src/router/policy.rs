@@ -47,6 +47,8 @@ pub fn classify(error: &ProviderError) -> (Disposition, HealthSignal) {
             TimeoutKind::Attempt | TimeoutKind::FirstToken | TimeoutKind::StreamIdle,
         ) => (Failover, Failure),
         ProviderError::Untranslatable(_) | ProviderError::Unsupported(_) => (Failover, Neutral),
+        // A config matter, reported at startup and in the error; the breaker cannot mend it.
+        ProviderError::MissingKey(_) => (Failover, Neutral),
         ProviderError::Status {
             status,
             retry_after,

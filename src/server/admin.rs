@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
-use crate::pipeline::PurgeSelector;
+use crate::cache::PurgeSelector;
 use crate::protocol::parse_json;
 
 pub async fn provider_health(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -22,11 +22,11 @@ pub async fn cache_stats(State(state): State<Arc<AppState>>, headers: HeaderMap)
     if let Err(error) = state.auth.admin(&headers) {
         return error.into_response();
     }
-    match state.pipeline.cache_stats().await {
+    match state.pipeline.cache().stats().await {
         Ok(rows) => axum::Json(json!({
             "object": "list",
             "data": rows,
-            "semantic": state.pipeline.semantic_status(),
+            "semantic": state.pipeline.cache().semantic_status(),
         }))
         .into_response(),
         Err(error) => error.into_response(),
@@ -54,7 +54,7 @@ pub async fn cache_purge(
             Ok(selector) => selector,
             Err(error) => return error.into_response(),
         };
-    match state.pipeline.purge(selector).await {
+    match state.pipeline.cache().purge(selector).await {
         Ok(purged) => {
             tracing::info!(purged, "cache purged by the admin API");
             axum::Json(json!({"purged": purged})).into_response()

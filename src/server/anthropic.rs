@@ -11,8 +11,9 @@ use futures::StreamExt;
 use serde_json::json;
 
 use super::{AppState, Endpoint, authenticated_request, trace_headers};
-use crate::pipeline::{ChatAnswer, Failed, Trace};
+use crate::pipeline::{Failed, Trace};
 use crate::protocol::anthropic::{MessagesRequest, StreamFromOpenAi, response_from_openai};
+use crate::providers::ChatReply;
 use crate::providers::ChunkStream;
 
 pub async fn messages(
@@ -46,11 +47,11 @@ pub async fn messages(
         Ok(answered) => {
             let trace: Trace = answered.trace;
             let body = match answered.value {
-                ChatAnswer::Complete(body) => {
+                ChatReply::Complete(body) => {
                     state.record(endpoint, &trace, 200, started, Some(&body));
                     axum::Json(response_from_openai(&body)).into_response()
                 }
-                ChatAnswer::Stream(stream) => {
+                ChatReply::Stream(stream) => {
                     state.record(endpoint, &trace, 200, started, None);
                     anthropic_sse(stream).into_response()
                 }

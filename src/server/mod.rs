@@ -42,7 +42,7 @@ use tracing::field::Empty;
 
 pub use auth::Auth;
 
-use crate::cache::exact::CacheControls;
+use crate::cache::CacheControls;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::pipeline::{Failed, Pipeline, RequestContext, Trace};
@@ -170,19 +170,20 @@ fn trace_headers(trace: &Trace) -> HeaderMap {
     if trace.attempts > 0 {
         put("x-reprise-attempts", &trace.attempts.to_string());
     }
-    if let Some(status) = trace.cache {
+    let cache = &trace.cache;
+    if let Some(status) = cache.status {
         put("x-reprise-cache", status.label());
     }
-    if let Some(key) = &trace.cache_key {
+    if let Some(key) = &cache.key {
         put("x-reprise-cache-key", key);
     }
-    if let Some(semantic) = &trace.semantic {
-        put("x-reprise-cache-semantic", semantic);
+    if let Some(semantic) = cache.semantic {
+        put("x-reprise-cache-semantic", semantic.label());
     }
-    if let Some(similarity) = trace.similarity {
+    if let Some(similarity) = cache.similarity {
         put("x-reprise-cache-similarity", &format!("{similarity:.4}"));
     }
-    if let Some(entry) = &trace.cache_entry {
+    if let Some(entry) = &cache.entry {
         put("x-reprise-cache-entry", entry);
     }
     if let Some(prompt) = &trace.prompt {
@@ -195,11 +196,11 @@ fn trace_headers(trace: &Trace) -> HeaderMap {
             put("x-reprise-prompt-arm", &format!("{arm}/{arms}"));
         }
     }
-    if let Some(age) = trace.cache_age {
+    if let Some(age) = cache.age {
         put("x-reprise-cache-age", &age.as_secs().to_string());
         put(
             "x-reprise-cache-tokens-saved",
-            &trace.tokens_saved.to_string(),
+            &cache.tokens_saved.to_string(),
         );
     }
     headers

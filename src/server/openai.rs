@@ -11,8 +11,8 @@ use futures::StreamExt;
 use serde_json::json;
 
 use super::{AppState, Endpoint, authenticated_request, respond_error, trace_headers};
-use crate::pipeline::ChatAnswer;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
+use crate::providers::ChatReply;
 use crate::providers::ChunkStream;
 
 pub async fn chat_completions(
@@ -31,11 +31,11 @@ pub async fn chat_completions(
         Ok(answered) => {
             let trace = answered.trace;
             let body = match answered.value {
-                ChatAnswer::Complete(body) => {
+                ChatReply::Complete(body) => {
                     state.record(endpoint, &trace, 200, started, Some(&body));
                     axum::Json(body).into_response()
                 }
-                ChatAnswer::Stream(stream) => {
+                ChatReply::Stream(stream) => {
                     state.record(endpoint, &trace, 200, started, None);
                     openai_sse(stream).into_response()
                 }
@@ -68,8 +68,9 @@ pub async fn cache_feedback(
         };
     match state
         .pipeline
-        .semantic_feedback(
-            &context,
+        .cache()
+        .feedback(
+            &context.tenant,
             &feedback.entry,
             feedback.similarity,
             feedback.correct,

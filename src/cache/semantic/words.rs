@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::verify::{Rejection, Verifier, content_words, counterpart_words};
+use super::rules::{content_words, counterpart_words};
+use super::verifier::{Rejection, Verifier};
 use crate::embed::Embedder;
 
 type WordVector = (String, Arc<Vec<f32>>);

@@ -13,24 +13,36 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod index;
+mod outcome;
+mod rules;
+mod verifier;
+mod words;
+
+pub use index::{IndexEntry, IndexParams, SemanticIndex};
+pub use outcome::{Guard, SemanticOutcome, SkipReason};
+pub use rules::RuleVerifier;
+pub use verifier::{Chain, Rejection, Verifier};
+pub use words::WordVerifier;
+
 use super::entry::is_cacheable;
-use super::exact::{CacheControls, CacheMode, escape_segment, namespace_segment};
-use super::index::{IndexEntry, IndexParams, Match, ScopeKey, SemanticIndex};
 use super::key::{KeyScope, semantic_scope};
-use super::verify::{RuleVerifier, Verifier, within_agreement};
-use crate::config::{CachePolicy, SemanticPolicy};
+use super::{CacheMode, CacheScope, escape_segment, namespace_segment, now_ms};
+use crate::config::{CachePolicy, SemanticConfig, SemanticPolicy, VerifierKind};
 use crate::embed::{EmbedError, Embedder, MODEL_ID};
 use crate::error::ApiError;
 use crate::protocol::openai::{ChatRequest, Content, Role};
 use crate::store::Store;
 use crate::telemetry::Metrics;
+use index::{Match, ScopeKey};
+use rules::within_agreement;
 
 const BASE: &str = "semantic/v1/";
 const FEED: &str = "semantic/v1/feed";
@@ -39,13 +51,6 @@ const FEEDBACK_MARGIN: f32 = 0.02;
 /// Above any cosine similarity: the entry never hits semantically again.
 const NEVER: f32 = 1.01;
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(30);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// How old `record` is, if it may answer `plan`'s request at `similarity`.
 fn usable(
@@ -72,7 +77,7 @@ fn semantic_hit(
     candidate: &Match,
     record: SemanticRecord,
     age: Duration,
-    basis: &'static str,
+    basis: SemanticOutcome,
 ) -> SemanticHit {
     let id = candidate.entry.rsplit('/').next().unwrap_or_default();
     SemanticHit {
@@ -85,9 +90,9 @@ fn semantic_hit(
     }
 }
 
-/// The store prefix of what a purge or a count selects (see `exact::prefix`).
+/// The store prefix of what a purge or a count selects (see [`super::prefix_under`]).
 pub fn prefix(tenant: Option<&str>, route: Option<&str>, namespace: Option<&str>) -> String {
-    super::exact::prefix_under(BASE, tenant, route, namespace)
+    super::prefix_under(BASE, tenant, route, namespace)
 }
 
 /// One semantic entry as stored.
@@ -144,16 +149,6 @@ mod vector_base64 {
     }
 }
 
-/// What the semantic stage needs of a request rendered from a prompt version.
-pub struct PromptText<'a> {
-    /// The version and the variables that must match exactly (see `KeyScope::prompt`).
-    pub scope: &'a str,
-    /// The free-text variables' values: embedded instead of the rendered last turn.
-    pub free_text: Option<&'a str>,
-    /// Whether the client added turns after the template's; then its last turn is embedded.
-    pub client_turns: bool,
-}
-
 /// The semantic stage's decision for one request that may use it.
 #[derive(Debug, Clone)]
 pub struct SemanticPlan {
@@ -203,16 +198,16 @@ pub struct SemanticHit {
     /// `{route}/{namespace}/{id}`, for `x-reprise-cache-entry` and feedback.
     pub entry: String,
     pub age: Duration,
-    /// `hit`, or `hit-agreement` for an answer its neighbours agreed on (`x-reprise-cache-semantic`).
-    pub basis: &'static str,
+    /// `Hit`, or `HitAgreement` for an answer its neighbours agreed on.
+    pub basis: SemanticOutcome,
 }
 
 pub enum Lookup {
     Hit(Box<SemanticHit>),
-    /// No hit; `outcome` says why (`miss`, `rejected-numbers`, `overloaded`, ...). The query's
-    /// vector, if it was computed, lets the answer be stored without embedding twice.
+    /// No hit; `outcome` says why. The query's vector, if it was computed, lets the answer be
+    /// stored without embedding twice.
     Miss {
-        outcome: String,
+        outcome: SemanticOutcome,
         vector: Option<Arc<Vec<f32>>>,
     },
 }
@@ -350,40 +345,35 @@ impl SemanticCache {
     }
 
     /// Whether and how a request uses the semantic stage; `Err(reason)` if it does not.
-    #[allow(clippy::too_many_arguments)]
     pub fn plan(
         &self,
         policy: &CachePolicy,
+        semantic: &SemanticPolicy,
         mode: CacheMode,
-        controls: &CacheControls,
-        tenant: &str,
-        route: &str,
-        targets: &[String],
-        prompt: Option<&PromptText<'_>>,
+        scope: &CacheScope<'_>,
         request: &ChatRequest,
-    ) -> Result<SemanticPlan, &'static str> {
-        let Some(semantic) = &policy.semantic else {
-            return Err("off");
-        };
+    ) -> Result<SemanticPlan, SkipReason> {
+        let controls = scope.controls;
         if controls.no_semantic {
-            return Err("skipped-request");
+            return Err(SkipReason::Request);
         }
         check_eligible(semantic, request)?;
         let namespace = controls.namespace.clone().unwrap_or_default();
+        let prompt = scope.prompt;
         let key_scope = KeyScope {
-            tenant,
+            tenant: scope.tenant,
             namespace: &namespace,
-            route,
-            targets,
-            prompt: prompt.map(|p| p.scope),
+            route: scope.route,
+            targets: scope.targets,
+            prompt: prompt.map(|p| p.semantic.as_str()),
         };
-        let (text, scope) = match prompt {
+        let (text, key) = match prompt {
             // A prompt without turns of the client's: the free-text variables are what varies;
             // the template and every other variable are in the scope.
             Some(prompt) if !prompt.client_turns => {
-                let text = prompt.free_text.ok_or("skipped-no-free-text")?;
+                let text = prompt.free_text.as_deref().ok_or(SkipReason::NoFreeText)?;
                 if text.trim().is_empty() {
-                    return Err("skipped-empty");
+                    return Err(SkipReason::Empty);
                 }
                 let mut without_messages = request.clone();
                 without_messages.messages.clear();
@@ -398,13 +388,13 @@ impl SemanticCache {
             ),
         };
         Ok(SemanticPlan {
-            scope: scope.0,
+            scope: key.0,
             text,
             threshold: semantic.threshold,
             read: mode.read(),
             write: mode.write(),
-            tenant: tenant.to_owned(),
-            route: route.to_owned(),
+            tenant: scope.tenant.to_owned(),
+            route: scope.route.to_owned(),
             namespace,
             ttl: controls.ttl.unwrap_or(policy.ttl),
             max_age: controls.max_age,
@@ -419,16 +409,16 @@ impl SemanticCache {
         let vector = match shared.embedder.embed(plan.text.clone()).await {
             Ok(vector) => Arc::new(vector),
             Err(EmbedError::Overloaded) => {
-                return self.finish(plan, started, "overloaded", None);
+                return self.finish(plan, started, SemanticOutcome::Overloaded, None);
             }
             Err(error) => {
                 tracing::warn!(%error, "embedding failed; semantic stage skipped");
-                return self.finish(plan, started, "error", None);
+                return self.finish(plan, started, SemanticOutcome::Error, None);
             }
         };
         if !plan.read {
             return Lookup::Miss {
-                outcome: "write-only".into(),
+                outcome: SemanticOutcome::WriteOnly,
                 vector: Some(vector),
             };
         }
@@ -437,7 +427,7 @@ impl SemanticCache {
             .agreement
             .map_or(shared.candidates, |a| a.neighbours.max(shared.candidates));
         let matches = shared.index.search(&plan.scope, &vector, wanted, now);
-        let mut outcome = String::from("miss");
+        let mut outcome = SemanticOutcome::Miss;
         for candidate in matches.iter().take(shared.candidates) {
             if candidate.similarity < plan.threshold {
                 break;
@@ -458,10 +448,10 @@ impl SemanticCache {
                 }
                 Err(Unusable::TooOld) => continue,
                 Err(Unusable::Feedback) => {
-                    if outcome == "miss" {
-                        outcome = "rejected-feedback".into();
+                    if outcome == SemanticOutcome::Miss {
+                        outcome = SemanticOutcome::Rejected(Guard::Feedback);
                     }
-                    shared.metrics.semantic_rejected("feedback");
+                    shared.metrics.semantic_rejected(Guard::Feedback.label());
                     continue;
                 }
             };
@@ -473,14 +463,20 @@ impl SemanticCache {
                     similarity = candidate.similarity,
                     "semantic candidate rejected"
                 );
-                shared.metrics.semantic_rejected(rejection.label());
-                if outcome == "miss" {
-                    outcome = format!("rejected-{}", rejection.label());
+                shared.metrics.semantic_rejected(rejection.guard().label());
+                if outcome == SemanticOutcome::Miss {
+                    outcome = SemanticOutcome::Rejected(rejection.guard());
                 }
                 continue;
             }
-            self.record_outcome(plan, started, "hit");
-            return Lookup::Hit(Box::new(semantic_hit(plan, candidate, record, age, "hit")));
+            self.record_outcome(plan, started, SemanticOutcome::Hit);
+            return Lookup::Hit(Box::new(semantic_hit(
+                plan,
+                candidate,
+                record,
+                age,
+                SemanticOutcome::Hit,
+            )));
         }
         if let Some(agreement) = plan.agreement
             && let Some(hit) = self.agreed_answer(plan, &matches, now, agreement).await
@@ -488,7 +484,7 @@ impl SemanticCache {
             self.record_outcome(plan, started, hit.basis);
             return Lookup::Hit(Box::new(hit));
         }
-        self.finish(plan, started, &outcome, Some(vector))
+        self.finish(plan, started, outcome, Some(vector))
     }
 
     /// The answer of the nearest entry if it and the next `neighbours - 1` were all given that
@@ -534,28 +530,28 @@ impl SemanticCache {
             &neighbours[0],
             record,
             age,
-            "hit-agreement",
+            SemanticOutcome::HitAgreement,
         ))
     }
 
-    fn record_outcome(&self, plan: &SemanticPlan, started: Instant, outcome: &str) {
-        self.shared
-            .metrics
-            .semantic_lookup(&plan.tenant, &plan.route, outcome, started.elapsed());
+    fn record_outcome(&self, plan: &SemanticPlan, started: Instant, outcome: SemanticOutcome) {
+        self.shared.metrics.semantic_lookup(
+            &plan.tenant,
+            &plan.route,
+            outcome.label(),
+            started.elapsed(),
+        );
     }
 
     fn finish(
         &self,
         plan: &SemanticPlan,
         started: Instant,
-        outcome: &str,
+        outcome: SemanticOutcome,
         vector: Option<Arc<Vec<f32>>>,
     ) -> Lookup {
         self.record_outcome(plan, started, outcome);
-        Lookup::Miss {
-            outcome: outcome.to_owned(),
-            vector,
-        }
+        Lookup::Miss { outcome, vector }
     }
 
     async fn read_record(&self, path: &str) -> Option<SemanticRecord> {
@@ -685,6 +681,25 @@ impl SemanticCache {
     }
 }
 
+/// The verifier `semantic.verifier` names; `None` for `off` (a plain threshold).
+pub fn verifier_from_config(
+    config: &SemanticConfig,
+    embedder: &Embedder,
+) -> Option<Box<dyn Verifier>> {
+    match config.verifier {
+        VerifierKind::Rules => Some(Box::new(RuleVerifier)),
+        VerifierKind::RulesAndWords => Some(Box::new(Chain(vec![
+            Box::new(RuleVerifier),
+            Box::new(WordVerifier::new(
+                embedder.clone(),
+                config.word_similarity,
+                config.cached_words,
+            )),
+        ]))),
+        VerifierKind::Off => None,
+    }
+}
+
 async fn read_record(store: &dyn Store, metrics: &Metrics, path: &str) -> Option<SemanticRecord> {
     let bytes = match store.get(path).await {
         Ok(bytes) => bytes?,
@@ -718,35 +733,34 @@ fn scope_from_hex(text: &str) -> Option<ScopeKey> {
     blake3::Hash::from_hex(text).ok().map(|h| *h.as_bytes())
 }
 
-/// The text a request is matched by, or why it is not semantically cached.
 /// The request-wide reasons not to answer semantically.
-fn check_eligible(policy: &SemanticPolicy, request: &ChatRequest) -> Result<(), &'static str> {
+fn check_eligible(policy: &SemanticPolicy, request: &ChatRequest) -> Result<(), SkipReason> {
     if request
         .temperature
         .is_some_and(|t| t > policy.max_temperature)
     {
-        return Err("skipped-temperature");
+        return Err(SkipReason::Temperature);
     }
     if request.tools.as_ref().is_some_and(|t| !t.is_empty()) && !policy.with_tools {
-        return Err("skipped-tools");
+        return Err(SkipReason::Tools);
     }
     if request
         .messages
         .iter()
         .any(|m| m.role == Role::Tool || m.role == Role::Function || m.tool_calls.is_some())
     {
-        return Err("skipped-tool-calls");
+        return Err(SkipReason::ToolCalls);
     }
     Ok(())
 }
 
 /// The text of the last turn, which must be the user's and text only.
-fn last_user_text(request: &ChatRequest) -> Result<String, &'static str> {
+fn last_user_text(request: &ChatRequest) -> Result<String, SkipReason> {
     let Some(last) = request.messages.last() else {
-        return Err("skipped-no-user-turn");
+        return Err(SkipReason::NoUserTurn);
     };
     if last.role != Role::User {
-        return Err("skipped-no-user-turn");
+        return Err(SkipReason::NoUserTurn);
     }
     let text = match &last.content {
         Some(Content::Text(text)) => text.clone(),
@@ -757,7 +771,7 @@ fn last_user_text(request: &ChatRequest) -> Result<String, &'static str> {
                 .iter()
                 .any(|p| p.get("type").and_then(Value::as_str) != Some("text"))
             {
-                return Err("skipped-non-text");
+                return Err(SkipReason::NonText);
             }
             parts
                 .iter()
@@ -765,10 +779,10 @@ fn last_user_text(request: &ChatRequest) -> Result<String, &'static str> {
                 .collect::<Vec<_>>()
                 .join("\n")
         }
-        None => return Err("skipped-no-user-turn"),
+        None => return Err(SkipReason::NoUserTurn),
     };
     if text.trim().is_empty() {
-        return Err("skipped-empty");
+        return Err(SkipReason::Empty);
     }
     Ok(text)
 }

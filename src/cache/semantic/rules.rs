@@ -3,100 +3,14 @@
 //! changes: "turn on" vs "turn off", "5 USD" vs "50 USD", "one hour" vs "two hours", "Paris" vs
 //! "Rome", order 12345 vs 12346. Each rule looks for one such difference; any difference rejects.
 //!
-//! [`Verifier`] is the seam: [`RuleVerifier`] is the built-in one, [`Chain`] runs several in
-//! turn, and a model-based verifier (the word-vector check in `words.rs`, or a cross-encoder)
-//! joins the rules there or replaces them.
+//! [`RuleVerifier`] is the built-in [`Verifier`]; a model-based one (the word-vector check in
+//! `words.rs`, or a cross-encoder) runs after it in a `Chain` or replaces it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 
-use super::words::WordVerifier;
-use crate::config::{SemanticConfig, VerifierKind};
-use crate::embed::Embedder;
-
-/// Why a candidate was rejected; a low-cardinality label for metrics via [`Rejection::label`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rejection {
-    /// The texts mention different numbers, amounts or quantities.
-    Numbers {
-        query: Vec<String>,
-        candidate: Vec<String>,
-    },
-    /// The texts name different dates or times ("today" vs "tomorrow", "Monday" vs "Friday").
-    Times {
-        query: Vec<String>,
-        candidate: Vec<String>,
-    },
-    /// One text is negated and the other is not.
-    Negation,
-    /// The texts take opposite sides of a polarity pair (on/off, enable/disable, ...).
-    Polarity { query: String, candidate: String },
-    /// The texts name different entities (names, places, products, ids, codes).
-    Entities {
-        query: Vec<String>,
-        candidate: Vec<String>,
-    },
-    /// The texts are one template with a different content word in one slot ("from savings to
-    /// checking" vs "from credit to checking", "hours of the Elm store" vs "... the Oak store"):
-    /// the slot is what the answer is about. Lowercase names, which the entity rule cannot see,
-    /// are caught here.
-    Substitution { query: String, candidate: String },
-    /// A content word of one text has no counterpart of similar meaning in the other ("when
-    /// does it close" vs "what is its number"): the texts ask about different things. An
-    /// empty side means the word has no counterpart at all.
-    Content { query: String, candidate: String },
-}
-
-impl Rejection {
-    pub fn label(&self) -> &'static str {
-        match self {
-            Rejection::Numbers { .. } => "numbers",
-            Rejection::Times { .. } => "times",
-            Rejection::Negation => "negation",
-            Rejection::Polarity { .. } => "polarity",
-            Rejection::Entities { .. } => "entities",
-            Rejection::Substitution { .. } => "substitution",
-            Rejection::Content { .. } => "content",
-        }
-    }
-}
-
-/// Asynchronous because a model-based verifier runs a model (off the async workers).
-#[async_trait]
-pub trait Verifier: Send + Sync {
-    /// `Ok(())` if an answer to `candidate` may answer `query`.
-    async fn verify(&self, query: &str, candidate: &str) -> Result<(), Rejection>;
-}
-
-/// Verifiers in turn, cheapest first: the first rejection stands.
-pub struct Chain(pub Vec<Box<dyn Verifier>>);
-
-#[async_trait]
-impl Verifier for Chain {
-    async fn verify(&self, query: &str, candidate: &str) -> Result<(), Rejection> {
-        for verifier in &self.0 {
-            verifier.verify(query, candidate).await?;
-        }
-        Ok(())
-    }
-}
-
-/// The verifier `semantic.verifier` names; `None` for `off` (a plain threshold).
-pub fn from_config(config: &SemanticConfig, embedder: &Embedder) -> Option<Box<dyn Verifier>> {
-    match config.verifier {
-        VerifierKind::Rules => Some(Box::new(RuleVerifier)),
-        VerifierKind::RulesAndWords => Some(Box::new(Chain(vec![
-            Box::new(RuleVerifier),
-            Box::new(WordVerifier::new(
-                embedder.clone(),
-                config.word_similarity,
-                config.cached_words,
-            )),
-        ]))),
-        VerifierKind::Off => None,
-    }
-}
+use super::verifier::{Rejection, Verifier};
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RuleVerifier;
@@ -948,7 +862,7 @@ mod tests {
             numbers(&words("4,000 and 1.50 and three")),
             ["1.5", "3", "4000"]
         );
-        assert_eq!(Rejection::Negation.label(), "negation");
+        assert_eq!(Rejection::Negation.guard().label(), "negation");
     }
 
     #[test]
