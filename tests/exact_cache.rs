@@ -524,6 +524,7 @@ async fn on_redis(redis: &RedisServer) -> Cached {
     }
 }
 
+#[ignore = "needs redis-server (make test)"]
 #[tokio::test]
 async fn redis_backend_serves_hits_and_keeps_tenants_apart() {
     let redis = RedisServer::start();
@@ -553,6 +554,7 @@ async fn redis_backend_serves_hits_and_keeps_tenants_apart() {
     assert_eq!(c.gw.mock.calls("ok"), 2);
 }
 
+#[ignore = "needs redis-server (make test)"]
 #[tokio::test]
 async fn two_gateways_on_one_redis_share_hits() {
     let redis = RedisServer::start();
@@ -573,6 +575,7 @@ async fn two_gateways_on_one_redis_share_hits() {
     assert_eq!(one.gw.mock.calls("ok"), 1);
 }
 
+#[ignore = "needs redis-server (make test)"]
 #[tokio::test]
 async fn when_redis_goes_away_requests_go_upstream_and_caching_resumes_when_it_returns() {
     let mut redis = RedisServer::start();

@@ -767,6 +767,7 @@ async fn stats_and_metrics_compare_versions() {
     ));
 }
 
+#[ignore = "needs redis-server (make test)"]
 #[tokio::test]
 async fn replicas_on_one_redis_follow_each_others_changes_within_a_second() {
     use reqwest::Method;

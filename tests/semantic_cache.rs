@@ -1,9 +1,8 @@
 //! The semantic cache through HTTP, with the real embedding model and a mock upstream that counts
 //! its calls: "served from cache" is asserted as "the upstream was not called again".
 //!
-//! Needs the model (`make test` fetches it and sets `REPRISE_EMBED_MODEL_DIR`); a bare
-//! `cargo test` without it says so and skips these tests, unless `CI` is set, where a missing
-//! model is a failure.
+//! Needs the model (`make test` fetches it and sets `REPRISE_EMBED_MODEL_DIR`): the tests are
+//! ignored by a plain `cargo test` and fail if run without it (see `common/prerequisites.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -13,21 +12,6 @@ use std::time::{Duration, Instant};
 use common::redis_server::RedisServer;
 use common::{ADMIN, Gateway, KEY_A, KEY_B, Mock, header, stream_chunks, streamed_text, user};
 use serde_json::{Value, json};
-
-fn model_dir() -> Option<String> {
-    match std::env::var("REPRISE_EMBED_MODEL_DIR") {
-        Ok(dir) => Some(dir),
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("REPRISE_EMBED_MODEL_DIR must be set in CI (make test sets it)")
-        }
-        Err(_) => {
-            eprintln!(
-                "REPRISE_EMBED_MODEL_DIR is not set: semantic cache tests not run (run `make test`)"
-            );
-            None
-        }
-    }
-}
 
 struct Semantic {
     gw: Gateway,
@@ -72,8 +56,8 @@ fn config(model_dir: &str, store: &str, extra: &str) -> String {
     )
 }
 
-async fn start(extra: &str) -> Option<Semantic> {
-    let model_dir = model_dir()?;
+async fn start(extra: &str) -> Semantic {
+    let model_dir = common::prerequisites::embed_model_dir();
     let dir = tempfile::tempdir().unwrap();
     let store = format!("path = \"{}\"", dir.path().join("store").display());
     let config = config(&model_dir, &store, extra);
@@ -84,7 +68,7 @@ async fn start(extra: &str) -> Option<Semantic> {
         _dir: dir,
     };
     s.wait_loaded().await;
-    Some(s)
+    s
 }
 
 fn ask(text: &str) -> Value {
@@ -154,9 +138,10 @@ fn content(body: &Value) -> &str {
     body["choices"][0]["message"]["content"].as_str().unwrap()
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn a_paraphrase_is_answered_from_the_cache() {
-    let Some(s) = start("").await else { return };
+    let s = start("").await;
     let first = s.send(KEY_A, ask("How do I cancel my order?"), &[]).await;
     assert_eq!(header(&first, "x-reprise-cache"), Some("miss"));
     assert_eq!(header(&first, "x-reprise-cache-semantic"), Some("miss"));
@@ -201,9 +186,10 @@ async fn a_paraphrase_is_answered_from_the_cache() {
     assert_eq!(row["semantic_entries"], 1);
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn a_paraphrase_in_other_words_passes_the_word_check() {
-    let Some(s) = start("").await else { return };
+    let s = start("").await;
     for (first, second) in [
         (
             "Where is the nearest store?",
@@ -242,11 +228,10 @@ const ONE_INTENT: [&str; 2] = [
 ];
 const NEAR_ALL_OF_THEM: &str = "Where can I buy a squishee and donuts near me?";
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn answer_agreement_serves_what_the_upstream_answered_alike_and_nothing_else() {
-    let Some(s) = start("answer_agreement = 2").await else {
-        return;
-    };
+    let s = start("answer_agreement = 2").await;
     let on = |route: &str, text: &str| json!({"model": route, "messages": user(text)});
     // Two wordings, each a miss: the word check rejects them as paraphrases of each other.
     for (route, answers_alike) in [("faq", true), ("chat", false)] {
@@ -331,19 +316,19 @@ impl Semantic {
     }
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn answer_agreement_is_off_by_default_and_set_per_route() {
-    let Some(s) = start("").await else { return };
+    let s = start("").await;
     s.expect_agreement("faq", false).await;
     // A route may switch it on for itself.
     s.expect_agreement("faq-agreeing", true).await;
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn a_route_switches_answer_agreement_off_for_itself() {
-    let Some(s) = start("answer_agreement = 2").await else {
-        return;
-    };
+    let s = start("answer_agreement = 2").await;
     // On for every route by default; a route held to a strict threshold opts out.
     s.expect_agreement("faq-strict", false).await;
     s.expect_agreement("faq", true).await;
@@ -385,14 +370,11 @@ const LOOKALIKES: &[(&str, &str, &str)] = &[
     ),
 ];
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn each_guard_blocks_its_lookalike_which_a_plain_threshold_would_serve() {
-    let Some(guarded) = start("").await else {
-        return;
-    };
-    let Some(plain) = start(r#"verifier = "off""#).await else {
-        return;
-    };
+    let guarded = start("").await;
+    let plain = start(r#"verifier = "off""#).await;
     for (i, (first, second, guard)) in LOOKALIKES.iter().enumerate() {
         // A plain threshold (the guards off) serves the first answer to the second request:
         // these are real false hits, not pairs the embedding already tells apart.
@@ -437,9 +419,10 @@ async fn each_guard_blocks_its_lookalike_which_a_plain_threshold_would_serve() {
     }
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn scopes_never_cross() {
-    let Some(s) = start("").await else { return };
+    let s = start("").await;
     let question = "How do I reset my password?";
     let paraphrase = "How can I reset my password?";
     let with_system = |system: &str, text: &str| {
@@ -521,9 +504,10 @@ async fn scopes_never_cross() {
     assert_eq!(s.calls(), calls);
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn requests_that_are_not_semantically_cached_say_why() {
-    let Some(s) = start("").await else { return };
+    let s = start("").await;
     s.pair(
         ask("What are your opening hours?"),
         ask("When are you open?"),
@@ -591,9 +575,10 @@ async fn requests_that_are_not_semantically_cached_say_why() {
     assert_eq!(error["error"]["param"], "x-reprise-cache-semantic");
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn feedback_about_a_wrong_hit_stops_the_entry_matching_there() {
-    let Some(s) = start("").await else { return };
+    let s = start("").await;
     let hit = s
         .pair(
             ask("Where can I park my car?"),
@@ -665,9 +650,10 @@ async fn feedback_about_a_wrong_hit_stops_the_entry_matching_there() {
     );
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn entries_survive_a_restart() {
-    let Some(s) = start("").await else { return };
+    let s = start("").await;
     s.send(KEY_A, ask("How do I change my delivery address?"), &[])
         .await;
     s.wait_indexed(1).await;
@@ -685,9 +671,10 @@ async fn entries_survive_a_restart() {
     assert_eq!(s.calls(), 1);
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn a_purge_removes_semantic_entries_too() {
-    let Some(s) = start("").await else { return };
+    let s = start("").await;
     s.send(KEY_A, ask("How do I close my account?"), &[]).await;
     s.wait_indexed(1).await;
     let purged: Value =
@@ -707,9 +694,10 @@ async fn a_purge_removes_semantic_entries_too() {
     assert_eq!(s.calls(), 2);
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn two_gateways_on_one_redis_share_semantic_hits_within_a_second() {
-    let Some(model_dir) = model_dir() else { return };
+    let model_dir = common::prerequisites::embed_model_dir();
     let redis = RedisServer::start();
     let store = format!("store = \"redis\"\nredis_url = \"{}\"", redis.url());
     let config = config(&model_dir, &store, "");
@@ -749,6 +737,7 @@ async fn two_gateways_on_one_redis_share_semantic_hits_within_a_second() {
     eprintln!("replica sync took {:?}", written.elapsed());
 }
 
+#[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn a_prompt_embeds_only_its_free_text_and_versions_and_variables_stay_apart() {
     let prompts = tempfile::tempdir().unwrap();
@@ -777,7 +766,7 @@ async fn a_prompt_embeds_only_its_free_text_and_versions_and_variables_stay_apar
     std::fs::write(folder.join("v2.toml"), version("Use numbered steps.")).unwrap();
     std::fs::write(folder.join("labels.toml"), "production = { version = 1 }\n").unwrap();
     let extra = format!("[prompts]\ndir = \"{}\"", prompts.path().display());
-    let Some(s) = start(&extra).await else { return };
+    let s = start(&extra).await;
     let ask = |question: &str, version: u32, product: &str| {
         json!({"model": "x", "prompt": {"id": "reply", "version": version,
             "variables": {"question": question, "product": product}}})

@@ -100,6 +100,7 @@ async fn sled_keeps_the_store_contract() {
     contract(&SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap()).await;
 }
 
+#[ignore = "needs redis-server (make test)"]
 #[tokio::test]
 async fn both_stores_scan_a_prefix_in_batches() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,6 +109,7 @@ async fn both_stores_scan_a_prefix_in_batches() {
     scan(&RedisStore::new(&redis.url(), "test:").unwrap()).await;
 }
 
+#[ignore = "needs redis-server (make test)"]
 #[tokio::test]
 async fn a_redis_change_feed_is_read_by_another_client_in_order_from_its_cursor() {
     let redis = RedisServer::start();
@@ -150,12 +152,14 @@ async fn a_redis_change_feed_is_read_by_another_client_in_order_from_its_cursor(
     );
 }
 
+#[ignore = "needs redis-server (make test)"]
 #[tokio::test]
 async fn redis_keeps_the_store_contract() {
     let redis = RedisServer::start();
     contract(&RedisStore::new(&redis.url(), "test:").unwrap()).await;
 }
 
+#[ignore = "needs redis-server (make test)"]
 #[tokio::test]
 async fn redis_keys_carry_the_prefix_and_a_prefix_purge_stays_inside_it() {
     let redis = RedisServer::start();
@@ -167,6 +171,7 @@ async fn redis_keys_carry_the_prefix_and_a_prefix_purge_stays_inside_it() {
     assert_eq!(b.get("k").await.unwrap().as_deref(), Some(&b"b"[..]));
 }
 
+#[ignore = "needs redis-server (make test)"]
 #[tokio::test]
 async fn redis_down_is_an_error_not_a_hang_and_recovery_is_automatic() {
     let mut redis = RedisServer::start();

@@ -427,11 +427,12 @@ mod tests {
     async fn entries_expire() {
         let (_dir, store) = store();
         store
-            .put("k", b"v".to_vec(), Some(Duration::from_millis(50)))
+            // Long enough that a busy machine's slow flush does not expire it before the read.
+            .put("k", b"v".to_vec(), Some(Duration::from_millis(1500)))
             .await
             .unwrap();
         assert!(store.get("k").await.unwrap().is_some());
-        tokio::time::sleep(Duration::from_millis(80)).await;
+        tokio::time::sleep(Duration::from_millis(1700)).await;
         assert_eq!(store.get("k").await.unwrap(), None);
         assert_eq!(
             store.bytes(),

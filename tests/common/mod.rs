@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod mock_upstream;
+pub mod prerequisites;
 pub mod redis_server;
 
 use std::time::Duration;
