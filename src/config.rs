@@ -795,20 +795,60 @@ impl Config {
     /// What is valid but probably not meant: printed at startup and by `check-config`.
     pub fn warnings(&self) -> Vec<String> {
         use secrecy::ExposeSecret;
-        self.providers
-            .iter()
-            .filter(|(_, p)| {
-                p.api_key
-                    .as_ref()
-                    .is_some_and(|k| k.expose_secret().is_empty())
-            })
-            .map(|(name, _)| {
-                format!(
-                    "provider {name} has no API key (providers.{name}.api_key is empty): \
+        let mut warnings = Vec::new();
+        let development = |key: &SecretString| key.expose_secret().starts_with("reprise-dev-");
+        if self.auth.keys.iter().any(|k| development(&k.key))
+            || self.auth.admin_key.as_ref().is_some_and(development)
+        {
+            warnings.push(
+                "development keys in use (reprise-dev-...): set REPRISE_API_KEY and \
+                 REPRISE_ADMIN_KEY before exposing this gateway"
+                    .to_owned(),
+            );
+        }
+        warnings.extend(
+            self.providers
+                .iter()
+                .filter(|(_, p)| {
+                    p.api_key
+                        .as_ref()
+                        .is_some_and(|k| k.expose_secret().is_empty())
+                })
+                .map(|(name, _)| {
+                    format!(
+                        "provider {name} has no API key (providers.{name}.api_key is empty): \
                      its targets are skipped until one is set"
-                )
-            })
-            .collect()
+                    )
+                }),
+        );
+        let defaults = self.cache.defaults();
+        let mut unpriced = BTreeMap::<&str, Vec<&str>>::new();
+        for (name, route) in &self.routes {
+            if !route.cache.resolve(&defaults).enabled {
+                continue;
+            }
+            for target in &route.targets {
+                let priced = self.prices.contains_key(&target.model)
+                    || self
+                        .prices
+                        .contains_key(&format!("{}/{}", target.provider, target.model));
+                let demo = self
+                    .providers
+                    .get(&target.provider)
+                    .is_some_and(|p| p.kind == ProviderKind::Echo);
+                if !priced && !demo {
+                    unpriced.entry(&target.model).or_default().push(name);
+                }
+            }
+        }
+        for (model, routes) in unpriced {
+            warnings.push(format!(
+                "model {model} (cached on route {}) has no [prices] entry: its cache hits count \
+                 as saving $0 in cost_saved_usd",
+                routes.join(", ")
+            ));
+        }
+        warnings
     }
 
     fn validate(&self) -> Result<(), (String, String)> {

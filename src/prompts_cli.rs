@@ -9,13 +9,22 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{Value, json};
 
+/// The development admin key of the shipped config, used when `REPRISE_ADMIN_KEY` is unset.
+const DEV_ADMIN_KEY: &str = "reprise-dev-admin";
+
 #[derive(clap::Args)]
 pub struct PromptsArgs {
     /// The gateway's address.
     #[arg(long, env = "REPRISE_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// The gateway's admin key.
-    #[arg(long, env = "REPRISE_ADMIN_KEY", hide_env_values = true)]
+    /// The gateway's admin key (`make run` and the shipped config use `reprise-dev-admin` when
+    /// `REPRISE_ADMIN_KEY` is unset, and so does the CLI).
+    #[arg(
+        long,
+        env = "REPRISE_ADMIN_KEY",
+        hide_env_values = true,
+        default_value = DEV_ADMIN_KEY
+    )]
     admin_key: Option<String>,
     /// Who makes the change, for the audit trail.
     #[arg(long, env = "USER", default_value = "cli")]
@@ -200,7 +209,14 @@ impl Client<'_> {
                 .pointer("/error/message")
                 .and_then(Value::as_str)
                 .unwrap_or("no message");
-            Err(CliError::Api(format!("{status}: {message}")))
+            let hint = if status == reqwest::StatusCode::UNAUTHORIZED
+                || status == reqwest::StatusCode::FORBIDDEN
+            {
+                " (the CLI sends REPRISE_ADMIN_KEY, or --admin-key: is it the gateway's [auth] admin_key?)"
+            } else {
+                ""
+            };
+            Err(CliError::Api(format!("{status}: {message}{hint}")))
         }
     }
 }

@@ -851,7 +851,8 @@ impl PromptStore {
                     labels,
                     hit_ratio: (counters.cache_hits + counters.semantic_hits) as f64 / requests,
                     error_rate: counters.errors as f64 / requests,
-                    mean_latency_ms: counters.latency_seconds * 1000.0 / requests,
+                    // Microsecond precision: more digits are float noise, not information.
+                    mean_latency_ms: (counters.latency_seconds * 1e6 / requests).round() / 1e3,
                     counters: counters.clone(),
                 }
             })

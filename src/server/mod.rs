@@ -287,7 +287,7 @@ pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
                      _span: &tracing::Span| {
                         tracing::info!(
                             status = response.status().as_u16(),
-                            latency_ms = latency.as_secs_f64() * 1000.0,
+                            latency_ms = %format_args!("{:.2}", latency.as_secs_f64() * 1000.0),
                             "request finished"
                         );
                     },
