@@ -260,7 +260,7 @@ impl Pipeline {
 
     /// Counts a finished request against its prompt version (admin stats and metrics). A whole
     /// answer's tokens are counted here; a stream's as its usage chunk passes
-    /// ([`Self::prompt_usage_meter`]); a cache hit cost nothing upstream.
+    /// (`prompt_usage_meter`); a cache hit cost nothing upstream.
     pub fn record_prompt_use(
         &self,
         trace: &Trace,

@@ -305,53 +305,28 @@ impl Router {
         let mut last_error: Option<(usize, ProviderError)> = None;
         let mut in_flight = FuturesUnordered::new();
         let mut hedge_at: Option<tokio::time::Instant> = None;
-        let mut next = plan
-            .next_target()
-            .map(|(i, permit)| (i, permit, Duration::ZERO, None));
+        let mut next = plan.next_target(None);
         let failure = |error: ApiError, attempts: u32| RouteFailure { error, attempts };
 
         loop {
-            if let Some((index, permit, delay, extra)) = next.take() {
-                let granted = match extra {
-                    Some(kind @ (ExtraAttempt::RetrySameTarget | ExtraAttempt::Hedge)) => {
-                        let granted = route.budget.try_spend();
-                        if granted {
-                            self.metrics.extra_attempt(&route.name, kind);
-                        } else {
-                            self.metrics.budget_exhausted(&route.name);
-                            tracing::warn!(route = %route.name, "retry budget exhausted; not retrying");
-                        }
-                        granted
+            if let Some(start) = next.take().and_then(|n| self.admit(route, &mut plan, n)) {
+                attempts += 1;
+                plan.tries[start.index] += 1;
+                let run = attempt(&route.targets[start.index]);
+                let NextAttempt {
+                    index,
+                    permit,
+                    delay,
+                    ..
+                } = start;
+                in_flight.push(async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
                     }
-                    Some(ExtraAttempt::Failover) => {
-                        self.metrics
-                            .extra_attempt(&route.name, ExtraAttempt::Failover);
-                        true
-                    }
-                    None => true,
-                };
-                if !granted && extra == Some(ExtraAttempt::RetrySameTarget) {
-                    // The budget guards the struggling target, not the route: try the next one.
-                    drop(permit);
-                    next = plan
-                        .next_target()
-                        .map(|(i, p)| (i, p, Duration::ZERO, Some(ExtraAttempt::Failover)));
-                    continue;
-                }
-                if granted {
-                    attempts += 1;
-                    plan.tries[index] += 1;
-                    let target = &route.targets[index];
-                    let run = attempt(target);
-                    in_flight.push(async move {
-                        if !delay.is_zero() {
-                            tokio::time::sleep(delay).await;
-                        }
-                        (index, permit, run.await)
-                    });
-                    if let Some(after) = route.hedge_after {
-                        hedge_at = Some(tokio::time::Instant::now() + delay + after);
-                    }
+                    (index, permit, run.await)
+                });
+                if let Some(after) = route.hedge_after {
+                    hedge_at = Some(tokio::time::Instant::now() + delay + after);
                 }
             }
             if in_flight.is_empty() {
@@ -369,10 +344,7 @@ impl Router {
                         }
                         Err(error) => error,
                     };
-                    self.metrics.upstream_attempt(&target.id, error.kind());
-                    let (disposition, signal) = classify(&error);
-                    tracing::warn!(route = %route.name, target = %target.id, attempt = attempts, error = %error, ?disposition, "upstream attempt failed");
-                    self.settle(target, permit, signal, Some(error.to_string()));
+                    let disposition = self.record_failure(route, index, permit, &error, attempts);
                     if disposition == Disposition::ReturnToClient {
                         return Err(failure(rejected(error), attempts));
                     }
@@ -385,24 +357,11 @@ impl Router {
                         continue;
                     }
                     hedge_at = None;
-                    next = match disposition {
-                        Disposition::Retry { retry_after } if plan.tries[index] < route.retry.attempts_per_target => {
-                            let wait = match retry_after {
-                                Some(wait) if wait > route.retry.max_retry_after => None,
-                                Some(wait) => Some(wait),
-                                None => Some(backoff(route.retry.backoff_base, route.retry.backoff_max, plan.tries[index] - 1)),
-                            };
-                            let retry = wait.and_then(|wait| {
-                                target.breaker.try_acquire().map(|permit| (index, permit, wait, Some(ExtraAttempt::RetrySameTarget)))
-                            });
-                            retry.or_else(|| plan.next_target().map(|(i, p)| (i, p, Duration::ZERO, Some(ExtraAttempt::Failover))))
-                        }
-                        _ => plan.next_target().map(|(i, p)| (i, p, Duration::ZERO, Some(ExtraAttempt::Failover))),
-                    };
+                    next = after_failure(route, &mut plan, index, disposition);
                 }
                 _ = sleep_until_or_never(hedge_at) => {
                     hedge_at = None;
-                    next = plan.next_target().map(|(i, p)| (i, p, Duration::ZERO, Some(ExtraAttempt::Hedge)));
+                    next = plan.next_target(Some(ExtraAttempt::Hedge));
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let last = describe(route, last_error.as_ref());
@@ -414,6 +373,99 @@ impl Router {
             }
         }
     }
+
+    /// Whether `next` may start: retries and hedges draw on the route's retry budget. A retry the
+    /// budget refuses becomes a failover to the next target (the budget guards the struggling
+    /// target, not the route); a refused hedge is not made.
+    fn admit(&self, route: &Route, plan: &mut Plan<'_>, next: NextAttempt) -> Option<NextAttempt> {
+        match next.kind {
+            Some(kind @ (ExtraAttempt::RetrySameTarget | ExtraAttempt::Hedge)) => {
+                if route.budget.try_spend() {
+                    self.metrics.extra_attempt(&route.name, kind);
+                    return Some(next);
+                }
+                self.metrics.budget_exhausted(&route.name);
+                tracing::warn!(route = %route.name, "retry budget exhausted; not retrying");
+                if kind == ExtraAttempt::Hedge {
+                    return None;
+                }
+                drop(next);
+                let failover = plan.next_target(Some(ExtraAttempt::Failover))?;
+                self.metrics
+                    .extra_attempt(&route.name, ExtraAttempt::Failover);
+                Some(failover)
+            }
+            Some(ExtraAttempt::Failover) => {
+                self.metrics
+                    .extra_attempt(&route.name, ExtraAttempt::Failover);
+                Some(next)
+            }
+            None => Some(next),
+        }
+    }
+
+    /// Counts and logs a failed attempt, tells the target's breaker, and says what to do next.
+    fn record_failure(
+        &self,
+        route: &Route,
+        index: usize,
+        permit: Permit,
+        error: &ProviderError,
+        attempts: u32,
+    ) -> Disposition {
+        let target = &route.targets[index];
+        self.metrics.upstream_attempt(&target.id, error.kind());
+        let (disposition, signal) = classify(error);
+        tracing::warn!(route = %route.name, target = %target.id, attempt = attempts, error = %error, ?disposition, "upstream attempt failed");
+        self.settle(target, permit, signal, Some(error.to_string()));
+        disposition
+    }
+}
+
+/// The attempt the router makes next: the target, its breaker's permit, how long to wait before
+/// sending (backoff or `Retry-After`), and why it is more than the first attempt.
+struct NextAttempt {
+    index: usize,
+    permit: Permit,
+    delay: Duration,
+    /// `None` for the request's first attempt.
+    kind: Option<ExtraAttempt>,
+}
+
+/// After target `index` failed: retry it after a backoff if the policy says so and it has tries
+/// left (and its breaker lets one through), else fail over to the next target.
+fn after_failure(
+    route: &Route,
+    plan: &mut Plan<'_>,
+    index: usize,
+    disposition: Disposition,
+) -> Option<NextAttempt> {
+    let retry = match disposition {
+        Disposition::Retry { retry_after }
+            if plan.tries[index] < route.retry.attempts_per_target =>
+        {
+            let wait = match retry_after {
+                Some(wait) if wait > route.retry.max_retry_after => None,
+                Some(wait) => Some(wait),
+                None => Some(backoff(
+                    route.retry.backoff_base,
+                    route.retry.backoff_max,
+                    plan.tries[index] - 1,
+                )),
+            };
+            wait.and_then(|delay| {
+                let permit = route.targets[index].breaker.try_acquire()?;
+                Some(NextAttempt {
+                    index,
+                    permit,
+                    delay,
+                    kind: Some(ExtraAttempt::RetrySameTarget),
+                })
+            })
+        }
+        _ => None,
+    };
+    retry.or_else(|| plan.next_target(Some(ExtraAttempt::Failover)))
 }
 
 async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
@@ -447,12 +499,20 @@ impl<'r> Plan<'r> {
         }
     }
 
-    fn next_target(&mut self) -> Option<(usize, Permit)> {
+    /// The next fresh target in the route's order whose breaker lets a request through.
+    fn next_target(&mut self, kind: Option<ExtraAttempt>) -> Option<NextAttempt> {
         while let Some(&index) = self.order.get(self.cursor) {
             self.cursor += 1;
             let target = &self.route.targets[index];
             match target.breaker.try_acquire() {
-                Some(permit) => return Some((index, permit)),
+                Some(permit) => {
+                    return Some(NextAttempt {
+                        index,
+                        permit,
+                        delay: Duration::ZERO,
+                        kind,
+                    });
+                }
                 None => {
                     self.metrics
                         .upstream_attempt(&target.id, "skipped_breaker_open");
