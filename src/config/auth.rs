@@ -1,0 +1,64 @@
+//! `[auth]`: the admin key and the gateway keys, each mapped to a tenant.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::FieldError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Protects `/v1/health/providers` and later admin endpoints. Without it they answer 403.
+    pub admin_key: Option<SecretString>,
+    #[serde(default)]
+    pub keys: Vec<VirtualKeyConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualKeyConfig {
+    pub key: SecretString,
+    pub tenant: String,
+}
+
+impl AuthConfig {
+    pub(super) fn validate(&self) -> Result<(), FieldError> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, key) in self.keys.iter().enumerate() {
+            let field = |name: &str| format!("auth.keys[{i}].{name}");
+            if key.key.expose_secret().is_empty() {
+                return Err(FieldError::new(field("key"), "must not be empty"));
+            }
+            if key.tenant.is_empty() {
+                return Err(FieldError::new(field("tenant"), "must not be empty"));
+            }
+            if !key
+                .tenant
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            {
+                return Err(FieldError::new(
+                    field("tenant"),
+                    "may contain only letters, digits and - _ . :",
+                ));
+            }
+            if !seen.insert(blake3::hash(key.key.expose_secret().as_bytes())) {
+                return Err(FieldError::new(
+                    field("key"),
+                    "the same key is listed twice",
+                ));
+            }
+        }
+        if self
+            .admin_key
+            .as_ref()
+            .is_some_and(|admin| admin.expose_secret().is_empty())
+        {
+            return Err(FieldError::new(
+                "auth.admin_key",
+                "must not be empty when set",
+            ));
+        }
+        Ok(())
+    }
+}
