@@ -120,6 +120,18 @@ pub enum ApiError {
     },
 }
 
+impl From<crate::protocol::anthropic::TranslationError> for ApiError {
+    fn from(error: crate::protocol::anthropic::TranslationError) -> Self {
+        use crate::protocol::anthropic::TranslationError;
+        match error {
+            TranslationError::InvalidRequest { message, param } => {
+                Self::InvalidRequest { message, param }
+            }
+            other => Self::invalid(other.to_string(), None),
+        }
+    }
+}
+
 impl ApiError {
     pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
         Self::InvalidRequest {

@@ -13,12 +13,35 @@ use super::openai::{
     ChatMessage, ChatRequest, Content, FunctionCall, FunctionDef, Role, Stop, StreamOptions, Tool,
     ToolCall,
 };
-use crate::error::ApiError;
+/// What can go wrong translating between the two APIs, in either direction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TranslationError {
+    /// An OpenAI request Anthropic cannot express. Not the client's fault as such: the router
+    /// fails over to a target that can serve it, and only reports it if none can.
+    #[error("cannot express {0} for Anthropic")]
+    Untranslatable(String),
+    /// An Anthropic client's request that is invalid; `param` names the field.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    /// An Anthropic answer, whole or a stream event, that is not what the API promises.
+    #[error("{0}")]
+    InvalidResponse(String),
+    /// Anthropic reported an error inside a stream it had started.
+    #[error("{0}")]
+    StreamError(String),
+}
 
-/// Why an OpenAI request cannot be expressed for Anthropic. Not the client's fault as such: the
-/// router fails over to a target that can serve it, and only reports it if none can.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Untranslatable(pub String);
+impl TranslationError {
+    fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: param.map(str::to_owned),
+        }
+    }
+}
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -36,14 +59,16 @@ pub fn request_from_openai(
     upstream_model: &str,
     default_max_tokens: u32,
     stream: bool,
-) -> Result<Value, Untranslatable> {
+) -> Result<Value, TranslationError> {
     if request.n.is_some_and(|n| n > 1) {
-        return Err(Untranslatable("`n` above 1".into()));
+        return Err(TranslationError::Untranslatable("`n` above 1".into()));
     }
     if let Some(format) = &request.response_format
         && format.get("type").and_then(Value::as_str) != Some("text")
     {
-        return Err(Untranslatable("`response_format` other than text".into()));
+        return Err(TranslationError::Untranslatable(
+            "`response_format` other than text".into(),
+        ));
     }
     let mut system = Vec::new();
     let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
@@ -78,7 +103,9 @@ pub fn request_from_openai(
                         json!({})
                     } else {
                         serde_json::from_str(&call.function.arguments).map_err(|_| {
-                            Untranslatable("tool call arguments that are not JSON".into())
+                            TranslationError::Untranslatable(
+                                "tool call arguments that are not JSON".into(),
+                            )
                         })?
                     };
                     blocks.push(json!({"type": "tool_use", "id": call.id, "name": call.function.name, "input": input}));
@@ -99,7 +126,9 @@ pub fn request_from_openai(
                 );
             }
             Role::Function => {
-                return Err(Untranslatable("legacy `function` messages".into()));
+                return Err(TranslationError::Untranslatable(
+                    "legacy `function` messages".into(),
+                ));
             }
         }
     }
@@ -156,11 +185,19 @@ pub fn request_from_openai(
             "auto" => Some(json!({"type": "auto"})),
             "required" => Some(json!({"type": "any"})),
             "none" => Some(json!({"type": "none"})),
-            other => return Err(Untranslatable(format!("tool_choice {other:?}"))),
+            other => {
+                return Err(TranslationError::Untranslatable(format!(
+                    "tool_choice {other:?}"
+                )));
+            }
         },
         Some(choice) => match choice.pointer("/function/name").and_then(Value::as_str) {
             Some(name) => Some(json!({"type": "tool", "name": name})),
-            None => return Err(Untranslatable("this `tool_choice`".into())),
+            None => {
+                return Err(TranslationError::Untranslatable(
+                    "this `tool_choice`".into(),
+                ));
+            }
         },
     };
     if request.parallel_tool_calls == Some(false) && request.tools.is_some() {
@@ -179,7 +216,7 @@ pub fn request_from_openai(
     Ok(Value::Object(body))
 }
 
-fn user_blocks(content: Option<&Content>) -> Result<Vec<Value>, Untranslatable> {
+fn user_blocks(content: Option<&Content>) -> Result<Vec<Value>, TranslationError> {
     match content {
         None => Ok(Vec::new()),
         Some(Content::Text(text)) => Ok(vec![json!({"type": "text", "text": text})]),
@@ -197,8 +234,12 @@ fn user_blocks(content: Option<&Content>) -> Result<Vec<Value>, Untranslatable> 
                         .unwrap_or_default();
                     Ok(image_block(url))
                 }
-                Some(other) => Err(Untranslatable(format!("content parts of type {other:?}"))),
-                None => Err(Untranslatable("content parts without a type".into())),
+                Some(other) => Err(TranslationError::Untranslatable(format!(
+                    "content parts of type {other:?}"
+                ))),
+                None => Err(TranslationError::Untranslatable(
+                    "content parts without a type".into(),
+                )),
             })
             .collect(),
     }
@@ -250,11 +291,13 @@ fn openai_usage(usage: Option<&Value>) -> Value {
 }
 
 /// An Anthropic Messages response as an OpenAI chat completion.
-pub fn response_to_openai(response: &Value) -> Result<Value, String> {
+pub fn response_to_openai(response: &Value) -> Result<Value, TranslationError> {
     let blocks = response
         .get("content")
         .and_then(Value::as_array)
-        .ok_or("Anthropic response has no `content` array")?;
+        .ok_or_else(|| {
+            TranslationError::InvalidResponse("Anthropic response has no `content` array".into())
+        })?;
     let mut text = String::new();
     let mut tool_calls = Vec::new();
     for block in blocks {
@@ -341,7 +384,7 @@ impl StreamToOpenAi {
     }
 
     /// Returns the OpenAI chunks this event becomes, or the upstream's error message.
-    pub fn on_event(&mut self, event: &str, data: &Value) -> Result<Vec<Value>, String> {
+    pub fn on_event(&mut self, event: &str, data: &Value) -> Result<Vec<Value>, TranslationError> {
         let kind = data.get("type").and_then(Value::as_str).unwrap_or(event);
         let block_index = data.get("index").and_then(Value::as_u64).unwrap_or(0);
         match kind {
@@ -399,7 +442,11 @@ impl StreamToOpenAi {
                             .iter()
                             .find(|(block, _)| *block == block_index)
                             .map(|(_, tool)| *tool)
-                            .ok_or("input_json_delta for a block that is not a tool_use")?;
+                            .ok_or_else(|| {
+                                TranslationError::InvalidResponse(
+                                    "input_json_delta for a block that is not a tool_use".into(),
+                                )
+                            })?;
                         let partial = delta.get("partial_json").cloned().unwrap_or_default();
                         Ok(vec![self.chunk(
                             json!({"tool_calls": [{"index": tool_index, "function": {"arguments": partial}}]}),
@@ -428,11 +475,12 @@ impl StreamToOpenAi {
                     "model": self.model, "choices": [], "usage": usage,
                 })])
             }
-            "error" => Err(data
-                .pointer("/error/message")
-                .and_then(Value::as_str)
-                .unwrap_or("upstream stream error")
-                .to_owned()),
+            "error" => Err(TranslationError::StreamError(
+                data.pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("upstream stream error")
+                    .to_owned(),
+            )),
             // ping, content_block_stop and event types added later carry nothing OpenAI can show.
             _ => Ok(Vec::new()),
         }
@@ -509,9 +557,9 @@ impl MessagesRequest {
         self.stream == Some(true)
     }
 
-    pub fn into_openai(self) -> Result<ChatRequest, ApiError> {
+    pub fn into_openai(self) -> Result<ChatRequest, TranslationError> {
         if self.messages.is_empty() {
-            return Err(ApiError::invalid(
+            return Err(TranslationError::invalid(
                 "`messages` must not be empty",
                 Some("messages"),
             ));
@@ -568,7 +616,7 @@ impl MessagesRequest {
                                 .unwrap_or("")
                                 .to_owned(),
                             _ => {
-                                return Err(ApiError::invalid(
+                                return Err(TranslationError::invalid(
                                     "unsupported image source",
                                     Some(&param),
                                 ));
@@ -620,13 +668,13 @@ impl MessagesRequest {
                     }
                     Some("thinking") | Some("redacted_thinking") => {}
                     Some(other) => {
-                        return Err(ApiError::invalid(
+                        return Err(TranslationError::invalid(
                             format!("content blocks of type {other:?} are not supported here"),
                             Some(&param),
                         ));
                     }
                     None => {
-                        return Err(ApiError::invalid(
+                        return Err(TranslationError::invalid(
                             "content block without `type`",
                             Some(&param),
                         ));
@@ -671,7 +719,7 @@ impl MessagesRequest {
                     json!({"type": "function", "function": {"name": choice.get("name").cloned().unwrap_or_default()}}),
                 ),
                 _ => {
-                    return Err(ApiError::invalid(
+                    return Err(TranslationError::invalid(
                         "unsupported `tool_choice`",
                         Some("tool_choice"),
                     ));

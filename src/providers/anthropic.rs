@@ -48,13 +48,13 @@ impl Provider for Anthropic {
         stream: bool,
     ) -> Result<ChatReply, ProviderError> {
         let body = request_from_openai(request, upstream_model, self.default_max_tokens, stream)
-            .map_err(|e| ProviderError::Untranslatable(e.0))?;
+            .map_err(ProviderError::from)?;
         let response = post_json(&self.client, &self.messages_url, &self.headers, &body).await?;
         if !stream {
             let message = read_json(response).await?;
             return response_to_openai(&message)
                 .map(ChatReply::Complete)
-                .map_err(ProviderError::InvalidResponse);
+                .map_err(ProviderError::from);
         }
         let mut translator = StreamToOpenAi::new(request.wants_usage_in_stream());
         let mut events = response.bytes_stream().eventsource();
@@ -83,8 +83,8 @@ impl Provider for Anthropic {
                             return;
                         }
                     }
-                    Err(message) => {
-                        yield Err(ProviderError::StreamBroken(message));
+                    Err(error) => {
+                        yield Err(ProviderError::from(error));
                         return;
                     }
                 }

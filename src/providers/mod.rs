@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::error::UpstreamError;
+use crate::protocol::anthropic::TranslationError;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Value, ProviderError>> + Send>>;
@@ -58,6 +59,18 @@ pub enum ProviderError {
     /// The config names a key for this provider (`api_key`) but it is empty: no request is sent.
     #[error("no API key configured for provider {0}")]
     MissingKey(Arc<str>),
+}
+
+impl From<TranslationError> for ProviderError {
+    fn from(error: TranslationError) -> Self {
+        match error {
+            TranslationError::Untranslatable(what) => Self::Untranslatable(what),
+            TranslationError::StreamError(message) => Self::StreamBroken(message),
+            TranslationError::InvalidResponse(message) => Self::InvalidResponse(message),
+            // Only the client side builds these; an upstream answer is never a request.
+            TranslationError::InvalidRequest { message, .. } => Self::InvalidResponse(message),
+        }
+    }
 }
 
 impl ProviderError {

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use serde_json::json;
 
 use super::{AppState, Endpoint, authenticated_request, trace_headers};
+use crate::error::ApiError;
 use crate::pipeline::{Failed, Trace};
 use crate::protocol::anthropic::{MessagesRequest, StreamFromOpenAi, response_from_openai};
 use crate::providers::ChatReply;
@@ -41,7 +42,7 @@ pub async fn messages(
         };
     let request = match request.into_openai() {
         Ok(request) => request,
-        Err(error) => return fail(error.into()),
+        Err(error) => return fail(ApiError::from(error).into()),
     };
     match state.pipeline.chat(&context, request).await {
         Ok(answered) => {
