@@ -99,17 +99,9 @@ impl Cached {
     }
 
     async fn writes(&self) -> u64 {
-        let metrics = self
-            .gw
-            .client
-            .get(self.gw.url("/metrics"))
-            .send()
+        self.gw
+            .metrics()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        metrics
             .lines()
             .find_map(|line| line.strip_prefix("reprise_cache_writes_total "))
             .map(|n| n.trim().parse().unwrap())

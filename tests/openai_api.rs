@@ -114,16 +114,7 @@ async fn embeddings_and_models() {
     let (_, upstream) = gw.mock.last_request("embed-ok").unwrap();
     assert_eq!(upstream["input"], json!(["a b"]));
 
-    let models: Value = gw
-        .client
-        .get(gw.url("/v1/models"))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = gw.get_json("/v1/models", KEY_A).await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()

@@ -83,16 +83,7 @@ impl Semantic {
     }
 
     async fn stats(&self) -> Value {
-        self.gw
-            .client
-            .get(self.gw.url("/admin/cache/stats"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.gw.get_json("/admin/cache/stats", ADMIN).await
     }
 
     async fn indexed(&self) -> u64 {
@@ -678,13 +669,8 @@ async fn a_purge_removes_semantic_entries_too() {
     s.send(KEY_A, ask("How do I close my account?"), &[]).await;
     s.wait_indexed(1).await;
     let purged: Value =
-        s.gw.client
-            .post(s.gw.url("/admin/cache/purge"))
-            .bearer_auth(ADMIN)
-            .json(&json!({"tenant": "a"}))
-            .send()
+        s.gw.post("/admin/cache/purge", ADMIN, json!({"tenant": "a"}))
             .await
-            .unwrap()
             .json()
             .await
             .unwrap();

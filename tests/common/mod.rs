@@ -132,16 +132,21 @@ impl Gateway {
             .unwrap()
     }
 
-    pub async fn health(&self) -> Value {
+    /// `GET path` with `key`, its body as JSON.
+    pub async fn get_json(&self, path: &str, key: &str) -> Value {
         self.client
-            .get(self.url("/v1/health/providers"))
-            .bearer_auth(ADMIN)
+            .get(self.url(path))
+            .bearer_auth(key)
             .send()
             .await
             .unwrap()
             .json()
             .await
             .unwrap()
+    }
+
+    pub async fn health(&self) -> Value {
+        self.get_json("/v1/health/providers", ADMIN).await
     }
 
     pub async fn breaker_state(&self, target: &str) -> String {
