@@ -28,7 +28,7 @@ test: lint $(VENV)/.installed redis-server $(EMBED_MODEL)/.complete
 	@started=$$(date +%s); \
 	CI=$${CI:-true} REPRISE_SDK_PYTHON=$(abspath $(VENV))/bin/python REPRISE_EMBED_MODEL_DIR=$(abspath $(EMBED_MODEL)) \
 	  $(CARGO) test --locked -- --include-ignored && \
-	echo "exact-cache and prompt-store suites again, on a real Redis:" && \
+	echo "exact-cache and prompt-store suites again, on a real Redis (their Redis-only tests ran above):" && \
 	REPRISE_TEST_STORE=redis $(CARGO) test --locked --test exact_cache --test prompts && \
 	echo "make test: tests took $$(( $$(date +%s) - started )) s"
 

@@ -123,7 +123,7 @@ pub struct RouteCacheConfig {
     pub cache_truncated: Option<bool>,
     /// Also answer requests that mean the same as an earlier one (default: off; needs `enabled`).
     pub semantic: Option<bool>,
-    /// Least cosine similarity of a semantic hit (default: [`DEFAULT_SEMANTIC_THRESHOLD`]).
+    /// Least cosine similarity of a semantic hit (default: `DEFAULT_SEMANTIC_THRESHOLD`, 0.80).
     pub semantic_threshold: Option<f32>,
     /// Requests with a higher `temperature` skip the semantic stage (default: 1.0).
     pub semantic_max_temperature: Option<f64>,

@@ -2,7 +2,7 @@
 //! (provider + upstream model), and one request walks the chain until a target answers.
 //!
 //! Per attempt: the target's breaker must admit it, the attempt has its own timeout (for streams:
-//! time to the first token), and its failure is classified once ([`policy::classify`]) into
+//! time to the first token), and its failure is classified once (`policy::classify`) into
 //! "return to client", "retry this target" or "fail over". Retries back off with jitter, honour
 //! `Retry-After` and draw on the route's retry budget; the whole request has one deadline.
 //! With `hedge_after`, a slow attempt is raced against the next target.
