@@ -1,14 +1,11 @@
 //! `[cache]` and `[routes.NAME.cache]`: where cached answers live, and each route's cache
 //! policy (its own settings over `[cache]`'s defaults), the semantic stage's included.
 
-use std::collections::BTreeMap;
-
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::FieldError;
-use super::routes::RouteConfig;
 
 /// The response cache: where it lives and the defaults every route inherits.
 #[derive(Debug, Clone, Deserialize)]
@@ -253,9 +250,9 @@ impl RouteCacheConfig {
 
 impl CacheConfig {
     /// `[cache]` itself, and every route's policy over it.
-    pub(super) fn validate(
+    pub(super) fn validate<'a>(
         &self,
-        routes: &BTreeMap<String, RouteConfig>,
+        routes: impl IntoIterator<Item = (&'a str, &'a RouteCacheConfig)>,
     ) -> Result<(), FieldError> {
         let defaults = self.defaults();
         defaults.validate("cache")?;
@@ -279,10 +276,10 @@ impl CacheConfig {
                 Some(_) => {}
             }
         }
-        for (name, route) in routes {
+        for (name, route_cache) in routes {
             let field = format!("routes.{name}.cache");
-            route.cache.validate(&field)?;
-            let policy = route.cache.resolve(&defaults);
+            route_cache.validate(&field)?;
+            let policy = route_cache.resolve(&defaults);
             if policy.semantic.is_some() && !policy.enabled {
                 return Err(FieldError::new(
                     format!("{field}.semantic"),

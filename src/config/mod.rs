@@ -200,7 +200,11 @@ impl Config {
         self.log.validate()?;
         self.auth.validate()?;
         self.breaker.validate()?;
-        self.cache.validate(&self.routes)?;
+        self.cache.validate(
+            self.routes
+                .iter()
+                .map(|(name, r)| (name.as_str(), &r.cache)),
+        )?;
         self.semantic.validate()?;
         if let Some(prompts) = &self.prompts {
             prompts.validate()?;

@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 
 /// Why a candidate was rejected, with the words that decided it (for debug logs); its
-/// low-cardinality [`Guard`](super::outcome::Guard) is `Rejection::guard`.
+/// low-cardinality guard, for headers and metrics, is `Rejection::guard`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     /// The texts mention different numbers, amounts or quantities.
