@@ -2,7 +2,7 @@
 //! a storage engine's language. `sled` is the embedded default; a shared backend for several
 //! gateway replicas implements the same trait.
 //!
-//! Keys are `/`-separated paths (`cache/v1/{tenant}/{namespace}/{route}/{hash}`), so a purge by
+//! Keys are `/`-separated paths (`cache/v1/{tenant}/{route}/{namespace}/{key}`, laid out in `cache/mod.rs`), so a purge by
 //! tenant, namespace or route is a prefix delete.
 
 mod redis_store;
