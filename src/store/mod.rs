@@ -1,9 +1,9 @@
-//! Durable key-value storage behind one trait, so caches (and later the prompt store) never speak
-//! a storage engine's language. `sled` is the embedded default; a shared backend for several
-//! gateway replicas implements the same trait.
+//! Durable key-value storage behind one trait, so the caches and the prompt store never speak a
+//! storage engine's language. `sled` is the embedded default; Redis, shared by several gateway
+//! replicas, implements the same trait.
 //!
-//! Keys are `/`-separated paths (`cache/v1/{tenant}/{route}/{namespace}/{key}`, laid out in `cache/mod.rs`), so a purge by
-//! tenant, namespace or route is a prefix delete.
+//! Keys are `/`-separated paths (`cache/v1/{tenant}/{route}/{namespace}/{key}`, laid out in
+//! `cache/mod.rs`), so a purge by tenant, route or namespace is a prefix delete.
 
 mod redis_store;
 mod sled_store;
