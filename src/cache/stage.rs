@@ -162,6 +162,8 @@ pub struct CacheStage {
     policies: HashMap<String, CachePolicy>,
     counters: CacheCounters,
     tenants: Vec<String>,
+    /// Models of cached routes without a price: the stats say their savings are not counted.
+    unpriced: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl CacheStage {
@@ -197,6 +199,7 @@ impl CacheStage {
             policies,
             counters: CacheCounters::new(metrics, prices),
             tenants,
+            unpriced: config.unpriced_cached_models(),
         })
     }
 
@@ -436,6 +439,12 @@ impl CacheStage {
             }
         }
         Ok(rows)
+    }
+
+    /// Models whose hits `cost_saved_usd` counts as free, for want of a `[prices]` entry, with
+    /// the cached routes that use them.
+    pub fn unpriced_models(&self) -> &std::collections::BTreeMap<String, Vec<String>> {
+        &self.unpriced
     }
 
     /// Removes cache entries, exact and semantic; how many.

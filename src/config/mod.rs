@@ -163,8 +163,22 @@ impl Config {
                     )
                 }),
         );
+        let unpriced = self.unpriced_cached_models();
+        for (model, routes) in unpriced {
+            warnings.push(format!(
+                "model {model} (cached on route {}) has no [prices] entry: its cache hits count \
+                 as saving $0 in cost_saved_usd",
+                routes.join(", ")
+            ));
+        }
+        warnings
+    }
+
+    /// Models that cached routes send to but `[prices]` does not price (the demo's echo aside),
+    /// with those routes: their hits are counted as saving nothing.
+    pub fn unpriced_cached_models(&self) -> BTreeMap<String, Vec<String>> {
         let defaults = self.cache.defaults();
-        let mut unpriced = BTreeMap::<&str, Vec<&str>>::new();
+        let mut unpriced = BTreeMap::<String, Vec<String>>::new();
         for (name, route) in &self.routes {
             if !route.cache.resolve(&defaults).enabled {
                 continue;
@@ -179,18 +193,14 @@ impl Config {
                     .get(&target.provider)
                     .is_some_and(|p| p.kind == ProviderKind::Echo);
                 if !priced && !demo {
-                    unpriced.entry(&target.model).or_default().push(name);
+                    unpriced
+                        .entry(target.model.clone())
+                        .or_default()
+                        .push(name.clone());
                 }
             }
         }
-        for (model, routes) in unpriced {
-            warnings.push(format!(
-                "model {model} (cached on route {}) has no [prices] entry: its cache hits count \
-                 as saving $0 in cost_saved_usd",
-                routes.join(", ")
-            ));
-        }
-        warnings
+        unpriced
     }
 
     /// Each section checks itself; what spans sections (a route naming a provider, a route's

@@ -27,6 +27,7 @@ pub async fn cache_stats(State(state): State<Arc<AppState>>, headers: HeaderMap)
             "object": "list",
             "data": rows,
             "semantic": state.pipeline.cache().semantic_status(),
+            "unpriced_models": state.pipeline.cache().unpriced_models(),
         }))
         .into_response(),
         Err(error) => error.into_response(),
