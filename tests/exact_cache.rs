@@ -669,7 +669,11 @@ async fn admin_stats_report_hits_tokens_and_cost_per_tenant_and_route() {
     assert_eq!(row("b")["hits"], 0);
     // Savings on a model without a price would read as 0: the stats name such models.
     assert!(stats["unpriced_models"].get("ok").is_none(), "{stats}");
-    assert_eq!(stats["unpriced_models"]["tool"], json!(["tools"]), "{stats}");
+    assert_eq!(
+        stats["unpriced_models"]["tool"],
+        json!(["tools"]),
+        "{stats}"
+    );
     let denied =
         c.gw.client
             .get(c.gw.url("/admin/cache/stats"))

@@ -260,14 +260,15 @@ impl CacheConfig {
             return Err(FieldError::new("cache.max_bytes", "must be at least 1 MiB"));
         }
         if self.store == StoreKind::Redis {
-            match &self.redis_url {
+            // An unset `${REPRISE_REDIS_URL:-}` expands to "": as good as absent.
+            match self.redis_url.as_deref().filter(|url| !url.is_empty()) {
                 None => {
                     return Err(FieldError::new(
                         "cache.redis_url",
                         "is required with store = \"redis\"",
                     ));
                 }
-                Some(url) if redis::Client::open(url.as_str()).is_err() => {
+                Some(url) if redis::Client::open(url).is_err() => {
                     return Err(FieldError::new(
                         "cache.redis_url",
                         "is not a valid redis:// URL",
