@@ -283,9 +283,6 @@ impl Pipeline {
                 outcome,
                 error: status >= 400,
                 latency: elapsed,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                cost_usd: 0.0,
             },
         );
         self.metrics.prompt_request(&PromptUse {
@@ -293,9 +290,6 @@ impl Pipeline {
             version: prompt.version,
             outcome,
             elapsed,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            cost_usd: 0.0,
         });
         if let Some(response) = response
             && !trace.cache.is_hit()

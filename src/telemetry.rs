@@ -105,9 +105,6 @@ pub struct PromptUse<'a> {
     pub version: u32,
     pub outcome: &'static str,
     pub elapsed: Duration,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub cost_usd: f64,
 }
 
 /// Why the router made more than one attempt.
@@ -447,13 +444,6 @@ impl Metrics {
                 version: used.version,
             })
             .observe(used.elapsed.as_secs_f64());
-        self.prompt_usage(
-            used.prompt,
-            used.version,
-            used.prompt_tokens,
-            used.completion_tokens,
-            used.cost_usd,
-        );
     }
 
     /// Tokens billed for a prompt version (a stream's arrive after its request was counted).

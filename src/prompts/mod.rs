@@ -249,9 +249,6 @@ pub struct Usage {
     pub outcome: &'static str,
     pub error: bool,
     pub latency: Duration,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub cost_usd: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -804,13 +801,10 @@ impl PromptStore {
         row.errors += u64::from(usage.error);
         row.cache_hits += u64::from(usage.outcome == "hit");
         row.semantic_hits += u64::from(usage.outcome == "semantic-hit");
-        row.prompt_tokens += usage.prompt_tokens;
-        row.completion_tokens += usage.completion_tokens;
-        row.cost_usd += usage.cost_usd;
         row.latency_seconds += usage.latency.as_secs_f64();
     }
 
-    /// Adds tokens billed for a version after its request was counted (a stream's usage).
+    /// Adds tokens billed for a version: a whole answer's, or a stream's usage chunk as it passes.
     pub fn record_tokens(
         &self,
         id: &str,
