@@ -20,7 +20,7 @@ export REPRISE_ADMIN_KEY ?= reprise-dev-admin
 .PHONY: run test check lint bench eval clean-tools redis-server
 
 run: $(EMBED_MODEL)/.complete
-	$(CARGO) run --release -- serve --config config/reprise.toml
+	$(CARGO) run --locked --profile quickstart -- serve --config config/reprise.toml
 
 # Tests that need the model, the SDKs or Redis are #[ignore = "needs ..."]: run here with
 # --include-ignored, every prerequisite installed first; CI=true makes a missing one a failure.
