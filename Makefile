@@ -17,7 +17,7 @@ EMBED_MODEL := models/all-MiniLM-L6-v2
 export REPRISE_API_KEY ?= reprise-dev-key
 export REPRISE_ADMIN_KEY ?= reprise-dev-admin
 
-.PHONY: run test check lint bench eval clean-tools redis-server
+.PHONY: run test check lint bench eval replay clean-tools redis-server
 
 run: $(EMBED_MODEL)/.complete
 	$(CARGO) run --locked --profile quickstart -- serve --config config/reprise.toml
@@ -60,6 +60,13 @@ bench:
 eval: $(EMBED_MODEL)/.complete
 	$(PYTHON) eval/prepare.py eval/data/kwik_e_mart.jsonl
 	$(CARGO) run --release --example semantic_eval -- eval/data/kwik_e_mart.jsonl $(EMBED_MODEL)
+
+# The semantic cache on the development set beside the repository (../shared/semantic-dev/):
+# every stream through a fresh gateway, per stream, domain and kind (docs/evaluation.md).
+SEMANTIC_DEV ?= ../shared/semantic-dev/semantic_dev.jsonl
+replay: $(EMBED_MODEL)/.complete
+	@test -f $(SEMANTIC_DEV) || { echo "no $(SEMANTIC_DEV): set SEMANTIC_DEV to a stream file"; exit 2; }
+	$(CARGO) run --release --example semantic_replay -- $(SEMANTIC_DEV) $(EMBED_MODEL)
 
 clean-tools:
 	rm -rf $(VENV) .tools
