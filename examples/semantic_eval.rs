@@ -14,13 +14,13 @@
 //! unseeded intents' queries (sibling, unrelated) are sent `Cache-Control: no-store`: they probe
 //! the cache but never become entries, so every one of them is a hard negative.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::Json;
-use axum::routing::post;
-use serde_json::{Value, json};
+use common::{EvalGateway, percent};
+use serde_json::json;
 
 #[derive(serde::Deserialize)]
 struct Row {
@@ -68,41 +68,6 @@ fn verifiers() -> Vec<String> {
         .collect()
 }
 
-/// The upstream: it echoes the question, or with `by_intent` (`EVAL_UPSTREAM=intent`) answers
-/// every question of a group (intent and entity values) with that group's one answer, as an FAQ
-/// bot with templated replies does; only then can `semantic.answer_agreement` learn anything.
-async fn upstream(by_intent: Option<HashMap<String, String>>) -> anyhow::Result<String> {
-    let by_intent = std::sync::Arc::new(by_intent);
-    let app = axum::Router::new().route(
-        "/v1/chat/completions",
-        post(move |Json(body): Json<Value>| {
-            let by_intent = std::sync::Arc::clone(&by_intent);
-            async move {
-            let question = body["messages"]
-                .as_array()
-                .and_then(|m| m.last())
-                .and_then(|m| m["content"].as_str())
-                .unwrap_or_default()
-                .to_owned();
-            let text = match by_intent.as_ref().as_ref().and_then(|groups| groups.get(&question)) {
-                Some(group) => format!("The answer for {group}"),
-                None => question,
-            };
-            Json(json!({
-                "id": "chatcmpl-eval", "object": "chat.completion", "created": 0, "model": "echo",
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": text}}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
-            }))
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(format!("http://{addr}/v1"))
-}
-
 async fn run(
     rows: &[Row],
     upstream: &str,
@@ -110,50 +75,17 @@ async fn run(
     threshold: f32,
     verifier: &str,
 ) -> anyhow::Result<BTreeMap<String, Tally>> {
-    let dir = tempfile::tempdir()?;
-    let config = format!(
-        r#"
-        [server]
-        listen = "127.0.0.1:0"
-        [log]
-        level = "warn"
-        [auth]
-        admin_key = "eval-admin"
-        keys = [{{ key = "eval", tenant = "eval" }}]
-        [cache]
-        enabled = true
-        semantic = true
-        semantic_threshold = {threshold}
-        path = "{store}"
-        [semantic]
-        model_dir = "{model_dir}"
-        verifier = "{verifier}"
-        {semantic_extra}
-        [providers.echo]
-        kind = "openai"
-        base_url = "{upstream}"
-        [routes.chat]
-        targets = [{{ provider = "echo", model = "echo" }}]
-        "#,
-        store = dir.path().join("store").display(),
+    let gateway = EvalGateway::start(
+        upstream,
+        model_dir,
+        &format!("semantic_threshold = {threshold}"),
         // EVAL_SEMANTIC: more `[semantic]` settings, e.g. "word_similarity = 0.4".
-        semantic_extra = std::env::var("EVAL_SEMANTIC").unwrap_or_default(),
-    );
-    let config = reprise::config::Config::from_toml_str(&config, "eval.toml", &|_| None)?;
-    let server = reprise::server::start(&config).await?;
-    let base = format!("http://{}", server.addr);
-    let client = reqwest::Client::new();
-    let send = |text: &str, cache_control: &'static str| {
-        let mut request = client
-            .post(format!("{base}/v1/chat/completions"))
-            .bearer_auth("eval");
-        if !cache_control.is_empty() {
-            request = request.header("cache-control", cache_control);
-        }
-        request
-            .json(&json!({"model": "chat", "messages": [{"role": "user", "content": text}]}))
-            .send()
-    };
+        &format!(
+            "verifier = \"{verifier}\"\n{}",
+            std::env::var("EVAL_SEMANTIC").unwrap_or_default()
+        ),
+    )
+    .await?;
     // EVAL_DUMP=file: one JSON line per request, to see what was served for what.
     let dump = std::env::var("EVAL_DUMP").ok().and_then(|path| {
         std::fs::OpenOptions::new()
@@ -163,16 +95,6 @@ async fn run(
             .ok()
             .map(std::sync::Mutex::new)
     });
-    let indexed = || async {
-        let stats: Value = client
-            .get(format!("{base}/admin/cache/stats"))
-            .bearer_auth("eval-admin")
-            .send()
-            .await?
-            .json()
-            .await?;
-        anyhow::Ok(stats["semantic"]["indexed_entries"].as_u64().unwrap_or(0))
-    };
     let mut group_of_answer: HashMap<String, String> = HashMap::new();
     let mut seen_groups: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
@@ -193,34 +115,19 @@ async fn run(
         if !probe_only {
             seen_groups.insert(&request.group);
         }
-        let before = indexed().await?;
-        let cache_control = if probe_only { "no-store" } else { "" };
-        let response = send(&request.text, cache_control)
-            .await?
-            .error_for_status()?;
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
+        let before = gateway.indexed().await?;
+        let headers: &[(&str, &str)] = if probe_only {
+            &[("cache-control", "no-store")]
+        } else {
+            &[]
         };
-        let hit = header("x-reprise-cache").as_deref() == Some("semantic-hit");
-        let exact = header("x-reprise-cache").as_deref() == Some("hit");
-        let similarity = header("x-reprise-cache-similarity");
-        let semantic = header("x-reprise-cache-semantic");
-        let body: Value = response.json().await?;
-        let answer = body["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let reply = gateway.ask(&request.text, headers).await?;
+        let hit = reply.cache == "semantic-hit";
+        let exact = reply.cache == "hit";
+        let (similarity, semantic, answer) = (reply.similarity, reply.semantic, reply.text);
         if !hit && !exact && !probe_only {
             group_of_answer.insert(answer.clone(), request.group.clone());
-            // Writes land after the answer: the next request must see this one's entry.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while indexed().await? <= before && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            gateway.wait_indexed_above(before).await?;
         }
         let wrong = hit && group_of_answer.get(&answer) != Some(&request.group);
         if let Some(dump) = &dump {
@@ -246,16 +153,8 @@ async fn run(
             }
         }
     }
-    server.stop().await?;
+    gateway.stop().await?;
     Ok(tallies)
-}
-
-fn percent(part: usize, whole: usize) -> String {
-    if whole == 0 {
-        "-".into()
-    } else {
-        format!("{:.1}%", 100.0 * part as f64 / whole as f64)
-    }
 }
 
 /// Requests a replay stores (all but the unseeded intents' probes), and whether each is a true
@@ -360,7 +259,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|row| (row.text.clone(), row.group.clone()))
             .collect()
     });
-    let upstream = upstream(by_intent).await?;
+    let upstream = common::upstream(by_intent).await?;
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for row in &rows {
         *counts.entry(row.slice.as_str()).or_default() += 1;

@@ -14,14 +14,12 @@
 //! `EVAL_CACHE` adds `[cache]` settings (e.g. `semantic_threshold = 0.85`), `EVAL_SEMANTIC`
 //! `[semantic]` ones (e.g. `verifier = "off"`); without them the gateway runs its defaults.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::Json;
-use axum::routing::post;
-use serde_json::{Value, json};
+use common::{EvalGateway, answer_for, percent};
 
 #[derive(serde::Deserialize)]
 struct Row {
@@ -61,117 +59,26 @@ enum Verdict {
     },
 }
 
-fn answer_for(group: &str) -> String {
-    format!("The answer for {group}")
-}
-
-/// An upstream that answers every prompt with its group's answer, as an intent-driven bot does.
-async fn upstream(groups: Arc<HashMap<String, String>>) -> anyhow::Result<String> {
-    let app = axum::Router::new().route(
-        "/v1/chat/completions",
-        post(move |Json(body): Json<Value>| {
-            let groups = Arc::clone(&groups);
-            async move {
-                let prompt = body["messages"]
-                    .as_array()
-                    .and_then(|m| m.last())
-                    .and_then(|m| m["content"].as_str())
-                    .unwrap_or_default();
-                let text = groups
-                    .get(prompt)
-                    .map_or_else(|| prompt.to_owned(), |group| answer_for(group));
-                Json(json!({
-                    "id": "chatcmpl-replay", "object": "chat.completion", "created": 0,
-                    "model": "replay",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
-                }))
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(format!("http://{addr}/v1"))
-}
-
 async fn replay_stream(
     rows: &[&Row],
     upstream: &str,
     model_dir: &str,
 ) -> anyhow::Result<Vec<Verdict>> {
-    let dir = tempfile::tempdir()?;
-    let config = format!(
-        r#"
-        [server]
-        listen = "127.0.0.1:0"
-        [log]
-        level = "warn"
-        [auth]
-        admin_key = "replay-admin"
-        keys = [{{ key = "replay", tenant = "replay" }}]
-        [cache]
-        enabled = true
-        semantic = true
-        path = "{store}"
-        {cache_extra}
-        [semantic]
-        model_dir = "{model_dir}"
-        {semantic_extra}
-        [providers.upstream]
-        kind = "openai"
-        base_url = "{upstream}"
-        [routes.chat]
-        targets = [{{ provider = "upstream", model = "replay" }}]
-        "#,
-        store = dir.path().join("store").display(),
-        cache_extra = std::env::var("EVAL_CACHE").unwrap_or_default(),
-        semantic_extra = std::env::var("EVAL_SEMANTIC").unwrap_or_default(),
-    );
-    let config = reprise::config::Config::from_toml_str(&config, "replay.toml", &|_| None)?;
-    let server = reprise::server::start(&config).await?;
-    let base = format!("http://{}", server.addr);
-    let client = reqwest::Client::new();
-    let indexed = || async {
-        let stats: Value = client
-            .get(format!("{base}/admin/cache/stats"))
-            .bearer_auth("replay-admin")
-            .send()
-            .await?
-            .json()
-            .await?;
-        anyhow::Ok(stats["semantic"]["indexed_entries"].as_u64().unwrap_or(0))
-    };
-    let send = |prompt: &str, mode: Option<&'static str>| {
-        let mut request = client
-            .post(format!("{base}/v1/chat/completions"))
-            .bearer_auth("replay");
-        if let Some(mode) = mode {
-            request = request.header("x-reprise-cache-mode", mode);
-        }
-        request
-            .json(&json!({"model": "chat", "messages": [{"role": "user", "content": prompt}]}))
-            .send()
-    };
+    let gateway = EvalGateway::start(
+        upstream,
+        model_dir,
+        &std::env::var("EVAL_CACHE").unwrap_or_default(),
+        &std::env::var("EVAL_SEMANTIC").unwrap_or_default(),
+    )
+    .await?;
     let mut verdicts = Vec::with_capacity(rows.len());
     for row in rows {
-        let before = indexed().await?;
-        let response = send(&row.prompt, None).await?.error_for_status()?;
-        let status = response
-            .headers()
-            .get("x-reprise-cache")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let body: Value = response.json().await?;
-        let answer = body["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap_or_default();
-        let verdict = match status.as_str() {
+        let before = gateway.indexed().await?;
+        let answer = gateway.ask(&row.prompt, &[]).await?;
+        let verdict = match answer.cache.as_str() {
             "hit" => Verdict::Exact,
             "semantic-hit" => Verdict::Served {
-                correct: answer == answer_for(&row.group),
+                correct: answer.text == answer_for(&row.group),
             },
             _ => Verdict::Missed,
         };
@@ -181,26 +88,14 @@ async fn replay_stream(
         }
         if matches!(verdict, Verdict::Served { .. }) {
             // Store this request with its correct answer too, as the scoring asks.
-            send(&row.prompt, Some("refresh"))
-                .await?
-                .error_for_status()?;
+            gateway
+                .ask(&row.prompt, &[("x-reprise-cache-mode", "refresh")])
+                .await?;
         }
-        // Writes land after the answer: the next request must see this one's entry.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while indexed().await? <= before && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        gateway.wait_indexed_above(before).await?;
     }
-    server.stop().await?;
+    gateway.stop().await?;
     Ok(verdicts)
-}
-
-fn percent(part: usize, whole: usize) -> String {
-    if whole == 0 {
-        "-".into()
-    } else {
-        format!("{:.1}%", 100.0 * part as f64 / whole as f64)
-    }
 }
 
 #[tokio::main]
@@ -221,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|row| (row.prompt.clone(), row.group.clone()))
         .collect();
-    let upstream = upstream(Arc::new(groups)).await?;
+    let upstream = common::upstream(Some(groups)).await?;
     let mut streams: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
     for row in &rows {
         streams.entry(row.stream.as_str()).or_default().push(row);
