@@ -211,11 +211,12 @@ impl Pipeline {
             Err(failure) => return Err(failed(failure, trace)),
         };
         let mut stream = served.value;
-        if let Some(prompt) = counted {
-            let usage = self.prompt_usage_meter(prompt, served.target.clone());
+        if let (Some(prompt), Some(prompts)) = (counted, self.prompts.clone()) {
+            let (metrics, prices) = (Arc::clone(&self.metrics), Arc::clone(&self.prices));
+            let target = served.target.clone();
             stream = Box::pin(stream.inspect(move |item| {
                 if let Ok(chunk) = item {
-                    usage(chunk);
+                    count_prompt_tokens(&prompts, &metrics, &prices, &prompt, &target, chunk);
                 }
             }));
         }
@@ -260,7 +261,7 @@ impl Pipeline {
 
     /// Counts a finished request against its prompt version (admin stats and metrics). A whole
     /// answer's tokens are counted here; a stream's as its usage chunk passes
-    /// (`prompt_usage_meter`); a cache hit cost nothing upstream.
+    /// (`count_prompt_tokens`); a cache hit cost nothing upstream.
     pub fn record_prompt_use(
         &self,
         trace: &Trace,
@@ -294,30 +295,15 @@ impl Pipeline {
         if let Some(response) = response
             && !trace.cache.is_hit()
         {
-            let target = trace.target.clone().unwrap_or_default();
-            self.prompt_usage_meter(prompt.clone(), target)(response);
-        }
-    }
-
-    /// Adds the tokens (and their cost) of an answer, or of a stream's usage chunk, to its
-    /// prompt version: the one place prompt usage is counted.
-    fn prompt_usage_meter(
-        &self,
-        prompt: PromptTrace,
-        target: String,
-    ) -> impl Fn(&Value) + Send + Sync + 'static {
-        let prompts = self.prompts.clone();
-        let metrics = Arc::clone(&self.metrics);
-        let prices = Arc::clone(&self.prices);
-        move |answer: &Value| {
-            let Some(prompts) = &prompts else { return };
-            if answer.get("usage").is_none_or(Value::is_null) {
-                return;
-            }
-            let (input, output) = usage_counts(answer);
-            let cost = prices.cost(Some(&target), answer, input, output);
-            prompts.record_tokens(&prompt.id, prompt.version, input, output, cost);
-            metrics.prompt_usage(&prompt.id, prompt.version, input, output, cost);
+            let target = trace.target.as_deref().unwrap_or_default();
+            count_prompt_tokens(
+                prompts,
+                &self.metrics,
+                &self.prices,
+                prompt,
+                target,
+                response,
+            );
         }
     }
 
@@ -424,6 +410,25 @@ fn failed(failure: RouteFailure, trace: Trace) -> Failed {
             ..trace
         },
     }
+}
+
+/// Adds the tokens (and their cost) of an answer, or of a stream's usage chunk, to its prompt
+/// version: the one place prompt usage is counted.
+fn count_prompt_tokens(
+    prompts: &PromptStore,
+    metrics: &Metrics,
+    prices: &PriceTable,
+    prompt: &PromptTrace,
+    target: &str,
+    answer: &Value,
+) {
+    if answer.get("usage").is_none_or(Value::is_null) {
+        return;
+    }
+    let (input, output) = usage_counts(answer);
+    let cost = prices.cost(Some(target), answer, input, output);
+    prompts.record_tokens(&prompt.id, prompt.version, input, output, cost);
+    metrics.prompt_usage(&prompt.id, prompt.version, input, output, cost);
 }
 
 /// Drops the usage chunk the gateway asked for on the client's behalf.
