@@ -101,6 +101,20 @@ impl Semantic {
     }
 
     /// Waits until this gateway's index holds `count` entries (writes land after the answer).
+    /// The index's size once no write has landed for 100 ms (at most 5 s).
+    async fn settled_indexed(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut count = self.indexed().await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = self.indexed().await;
+            if now == count || Instant::now() >= deadline {
+                return now;
+            }
+            count = now;
+        }
+    }
+
     async fn wait_indexed(&self, count: u64) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.indexed().await < count {
@@ -114,7 +128,9 @@ impl Semantic {
 
     /// Sends `first`, waits for its entry, then sends `second`: the response to `second`.
     async fn pair(&self, first: Value, second: Value) -> reqwest::Response {
-        let before = self.indexed().await;
+        // Earlier misses are stored in the background: let them land first, or the count below
+        // could grow by one of theirs and `second` go out before `first`'s entry exists.
+        let before = self.settled_indexed().await;
         self.send(KEY_A, first, &[]).await;
         self.wait_indexed(before + 1).await;
         self.send(KEY_A, second, &[]).await
