@@ -17,7 +17,7 @@ EMBED_MODEL := models/all-MiniLM-L6-v2
 export REPRISE_API_KEY ?= reprise-dev-key
 export REPRISE_ADMIN_KEY ?= reprise-dev-admin
 
-.PHONY: run test check lint bench eval replay clean-tools redis-server
+.PHONY: run test check lint bench eval replay fit heldout clean-tools redis-server
 
 run: $(EMBED_MODEL)/.complete
 	$(CARGO) run --locked --profile quickstart -- serve --config config/reprise.toml
@@ -67,6 +67,27 @@ SEMANTIC_DEV ?= ../shared/semantic-dev/semantic_dev.jsonl
 replay: $(EMBED_MODEL)/.complete
 	@test -f $(SEMANTIC_DEV) || { echo "no $(SEMANTIC_DEV): set SEMANTIC_DEV to a stream file"; exit 2; }
 	$(CARGO) run --release --example semantic_replay -- $(SEMANTIC_DEV) $(EMBED_MODEL)
+
+# The semantic cache's calibrated decision (docs/semantic-cache.md): the labelled pairs of the
+# development set and the Kwik-E-Mart set, the leave-one-domain-out report, and the model the
+# gateway ships (src/cache/semantic/model.json), fitted on every domain.
+PAIRS := target/semantic/pairs.jsonl
+fit: $(EMBED_MODEL)/.complete $(VENV)/.fit
+	@test -f $(SEMANTIC_DEV) || { echo "no $(SEMANTIC_DEV): set SEMANTIC_DEV to a stream file"; exit 2; }
+	$(PYTHON) eval/prepare.py eval/data/kwik_e_mart.jsonl
+	mkdir -p target/semantic
+	$(CARGO) run --release --example semantic_pairs -- $(PAIRS) $(EMBED_MODEL) $(SEMANTIC_DEV) eval/data/kwik_e_mart.jsonl
+	$(VENV)/bin/python scripts/fit_semantic_model.py $(PAIRS) --report target/semantic/heldout.md --model src/cache/semantic/model.json
+	@cat target/semantic/heldout.md
+
+# The held-out figures through a real gateway: for each fold of domains, a model fitted without
+# them (and its cut-off chosen without them) serves the dev set, scored on those domains only.
+heldout: $(EMBED_MODEL)/.complete $(VENV)/.fit
+	bash scripts/heldout-replay.sh $(SEMANTIC_DEV) $(EMBED_MODEL) $(VENV)/bin/python
+
+$(VENV)/.fit: scripts/fit-requirements.txt $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r scripts/fit-requirements.txt
+	touch $@
 
 clean-tools:
 	rm -rf $(VENV) .tools

@@ -1,7 +1,9 @@
 //! Benches for the semantic cache: embedding (one text, and 32 concurrent texts batched), index
 //! search at 10k, 100k and (with `REPRISE_BENCH_1M=1`) 1M entries, and the whole lookup
-//! (embedding + search + guards) at 100k entries, and the verifier on its own. Before criterion runs, it prints the lookup's
-//! p50/p99 over 2,000 queries and the index's memory per entry.
+//! (embedding + search + judging the candidates) at 100k entries, with the default calibrated
+//! decision and with the `rules+words` veto chain, and the verifiers on their own. Before
+//! criterion runs, it prints each lookup's p50/p99 over 2,000 queries and the index's memory per
+//! entry.
 //!
 //! `cargo bench --bench semantic` (the model from `REPRISE_EMBED_MODEL_DIR`, default
 //! `models/all-MiniLM-L6-v2`).
@@ -20,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use reprise::cache::semantic::{
-    IndexEntry, IndexParams, RuleVerifier, SemanticIndex, Verifier, verifier_from_config,
+    CalibratedJudge, IndexEntry, IndexParams, Judge, PairVerdict, RuleVerifier, SemanticIndex,
+    Verifier, judge_from_config, verifier_from_config,
 };
-use reprise::config::SemanticConfig;
+use reprise::config::{SemanticConfig, VerifierKind};
 use reprise::embed::{Embedder, EmbedderConfig};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
@@ -235,10 +238,29 @@ const QUERY_FILLERS: &[&str] = &[
     "office chair",
 ];
 
-/// The default verifier (`rules+words`); its word vectors are cached as in the gateway, so the
-/// first lookups pay for embedding their words and later ones mostly do not.
+/// The `rules+words` verifier; its word vectors are cached as in the gateway, so the first
+/// lookups pay for embedding their words and later ones mostly do not.
 fn verifier(embedder: &Embedder) -> Box<dyn Verifier> {
-    verifier_from_config(&SemanticConfig::default(), embedder).expect("the default verifier")
+    let config = SemanticConfig {
+        verifier: VerifierKind::RulesAndWords,
+        ..SemanticConfig::default()
+    };
+    verifier_from_config(&config, embedder).expect("the rules+words verifier")
+}
+
+/// The default decision (`calibrated`); entries' words in context are cached as in the gateway.
+fn calibrated(embedder: &Embedder) -> CalibratedJudge {
+    match judge_from_config(&SemanticConfig::default(), embedder) {
+        Ok(Judge::Calibrated(judge)) => *judge,
+        _ => panic!("the default is the calibrated decision"),
+    }
+}
+
+/// How a lookup judges its candidates.
+#[derive(Clone, Copy)]
+enum Decision<'a> {
+    Words(&'a dyn Verifier),
+    Calibrated(&'a CalibratedJudge),
 }
 
 /// How many of each query's 4 nearest entries (by exhaustive search) the index's search returns.
@@ -276,29 +298,54 @@ fn recall_at_4(
     found as f64 / (4 * queries.len()) as f64
 }
 
-/// One whole lookup: embed the query, search, and verify the candidates best first against the
-/// texts their entries stand for, until one passes.
+/// One whole lookup: embed the query, search, and judge the candidates against the texts their
+/// entries stand for, as the gateway does.
 async fn lookup(
     embedder: &Embedder,
-    verifier: &dyn Verifier,
+    decision: Decision<'_>,
     index: &SemanticIndex,
     centre_texts: &[String],
     query: &str,
 ) -> bool {
-    let vector = embedder.embed(query.to_owned()).await.unwrap();
-    for candidate in index.search(&SCOPE, &vector, 4, 0) {
-        let text = &centre_texts[number(&candidate.entry) % centre_texts.len()];
-        if verifier.verify(query, text).await.is_ok() {
-            return true;
+    let text_of = |entry: &str| &centre_texts[number(entry) % centre_texts.len()];
+    match decision {
+        Decision::Words(verifier) => {
+            let vector = embedder.embed(query.to_owned()).await.unwrap();
+            for candidate in index.search(&SCOPE, &vector, 4, 0) {
+                if verifier
+                    .verify(query, text_of(&candidate.entry))
+                    .await
+                    .is_ok()
+                {
+                    return true;
+                }
+            }
+            false
+        }
+        Decision::Calibrated(judge) => {
+            let words = embedder.embed_with_words(query.to_owned()).await.unwrap();
+            let candidates = index.search(&SCOPE, &words.vector, 4, 0);
+            let verdicts = futures::future::join_all(candidates.iter().map(|candidate| {
+                judge.judge(
+                    query,
+                    &words,
+                    text_of(&candidate.entry),
+                    candidate.similarity,
+                )
+            }))
+            .await;
+            verdicts
+                .into_iter()
+                .any(|v| matches!(v, Ok(PairVerdict::Scored(p)) if p >= judge.cutoff))
         }
     }
-    false
 }
 
 fn percentiles(
     runtime: &tokio::runtime::Runtime,
     embedder: &Embedder,
-    verifier: &dyn Verifier,
+    decision: Decision<'_>,
+    label: &str,
     index: &SemanticIndex,
     centre_texts: &[String],
 ) {
@@ -307,13 +354,13 @@ fn percentiles(
     for i in 0..2_000 {
         let query = &queries[i % queries.len()];
         let started = Instant::now();
-        black_box(runtime.block_on(lookup(embedder, verifier, index, centre_texts, query)));
+        black_box(runtime.block_on(lookup(embedder, decision, index, centre_texts, query)));
         samples.push(started.elapsed());
     }
     samples.sort();
     let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
     eprintln!(
-        "semantic lookup at 100k entries (embedding + search + guards), 2,000 queries: p50 {:.2?}, p99 {:.2?}",
+        "semantic lookup at 100k entries ({label}), 2,000 queries: p50 {:.2?}, p99 {:.2?}",
         at(0.5),
         at(0.99)
     );
@@ -362,13 +409,26 @@ fn main() {
     }
     let hundred_k = &indexes[1].1;
     let verifier = verifier(&embedder);
-    percentiles(
-        &runtime,
-        &embedder,
-        verifier.as_ref(),
-        hundred_k,
-        &centre_texts,
-    );
+    let judge = calibrated(&embedder);
+    for (decision, label) in [
+        (
+            Decision::Calibrated(&judge),
+            "embedding + search + calibrated decision",
+        ),
+        (
+            Decision::Words(verifier.as_ref()),
+            "embedding + search + rules+words",
+        ),
+    ] {
+        percentiles(
+            &runtime,
+            &embedder,
+            decision,
+            label,
+            hundred_k,
+            &centre_texts,
+        );
+    }
 
     let mut c = Criterion::default()
         .configure_from_args()
@@ -402,6 +462,13 @@ fn main() {
         "What is the number for the Central Plaza store?",
     );
     let mut group = c.benchmark_group("verify");
+    let query_words = runtime
+        .block_on(embedder.embed_with_words(query.to_owned()))
+        .unwrap();
+    group.bench_function("calibrated, entry words cached", |b| {
+        b.to_async(&runtime)
+            .iter(|| judge.judge(black_box(query), &query_words, black_box(candidate), 0.8))
+    });
     group.bench_function("rules", |b| {
         b.iter(|| RuleVerifier.check(black_box(query), black_box(candidate)))
     });
@@ -417,15 +484,25 @@ fn main() {
     });
     group.finish();
     let mut group = c.benchmark_group("semantic lookup");
-    let (embedder, verifier, centre_texts, queries) =
-        (&embedder, verifier.as_ref(), &centre_texts, &queries);
-    let mut i = 0;
-    group.bench_function("embed + search + guards, 100k entries", |b| {
-        b.to_async(&runtime).iter(|| {
-            i = (i + 1) % queries.len();
-            lookup(embedder, verifier, hundred_k, centre_texts, &queries[i])
-        })
-    });
+    let (embedder, centre_texts, queries) = (&embedder, &centre_texts, &queries);
+    for (decision, label) in [
+        (
+            Decision::Calibrated(&judge),
+            "embed + search + calibrated, 100k entries",
+        ),
+        (
+            Decision::Words(verifier.as_ref()),
+            "embed + search + rules+words, 100k entries",
+        ),
+    ] {
+        let mut i = 0;
+        group.bench_function(label, |b| {
+            b.to_async(&runtime).iter(|| {
+                i = (i + 1) % queries.len();
+                lookup(embedder, decision, hundred_k, centre_texts, &queries[i])
+            })
+        });
+    }
     group.finish();
     c.final_summary();
 }

@@ -12,7 +12,11 @@
 //! `x-reprise-cache-mode: refresh`, which asks the upstream and stores its answer.
 //!
 //! `EVAL_CACHE` adds `[cache]` settings (e.g. `semantic_threshold = 0.85`), `EVAL_SEMANTIC`
-//! `[semantic]` ones (e.g. `verifier = "off"`); without them the gateway runs its defaults.
+//! `[semantic]` ones (e.g. `verifier = "off"`, or `model = "fold.json"`); without them the
+//! gateway runs its defaults. `EVAL_DOMAINS` (comma-separated) scores only those domains: the
+//! streams that hold them are replayed whole (the cache holds what it would), and the other
+//! domains' requests are sent but not counted, which is how `scripts/heldout-replay.sh` reports
+//! a model on the domains it was not fitted on.
 
 mod common;
 
@@ -28,6 +32,7 @@ struct Row {
     group: String,
     domain: String,
     expect: String,
+    slice: String,
     kind: String,
 }
 
@@ -98,6 +103,9 @@ async fn replay_stream(
     Ok(verdicts)
 }
 
+/// The column of every hard negative (slot changes and sibling intents together).
+const HARD: &str = "hard negatives";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -117,10 +125,15 @@ async fn main() -> anyhow::Result<()> {
         .map(|row| (row.prompt.clone(), row.group.clone()))
         .collect();
     let upstream = common::upstream(Some(groups)).await?;
+    let scored: Option<Vec<String>> = std::env::var("EVAL_DOMAINS")
+        .ok()
+        .map(|d| d.split(',').map(|s| s.trim().to_owned()).collect());
+    let is_scored = |row: &Row| scored.as_ref().is_none_or(|d| d.contains(&row.domain));
     let mut streams: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
     for row in &rows {
         streams.entry(row.stream.as_str()).or_default().push(row);
     }
+    streams.retain(|_, rows| rows.iter().any(|row| is_scored(row)));
     println!(
         "Settings: [cache] {:?}, [semantic] {:?}\n",
         std::env::var("EVAL_CACHE").unwrap_or_default(),
@@ -132,6 +145,9 @@ async fn main() -> anyhow::Result<()> {
     for (stream, stream_rows) in &streams {
         let verdicts = replay_stream(stream_rows, &upstream, &model_dir).await?;
         for (row, verdict) in stream_rows.iter().zip(verdicts) {
+            if !is_scored(row) {
+                continue;
+            }
             let keys = [
                 ("stream", (*stream).to_owned()),
                 ("domain", row.domain.clone()),
@@ -156,6 +172,8 @@ async fn main() -> anyhow::Result<()> {
             };
             let columns = if row.expect == "hit" {
                 vec!["hit".to_owned()]
+            } else if row.slice == "hard_negative" {
+                vec!["miss".to_owned(), row.kind.clone(), HARD.to_owned()]
             } else {
                 vec!["miss".to_owned(), row.kind.clone()]
             };
@@ -174,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     kinds.sort();
     kinds.dedup();
+    kinds.insert(0, HARD.to_owned());
     for table in ["stream", "domain", "all"] {
         println!(
             "\n| {table} | hits on true repeats | wrong among served repeats | false hits on expected misses | {} | exact repeats |",

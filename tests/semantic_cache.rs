@@ -234,11 +234,13 @@ const ONE_INTENT: [&str; 2] = [
     "Where can I buy a squishee near me?",
 ];
 const NEAR_ALL_OF_THEM: &str = "Where can I buy a squishee and donuts near me?";
+const WORDS_WITH_AGREEMENT: &str = "verifier = \"rules+words\"\nanswer_agreement = 2";
 
 #[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn answer_agreement_serves_what_the_upstream_answered_alike_and_nothing_else() {
-    let s = start("answer_agreement = 2").await;
+    // Agreement extends the word check, which refuses these wordings as paraphrases.
+    let s = start(WORDS_WITH_AGREEMENT).await;
     let on = |route: &str, text: &str| json!({"model": route, "messages": user(text)});
     // Two wordings, each a miss: the word check rejects them as paraphrases of each other.
     for (route, answers_alike) in [("faq", true), ("chat", false)] {
@@ -326,7 +328,7 @@ impl Semantic {
 #[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn answer_agreement_is_off_by_default_and_set_per_route() {
-    let s = start("").await;
+    let s = start(r#"verifier = "rules+words""#).await;
     s.expect_agreement("faq", false).await;
     // A route may switch it on for itself.
     s.expect_agreement("faq-agreeing", true).await;
@@ -335,7 +337,7 @@ async fn answer_agreement_is_off_by_default_and_set_per_route() {
 #[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn a_route_switches_answer_agreement_off_for_itself() {
-    let s = start("answer_agreement = 2").await;
+    let s = start(WORDS_WITH_AGREEMENT).await;
     // On for every route by default; a route held to a strict threshold opts out.
     s.expect_agreement("faq-strict", false).await;
     s.expect_agreement("faq", true).await;
@@ -380,8 +382,9 @@ const LOOKALIKES: &[(&str, &str, &str)] = &[
 #[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn each_guard_blocks_its_lookalike_which_a_plain_threshold_would_serve() {
-    let guarded = start("").await;
     let plain = start(r#"verifier = "off""#).await;
+    let words = start(r#"verifier = "rules+words""#).await;
+    let calibrated = start("").await;
     for (i, (first, second, guard)) in LOOKALIKES.iter().enumerate() {
         // A plain threshold (the guards off) serves the first answer to the second request:
         // these are real false hits, not pairs the embedding already tells apart.
@@ -395,34 +398,52 @@ async fn each_guard_blocks_its_lookalike_which_a_plain_threshold_would_serve() {
             content(&response.json().await.unwrap()),
             format!("echo: {first}")
         );
-
-        let response = guarded.pair(ask(first), ask(second)).await;
-        assert_eq!(
-            header(&response, "x-reprise-cache"),
-            Some("miss"),
-            "{first:?} ~ {second:?}"
-        );
-        assert_eq!(
-            header(&response, "x-reprise-cache-semantic"),
-            Some(format!("rejected-{guard}").as_str()),
-            "{first:?} ~ {second:?}"
-        );
-        assert_eq!(
-            content(&response.json().await.unwrap()),
-            format!("echo: {second}")
-        );
-        assert_eq!(guarded.calls(), 2 * (i + 1));
+        // The calibrated default vetoes numbers, times, polarity and negation by rule; another
+        // name or another content word lowers the fitted score below the cut-off.
+        let calibrated_guard = match *guard {
+            "entities" | "content" => "score",
+            rule => rule,
+        };
+        for (guarded, guard) in [(&words, *guard), (&calibrated, calibrated_guard)] {
+            let response = guarded.pair(ask(first), ask(second)).await;
+            assert_eq!(
+                header(&response, "x-reprise-cache"),
+                Some("miss"),
+                "{first:?} ~ {second:?}"
+            );
+            assert_eq!(
+                header(&response, "x-reprise-cache-semantic"),
+                Some(format!("rejected-{guard}").as_str()),
+                "{first:?} ~ {second:?}"
+            );
+            assert_eq!(
+                content(&response.json().await.unwrap()),
+                format!("echo: {second}")
+            );
+            assert_eq!(guarded.calls(), 2 * (i + 1));
+        }
     }
-    let metrics = guarded.gw.metrics().await;
-    for guard in [
-        "numbers", "times", "polarity", "negation", "entities", "content",
+    for (guarded, guards) in [
+        (
+            &words,
+            &[
+                "numbers", "times", "polarity", "negation", "entities", "content",
+            ][..],
+        ),
+        (
+            &calibrated,
+            &["numbers", "times", "polarity", "negation", "score"][..],
+        ),
     ] {
-        assert!(
-            metrics.contains(&format!(
-                "reprise_semantic_rejections_total{{guard=\"{guard}\"}}"
-            )),
-            "{guard}: {metrics}"
-        );
+        let metrics = guarded.gw.metrics().await;
+        for guard in guards {
+            assert!(
+                metrics.contains(&format!(
+                    "reprise_semantic_rejections_total{{guard=\"{guard}\"}}"
+                )),
+                "{guard}: {metrics}"
+            );
+        }
     }
 }
 

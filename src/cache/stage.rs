@@ -14,7 +14,7 @@ use super::entry::{StreamAssembler, replay_chunks, usage_counts};
 use super::exact::{ExactCache, Joined, Leader, Plan};
 use super::semantic::{
     AgreementDefaults, FeedbackOutcome, IndexParams, Lookup, SemanticCache, SemanticOutcome,
-    SemanticPlan, SemanticSettings, SkipReason, verifier_from_config,
+    SemanticPlan, SemanticSettings, SkipReason, judge_from_config,
 };
 use super::stats::{CacheCounters, RouteStats};
 use super::{CacheScope, CacheStatus, entry_path, prefix};
@@ -40,6 +40,8 @@ pub struct CacheReport {
     /// `None` if the route has no semantic stage.
     pub semantic: Option<SemanticOutcome>,
     pub similarity: Option<f32>,
+    /// `calibrated`: the probability the model gave the entry that answered.
+    pub score: Option<f32>,
     /// The semantic entry that answered (`x-reprise-cache-entry`, named by feedback).
     pub entry: Option<String>,
 }
@@ -261,6 +263,7 @@ impl CacheStage {
                 Lookup::Hit(hit) => {
                     report.semantic = Some(hit.basis);
                     report.similarity = Some(hit.similarity);
+                    report.score = hit.score;
                     report.entry = Some(hit.entry);
                     report.age = Some(hit.age);
                     let reply = self.answer(
@@ -534,10 +537,11 @@ fn start_semantic(
             "semantic.model_dir: {e} (scripts/fetch-embedding-model.sh fetches the model)"
         )
     })?;
-    let verifier = verifier_from_config(config, &embedder);
+    let judge = judge_from_config(config, &embedder)
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
     Ok(SemanticCache::start(
         embedder,
-        verifier,
+        judge,
         store,
         metrics,
         SemanticSettings {

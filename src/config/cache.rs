@@ -148,7 +148,8 @@ pub(super) fn check_cosine(field: String, value: Option<f32>) -> Result<(), Fiel
 pub(super) const ONE_AGREEING_ENTRY: &str =
     "must be 0 (off) or at least 2 (one entry cannot agree with itself)";
 
-/// Chosen by the evaluation in `eval/` (see the README): the guards make a lower threshold safe.
+/// The veto chains' (`rules`, `rules+words`, `off`) threshold where a route sets none, chosen by
+/// the evaluation in `eval/`.
 pub const DEFAULT_SEMANTIC_THRESHOLD: f32 = 0.80;
 
 /// A route's cache policy with every default applied.
@@ -164,7 +165,9 @@ pub struct CachePolicy {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SemanticPolicy {
-    pub threshold: f32,
+    /// The candidates' least cosine; `None`: the verifier's own (the calibrated model's floor,
+    /// or [`DEFAULT_SEMANTIC_THRESHOLD`] for the veto chains).
+    pub threshold: Option<f32>,
     pub max_temperature: f64,
     pub with_tools: bool,
     /// Overrides of `[semantic]`'s `answer_agreement` and `agreement_similarity`.
@@ -190,10 +193,7 @@ impl RouteCacheConfig {
                 .or(defaults.semantic)
                 .unwrap_or(false)
                 .then(|| SemanticPolicy {
-                    threshold: self
-                        .semantic_threshold
-                        .or(defaults.semantic_threshold)
-                        .unwrap_or(DEFAULT_SEMANTIC_THRESHOLD),
+                    threshold: self.semantic_threshold.or(defaults.semantic_threshold),
                     max_temperature: self
                         .semantic_max_temperature
                         .or(defaults.semantic_max_temperature)

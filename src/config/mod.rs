@@ -25,7 +25,10 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 pub use auth::{AuthConfig, VirtualKeyConfig};
-pub use cache::{CacheConfig, CachePolicy, RouteCacheConfig, SemanticPolicy, StoreKind};
+pub use cache::{
+    CacheConfig, CachePolicy, DEFAULT_SEMANTIC_THRESHOLD, RouteCacheConfig, SemanticPolicy,
+    StoreKind,
+};
 pub use prompts::PromptsConfig;
 pub use providers::{ProviderConfig, ProviderKind};
 pub use routes::{BreakerConfig, RetryConfig, RouteConfig, Strategy, TargetConfig, TimeoutConfig};
@@ -344,12 +347,13 @@ mod tests {
             .cache
             .resolve(&config.cache.defaults());
         let semantic = policy.semantic.unwrap();
-        assert_eq!(semantic.threshold, 0.9);
+        assert_eq!(semantic.threshold, Some(0.9));
         assert!(!semantic.with_tools);
         // Unset, the route follows `[semantic]`'s answer agreement.
         assert_eq!(semantic.answer_agreement, None);
         assert_eq!(semantic.agreement_similarity, None);
-        assert_eq!(config.semantic.verifier, VerifierKind::RulesAndWords);
+        assert_eq!(config.semantic.verifier, VerifierKind::Calibrated);
+        assert_eq!(config.semantic.max_false_hit_rate, 0.01);
         for (change, field) in [
             (
                 "[routes.chat.cache]\nsemantic = true\n[routes.chat]",
@@ -374,6 +378,14 @@ mod tests {
             (
                 "[semantic]\nanswer_agreement = 1\n[routes.chat]",
                 "semantic.answer_agreement",
+            ),
+            (
+                "[semantic]\nmax_false_hit_rate = 0\n[routes.chat]",
+                "semantic.max_false_hit_rate",
+            ),
+            (
+                "[semantic]\nmax_false_hit_rate = 1.5\n[routes.chat]",
+                "semantic.max_false_hit_rate",
             ),
             (
                 "[semantic]\nagreement_similarity = 1.5\n[routes.chat]",

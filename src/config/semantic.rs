@@ -32,12 +32,24 @@ pub struct SemanticConfig {
     /// Nearest entries checked per lookup, best first, until one passes the guards.
     #[serde(default = "default_candidates")]
     pub candidates: usize,
-    /// The verification step after the similarity threshold: `rules` (numbers, times,
-    /// negation, polarity, entities, slots), `rules+words` (the rules, then every unshared
-    /// content word needs a counterpart of similar meaning) or `off` (plain threshold; for
-    /// evaluation).
+    /// How a candidate is judged: `calibrated` (default: one probability from a model fitted
+    /// on labelled pairs, held to `max_false_hit_rate`, after the rules' vetoes), `rules`
+    /// (numbers, times, negation, polarity, entities, slots, each a veto, above the route's
+    /// threshold), `rules+words` (the rules, then every unshared content word needs a
+    /// counterpart of similar meaning) or `off` (plain threshold; for evaluation).
     #[serde(default)]
     pub verifier: VerifierKind,
+    /// `calibrated`: the share of requests that should miss but are served which the operator
+    /// accepts (wrong answers among served repeats are held to twice it). The shipped model's
+    /// operating points, measured on domains held out of its fit, map it to a cut-off.
+    #[serde(default = "default_max_false_hit_rate")]
+    pub max_false_hit_rate: f64,
+    /// `calibrated`: a model file written by `scripts/fit_semantic_model.py` instead of the one
+    /// built in.
+    pub model: Option<PathBuf>,
+    /// `calibrated`: entries whose words in context are kept in memory (about 12 KiB each).
+    #[serde(default = "default_cached_entries")]
+    pub cached_entries: usize,
     /// `rules+words`: the cosine at which two words count as counterparts.
     #[serde(default = "default_word_similarity")]
     pub word_similarity: f32,
@@ -73,8 +85,9 @@ pub struct SemanticConfig {
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifierKind {
-    Rules,
     #[default]
+    Calibrated,
+    Rules,
     #[serde(rename = "rules+words")]
     RulesAndWords,
     Off,
@@ -99,6 +112,9 @@ impl Default for SemanticConfig {
             max_length: default_embed_max_length(),
             candidates: default_candidates(),
             verifier: VerifierKind::default(),
+            max_false_hit_rate: default_max_false_hit_rate(),
+            model: None,
+            cached_entries: default_cached_entries(),
             word_similarity: default_word_similarity(),
             cached_words: default_cached_words(),
             answer_agreement: 0,
@@ -135,6 +151,12 @@ fn default_word_similarity() -> f32 {
 fn default_agreement_similarity() -> f32 {
     0.6
 }
+fn default_max_false_hit_rate() -> f64 {
+    0.01
+}
+fn default_cached_entries() -> usize {
+    4096
+}
 fn default_cached_words() -> usize {
     20_000
 }
@@ -170,6 +192,7 @@ impl SemanticConfig {
             ("ef_search", self.ef_search),
             ("max_entries", self.max_entries),
             ("cached_words", self.cached_words),
+            ("cached_entries", self.cached_entries),
         ] {
             if value == 0 {
                 return Err(FieldError::new(
@@ -190,6 +213,12 @@ impl SemanticConfig {
             return Err(FieldError::new(
                 "semantic.answer_agreement",
                 ONE_AGREEING_ENTRY,
+            ));
+        }
+        if !(self.max_false_hit_rate > 0.0 && self.max_false_hit_rate < 1.0) {
+            return Err(FieldError::new(
+                "semantic.max_false_hit_rate",
+                "must be above 0 and below 1 (a share of requests, 0.01 is 1%)",
             ));
         }
         if self.sync_interval.is_zero() {

@@ -12,7 +12,8 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 
 use fastembed::{
-    InitOptionsUserDefined, Pooling, TextEmbedding, TokenizerFiles, UserDefinedEmbeddingModel,
+    InitOptionsUserDefined, OutputKey, Pooling, TextEmbedding, TokenizerFiles,
+    UserDefinedEmbeddingModel,
 };
 use tokio::sync::oneshot;
 
@@ -55,9 +56,28 @@ pub struct EmbedderStats {
     pub overloaded: AtomicU64,
 }
 
+/// A text's sentence vector and, when asked for, its words in context: each word's vector is
+/// the mean of its word pieces' vectors in the model's last hidden state (unit length), from the
+/// same forward pass as the sentence vector.
+#[derive(Debug, Clone, Default)]
+pub struct Embedded {
+    pub vector: Vec<f32>,
+    pub words: Vec<String>,
+    /// `words.len()` vectors of the model's dimensions, one after the other.
+    pub word_vectors: Vec<f32>,
+}
+
+impl Embedded {
+    pub fn word_vector(&self, index: usize) -> &[f32] {
+        let dimensions = self.vector.len();
+        &self.word_vectors[index * dimensions..(index + 1) * dimensions]
+    }
+}
+
 struct Job {
     text: String,
-    reply: oneshot::Sender<Result<Vec<f32>, EmbedError>>,
+    words: bool,
+    reply: oneshot::Sender<Result<Embedded, EmbedError>>,
 }
 
 /// A handle: clones share the one model and its queue.
@@ -156,8 +176,17 @@ impl Embedder {
 
     /// The text's embedding, a unit vector of `dimensions()` floats.
     pub async fn embed(&self, text: String) -> Result<Vec<f32>, EmbedError> {
+        Ok(self.run(text, false).await?.vector)
+    }
+
+    /// The text's embedding and its words' vectors in context.
+    pub async fn embed_with_words(&self, text: String) -> Result<Embedded, EmbedError> {
+        self.run(text, true).await
+    }
+
+    async fn run(&self, text: String, words: bool) -> Result<Embedded, EmbedError> {
         let (reply, answer) = oneshot::channel();
-        match self.queue.try_send(Job { text, reply }) {
+        match self.queue.try_send(Job { text, words, reply }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
@@ -190,27 +219,127 @@ fn run_worker(
             continue;
         }
         let texts: Vec<&str> = batch.iter().map(|job| job.text.as_str()).collect();
-        let result = model.embed(texts, Some(batch.len()));
+        let result = embed_batch(&mut model, &texts, &batch);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.texts.fetch_add(batch.len() as u64, Ordering::Relaxed);
         match result {
-            Ok(vectors) if vectors.len() == batch.len() => {
-                for (job, vector) in batch.into_iter().zip(vectors) {
-                    let _ = job.reply.send(Ok(vector));
+            Ok(embedded) => {
+                for (job, embedded) in batch.into_iter().zip(embedded) {
+                    let _ = job.reply.send(Ok(embedded));
                 }
             }
-            Ok(vectors) => {
-                let message = format!("{} vectors for {} texts", vectors.len(), batch.len());
-                for job in batch {
-                    let _ = job.reply.send(Err(EmbedError::Failed(message.clone())));
-                }
-            }
-            Err(error) => {
-                let message = error.to_string();
+            Err(message) => {
                 for job in batch {
                     let _ = job.reply.send(Err(EmbedError::Failed(message.clone())));
                 }
             }
         }
+    }
+}
+
+/// One forward pass over the batch: mean pooling over the attention mask (how all-MiniLM-L6-v2
+/// was trained, and what `TextEmbedding::embed` computes), and for the jobs that ask, the words.
+fn embed_batch(
+    model: &mut TextEmbedding,
+    texts: &[&str],
+    jobs: &[Job],
+) -> Result<Vec<Embedded>, String> {
+    let output = model
+        .transform(texts, Some(texts.len()))
+        .map_err(|e| e.to_string())?;
+    let mut embedded = Vec::with_capacity(texts.len());
+    for batch in output.into_raw() {
+        let hidden = batch
+            .select_output(&&OutputKey::ByName("last_hidden_state"))
+            .map_err(|e| e.to_string())?;
+        let shape = hidden.shape().to_vec();
+        let [rows, tokens, dimensions] = shape[..] else {
+            return Err(format!("unexpected output shape {shape:?}"));
+        };
+        let hidden = hidden.as_standard_layout();
+        let values = hidden.as_slice().ok_or("non-contiguous output")?;
+        let mask = &batch.attention_mask_array;
+        for row in 0..rows {
+            let token = |t: usize| {
+                let start = (row * tokens + t) * dimensions;
+                &values[start..start + dimensions]
+            };
+            let mut vector = vec![0.0f32; dimensions];
+            let mut counted = 0usize;
+            for t in (0..tokens).filter(|&t| mask[[row, t]] != 0) {
+                add(&mut vector, token(t));
+                counted += 1;
+            }
+            vector.iter_mut().for_each(|x| *x /= counted.max(1) as f32);
+            normalise(&mut vector);
+            let index = embedded.len();
+            let mut result = Embedded {
+                vector,
+                ..Embedded::default()
+            };
+            if jobs.get(index).is_some_and(|job| job.words) {
+                let encoding = model
+                    .tokenizer
+                    .encode(texts[index], true)
+                    .map_err(|e| e.to_string())?;
+                let words = word_spans(encoding.get_word_ids(), encoding.get_offsets());
+                for (first, last, (from, to)) in words {
+                    let mut word = vec![0.0f32; dimensions];
+                    (first..=last.min(tokens - 1)).for_each(|t| add(&mut word, token(t)));
+                    normalise(&mut word);
+                    result.words.push(
+                        texts[index]
+                            .get(from..to)
+                            .unwrap_or_default()
+                            .to_lowercase(),
+                    );
+                    result.word_vectors.extend_from_slice(&word);
+                }
+            }
+            embedded.push(result);
+        }
+    }
+    if embedded.len() != texts.len() {
+        return Err(format!(
+            "{} vectors for {} texts",
+            embedded.len(),
+            texts.len()
+        ));
+    }
+    Ok(embedded)
+}
+
+/// Each word's first and last token and its byte range in the text; special tokens (no word)
+/// are left out.
+fn word_spans(
+    word_ids: &[Option<u32>],
+    offsets: &[(usize, usize)],
+) -> Vec<(usize, usize, (usize, usize))> {
+    let mut spans: Vec<(usize, usize, (usize, usize))> = Vec::new();
+    let mut current: Option<u32> = None;
+    for (t, (word, &(from, to))) in word_ids.iter().zip(offsets).enumerate() {
+        match (word, spans.last_mut()) {
+            (Some(w), Some(last)) if current == Some(*w) => {
+                last.1 = t;
+                last.2.1 = to;
+            }
+            (Some(w), _) => {
+                current = Some(*w);
+                spans.push((t, t, (from, to)));
+            }
+            (None, _) => current = None,
+        }
+    }
+    spans
+}
+
+fn add(sum: &mut [f32], vector: &[f32]) {
+    sum.iter_mut().zip(vector).for_each(|(s, v)| *s += v);
+}
+
+fn normalise(vector: &mut [f32]) {
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        vector.iter_mut().for_each(|x| *x /= norm);
     }
 }

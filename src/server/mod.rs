@@ -183,6 +183,9 @@ fn trace_headers(trace: &Trace) -> HeaderMap {
     if let Some(similarity) = cache.similarity {
         put("x-reprise-cache-similarity", &format!("{similarity:.4}"));
     }
+    if let Some(score) = cache.score {
+        put("x-reprise-cache-score", &format!("{score:.4}"));
+    }
     if let Some(entry) = &cache.entry {
         put("x-reprise-cache-entry", entry);
     }

@@ -20,12 +20,16 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod calibrated;
+mod features;
 mod index;
 mod outcome;
 mod rules;
 mod verifier;
 mod words;
 
+pub use calibrated::{CalibratedJudge, OperatingPoint, PairVerdict, ScoreModel};
+pub use features::{FEATURE_NAMES, PairFeatures, VETOES, pair_features};
 pub use index::{IndexEntry, IndexParams, SemanticIndex};
 pub use outcome::{Guard, SemanticOutcome, SkipReason};
 pub use rules::RuleVerifier;
@@ -35,7 +39,9 @@ pub use words::WordVerifier;
 use super::entry::is_cacheable;
 use super::key::{KeyScope, semantic_scope};
 use super::{CacheMode, CacheScope, escape_segment, namespace_segment, now_ms};
-use crate::config::{CachePolicy, SemanticConfig, SemanticPolicy, VerifierKind};
+use crate::config::{
+    CachePolicy, DEFAULT_SEMANTIC_THRESHOLD, SemanticConfig, SemanticPolicy, VerifierKind,
+};
 use crate::embed::{EmbedError, Embedder, MODEL_ID};
 use crate::error::ApiError;
 use crate::protocol::openai::{ChatRequest, Content, Role};
@@ -84,6 +90,7 @@ fn semantic_hit(
         response: record.response,
         target: record.target,
         similarity: candidate.similarity,
+        score: None,
         entry: plan.public_id(id),
         age,
         basis,
@@ -195,6 +202,8 @@ pub struct SemanticHit {
     pub response: Value,
     pub target: String,
     pub similarity: f32,
+    /// `calibrated`: the probability the model gave the served entry.
+    pub score: Option<f32>,
     /// `{route}/{namespace}/{id}`, for `x-reprise-cache-entry` and feedback.
     pub entry: String,
     pub age: Duration,
@@ -224,7 +233,9 @@ pub struct FeedbackOutcome {
 struct Shared {
     embedder: Embedder,
     index: SemanticIndex,
-    verifier: Option<Box<dyn Verifier>>,
+    judge: Judge,
+    /// The candidates' least similarity where a route sets none.
+    default_threshold: f32,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     candidates: usize,
@@ -245,6 +256,22 @@ pub struct SemanticCache {
 struct FeedEvent {
     origin: u64,
     path: String,
+}
+
+/// How candidates are judged (`semantic.verifier`).
+pub enum Judge {
+    /// A veto chain above the route's threshold; `None` is a plain threshold.
+    Verifier(Option<Box<dyn Verifier>>),
+    Calibrated(Box<CalibratedJudge>),
+}
+
+impl Judge {
+    fn default_threshold(&self) -> f32 {
+        match self {
+            Judge::Calibrated(judge) => judge.model.min_similarity,
+            Judge::Verifier(_) => DEFAULT_SEMANTIC_THRESHOLD,
+        }
+    }
 }
 
 /// Settings of the semantic stage that are not per route.
@@ -310,7 +337,7 @@ impl SemanticCache {
     /// until it is loaded), and with a shared store the change feed is followed.
     pub fn start(
         embedder: Embedder,
-        verifier: Option<Box<dyn Verifier>>,
+        judge: Judge,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         settings: SemanticSettings,
@@ -318,7 +345,8 @@ impl SemanticCache {
         let shared = Arc::new(Shared {
             embedder,
             index: SemanticIndex::new(settings.index),
-            verifier,
+            default_threshold: judge.default_threshold(),
+            judge,
             store,
             metrics,
             candidates: settings.candidates,
@@ -390,7 +418,7 @@ impl SemanticCache {
         Ok(SemanticPlan {
             scope: key.0,
             text,
-            threshold: semantic.threshold,
+            threshold: semantic.threshold.unwrap_or(self.shared.default_threshold),
             read: mode.read(),
             write: mode.write(),
             tenant: scope.tenant.to_owned(),
@@ -406,6 +434,10 @@ impl SemanticCache {
     pub async fn lookup(&self, plan: &SemanticPlan) -> Lookup {
         let started = Instant::now();
         let shared = &self.shared;
+        let verifier = match &shared.judge {
+            Judge::Calibrated(judge) => return self.lookup_calibrated(plan, started, judge).await,
+            Judge::Verifier(verifier) => verifier,
+        };
         let vector = match shared.embedder.embed(plan.text.clone()).await {
             Ok(vector) => Arc::new(vector),
             Err(EmbedError::Overloaded) => {
@@ -455,7 +487,7 @@ impl SemanticCache {
                     continue;
                 }
             };
-            if let Some(verifier) = &shared.verifier
+            if let Some(verifier) = verifier
                 && let Err(rejection) = verifier.verify(&plan.text, &record.text).await
             {
                 tracing::debug!(
@@ -480,6 +512,132 @@ impl SemanticCache {
         }
         if let Some(agreement) = plan.agreement
             && let Some(hit) = self.agreed_answer(plan, &matches, now, agreement).await
+        {
+            self.record_outcome(plan, started, hit.basis);
+            return Lookup::Hit(Box::new(hit));
+        }
+        self.finish(plan, started, outcome, Some(vector))
+    }
+
+    /// The calibrated decision: every usable candidate above the floor is judged by the model
+    /// (entries' words in context embedded together, one batch); the one of highest probability
+    /// is served if it reaches the cut-off and no candidate answered differently comes within
+    /// the model's rival margin of it.
+    async fn lookup_calibrated(
+        &self,
+        plan: &SemanticPlan,
+        started: Instant,
+        judge: &CalibratedJudge,
+    ) -> Lookup {
+        let shared = &self.shared;
+        let query_words = match shared.embedder.embed_with_words(plan.text.clone()).await {
+            Ok(embedded) => embedded,
+            Err(EmbedError::Overloaded) => {
+                return self.finish(plan, started, SemanticOutcome::Overloaded, None);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "embedding failed; semantic stage skipped");
+                return self.finish(plan, started, SemanticOutcome::Error, None);
+            }
+        };
+        let vector = Arc::new(query_words.vector.clone());
+        if !plan.read {
+            return Lookup::Miss {
+                outcome: SemanticOutcome::WriteOnly,
+                vector: Some(vector),
+            };
+        }
+        let now = now_ms();
+        let wanted = plan
+            .agreement
+            .map_or(shared.candidates, |a| a.neighbours.max(shared.candidates));
+        let matches = shared.index.search(&plan.scope, &vector, wanted, now);
+        let mut outcome = SemanticOutcome::Miss;
+        let mut usable_candidates = Vec::new();
+        for candidate in matches.iter().take(shared.candidates) {
+            if candidate.similarity < plan.threshold {
+                break;
+            }
+            let Some(record) = self.read_record(&candidate.entry).await else {
+                shared.index.remove(&plan.scope, &candidate.entry);
+                continue;
+            };
+            match usable(plan, &record, candidate.similarity, now) {
+                Ok(age) => usable_candidates.push((candidate, record, age)),
+                Err(Unusable::Feedback) => {
+                    if outcome == SemanticOutcome::Miss {
+                        outcome = SemanticOutcome::Rejected(Guard::Feedback);
+                    }
+                    shared.metrics.semantic_rejected(Guard::Feedback.label());
+                }
+                Err(Unusable::OutOfScope) => {
+                    tracing::error!(entry = %candidate.entry, "semantic entry outside its scope; not served");
+                }
+                Err(Unusable::TooOld) => {}
+            }
+        }
+        let verdicts =
+            futures::future::join_all(usable_candidates.iter().map(|(candidate, record, _)| {
+                judge.judge(&plan.text, &query_words, &record.text, candidate.similarity)
+            }))
+            .await;
+        let mut scored: Vec<(f32, usize)> = Vec::new();
+        for (index, verdict) in verdicts.into_iter().enumerate() {
+            match verdict {
+                Ok(PairVerdict::Scored(probability)) => scored.push((probability, index)),
+                Ok(PairVerdict::Vetoed(guard)) => {
+                    shared.metrics.semantic_rejected(guard.label());
+                    if outcome == SemanticOutcome::Miss {
+                        outcome = SemanticOutcome::Rejected(guard);
+                    }
+                }
+                // The entry's words could not be embedded now (a full queue): it is not judged,
+                // and a miss only costs an upstream call.
+                Err(_) => {}
+            }
+        }
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let verdict = judge_scores(&scored, judge, |i| {
+            answer_digest(&usable_candidates[i].1.response)
+        });
+        match verdict {
+            Ok((probability, index)) => {
+                let (candidate, record, age) = usable_candidates.swap_remove(index);
+                self.record_outcome(plan, started, SemanticOutcome::Hit);
+                let mut hit = semantic_hit(plan, candidate, record, age, SemanticOutcome::Hit);
+                hit.score = Some(probability);
+                Lookup::Hit(Box::new(hit))
+            }
+            Err(Some(guard)) => {
+                shared.metrics.semantic_rejected(guard.label());
+                self.agreed_or_miss(
+                    plan,
+                    started,
+                    &matches,
+                    now,
+                    SemanticOutcome::Rejected(guard),
+                    vector,
+                )
+                .await
+            }
+            Err(None) => {
+                self.agreed_or_miss(plan, started, &matches, now, outcome, vector)
+                    .await
+            }
+        }
+    }
+
+    async fn agreed_or_miss(
+        &self,
+        plan: &SemanticPlan,
+        started: Instant,
+        matches: &[Match],
+        now: u64,
+        outcome: SemanticOutcome,
+        vector: Arc<Vec<f32>>,
+    ) -> Lookup {
+        if let Some(agreement) = plan.agreement
+            && let Some(hit) = self.agreed_answer(plan, matches, now, agreement).await
         {
             self.record_outcome(plan, started, hit.basis);
             return Lookup::Hit(Box::new(hit));
@@ -681,7 +839,54 @@ impl SemanticCache {
     }
 }
 
-/// The verifier `semantic.verifier` names; `None` for `off` (a plain threshold).
+/// Which scored candidate (probability, index; best first) is served: the best if it reaches
+/// the cut-off and no candidate with another answer comes within the rival margin. `Err` names
+/// the guard that refused (`None`: nothing was scored).
+fn judge_scores(
+    scored: &[(f32, usize)],
+    judge: &CalibratedJudge,
+    answer: impl Fn(usize) -> Option<blake3::Hash>,
+) -> Result<(f32, usize), Option<Guard>> {
+    let Some(&(best, index)) = scored.first() else {
+        return Err(None);
+    };
+    if best < judge.cutoff {
+        return Err(Some(Guard::Score));
+    }
+    let served = answer(index);
+    let rival = scored[1..].iter().any(|&(probability, other)| {
+        probability >= best - judge.model.rival_margin
+            && (served.is_none() || answer(other) != served)
+    });
+    if rival {
+        return Err(Some(Guard::Ambiguous));
+    }
+    Ok((best, index))
+}
+
+/// How `semantic.verifier` judges candidates; `Err` names the field at fault.
+pub fn judge_from_config(
+    config: &SemanticConfig,
+    embedder: &Embedder,
+) -> Result<Judge, crate::config::FieldError> {
+    if config.verifier != VerifierKind::Calibrated {
+        return Ok(Judge::Verifier(verifier_from_config(config, embedder)));
+    }
+    let model = match &config.model {
+        Some(path) => ScoreModel::from_file(path),
+        None => ScoreModel::shipped(),
+    }
+    .map_err(|e| crate::config::FieldError::new("semantic.model", e))?;
+    Ok(Judge::Calibrated(Box::new(CalibratedJudge::new(
+        model,
+        config.max_false_hit_rate,
+        embedder.clone(),
+        config.cached_entries,
+    ))))
+}
+
+/// The verifier `semantic.verifier` names; `None` for `off` (a plain threshold) and for
+/// `calibrated`, which is not a veto chain (see [`judge_from_config`]).
 pub fn verifier_from_config(
     config: &SemanticConfig,
     embedder: &Embedder,
@@ -696,7 +901,7 @@ pub fn verifier_from_config(
                 config.cached_words,
             )),
         ]))),
-        VerifierKind::Off => None,
+        VerifierKind::Off | VerifierKind::Calibrated => None,
     }
 }
 

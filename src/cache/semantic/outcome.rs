@@ -33,6 +33,10 @@ pub enum Guard {
     Content,
     /// Feedback about a wrong hit raised the entry's threshold above this similarity.
     Feedback,
+    /// `calibrated`: the probability that the entry's answer fits is below the cut-off.
+    Score,
+    /// `calibrated`: two entries that were answered differently both match.
+    Ambiguous,
 }
 
 /// Why a request does not use the semantic stage.
@@ -67,6 +71,8 @@ impl SemanticOutcome {
                 Guard::Substitution => "rejected-substitution",
                 Guard::Content => "rejected-content",
                 Guard::Feedback => "rejected-feedback",
+                Guard::Score => "rejected-score",
+                Guard::Ambiguous => "rejected-ambiguous",
             },
             Self::Overloaded => "overloaded",
             Self::Error => "error",
@@ -102,6 +108,8 @@ impl Guard {
             Guard::Substitution => "substitution",
             Guard::Content => "content",
             Guard::Feedback => "feedback",
+            Guard::Score => "score",
+            Guard::Ambiguous => "ambiguous",
         }
     }
 }

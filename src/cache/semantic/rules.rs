@@ -54,7 +54,7 @@ const NUMBER_WORDS: &[(&str, u64)] = &[
 // quantities ("wait a second", "double-check"), and a false difference only costs a miss.
 
 /// Words that fix a date or time; two texts must name the same ones.
-const TIME_WORDS: &[&str] = &[
+pub(super) const TIME_WORDS: &[&str] = &[
     "today",
     "tonight",
     "tomorrow",
@@ -194,7 +194,7 @@ fn is_number_word(word: &str) -> Option<u64> {
 
 /// Lowercased words with apostrophes removed ("don't" → "dont"), split on anything that is not a
 /// letter or digit, except that a decimal point or comma between digits stays in a number.
-fn words(text: &str) -> Vec<String> {
+pub(super) fn words(text: &str) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
     let mut words = Vec::new();
     let mut current = String::new();
@@ -221,13 +221,11 @@ fn words(text: &str) -> Vec<String> {
 
 /// Every number the text mentions, normalised: digits without thousands separators, number words
 /// as their value, so "5" and "five" agree and "5" and "50" do not.
-fn numbers(words: &[String]) -> Vec<String> {
+pub(super) fn numbers(words: &[String]) -> Vec<String> {
     let mut found: Vec<String> = words
         .iter()
         .enumerate()
-        .filter(|&(i, word)| {
-            !(word == "one" && i > 0 && ONE_AS_PRONOUN.contains(&words[i - 1].as_str()))
-        })
+        .filter(|&(i, word)| word != "one" || !one_is_a_pronoun(words, i))
         .filter_map(|(_, word)| {
             if word.chars().any(|c| c.is_ascii_digit()) {
                 // "12:30", "3pm", "2nd", "1,000", "4.5": keep the digits and decimal point.
@@ -240,6 +238,8 @@ fn numbers(words: &[String]) -> Vec<String> {
                     Ok(value) if trimmed.contains('.') => format!("{value}"),
                     _ => trimmed,
                 })
+            } else if let Some(decade) = decade(word) {
+                Some(format!("{decade}s"))
             } else {
                 is_number_word(word).map(|n| n.to_string())
             }
@@ -249,24 +249,162 @@ fn numbers(words: &[String]) -> Vec<String> {
     found
 }
 
+/// "the twenties" is a decade (20), not twenty of something.
+fn decade(word: &str) -> Option<u64> {
+    let tens = word.strip_suffix("ies")?;
+    [
+        ("twent", 20),
+        ("thirt", 30),
+        ("fort", 40),
+        ("fift", 50),
+        ("sixt", 60),
+        ("sevent", 70),
+        ("eight", 80),
+        ("ninet", 90),
+    ]
+    .iter()
+    .find(|(stem, _)| *stem == tens)
+    .map(|(_, n)| *n)
+}
+
+/// "this one", "find one", "a one-way ticket": "one" points at a thing or is part of a word.
+fn one_is_a_pronoun(words: &[String], index: usize) -> bool {
+    let before = index.checked_sub(1).map(|i| words[i].as_str());
+    let after = words.get(index + 1).map(String::as_str);
+    before.is_some_and(|w| ONE_AS_PRONOUN.contains(&w) || ONE_AFTER_ADJECTIVE.contains(&w))
+        || after.is_some_and(|w| ONE_BEFORE.contains(&w))
+}
+
+/// "find me one", "a good one", "my old one": a thing, not a count.
+const ONE_AFTER_ADJECTIVE: &[&str] = &[
+    "me",
+    "us",
+    "good",
+    "old",
+    "new",
+    "nice",
+    "cheap",
+    "cheaper",
+    "best",
+    "better",
+    "different",
+    "same",
+    "regular",
+    "big",
+    "small",
+    "closest",
+    "nearest",
+    "right",
+    "last",
+    "next",
+    "find",
+    "get",
+    "recommend",
+    "suggest",
+    "pick",
+    "choose",
+];
+
+/// "one in Oakland", "a one-way ticket", "one of them": a thing or part of a word.
+const ONE_BEFORE: &[&str] = &[
+    "way", "another", "of", "that", "which", "with", "in", "near", "at", "around", "nearby",
+];
+
 /// "this one", "the one near the park": after these, "one" points at a thing, it does not count.
 const ONE_AS_PRONOUN: &[&str] = &[
     "this", "that", "the", "which", "each", "every", "any", "another", "no", "some", "other",
 ];
 
-fn times(words: &[String]) -> Vec<String> {
+pub(super) fn times(words: &[String]) -> Vec<String> {
     let mut found: Vec<String> = words
         .iter()
-        .filter(|w| TIME_WORDS.contains(&w.as_str()))
-        .cloned()
+        .enumerate()
+        .filter(|&(i, w)| TIME_WORDS.contains(&w.as_str()) && names_a_time(words, i))
+        .map(|(_, w)| w.clone())
         .collect();
     found.sort_unstable();
     found.dedup();
     found
 }
 
+/// Whether the time word at `index` is one in its context: "am" and "pm" only after a number
+/// ("I am" is no time), "may" only as a month (after "in", "of", a number or before one; "may I"
+/// is no date), and "last", "next" and "past" only before a unit of time ("the last one").
+fn names_a_time(words: &[String], index: usize) -> bool {
+    let before = index.checked_sub(1).map(|i| words[i].as_str());
+    let after = words.get(index + 1).map(String::as_str);
+    let is_number = |w: Option<&str>| {
+        w.is_some_and(|w| {
+            w.starts_with(|c: char| c.is_ascii_digit()) || is_number_word(w).is_some()
+        })
+    };
+    match words[index].as_str() {
+        "am" | "pm" => is_number(before),
+        "may" => {
+            matches!(
+                before,
+                Some("in" | "of" | "during" | "until" | "since" | "mid" | "early" | "late")
+            ) || is_number(before)
+                || is_number(after)
+        }
+        "last" | "next" | "past" => after.is_some_and(|w| {
+            TIME_UNITS.contains(&singular(w).as_str())
+                || TIME_WORDS.contains(&w) && w != "last" && w != "next"
+        }),
+        _ => true,
+    }
+}
+
+const TIME_UNITS: &[&str] = &[
+    "second",
+    "minute",
+    "hour",
+    "day",
+    "night",
+    "week",
+    "weekend",
+    "month",
+    "year",
+    "time",
+    "morning",
+    "afternoon",
+    "evening",
+    "quarter",
+    "season",
+];
+
+/// Whether one text negates what the other asserts: the parities differ and a negated word (the
+/// first word after a negation that is not an auxiliary, pronoun or article) is one the other
+/// text has. "Is the store not open" / "is the store open" is a flip; "I don't know my password"
+/// / "I have forgotten my password" is not (the other text never says "know").
+pub(super) fn negation_flip(q: &[String], c: &[String]) -> bool {
+    let (negated_side, other) = match (negated(q), negated(c)) {
+        (true, false) => (q, c),
+        (false, true) => (c, q),
+        _ => return false,
+    };
+    let other: BTreeSet<String> = other.iter().map(|w| singular(w)).collect();
+    negated_side
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| NEGATIONS.contains(&w.as_str()))
+        .any(|(i, _)| {
+            let head = negated_side[i + 1..].iter().find(|w| {
+                !NEGATION_SKIPS.contains(&w.as_str()) && !NEGATIONS.contains(&w.as_str())
+            });
+            head.is_none_or(|head| other.contains(&singular(head)))
+        })
+}
+
+/// Words between a negation and what it negates ("do not you open", "is not the store").
+const NEGATION_SKIPS: &[&str] = &[
+    "a", "an", "the", "i", "you", "we", "they", "he", "she", "it", "my", "your", "our", "their",
+    "this", "that", "be", "been", "being", "have", "has", "had", "to", "even", "yet", "really",
+    "very", "so", "too", "ever", "always", "quite", "at", "all", "any", "please",
+];
+
 /// Whether the text says "not" an odd number of times ("not impossible" is not a negation).
-fn negated(words: &[String]) -> bool {
+pub(super) fn negated(words: &[String]) -> bool {
     words
         .iter()
         .filter(|w| NEGATIONS.contains(&w.as_str()))
@@ -276,7 +414,7 @@ fn negated(words: &[String]) -> bool {
 }
 
 /// For each polarity pair the text uses: which sides it uses, and the first word seen.
-fn polarity(words: &[String]) -> BTreeMap<usize, (BTreeSet<bool>, &str)> {
+pub(super) fn polarity(words: &[String]) -> BTreeMap<usize, (BTreeSet<bool>, &str)> {
     let mut found: BTreeMap<usize, (BTreeSet<bool>, &str)> = BTreeMap::new();
     for word in words {
         for (pair, (a, b)) in POLARITY.iter().enumerate() {
@@ -418,14 +556,14 @@ const FUNCTION_WORDS: &[&str] = &[
     "currently",
 ];
 
-fn is_function_word(word: &str) -> bool {
+pub(super) fn is_function_word(word: &str) -> bool {
     FUNCTION_WORDS.contains(&word)
 }
 
 /// The differing content words if the texts are one template with one slot filled differently:
 /// a shared start and end (at least two words together), a non-empty middle on both sides, and
 /// different content words in the middles.
-fn substitution(q: &[String], c: &[String]) -> Option<(String, String)> {
+pub(super) fn substitution(q: &[String], c: &[String]) -> Option<(String, String)> {
     let prefix = q.iter().zip(c).take_while(|(a, b)| a == b).count();
     let room = q.len().min(c.len()) - prefix;
     let suffix = q
@@ -459,7 +597,7 @@ fn substitution(q: &[String], c: &[String]) -> Option<(String, String)> {
 
 /// Tokens that name something specific: capitalised words not at the start of a sentence,
 /// all-caps words, and codes mixing letters with digits or symbols (order ids, SKUs, emails).
-fn entities(text: &str) -> BTreeSet<String> {
+pub(super) fn entities(text: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     let mut sentence_start = true;
     // A text in capitals throughout ("GOODBYE") is shouted, not an acronym.
@@ -475,7 +613,10 @@ fn entities(text: &str) -> BTreeSet<String> {
         let letters = token.chars().filter(|c| c.is_alphabetic()).count();
         let digits = token.chars().filter(|c| c.is_ascii_digit()).count();
         let capitalised = token.chars().next().is_some_and(char::is_uppercase);
+        // "Hi, How are you", "HI, I am": a capitalised grammar word names nothing.
+        let grammar = is_function_word(&token.to_lowercase());
         let all_caps = !shouted
+            && !grammar
             && letters >= 2
             && token
                 .chars()
@@ -483,10 +624,14 @@ fn entities(text: &str) -> BTreeSet<String> {
                 .all(char::is_uppercase);
         let code = (letters > 0 && digits > 0) || token.contains('@') || token.starts_with('#');
         let pronoun_i = token == "I" || token.starts_with("I'");
-        // "Hi, How are you": a capitalised grammar word names nothing.
-        let grammar = is_function_word(&token.to_lowercase());
         if code || all_caps || (capitalised && !sentence_start && !pronoun_i && !grammar) {
-            found.insert(token.to_lowercase());
+            // "ATM's", "ATMs" and "ATM" name one thing.
+            let name: String = token
+                .to_lowercase()
+                .chars()
+                .filter(|c| !matches!(c, '\'' | '’'))
+                .collect();
+            found.insert(singular(&name));
         }
         sentence_start = raw.ends_with(['.', '!', '?', ':']);
     }
@@ -553,7 +698,7 @@ pub fn counterpart_words(text: &str) -> BTreeSet<String> {
 
 /// Not grammar, and not a number or a negation: those are compared by value ("5" = "five") and
 /// by parity ("can't" = "cannot") already.
-fn is_content_word(word: &str) -> bool {
+pub(super) fn is_content_word(word: &str) -> bool {
     !is_function_word(word)
         && !NEGATIONS.contains(&word)
         && is_number_word(word).is_none()
@@ -562,7 +707,7 @@ fn is_content_word(word: &str) -> bool {
 
 /// A rough singular, enough to match "hours" with "hour" and "addresses" with "address";
 /// "status", "analysis" and "class" stay as they are.
-fn singular(word: &str) -> String {
+pub(super) fn singular(word: &str) -> String {
     if ["sses", "xes", "ches", "shes"]
         .iter()
         .any(|suffix| word.ends_with(suffix))
@@ -593,7 +738,7 @@ impl RuleVerifier {
                 candidate: ct,
             });
         }
-        if negated(&q) != negated(&c) {
+        if negation_flip(&q, &c) {
             return Err(Rejection::Negation);
         }
         let (qp, cp) = (polarity(&q), polarity(&c));
@@ -775,6 +920,57 @@ mod tests {
                 Err(Rejection::Times { .. })
             ));
         }
+    }
+
+    #[test]
+    fn words_read_in_context_are_no_differences() {
+        for (a, b) in [
+            // "am" and "may" are no times here, "one" no count, an apostrophe no other name.
+            (
+                "I am locked out of my account",
+                "I'm locked out of my account",
+            ),
+            ("May I change my PIN?", "Can I change my PIN?"),
+            ("Find me one in Oakland", "Find me a doctor in Oakland"),
+            ("I want a one-way flight", "I want a one way flight"),
+            (
+                "Where is the nearest ATM's location?",
+                "Where are the nearest ATMs?",
+            ),
+            (
+                "HI, I need a salon in San Jose",
+                "Find me a salon in San Jose",
+            ),
+            // Only the negated word decides: "know" is not in the other text.
+            ("I don't know my password", "I have forgotten my password"),
+        ] {
+            assert_eq!(verdict(a, b), Ok(()), "{a:?} ~ {b:?}");
+            assert_eq!(verdict(b, a), Ok(()), "{b:?} ~ {a:?}");
+        }
+        for (a, b) in [
+            ("Is the Elm store open?", "Is the Elm store not open?"),
+            (
+                "when do you open on Sunday",
+                "when do not you open on Sunday",
+            ),
+        ] {
+            assert_eq!(verdict(a, b), Err(Rejection::Negation), "{a:?} ~ {b:?}");
+        }
+        assert!(matches!(
+            verdict("meet at 9 am", "meet at 10 am"),
+            Err(Rejection::Numbers { .. })
+        ));
+        assert!(matches!(
+            verdict("open in may", "open in june"),
+            Err(Rejection::Times { .. })
+        ));
+        assert!(matches!(
+            verdict(
+                "play music from the twenties",
+                "play music from the thirties"
+            ),
+            Err(Rejection::Numbers { .. })
+        ));
     }
 
     #[test]
