@@ -17,6 +17,12 @@
 //! streams that hold them are replayed whole (the cache holds what it would), and the other
 //! domains' requests are sent but not counted, which is how `scripts/heldout-replay.sh` reports
 //! a model on the domains it was not fitted on.
+//!
+//! `EVAL_UPSTREAM=echo` swaps the by-group upstream for one that answers every prompt
+//! differently (it echoes it), as a free-writing model does; a served answer is then correct iff
+//! the prompt it echoes is of the request's group. Each table also splits every stream into its
+//! first and second half, which shows what verification (`verify_share`) learns as traffic
+//! flows.
 
 mod common;
 
@@ -68,6 +74,8 @@ async fn replay_stream(
     rows: &[&Row],
     upstream: &str,
     model_dir: &str,
+    groups: &HashMap<String, String>,
+    echo: bool,
 ) -> anyhow::Result<Vec<Verdict>> {
     let gateway = EvalGateway::start(
         upstream,
@@ -83,7 +91,11 @@ async fn replay_stream(
         let verdict = match answer.cache.as_str() {
             "hit" => Verdict::Exact,
             "semantic-hit" => Verdict::Served {
-                correct: answer.text == answer_for(&row.group),
+                correct: if echo {
+                    groups.get(&answer.text) == Some(&row.group)
+                } else {
+                    answer.text == answer_for(&row.group)
+                },
             },
             _ => Verdict::Missed,
         };
@@ -98,6 +110,18 @@ async fn replay_stream(
                 .await?;
         }
         gateway.wait_indexed_above(before).await?;
+    }
+    let learnt = gateway
+        .metrics("reprise_semantic_verif")
+        .await?
+        .into_iter()
+        .chain(gateway.metrics("reprise_semantic_cutoff_offset").await?)
+        .collect::<Vec<_>>();
+    if learnt
+        .iter()
+        .any(|line| line.contains("verifications_total{"))
+    {
+        eprintln!("{}: {}", rows[0].stream, learnt.join("; "));
     }
     gateway.stop().await?;
     Ok(verdicts)
@@ -124,7 +148,8 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|row| (row.prompt.clone(), row.group.clone()))
         .collect();
-    let upstream = common::upstream(Some(groups)).await?;
+    let echo = std::env::var("EVAL_UPSTREAM").as_deref() == Ok("echo");
+    let upstream = common::upstream((!echo).then(|| groups.clone())).await?;
     let scored: Option<Vec<String>> = std::env::var("EVAL_DOMAINS")
         .ok()
         .map(|d| d.split(',').map(|s| s.trim().to_owned()).collect());
@@ -135,22 +160,30 @@ async fn main() -> anyhow::Result<()> {
     }
     streams.retain(|_, rows| rows.iter().any(|row| is_scored(row)));
     println!(
-        "Settings: [cache] {:?}, [semantic] {:?}\n",
+        "Settings: [cache] {:?}, [semantic] {:?}, upstream {}\n",
         std::env::var("EVAL_CACHE").unwrap_or_default(),
-        std::env::var("EVAL_SEMANTIC").unwrap_or_default()
+        std::env::var("EVAL_SEMANTIC").unwrap_or_default(),
+        if echo { "echo" } else { "by group" }
     );
     // Tallies by (table, key, column): expected hits, and expected misses by kind and in all.
     let mut tallies: BTreeMap<(&str, String), BTreeMap<String, Tally>> = BTreeMap::new();
     let mut exact: BTreeMap<(&str, String), usize> = BTreeMap::new();
     for (stream, stream_rows) in &streams {
-        let verdicts = replay_stream(stream_rows, &upstream, &model_dir).await?;
-        for (row, verdict) in stream_rows.iter().zip(verdicts) {
+        let verdicts = replay_stream(stream_rows, &upstream, &model_dir, &groups, echo).await?;
+        let half = stream_rows.len() / 2;
+        for (position, (row, verdict)) in stream_rows.iter().zip(verdicts).enumerate() {
             if !is_scored(row) {
                 continue;
             }
+            let part = if position < half {
+                "first half of each stream"
+            } else {
+                "second half of each stream"
+            };
             let keys = [
                 ("stream", (*stream).to_owned()),
                 ("domain", row.domain.clone()),
+                ("half", part.to_owned()),
                 ("all", "all".to_owned()),
             ];
             let tally = match verdict {
@@ -193,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
     kinds.sort();
     kinds.dedup();
     kinds.insert(0, HARD.to_owned());
-    for table in ["stream", "domain", "all"] {
+    for table in ["stream", "domain", "half", "all"] {
         println!(
             "\n| {table} | hits on true repeats | wrong among served repeats | false hits on expected misses | {} | exact repeats |",
             kinds.join(" | ")

@@ -191,7 +191,7 @@ def main():
         lines = [
             f"Promised false-hit rate {args.rate}: every domain scored by a model and a cut-off "
             "chosen without it.", "",
-            "| left out | margin | cut-off | hits on true repeats | wrong among served repeats "
+            "| left out | margin | cut-off | correct hits on true repeats | wrong among served repeats "
             "| false hits on hard negatives | true repeats | hard negatives |",
             "|" + "---|" * 8,
         ]
@@ -205,13 +205,15 @@ def main():
             s = score(test, probabilities(Model(train), test), cutoff, margin)
             for k in ("hit", "served", "wrong", "negatives", "false_hits"):
                 totals[k] += s[k]
+            correct = (s["served"] - s["wrong"]) / max(s["hit"], 1)
             lines.append(
-                f"| {domain} | {margin} | {cutoff:.3f} | {s['hit_rate']:.1%} | "
+                f"| {domain} | {margin} | {cutoff:.3f} | {correct:.1%} | "
                 f"{s['wrong_rate']:.1%} | {s['false_hit_rate']:.1%} | {s['hit']} | "
                 f"{s['negatives']} |")
             print(lines[-1], file=sys.stderr)
         lines.append(
-            f"| **all, each held out** | | | **{totals['served'] / max(totals['hit'], 1):.1%}** | "
+            f"| **all, each held out** | | | "
+            f"**{(totals['served'] - totals['wrong']) / max(totals['hit'], 1):.1%}** | "
             f"**{totals['wrong'] / max(totals['served'], 1):.1%}** | "
             f"**{totals['false_hits'] / max(totals['negatives'], 1):.1%}** | {totals['hit']} | "
             f"{totals['negatives']} |")

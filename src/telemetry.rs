@@ -73,6 +73,12 @@ struct VerdictLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerificationLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheErrorLabels {
     kind: &'static str,
 }
@@ -133,6 +139,9 @@ pub struct Metrics {
     semantic_rejections: Family<GuardLabels, Counter>,
     semantic_feedback: Family<VerdictLabels, Counter>,
     semantic_entries: Gauge,
+    semantic_verifications: Family<VerificationLabels, Counter>,
+    semantic_verified_error: Gauge<f64, std::sync::atomic::AtomicU64>,
+    semantic_cutoff_offset: Gauge<f64, std::sync::atomic::AtomicU64>,
     prompt_requests: Family<PromptOutcomeLabels, Counter>,
     prompt_latency: Family<PromptLabels, Histogram, fn() -> Histogram>,
     prompt_tokens: Family<PromptTokenLabels, Counter>,
@@ -254,6 +263,26 @@ impl Metrics {
             "Live entries in this replica's semantic index",
             semantic_entries.clone(),
         );
+        let semantic_verifications = Family::<VerificationLabels, Counter>::default();
+        registry.register(
+            "semantic_verifications",
+            "Semantic answers checked against the upstream's fresh answer: kind hit (a sampled \
+             would-be hit) or near_miss (a candidate just below its cut-off), result agree or \
+             disagree",
+            semantic_verifications.clone(),
+        );
+        let semantic_verified_error = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "semantic_verified_error_ratio",
+            "Share of sampled would-be hits whose cached answer the upstream contradicted",
+            semantic_verified_error.clone(),
+        );
+        let semantic_cutoff_offset = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "semantic_cutoff_offset",
+            "How far the verified error has raised every entry's calibrated cut-off",
+            semantic_cutoff_offset.clone(),
+        );
         let prompt_requests = Family::<PromptOutcomeLabels, Counter>::default();
         registry.register(
             "prompt_requests",
@@ -295,6 +324,9 @@ impl Metrics {
             semantic_rejections,
             semantic_feedback,
             semantic_entries,
+            semantic_verifications,
+            semantic_verified_error,
+            semantic_cutoff_offset,
             cache_writes,
             cache_requests,
             cache_tokens_saved,
@@ -424,6 +456,23 @@ impl Metrics {
         self.semantic_feedback
             .get_or_create(&VerdictLabels { verdict })
             .inc();
+    }
+
+    pub fn semantic_verified(
+        &self,
+        kind: &'static str,
+        agreed: bool,
+        error_ratio: Option<f64>,
+        cutoff_offset: f32,
+    ) {
+        let result = if agreed { "agree" } else { "disagree" };
+        self.semantic_verifications
+            .get_or_create(&VerificationLabels { kind, result })
+            .inc();
+        if let Some(ratio) = error_ratio {
+            self.semantic_verified_error.set(ratio);
+        }
+        self.semantic_cutoff_offset.set(f64::from(cutoff_offset));
     }
 
     pub fn semantic_entries(&self, entries: usize) {

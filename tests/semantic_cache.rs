@@ -831,3 +831,50 @@ async fn a_prompt_embeds_only_its_free_text_and_versions_and_variables_stay_apar
         Some("rejected-numbers")
     );
 }
+
+#[ignore = "needs the embedding model (make test)"]
+#[tokio::test]
+async fn verification_asks_the_upstream_and_learns_whether_it_answers_alike() {
+    // Every would-be hit is checked (a band this wide makes even confident ones uncertain): the
+    // request goes upstream and the two answers are compared.
+    let s = start("verify_share = 1.0\nverify_band = 0.5").await;
+    let (question, paraphrase) = ("How do I cancel my order?", "How can I cancel my order?");
+    let on = |route: &str, text: &str| json!({"model": route, "messages": user(text)});
+    // "chat" echoes each prompt: the upstream answers the two wordings differently.
+    let response = s.pair(ask(question), ask(paraphrase)).await;
+    assert_eq!(header(&response, "x-reprise-cache"), Some("miss"));
+    assert_eq!(
+        header(&response, "x-reprise-cache-semantic"),
+        Some("verifying")
+    );
+    assert_eq!(
+        content(&response.json().await.unwrap()),
+        format!("echo: {paraphrase}")
+    );
+    assert_eq!(s.calls(), 2);
+    // "faq" answers everything alike: the upstream agrees with the cached answer.
+    let response = s.pair(on("faq", question), on("faq", paraphrase)).await;
+    assert_eq!(
+        header(&response, "x-reprise-cache-semantic"),
+        Some("verifying")
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = s.gw.metrics().await;
+        let counted = |result: &str| {
+            metrics.contains(&format!(
+                "reprise_semantic_verifications_total{{kind=\"hit\",result=\"{result}\"}} 1"
+            ))
+        };
+        if counted("agree") && counted("disagree") {
+            assert!(
+                metrics.contains("reprise_semantic_verified_error_ratio 0.5"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // How an entry opens and closes on what the upstream said is unit-tested in verify.rs.
+}

@@ -171,6 +171,22 @@ impl EvalGateway {
         Ok(())
     }
 
+    /// The gateway's Prometheus lines whose name starts with `prefix`.
+    pub async fn metrics(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter(|line| line.starts_with(prefix))
+            .map(str::to_owned)
+            .collect())
+    }
+
     pub async fn stop(self) -> anyhow::Result<()> {
         self.server.stop().await?;
         Ok(())

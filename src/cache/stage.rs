@@ -13,8 +13,8 @@ use serde_json::Value;
 use super::entry::{StreamAssembler, replay_chunks, usage_counts};
 use super::exact::{ExactCache, Joined, Leader, Plan};
 use super::semantic::{
-    AgreementDefaults, FeedbackOutcome, IndexParams, Lookup, SemanticCache, SemanticOutcome,
-    SemanticPlan, SemanticSettings, SkipReason, judge_from_config,
+    AgreementDefaults, FeedbackOutcome, IndexParams, Lookup, Probe, SemanticCache, SemanticOutcome,
+    SemanticPlan, SemanticSettings, SkipReason, Verification, judge_from_config, learnt_cutoff,
 };
 use super::stats::{CacheCounters, RouteStats};
 use super::{CacheScope, CacheStatus, entry_path, prefix};
@@ -70,12 +70,21 @@ struct Write {
     exact: ExactCache,
     plan: Plan,
     semantic: Option<(SemanticCache, SemanticPlan, Arc<Vec<f32>>)>,
+    /// A cached answer the upstream's is compared with (semantic verification).
+    probe: Option<(SemanticCache, Probe)>,
 }
 
 impl Write {
     fn store(self, target: &str, response: Value, leader: Option<Leader>) {
         if let Some((cache, plan, vector)) = &self.semantic {
-            cache.store_behind(plan, Arc::clone(vector), target, &response);
+            let learnt = self
+                .probe
+                .as_ref()
+                .and_then(|(_, probe)| learnt_cutoff(probe, &response));
+            cache.store_behind(plan, Arc::clone(vector), target, &response, learnt);
+        }
+        if let Some((cache, probe)) = self.probe {
+            cache.observe(probe, &response);
         }
         self.exact
             .store_behind(&self.plan, target, response, leader);
@@ -258,6 +267,7 @@ impl CacheStage {
             return CacheLookup::Hit(reply);
         }
         let mut vector = None;
+        let mut probe = None;
         if let (Some(semantic_plan), Some(semantic)) = (&semantic_plan, &self.semantic) {
             match semantic.lookup(semantic_plan).await {
                 Lookup::Hit(hit) => {
@@ -279,9 +289,11 @@ impl CacheStage {
                 Lookup::Miss {
                     outcome,
                     vector: computed,
+                    probe: to_compare,
                 } => {
                     report.semantic = Some(outcome);
                     vector = computed;
+                    probe = to_compare.zip(self.semantic.clone()).map(|(p, c)| (c, p));
                 }
             }
         }
@@ -316,6 +328,7 @@ impl CacheStage {
                     .zip(vector)
                     .zip(self.semantic.clone())
                     .map(|((plan, vector), cache)| (cache, plan, vector)),
+                probe,
                 plan,
             })
         });
@@ -546,6 +559,11 @@ fn start_semantic(
         metrics,
         SemanticSettings {
             candidates: config.candidates,
+            verification: Verification::new(
+                config.verify_share,
+                config.verify_band,
+                config.verify_max_error(),
+            ),
             index: IndexParams {
                 connections: config.connections,
                 ef_construction: config.ef_construction,

@@ -47,6 +47,22 @@ pub struct SemanticConfig {
     /// `calibrated`: a model file written by `scripts/fit_semantic_model.py` instead of the one
     /// built in.
     pub model: Option<PathBuf>,
+    /// `calibrated`: the best candidate is refused when another, answered differently, scored
+    /// within this of it (default: the model's, 0.5). Answers are compared word for word, so a
+    /// backend that writes every answer afresh sees rivals everywhere: 0 switches it off.
+    pub rival_margin: Option<f32>,
+    /// `calibrated`: the share of would-be hits sent upstream instead of served, to compare the
+    /// fresh answer with the cached one (off by default: each costs an upstream call).
+    /// Disagreement closes the entry above that probability; near misses (within
+    /// `verify_band` below the cut-off) are compared too, at no cost, and agreement opens the
+    /// entry down to them. While the sampled error is above `verify_max_error`, every cut-off
+    /// is raised a step.
+    #[serde(default)]
+    pub verify_share: f64,
+    #[serde(default = "default_verify_band")]
+    pub verify_band: f32,
+    /// Default: twice `max_false_hit_rate` (the budget for wrong answers among served repeats).
+    pub verify_max_error: Option<f64>,
     /// `calibrated`: entries whose words in context are kept in memory (about 12 KiB each).
     #[serde(default = "default_cached_entries")]
     pub cached_entries: usize,
@@ -94,6 +110,11 @@ pub enum VerifierKind {
 }
 
 impl SemanticConfig {
+    pub fn verify_max_error(&self) -> f64 {
+        self.verify_max_error
+            .unwrap_or(2.0 * self.max_false_hit_rate)
+    }
+
     pub fn onnxruntime_path(&self) -> PathBuf {
         self.onnxruntime
             .clone()
@@ -114,7 +135,11 @@ impl Default for SemanticConfig {
             verifier: VerifierKind::default(),
             max_false_hit_rate: default_max_false_hit_rate(),
             model: None,
+            rival_margin: None,
             cached_entries: default_cached_entries(),
+            verify_share: 0.0,
+            verify_band: default_verify_band(),
+            verify_max_error: None,
             word_similarity: default_word_similarity(),
             cached_words: default_cached_words(),
             answer_agreement: 0,
@@ -153,6 +178,9 @@ fn default_agreement_similarity() -> f32 {
 }
 fn default_max_false_hit_rate() -> f64 {
     0.01
+}
+fn default_verify_band() -> f32 {
+    0.15
 }
 fn default_cached_entries() -> usize {
     4096
@@ -219,6 +247,30 @@ impl SemanticConfig {
             return Err(FieldError::new(
                 "semantic.max_false_hit_rate",
                 "must be above 0 and below 1 (a share of requests, 0.01 is 1%)",
+            ));
+        }
+        if self.rival_margin.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
+            return Err(FieldError::new(
+                "semantic.rival_margin",
+                "must be between 0 (off) and 1 (a span of probability)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.verify_share) {
+            return Err(FieldError::new(
+                "semantic.verify_share",
+                "must be between 0 and 1 (a share of would-be hits)",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.verify_band) {
+            return Err(FieldError::new(
+                "semantic.verify_band",
+                "must be at least 0 and below 1 (a span of probability)",
+            ));
+        }
+        if !(self.verify_max_error() > 0.0 && self.verify_max_error() < 1.0) {
+            return Err(FieldError::new(
+                "semantic.verify_max_error",
+                "must be above 0 and below 1 (a share of verified hits)",
             ));
         }
         if self.sync_interval.is_zero() {

@@ -26,6 +26,7 @@ mod index;
 mod outcome;
 mod rules;
 mod verifier;
+mod verify;
 mod words;
 
 pub use calibrated::{CalibratedJudge, OperatingPoint, PairVerdict, ScoreModel};
@@ -34,6 +35,7 @@ pub use index::{IndexEntry, IndexParams, SemanticIndex};
 pub use outcome::{Guard, SemanticOutcome, SkipReason};
 pub use rules::RuleVerifier;
 pub use verifier::{Chain, Rejection, Verifier};
+pub use verify::{Probe, ProbeKind, Verification, learnt_cutoff};
 pub use words::WordVerifier;
 
 use super::entry::is_cacheable;
@@ -123,6 +125,12 @@ pub struct SemanticRecord {
     pub threshold: Option<f32>,
     #[serde(default)]
     pub wrong_reports: u32,
+    /// `calibrated` with verification: the entry's own cut-off, learnt from the upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutoff: Option<f32>,
+    /// The highest probability at which the upstream contradicted this entry's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disagreed_at: Option<f32>,
     pub target: String,
     pub response: Value,
 }
@@ -218,6 +226,8 @@ pub enum Lookup {
     Miss {
         outcome: SemanticOutcome,
         vector: Option<Arc<Vec<f32>>>,
+        /// A cached answer to compare with the upstream's, once it arrives.
+        probe: Option<Probe>,
     },
 }
 
@@ -234,6 +244,7 @@ struct Shared {
     embedder: Embedder,
     index: SemanticIndex,
     judge: Judge,
+    verification: Verification,
     /// The candidates' least similarity where a route sets none.
     default_threshold: f32,
     store: Arc<dyn Store>,
@@ -277,6 +288,7 @@ impl Judge {
 /// Settings of the semantic stage that are not per route.
 pub struct SemanticSettings {
     pub candidates: usize,
+    pub verification: Verification,
     pub index: IndexParams,
     pub sync_interval: Duration,
     pub agreement: AgreementDefaults,
@@ -347,6 +359,7 @@ impl SemanticCache {
             index: SemanticIndex::new(settings.index),
             default_threshold: judge.default_threshold(),
             judge,
+            verification: settings.verification,
             store,
             metrics,
             candidates: settings.candidates,
@@ -452,6 +465,7 @@ impl SemanticCache {
             return Lookup::Miss {
                 outcome: SemanticOutcome::WriteOnly,
                 vector: Some(vector),
+                probe: None,
             };
         }
         let now = now_ms();
@@ -545,6 +559,7 @@ impl SemanticCache {
             return Lookup::Miss {
                 outcome: SemanticOutcome::WriteOnly,
                 vector: Some(vector),
+                probe: None,
             };
         }
         let now = now_ms();
@@ -597,16 +612,61 @@ impl SemanticCache {
             }
         }
         scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let verdict = judge_scores(&scored, judge, |i| {
+        let verification = &shared.verification;
+        let offset = verification.offset();
+        let cutoff_of = |i: usize| {
+            (verify::entry_cutoff(&usable_candidates[i].1, judge.cutoff) + offset)
+                .min(verify::CLOSED)
+        };
+        let verdict = judge_scores(&scored, judge.model.rival_margin, cutoff_of, |i| {
             answer_digest(&usable_candidates[i].1.response)
         });
+        let probe = |index: usize, probability: f32, kind: ProbeKind| Probe {
+            path: usable_candidates[index].0.entry.to_string(),
+            probability,
+            kind,
+            cached: usable_candidates[index].1.response.clone(),
+        };
         match verdict {
+            Ok((probability, index)) if verification.sample(probability, cutoff_of(index)) => {
+                let outcome = SemanticOutcome::Verifying;
+                self.record_outcome(plan, started, outcome);
+                Lookup::Miss {
+                    outcome,
+                    vector: Some(vector),
+                    probe: Some(probe(index, probability, ProbeKind::Hit)),
+                }
+            }
             Ok((probability, index)) => {
                 let (candidate, record, age) = usable_candidates.swap_remove(index);
                 self.record_outcome(plan, started, SemanticOutcome::Hit);
                 let mut hit = semantic_hit(plan, candidate, record, age, SemanticOutcome::Hit);
                 hit.score = Some(probability);
                 Lookup::Hit(Box::new(hit))
+            }
+            Err(Some(Guard::Score))
+                if verification.enabled()
+                    && scored
+                        .first()
+                        .is_some_and(|&(p, i)| p >= cutoff_of(i) - verification.band) =>
+            {
+                shared.metrics.semantic_rejected(Guard::Score.label());
+                let (probability, index) = scored[0];
+                let outcome = SemanticOutcome::Rejected(Guard::Score);
+                let near_miss = Some(probe(index, probability, ProbeKind::NearMiss));
+                match self
+                    .agreed_or_miss(plan, started, &matches, now, outcome, vector)
+                    .await
+                {
+                    Lookup::Miss {
+                        outcome, vector, ..
+                    } => Lookup::Miss {
+                        outcome,
+                        vector,
+                        probe: near_miss,
+                    },
+                    hit => hit,
+                }
             }
             Err(Some(guard)) => {
                 shared.metrics.semantic_rejected(guard.label());
@@ -709,7 +769,11 @@ impl SemanticCache {
         vector: Option<Arc<Vec<f32>>>,
     ) -> Lookup {
         self.record_outcome(plan, started, outcome);
-        Lookup::Miss { outcome, vector }
+        Lookup::Miss {
+            outcome,
+            vector,
+            probe: None,
+        }
     }
 
     async fn read_record(&self, path: &str) -> Option<SemanticRecord> {
@@ -717,12 +781,15 @@ impl SemanticCache {
     }
 
     /// Stores `response` as this scope's entry for the plan's text, off the response path.
+    /// Stores the answer as a new entry, off the response path; `cutoff` is one learnt from the
+    /// upstream for its neighbourhood (see `verify.rs`).
     pub fn store_behind(
         &self,
         plan: &SemanticPlan,
         vector: Arc<Vec<f32>>,
         target: &str,
         response: &Value,
+        cutoff: Option<f32>,
     ) {
         if !plan.write || !is_cacheable(response, plan.cache_truncated) {
             return;
@@ -741,6 +808,8 @@ impl SemanticCache {
             vector: vector.as_ref().clone(),
             threshold: None,
             wrong_reports: 0,
+            cutoff,
+            disagreed_at: None,
             target: target.to_owned(),
             response: response.clone(),
         };
@@ -779,6 +848,46 @@ impl SemanticCache {
     /// threshold above the similarity it was served at (or, without one, stops the entry from
     /// hitting semantically at all): the entry keeps answering closer paraphrases, but no
     /// longer the neighbourhood where it was wrong.
+    /// Compares the upstream's answer with the cached one a probe holds, off the response path,
+    /// and teaches the entry (and, for a sampled hit, the error budget) what it showed.
+    pub fn observe(&self, probe: Probe, response: &Value) {
+        let Judge::Calibrated(judge) = &self.shared.judge else {
+            return;
+        };
+        let (base, band) = (judge.cutoff, self.shared.verification.band);
+        let agreed = verify::answers_agree(&probe.cached, response);
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let verification = &shared.verification;
+            let error = match probe.kind {
+                ProbeKind::Hit => Some(verification.count_hit(agreed)),
+                ProbeKind::NearMiss => None,
+            };
+            shared.metrics.semantic_verified(
+                probe.kind.label(),
+                agreed,
+                error,
+                verification.offset(),
+            );
+            let store = shared.store.as_ref();
+            let Some(mut record) = read_record(store, &shared.metrics, &probe.path).await else {
+                return;
+            };
+            verify::learn(&mut record, probe.probability, agreed, base, base - band);
+            let remaining = record.expires_at_ms().saturating_sub(now_ms());
+            if remaining == 0 {
+                return;
+            }
+            if let Ok(bytes) = serde_json::to_vec(&record)
+                && let Err(error) = store
+                    .put(&probe.path, bytes, Some(Duration::from_millis(remaining)))
+                    .await
+            {
+                tracing::warn!(%error, "could not record what the upstream taught an entry");
+            }
+        });
+    }
+
     pub async fn feedback(
         &self,
         tenant: &str,
@@ -840,24 +949,25 @@ impl SemanticCache {
 }
 
 /// Which scored candidate (probability, index; best first) is served: the best if it reaches
-/// the cut-off and no candidate with another answer comes within the rival margin. `Err` names
+/// its cut-off and no candidate with another answer comes within the rival margin. `Err` names
 /// the guard that refused (`None`: nothing was scored).
 fn judge_scores(
     scored: &[(f32, usize)],
-    judge: &CalibratedJudge,
+    rival_margin: f32,
+    cutoff: impl Fn(usize) -> f32,
     answer: impl Fn(usize) -> Option<blake3::Hash>,
 ) -> Result<(f32, usize), Option<Guard>> {
     let Some(&(best, index)) = scored.first() else {
         return Err(None);
     };
-    if best < judge.cutoff {
+    if best < cutoff(index) {
         return Err(Some(Guard::Score));
     }
     let served = answer(index);
-    let rival = scored[1..].iter().any(|&(probability, other)| {
-        probability >= best - judge.model.rival_margin
-            && (served.is_none() || answer(other) != served)
-    });
+    let rival = rival_margin > 0.0
+        && scored[1..].iter().any(|&(probability, other)| {
+            probability >= best - rival_margin && (served.is_none() || answer(other) != served)
+        });
     if rival {
         return Err(Some(Guard::Ambiguous));
     }
@@ -877,6 +987,10 @@ pub fn judge_from_config(
         None => ScoreModel::shipped(),
     }
     .map_err(|e| crate::config::FieldError::new("semantic.model", e))?;
+    let mut model = model;
+    if let Some(margin) = config.rival_margin {
+        model.rival_margin = margin;
+    }
     Ok(Judge::Calibrated(Box::new(CalibratedJudge::new(
         model,
         config.max_false_hit_rate,
