@@ -44,7 +44,7 @@ use super::{CacheMode, CacheScope, escape_segment, namespace_segment, now_ms};
 use crate::config::{
     CachePolicy, DEFAULT_SEMANTIC_THRESHOLD, SemanticConfig, SemanticPolicy, VerifierKind,
 };
-use crate::embed::{EmbedError, Embedder, MODEL_ID};
+use crate::embed::{EmbedError, Embedded, Embedder, MODEL_ID};
 use crate::error::ApiError;
 use crate::protocol::openai::{ChatRequest, Content, Role};
 use crate::store::Store;
@@ -269,6 +269,15 @@ struct FeedEvent {
     path: String,
 }
 
+/// A request embedded and searched for.
+struct Searched {
+    /// Its words in context (calibrated only) and its vector, which the features need too.
+    query_words: Embedded,
+    vector: Arc<Vec<f32>>,
+    matches: Vec<Match>,
+    now: u64,
+}
+
 /// How candidates are judged (`semantic.verifier`).
 pub enum Judge {
     /// A veto chain above the route's threshold; `None` is a plain threshold.
@@ -451,28 +460,15 @@ impl SemanticCache {
             Judge::Calibrated(judge) => return self.lookup_calibrated(plan, started, judge).await,
             Judge::Verifier(verifier) => verifier,
         };
-        let vector = match shared.embedder.embed(plan.text.clone()).await {
-            Ok(vector) => Arc::new(vector),
-            Err(EmbedError::Overloaded) => {
-                return self.finish(plan, started, SemanticOutcome::Overloaded, None);
-            }
-            Err(error) => {
-                tracing::warn!(%error, "embedding failed; semantic stage skipped");
-                return self.finish(plan, started, SemanticOutcome::Error, None);
-            }
+        let Searched {
+            vector,
+            matches,
+            now,
+            ..
+        } = match self.embed_and_search(plan, started, false).await {
+            Ok(searched) => searched,
+            Err(lookup) => return lookup,
         };
-        if !plan.read {
-            return Lookup::Miss {
-                outcome: SemanticOutcome::WriteOnly,
-                vector: Some(vector),
-                probe: None,
-            };
-        }
-        let now = now_ms();
-        let wanted = plan
-            .agreement
-            .map_or(shared.candidates, |a| a.neighbours.max(shared.candidates));
-        let matches = shared.index.search(&plan.scope, &vector, wanted, now);
         let mut outcome = SemanticOutcome::Miss;
         for candidate in matches.iter().take(shared.candidates) {
             if candidate.similarity < plan.threshold {
@@ -533,6 +529,59 @@ impl SemanticCache {
         self.finish(plan, started, outcome, Some(vector))
     }
 
+    /// The request embedded (with its words in context if `words`) and its nearest entries;
+    /// `Err` is the lookup's answer when there is nothing to search with or for (the embedding
+    /// queue is full, embedding failed, or the request only writes).
+    async fn embed_and_search(
+        &self,
+        plan: &SemanticPlan,
+        started: Instant,
+        words: bool,
+    ) -> Result<Searched, Lookup> {
+        let shared = &self.shared;
+        let embedded = if words {
+            shared.embedder.embed_with_words(plan.text.clone()).await
+        } else {
+            shared
+                .embedder
+                .embed(plan.text.clone())
+                .await
+                .map(|vector| Embedded {
+                    vector,
+                    ..Embedded::default()
+                })
+        };
+        let query_words = match embedded {
+            Ok(embedded) => embedded,
+            Err(EmbedError::Overloaded) => {
+                return Err(self.finish(plan, started, SemanticOutcome::Overloaded, None));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "embedding failed; semantic stage skipped");
+                return Err(self.finish(plan, started, SemanticOutcome::Error, None));
+            }
+        };
+        let vector = Arc::new(query_words.vector.clone());
+        if !plan.read {
+            return Err(Lookup::Miss {
+                outcome: SemanticOutcome::WriteOnly,
+                vector: Some(vector),
+                probe: None,
+            });
+        }
+        let now = now_ms();
+        let wanted = plan
+            .agreement
+            .map_or(shared.candidates, |a| a.neighbours.max(shared.candidates));
+        let matches = shared.index.search(&plan.scope, &vector, wanted, now);
+        Ok(Searched {
+            query_words,
+            vector,
+            matches,
+            now,
+        })
+    }
+
     /// The calibrated decision: every usable candidate above the floor is judged by the model
     /// (entries' words in context embedded together, one batch); the one of highest probability
     /// is served if it reaches the cut-off and no candidate answered differently comes within
@@ -544,29 +593,15 @@ impl SemanticCache {
         judge: &CalibratedJudge,
     ) -> Lookup {
         let shared = &self.shared;
-        let query_words = match shared.embedder.embed_with_words(plan.text.clone()).await {
-            Ok(embedded) => embedded,
-            Err(EmbedError::Overloaded) => {
-                return self.finish(plan, started, SemanticOutcome::Overloaded, None);
-            }
-            Err(error) => {
-                tracing::warn!(%error, "embedding failed; semantic stage skipped");
-                return self.finish(plan, started, SemanticOutcome::Error, None);
-            }
+        let Searched {
+            query_words,
+            vector,
+            matches,
+            now,
+        } = match self.embed_and_search(plan, started, true).await {
+            Ok(searched) => searched,
+            Err(lookup) => return lookup,
         };
-        let vector = Arc::new(query_words.vector.clone());
-        if !plan.read {
-            return Lookup::Miss {
-                outcome: SemanticOutcome::WriteOnly,
-                vector: Some(vector),
-                probe: None,
-            };
-        }
-        let now = now_ms();
-        let wanted = plan
-            .agreement
-            .map_or(shared.candidates, |a| a.neighbours.max(shared.candidates));
-        let matches = shared.index.search(&plan.scope, &vector, wanted, now);
         let mut outcome = SemanticOutcome::Miss;
         let mut usable_candidates = Vec::new();
         for candidate in matches.iter().take(shared.candidates) {
