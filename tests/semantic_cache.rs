@@ -878,3 +878,41 @@ async fn verification_asks_the_upstream_and_learns_whether_it_answers_alike() {
     }
     // How an entry opens and closes on what the upstream said is unit-tested in verify.rs.
 }
+
+#[ignore = "needs the embedding model (make test)"]
+#[tokio::test]
+async fn a_model_file_that_cannot_be_used_stops_startup_naming_the_field() {
+    let model_dir = common::prerequisites::embed_model_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("path = \"{}\"", dir.path().join("store").display());
+    let stale = dir.path().join("stale.json");
+    std::fs::write(
+        &stale,
+        r#"{"features": ["cosine"], "vetoes": [], "mean": [0], "scale": [1], "weights": [1],
+            "bias": 0, "min_similarity": 0.5, "rival_margin": 0.5, "operating_points": []}"#,
+    )
+    .unwrap();
+    for (model, expected) in [
+        (dir.path().join("missing.json"), "No such file"),
+        (stale, "make fit"),
+    ] {
+        let mock = Mock::start().await;
+        let text = format!(
+            "{}\n{}",
+            common::base_config(&mock),
+            config(
+                &model_dir,
+                &store,
+                &format!("model = \"{}\"", model.display())
+            )
+        );
+        let config = reprise::config::Config::from_toml_str(&text, "t.toml", &|_| None).unwrap();
+        let error = reprise::server::start(&config)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("semantic.model:"), "{error}");
+        assert!(error.contains(expected), "{error}");
+    }
+}
