@@ -474,28 +474,9 @@ impl SemanticCache {
             if candidate.similarity < plan.threshold {
                 break;
             }
-            let record = match self.read_record(&candidate.entry).await {
-                Some(record) => record,
-                None => {
-                    // Purged, evicted or expired in the store: the index follows lazily.
-                    shared.index.remove(&plan.scope, &candidate.entry);
-                    continue;
-                }
-            };
-            let age = match usable(plan, &record, candidate.similarity, now) {
-                Ok(age) => age,
-                Err(Unusable::OutOfScope) => {
-                    tracing::error!(entry = %candidate.entry, "semantic entry outside its scope; not served");
-                    continue;
-                }
-                Err(Unusable::TooOld) => continue,
-                Err(Unusable::Feedback) => {
-                    if outcome == SemanticOutcome::Miss {
-                        outcome = SemanticOutcome::Rejected(Guard::Feedback);
-                    }
-                    shared.metrics.semantic_rejected(Guard::Feedback.label());
-                    continue;
-                }
+            let Some((record, age)) = self.usable_record(plan, candidate, now, &mut outcome).await
+            else {
+                continue;
             };
             if let Some(verifier) = verifier
                 && let Err(rejection) = verifier.verify(&plan.text, &record.text).await
@@ -527,6 +508,39 @@ impl SemanticCache {
             return Lookup::Hit(Box::new(hit));
         }
         self.finish(plan, started, outcome, Some(vector))
+    }
+
+    /// The candidate's stored record and age, if it may answer the request at its similarity.
+    /// A record gone from the store leaves the index; one that feedback bars is counted (and
+    /// becomes the lookup's `outcome` if nothing was refused before it).
+    async fn usable_record(
+        &self,
+        plan: &SemanticPlan,
+        candidate: &Match,
+        now: u64,
+        outcome: &mut SemanticOutcome,
+    ) -> Option<(SemanticRecord, Duration)> {
+        let shared = &self.shared;
+        let Some(record) = self.read_record(&candidate.entry).await else {
+            // Purged, evicted or expired in the store: the index follows lazily.
+            shared.index.remove(&plan.scope, &candidate.entry);
+            return None;
+        };
+        match usable(plan, &record, candidate.similarity, now) {
+            Ok(age) => Some((record, age)),
+            Err(Unusable::Feedback) => {
+                if *outcome == SemanticOutcome::Miss {
+                    *outcome = SemanticOutcome::Rejected(Guard::Feedback);
+                }
+                shared.metrics.semantic_rejected(Guard::Feedback.label());
+                None
+            }
+            Err(Unusable::OutOfScope) => {
+                tracing::error!(entry = %candidate.entry, "semantic entry outside its scope; not served");
+                None
+            }
+            Err(Unusable::TooOld) => None,
+        }
     }
 
     /// The request embedded (with its words in context if `words`) and its nearest entries;
@@ -608,22 +622,10 @@ impl SemanticCache {
             if candidate.similarity < plan.threshold {
                 break;
             }
-            let Some(record) = self.read_record(&candidate.entry).await else {
-                shared.index.remove(&plan.scope, &candidate.entry);
-                continue;
-            };
-            match usable(plan, &record, candidate.similarity, now) {
-                Ok(age) => usable_candidates.push((candidate, record, age)),
-                Err(Unusable::Feedback) => {
-                    if outcome == SemanticOutcome::Miss {
-                        outcome = SemanticOutcome::Rejected(Guard::Feedback);
-                    }
-                    shared.metrics.semantic_rejected(Guard::Feedback.label());
-                }
-                Err(Unusable::OutOfScope) => {
-                    tracing::error!(entry = %candidate.entry, "semantic entry outside its scope; not served");
-                }
-                Err(Unusable::TooOld) => {}
+            if let Some((record, age)) =
+                self.usable_record(plan, candidate, now, &mut outcome).await
+            {
+                usable_candidates.push((candidate, record, age));
             }
         }
         let verdicts =
