@@ -22,7 +22,10 @@
 //! differently (it echoes it), as a free-writing model does; a served answer is then correct iff
 //! the prompt it echoes is of the request's group. Each table also splits every stream into its
 //! first and second half, which shows what verification (`verify_share`) learns as traffic
-//! flows.
+//! flows. `EVAL_STREAMS=one` replays every stream, one after the other, into one cache, and
+//! splits the first 1,000 requests from the rest instead (`EVAL_WRONG=file.jsonl` lists every
+//! answer served wrong); a request whose group an earlier
+//! stream already asked is then a true repeat, whatever its own stream's label says.
 
 mod common;
 
@@ -99,6 +102,20 @@ async fn replay_stream(
             },
             _ => Verdict::Missed,
         };
+        if let (Verdict::Served { correct: false }, Ok(path)) =
+            (verdict, std::env::var("EVAL_WRONG"))
+        {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "prompt": row.prompt, "group": row.group, "kind": row.kind,
+                "served": answer.text, "similarity": answer.similarity,
+            });
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?
+                .write_all(format!("{line}\n").as_bytes())?;
+        }
         verdicts.push(verdict);
         if verdict == Verdict::Exact {
             continue;
@@ -159,6 +176,11 @@ async fn main() -> anyhow::Result<()> {
         streams.entry(row.stream.as_str()).or_default().push(row);
     }
     streams.retain(|_, rows| rows.iter().any(|row| is_scored(row)));
+    let one_cache = std::env::var("EVAL_STREAMS").as_deref() == Ok("one");
+    if one_cache {
+        let all = streams.into_values().flatten().collect();
+        streams = BTreeMap::from([("all streams in one cache", all)]);
+    }
     println!(
         "Settings: [cache] {:?}, [semantic] {:?}, upstream {}\n",
         std::env::var("EVAL_CACHE").unwrap_or_default(),
@@ -170,16 +192,21 @@ async fn main() -> anyhow::Result<()> {
     let mut exact: BTreeMap<(&str, String), usize> = BTreeMap::new();
     for (stream, stream_rows) in &streams {
         let verdicts = replay_stream(stream_rows, &upstream, &model_dir, &groups, echo).await?;
-        let half = stream_rows.len() / 2;
+        let (split, parts) = if one_cache {
+            (1_000, ["first 1,000 requests", "after the first 1,000"])
+        } else {
+            (
+                stream_rows.len() / 2,
+                ["first half of each stream", "second half of each stream"],
+            )
+        };
+        let mut seen_groups = std::collections::HashSet::new();
         for (position, (row, verdict)) in stream_rows.iter().zip(verdicts).enumerate() {
+            let repeat = !seen_groups.insert(row.group.as_str()) || row.expect == "hit";
             if !is_scored(row) {
                 continue;
             }
-            let part = if position < half {
-                "first half of each stream"
-            } else {
-                "second half of each stream"
-            };
+            let part = parts[usize::from(position >= split)];
             let keys = [
                 ("stream", (*stream).to_owned()),
                 ("domain", row.domain.clone()),
@@ -203,7 +230,7 @@ async fn main() -> anyhow::Result<()> {
                     wrong: usize::from(!correct),
                 },
             };
-            let columns = if row.expect == "hit" {
+            let columns = if repeat {
                 vec!["hit".to_owned()]
             } else if row.slice == "hard_negative" {
                 vec!["miss".to_owned(), row.kind.clone(), HARD.to_owned()]

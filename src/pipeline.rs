@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::cache::{
     CacheControls, CacheLookup, CacheReport, CacheScope, CacheStage, PendingWrite, PromptScope,
-    usage_counts,
+    UpstreamCheck, usage_counts,
 };
 use crate::config::{CacheConfig, Config, StoreKind};
 use crate::error::ApiError;
@@ -82,7 +82,7 @@ impl From<ApiError> for Failed {
 }
 
 pub struct Pipeline {
-    router: Router,
+    router: Arc<Router>,
     prompts: Option<Arc<PromptStore>>,
     cache: CacheStage,
     prices: Arc<PriceTable>,
@@ -91,7 +91,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn from_config(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let router = Router::from_config(config, Arc::clone(&metrics))?;
+        let router = Arc::new(Router::from_config(config, Arc::clone(&metrics))?);
         let prices = Arc::new(PriceTable::from_config(&config.prices));
         let caching = CacheStage::policies(config).values().any(|p| p.enabled);
         // The store is opened only when something keeps data, so a plain gateway writes nothing
@@ -166,7 +166,15 @@ impl Pipeline {
             .lookup(&scope, &request, route.total_timeout(), &mut trace.cache)
             .await;
         let pending = match lookup {
-            CacheLookup::Hit(value) => return Ok(Answered { value, trace }),
+            CacheLookup::Hit { reply, check } => {
+                if let Some(check) = check {
+                    self.check_behind(route, request, check);
+                }
+                return Ok(Answered {
+                    value: reply,
+                    trace,
+                });
+            }
             CacheLookup::Miss(pending) => pending,
         };
 
@@ -185,6 +193,19 @@ impl Pipeline {
             }
             Err(failure) => Err(failed(failure, trace)),
         }
+    }
+
+    /// Asks the upstream for the answer a semantic hit was just served in its place, off the
+    /// response path, and hands it to the cache to compare (semantic verification).
+    fn check_behind(&self, route: Arc<Route>, mut request: ChatRequest, check: UpstreamCheck) {
+        request.stream = None;
+        request.stream_options = None;
+        let router = Arc::clone(&self.router);
+        tokio::spawn(async move {
+            if let Ok(served) = router.chat(&route, &request).await {
+                check.compare(&served.value);
+            }
+        });
     }
 
     async fn stream_upstream(

@@ -20,7 +20,9 @@ use crate::error::ApiError;
 
 pub use entry::{StreamAssembler, replay_chunks, usage_counts};
 pub use key::{CacheKey, KeyScope, chat_key};
-pub use stage::{CacheLookup, CacheReport, CacheStage, CacheStatsRow, PendingWrite, PurgeSelector};
+pub use stage::{
+    CacheLookup, CacheReport, CacheStage, CacheStatsRow, PendingWrite, PurgeSelector, UpstreamCheck,
+};
 pub use stats::RouteStats;
 
 /// What the client asked of the cache for one request (headers; see the README).

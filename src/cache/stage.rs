@@ -13,8 +13,9 @@ use serde_json::Value;
 use super::entry::{StreamAssembler, replay_chunks, usage_counts};
 use super::exact::{ExactCache, Joined, Leader, Plan};
 use super::semantic::{
-    AgreementDefaults, FeedbackOutcome, IndexParams, Lookup, Probe, SemanticCache, SemanticOutcome,
-    SemanticPlan, SemanticSettings, SkipReason, Verification, judge_from_config, learnt_cutoff,
+    AgreementDefaults, FeedbackOutcome, HitCheck, IndexParams, Lookup, Probe, SemanticCache,
+    SemanticOutcome, SemanticPlan, SemanticSettings, SkipReason, Verification, judge_from_config,
+    learnt_cutoff,
 };
 use super::stats::{CacheCounters, RouteStats};
 use super::{CacheScope, CacheStatus, entry_path, prefix};
@@ -53,9 +54,32 @@ impl CacheReport {
 }
 
 pub enum CacheLookup {
-    /// Served from the cache, whole or replayed as a stream as the request wants.
-    Hit(ChatReply),
+    /// Served from the cache, whole or replayed as a stream as the request wants; `check` is set
+    /// when the upstream is also to be asked behind the answer (semantic verification).
+    Hit {
+        reply: ChatReply,
+        check: Option<UpstreamCheck>,
+    },
     Miss(PendingWrite),
+}
+
+impl CacheLookup {
+    fn hit(reply: ChatReply) -> Self {
+        Self::Hit { reply, check: None }
+    }
+}
+
+/// A served semantic hit to compare with the upstream's own answer to the same request.
+pub struct UpstreamCheck {
+    cache: SemanticCache,
+    check: HitCheck,
+}
+
+impl UpstreamCheck {
+    /// Hands the upstream's answer to the entry it is compared with.
+    pub fn compare(self, response: &Value) {
+        self.cache.observe(self.check.probe, response);
+    }
 }
 
 /// A miss's promise to store the upstream's answer, and to hand it to identical requests
@@ -264,13 +288,18 @@ impl CacheStage {
                 CacheStatus::Hit,
                 report,
             );
-            return CacheLookup::Hit(reply);
+            return CacheLookup::hit(reply);
         }
         let mut vector = None;
         let mut probe = None;
         if let (Some(semantic_plan), Some(semantic)) = (&semantic_plan, &self.semantic) {
             match semantic.lookup(semantic_plan).await {
-                Lookup::Hit(hit) => {
+                Lookup::Hit(mut hit) => {
+                    let check = hit
+                        .check
+                        .take()
+                        .zip(self.semantic.clone())
+                        .map(|(check, cache)| UpstreamCheck { cache, check });
                     report.semantic = Some(hit.basis);
                     report.similarity = Some(hit.similarity);
                     report.score = hit.score;
@@ -284,7 +313,7 @@ impl CacheStage {
                         CacheStatus::SemanticHit,
                         report,
                     );
-                    return CacheLookup::Hit(reply);
+                    return CacheLookup::Hit { reply, check };
                 }
                 Lookup::Miss {
                     outcome,
@@ -312,7 +341,7 @@ impl CacheStage {
                         CacheStatus::Hit,
                         report,
                     );
-                    return CacheLookup::Hit(reply);
+                    return CacheLookup::hit(reply);
                 }
             }
             None => {}

@@ -51,12 +51,12 @@ pub struct SemanticConfig {
     /// within this of it (default: the model's, 0.5). Answers are compared word for word, so a
     /// backend that writes every answer afresh sees rivals everywhere: 0 switches it off.
     pub rival_margin: Option<f32>,
-    /// `calibrated`: the share of would-be hits sent upstream instead of served, to compare the
-    /// fresh answer with the cached one (off by default: each costs an upstream call).
+    /// `calibrated`: the share of served hits also sent upstream behind the answer, to compare
+    /// the fresh answer with the cached one (off by default: each costs an upstream call).
     /// Disagreement closes the entry above that probability; near misses (within
     /// `verify_band` below the cut-off) are compared too, at no cost, and agreement opens the
-    /// entry down to them. While the sampled error is above `verify_max_error`, every cut-off
-    /// is raised a step.
+    /// entry and its neighbourhood (the entries holding the same answer) down to them. While
+    /// the sampled error is above `verify_max_error`, every cut-off is raised a step.
     #[serde(default)]
     pub verify_share: f64,
     #[serde(default = "default_verify_band")]

@@ -11,8 +11,8 @@
 use std::collections::BTreeSet;
 
 use super::rules::{
-    TIME_WORDS, entities, is_content_word, negation_flip, numbers, polarity, singular,
-    substitution, times, words,
+    TIME_WORDS, direction_flip, entities, is_content_word, negation_flip, numbers, polarity,
+    singular, substitution, times, words,
 };
 use crate::embed::Embedded;
 
@@ -247,7 +247,7 @@ pub fn pair_features(
     let polarity_flip = qp.iter().any(|(pair, (sides, _))| {
         cp.get(pair)
             .is_some_and(|(other_sides, _)| other_sides != sides)
-    });
+    }) || direction_flip(&q, &c).is_some();
     let (qe, ce) = (entities(query), entities(candidate));
     let words_of = |w: &[String]| w.iter().map(|w| singular(w)).collect::<BTreeSet<String>>();
     let (q_words, c_words) = (words_of(&q), words_of(&c));
@@ -293,4 +293,32 @@ pub fn pair_features(
 /// "is it open today" and "is it open" ask the same, and "is it open tomorrow" does not.
 fn beyond_present(times: &[String]) -> bool {
     times.iter().any(|t| t != "today")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The words of `text` as the embedder splits them, each with a vector of its own: the
+    /// rule-based features read the words, not the vectors.
+    fn embedded(text: &str) -> Embedded {
+        let words = words(text);
+        let dimensions = 4;
+        let word_vectors = (0..words.len())
+            .flat_map(|i| (0..dimensions).map(move |d| f32::from(u8::from(d == i % dimensions))))
+            .collect();
+        Embedded {
+            vector: vec![0.5; dimensions],
+            words,
+            word_vectors,
+        }
+    }
+
+    #[test]
+    fn a_trip_the_other_way_is_a_polarity_veto() {
+        let a = "I need a bus to Long Beach";
+        let b = "find me a bus from Long Beach";
+        let features = pair_features(a, &embedded(a), b, &embedded(b), 0.9);
+        assert_eq!(features.veto(), Some("polarity_flip"));
+    }
 }

@@ -35,7 +35,7 @@ pub use index::{IndexEntry, IndexParams, SemanticIndex};
 pub use outcome::{Guard, SemanticOutcome, SkipReason};
 pub use rules::RuleVerifier;
 pub use verifier::{Chain, Rejection, Verifier};
-pub use verify::{Probe, ProbeKind, Verification, learnt_cutoff};
+pub use verify::{HitCheck, Probe, ProbeKind, Verification, learnt_cutoff};
 pub use words::WordVerifier;
 
 use super::entry::is_cacheable;
@@ -96,6 +96,7 @@ fn semantic_hit(
         entry: plan.public_id(id),
         age,
         basis,
+        check: None,
     }
 }
 
@@ -217,6 +218,8 @@ pub struct SemanticHit {
     pub age: Duration,
     /// `Hit`, or `HitAgreement` for an answer its neighbours agreed on.
     pub basis: SemanticOutcome,
+    /// Set when this hit is to be checked against the upstream behind its answer.
+    pub check: Option<HitCheck>,
 }
 
 pub enum Lookup {
@@ -651,10 +654,19 @@ impl SemanticCache {
         scored.sort_by(|a, b| b.0.total_cmp(&a.0));
         let verification = &shared.verification;
         let offset = verification.offset();
-        let cutoff_of = |i: usize| {
-            (verify::entry_cutoff(&usable_candidates[i].1, judge.cutoff) + offset)
-                .min(verify::CLOSED)
-        };
+        let neighbourhoods: Vec<Option<blake3::Hash>> = usable_candidates
+            .iter()
+            .map(|(_, record, _)| verify::neighbourhood(record))
+            .collect();
+        let cutoffs: Vec<f32> = usable_candidates
+            .iter()
+            .zip(&neighbourhoods)
+            .map(|((_, record, _), &key)| {
+                let learnt = verification.neighbourhood(key);
+                (verify::entry_cutoff(record, learnt, judge.cutoff) + offset).min(verify::CLOSED)
+            })
+            .collect();
+        let cutoff_of = |i: usize| cutoffs[i];
         let verdict = judge_scores(&scored, judge.model.rival_margin, cutoff_of, |i| {
             answer_digest(&usable_candidates[i].1.response)
         });
@@ -663,22 +675,19 @@ impl SemanticCache {
             probability,
             kind,
             cached: usable_candidates[index].1.response.clone(),
+            neighbourhood: neighbourhoods[index],
         };
         match verdict {
-            Ok((probability, index)) if verification.sample(probability, cutoff_of(index)) => {
-                let outcome = SemanticOutcome::Verifying;
-                self.record_outcome(plan, started, outcome);
-                Lookup::Miss {
-                    outcome,
-                    vector: Some(vector),
-                    probe: Some(probe(index, probability, ProbeKind::Hit)),
-                }
-            }
             Ok((probability, index)) => {
+                let check = verification.sample().map(|slot| HitCheck {
+                    probe: probe(index, probability, ProbeKind::Hit),
+                    _slot: slot,
+                });
                 let (candidate, record, age) = usable_candidates.swap_remove(index);
                 self.record_outcome(plan, started, SemanticOutcome::Hit);
                 let mut hit = semantic_hit(plan, candidate, record, age, SemanticOutcome::Hit);
                 hit.score = Some(probability);
+                hit.check = check;
                 Lookup::Hit(Box::new(hit))
             }
             Err(Some(Guard::Score))
@@ -892,6 +901,7 @@ impl SemanticCache {
             return;
         };
         let (base, band) = (judge.cutoff, self.shared.verification.band);
+        let floor = base - band;
         let agreed = verify::answers_agree(&probe.cached, response);
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
@@ -906,11 +916,22 @@ impl SemanticCache {
                 error,
                 verification.offset(),
             );
+            if let Some(key) = probe.neighbourhood {
+                verification.learn_neighbourhood(key, probe.probability, agreed, base, floor);
+            }
             let store = shared.store.as_ref();
             let Some(mut record) = read_record(store, &shared.metrics, &probe.path).await else {
                 return;
             };
-            verify::learn(&mut record, probe.probability, agreed, base, base - band);
+            let mut learnt = verify::Learnt {
+                cutoff: record.cutoff,
+                disagreed_at: record.disagreed_at,
+            };
+            verify::learn(&mut learnt, probe.probability, agreed, base, floor);
+            if learnt.cutoff == record.cutoff && learnt.disagreed_at == record.disagreed_at {
+                return;
+            }
+            (record.cutoff, record.disagreed_at) = (learnt.cutoff, learnt.disagreed_at);
             let remaining = record.expires_at_ms().saturating_sub(now_ms());
             if remaining == 0 {
                 return;

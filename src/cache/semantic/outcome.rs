@@ -17,9 +17,6 @@ pub enum SemanticOutcome {
     Error,
     /// A refresh: nothing is read, the new answer is stored.
     WriteOnly,
-    /// A would-be hit sampled for verification: the upstream answers, and its answer is
-    /// compared with the entry's.
-    Verifying,
     /// The request does not use the semantic stage.
     Skipped(SkipReason),
 }
@@ -80,7 +77,6 @@ impl SemanticOutcome {
             Self::Overloaded => "overloaded",
             Self::Error => "error",
             Self::WriteOnly => "write-only",
-            Self::Verifying => "verifying",
             Self::Skipped(reason) => match reason {
                 SkipReason::Bypass => "skipped-bypass",
                 SkipReason::Request => "skipped-request",

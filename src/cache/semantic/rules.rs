@@ -413,6 +413,50 @@ pub(super) fn negated(words: &[String]) -> bool {
         == 1
 }
 
+/// Words that open a place a trip leaves from (`true`) or goes to (`false`).
+const DIRECTIONS: &[(&str, bool)] = &[
+    ("from", true),
+    ("to", false),
+    ("into", false),
+    ("towards", false),
+    ("toward", false),
+];
+
+/// For each word that follows a direction word ("from Fresno", "to Fresno"): whether the text
+/// leaves from it or goes to it, or `None` if it does both.
+fn directions(words: &[String]) -> BTreeMap<&str, Option<bool>> {
+    let mut found: BTreeMap<&str, Option<bool>> = BTreeMap::new();
+    for pair in words.windows(2) {
+        let Some(&(_, origin)) = DIRECTIONS.iter().find(|(w, _)| *w == pair[0]) else {
+            continue;
+        };
+        if FUNCTION_WORDS.contains(&pair[1].as_str()) {
+            continue;
+        }
+        found
+            .entry(pair[1].as_str())
+            .and_modify(|seen| {
+                if *seen != Some(origin) {
+                    *seen = None;
+                }
+            })
+            .or_insert(Some(origin));
+    }
+    found
+}
+
+/// A place one text leaves from and the other goes to ("a bus from Long Beach" / "a bus to
+/// Long Beach"): the trip runs the other way.
+pub(super) fn direction_flip(query: &[String], candidate: &[String]) -> Option<String> {
+    let theirs = directions(candidate);
+    directions(query).into_iter().find_map(|(place, ours)| {
+        let (Some(ours), Some(Some(theirs))) = (ours, theirs.get(place)) else {
+            return None;
+        };
+        (ours != *theirs).then(|| place.to_owned())
+    })
+}
+
 /// For each polarity pair the text uses: which sides it uses, and the first word seen.
 pub(super) fn polarity(words: &[String]) -> BTreeMap<usize, (BTreeSet<bool>, &str)> {
     let mut found: BTreeMap<usize, (BTreeSet<bool>, &str)> = BTreeMap::new();
@@ -741,6 +785,12 @@ impl RuleVerifier {
         if negation_flip(&q, &c) {
             return Err(Rejection::Negation);
         }
+        if let Some(place) = direction_flip(&q, &c) {
+            return Err(Rejection::Polarity {
+                query: format!("from/to {place}"),
+                candidate: format!("to/from {place}"),
+            });
+        }
         let (qp, cp) = (polarity(&q), polarity(&c));
         for (pair, (query_sides, query_word)) in &qp {
             if let Some((candidate_sides, candidate_word)) = cp.get(pair)
@@ -824,6 +874,32 @@ mod tests {
                 "{a:?} ~ {b:?}: {:?}",
                 verdict(a, b)
             );
+        }
+    }
+
+    #[test]
+    fn a_trip_the_other_way_is_rejected() {
+        for (a, b) in [
+            (
+                "Find me a bus to Long Beach",
+                "I need a bus from Long Beach",
+            ),
+            ("a flight from SFO to JFK", "a flight from JFK to SFO"),
+        ] {
+            assert!(
+                matches!(verdict(a, b), Err(Rejection::Polarity { .. })),
+                "{a:?} ~ {b:?}"
+            );
+        }
+        for (a, b) in [
+            ("a bus to Fresno", "I want to go to Fresno by bus"),
+            (
+                "I want to book a bus to Fresno",
+                "I would like to book a bus to Fresno",
+            ),
+            ("a flight from SFO to JFK", "flights to JFK from SFO"),
+        ] {
+            assert_eq!(verdict(a, b), Ok(()), "{a:?} ~ {b:?}");
         }
     }
 

@@ -3,23 +3,29 @@
 //! answers two wordings alike.
 //!
 //! * A share (`verify_share`) of the uncertain would-be hits (those within `verify_band` above
-//!   their cut-off; confident ones are always served) is not served: the request goes upstream,
-//!   and its fresh answer is compared with the entry's. Disagreement raises that entry's cut-off
-//!   above the probability it was about to be served at. The samples also estimate the error
-//!   of served hits from above (the uncertain ones are the likeliest to be wrong), and while
-//!   that estimate is above the budget (`verify_max_error`) every cut-off is raised a step.
+//!   their cut-off; confident ones are never checked) is served as usual and also sent upstream
+//!   behind the answer, and the fresh answer is compared with the entry's. Checking behind a
+//!   hit rather than instead of it costs the same upstream call but neither the hit nor any
+//!   latency, and it measures exactly what the budget bounds: the error of answers served.
+//!   Disagreement raises that entry's cut-off above the probability it was served at, and while
+//!   the sampled error is above the budget (`verify_max_error`) every cut-off is raised a step.
 //! * A near miss (the best candidate within `verify_band` below its cut-off) goes upstream
 //!   anyway, so comparing its answer costs nothing. Agreement lowers that entry's cut-off to the
 //!   probability seen, unless the upstream ever disagreed at or above it, and the request's own
-//!   new entry is born with that cut-off: the cache opens where the upstream answers alike and
-//!   stays shut where it does not.
+//!   new entry is born with that cut-off.
+//! * What an entry learns, its neighbourhood learns too: every entry of the scope holding the
+//!   same answer (for a bot that answers by intent, the intent's other wordings) opens to the
+//!   probability the upstream agreed at, unless the upstream disagreed with that answer at or
+//!   above it. For a backend that writes every answer afresh the neighbourhood is the entry
+//!   alone. So the cache opens where the upstream answers alike and stays shut where it does not.
 //!
 //! Answers agree when their texts are equal once case, punctuation and spacing are set aside.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::SemanticRecord;
 
@@ -32,10 +38,16 @@ const MAX_OFFSET: f32 = 0.3;
 pub(super) const CLOSED: f32 = 1.01;
 /// A disagreement raises the entry's cut-off this far above the probability it happened at.
 const DISAGREEMENT_MARGIN: f32 = 0.01;
+/// Answers whose neighbourhood has learnt a cut-off, across scopes; the least recently used
+/// are forgotten (their entries keep what they learnt themselves).
+const NEIGHBOURHOODS: usize = 65_536;
+/// Hits checked behind their answer at once; a sample taken while this many are out is served
+/// unchecked, so verification never queues upstream calls behind a burst of hits.
+const CHECKS_IN_FLIGHT: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeKind {
-    /// A would-be hit sent upstream instead of served.
+    /// A served hit whose request was also sent upstream.
     Hit,
     /// A candidate just below its cut-off; the request went upstream anyway.
     NearMiss,
@@ -57,6 +69,24 @@ pub struct Probe {
     pub(super) probability: f32,
     pub(super) kind: ProbeKind,
     pub(super) cached: Value,
+    /// The entry's neighbourhood: its scope and answer (see [`neighbourhood`]).
+    pub(super) neighbourhood: Option<blake3::Hash>,
+}
+
+/// A served hit to check against the upstream behind its answer; holding it holds one of the
+/// few check slots.
+#[derive(Debug)]
+pub struct HitCheck {
+    pub(crate) probe: Probe,
+    pub(super) _slot: OwnedSemaphorePermit,
+}
+
+/// What the upstream taught an entry or a neighbourhood: the cut-off agreement opened it to,
+/// and the highest probability it was contradicted at.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Learnt {
+    pub cutoff: Option<f32>,
+    pub disagreed_at: Option<f32>,
 }
 
 pub struct Verification {
@@ -65,6 +95,8 @@ pub struct Verification {
     pub max_error: f64,
     offset_bits: AtomicU32,
     window: Mutex<Window>,
+    neighbourhoods: quick_cache::sync::Cache<blake3::Hash, Learnt>,
+    check_slots: Arc<Semaphore>,
 }
 
 #[derive(Default)]
@@ -83,6 +115,8 @@ impl Verification {
             max_error,
             offset_bits: AtomicU32::new(0f32.to_bits()),
             window: Mutex::new(Window::default()),
+            neighbourhoods: quick_cache::sync::Cache::new(NEIGHBOURHOODS),
+            check_slots: Arc::new(Semaphore::new(CHECKS_IN_FLIGHT)),
         }
     }
 
@@ -95,10 +129,32 @@ impl Verification {
         f32::from_bits(self.offset_bits.load(Ordering::Relaxed))
     }
 
-    /// Whether this would-be hit, at `probability` against its `cutoff`, is checked against
-    /// the upstream instead of served.
-    pub fn sample(&self, probability: f32, cutoff: f32) -> bool {
-        self.enabled() && probability < cutoff + self.band && rand::random::<f64>() < self.share
+    /// A check slot if this hit is to be checked against the upstream behind its answer.
+    pub fn sample(&self) -> Option<OwnedSemaphorePermit> {
+        let sampled = self.enabled() && rand::random::<f64>() < self.share;
+        sampled
+            .then(|| Arc::clone(&self.check_slots).try_acquire_owned().ok())
+            .flatten()
+    }
+
+    /// The cut-off a neighbourhood has learnt, if any.
+    pub fn neighbourhood(&self, key: Option<blake3::Hash>) -> Learnt {
+        key.and_then(|key| self.neighbourhoods.get(&key))
+            .unwrap_or_default()
+    }
+
+    /// Teaches a neighbourhood what one comparison showed (see [`learn`]).
+    pub fn learn_neighbourhood(
+        &self,
+        key: blake3::Hash,
+        probability: f32,
+        agreed: bool,
+        base: f32,
+        floor: f32,
+    ) {
+        let mut learnt = self.neighbourhood(Some(key));
+        learn(&mut learnt, probability, agreed, base, floor);
+        self.neighbourhoods.insert(key, learnt);
     }
 
     /// Counts a verified would-be hit and moves the global offset when a window is full: up a
@@ -139,43 +195,71 @@ pub fn learnt_cutoff(probe: &Probe, response: &Value) -> Option<f32> {
         .then_some(probe.probability)
 }
 
-/// The entry's own cut-off if the upstream has taught it one, else `base`.
-pub fn entry_cutoff(record: &SemanticRecord, base: f32) -> f32 {
-    record.cutoff.unwrap_or(base)
+/// The neighbourhood an entry belongs to: its tenant, route, namespace and scope, and the
+/// answer it holds. `None` for an answer without text, which agrees with nothing.
+pub fn neighbourhood(record: &SemanticRecord) -> Option<blake3::Hash> {
+    let text = record.response["choices"][0]["message"]["content"].as_str()?;
+    let mut hasher = blake3::Hasher::new();
+    for part in [
+        &record.tenant,
+        &record.route,
+        &record.namespace,
+        &record.scope,
+    ] {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher.update(normalised(text)?.as_bytes());
+    Some(hasher.finalize())
 }
 
-/// What one comparison teaches the entry: a disagreement at `probability` closes it up to just
-/// above it; an agreement below its cut-off opens it down to `probability` (never below
-/// `floor`), unless the upstream disagreed at or above that probability before.
-pub fn learn(record: &mut SemanticRecord, probability: f32, agreed: bool, base: f32, floor: f32) {
-    let current = entry_cutoff(record, base);
+/// The cut-off an entry is served at: the lower of its own and its neighbourhood's, `base`
+/// where neither learnt one, and never at or below a probability the upstream contradicted
+/// the entry itself at.
+pub fn entry_cutoff(record: &SemanticRecord, neighbourhood: Learnt, base: f32) -> f32 {
+    let own = record.cutoff.unwrap_or(base);
+    let opened = neighbourhood.cutoff.map_or(own, |c| own.min(c));
+    match record.disagreed_at {
+        Some(d) => opened.max((d + DISAGREEMENT_MARGIN).min(CLOSED)),
+        None => opened,
+    }
+}
+
+/// What one comparison teaches an entry or a neighbourhood: a disagreement at `probability`
+/// closes it up to just above it; an agreement below its cut-off opens it down to
+/// `probability` (never below `floor`), unless the upstream disagreed at or above that
+/// probability before.
+pub fn learn(learnt: &mut Learnt, probability: f32, agreed: bool, base: f32, floor: f32) {
+    let current = learnt.cutoff.unwrap_or(base);
     if agreed {
-        let contradicted = record.disagreed_at.is_some_and(|d| d >= probability);
+        let contradicted = learnt.disagreed_at.is_some_and(|d| d >= probability);
         if !contradicted && probability < current {
-            record.cutoff = Some(probability.max(floor));
+            learnt.cutoff = Some(probability.max(floor));
         }
     } else {
-        record.disagreed_at = Some(
-            record
+        learnt.disagreed_at = Some(
+            learnt
                 .disagreed_at
                 .map_or(probability, |d| d.max(probability)),
         );
-        record.cutoff = Some(current.max((probability + DISAGREEMENT_MARGIN).min(CLOSED)));
+        learnt.cutoff = Some(current.max((probability + DISAGREEMENT_MARGIN).min(CLOSED)));
     }
+}
+
+/// Case, punctuation and spacing set aside; `None` for a text without words.
+fn normalised(text: &str) -> Option<String> {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    (!words.is_empty()).then(|| words.join(" "))
 }
 
 /// Whether two answers say the same: their texts equal once case, punctuation and spacing are
 /// set aside. An answer without text (tool calls only) agrees with nothing.
 pub fn answers_agree(a: &Value, b: &Value) -> bool {
-    let text = |v: &Value| -> Option<String> {
-        let content = v["choices"][0]["message"]["content"].as_str()?;
-        let words: Vec<String> = content
-            .split(|c: char| !c.is_alphanumeric())
-            .filter(|w| !w.is_empty())
-            .map(str::to_lowercase)
-            .collect();
-        (!words.is_empty()).then(|| words.join(" "))
-    };
+    let text = |v: &Value| normalised(v["choices"][0]["message"]["content"].as_str()?);
     matches!((text(a), text(b)), (Some(x), Some(y)) if x == y)
 }
 
@@ -211,17 +295,58 @@ mod tests {
     }
 
     #[test]
-    fn agreement_opens_an_entry_and_disagreement_closes_it_for_good() {
-        let mut r = record();
-        learn(&mut r, 0.7, true, 0.83, 0.6);
-        assert_eq!(entry_cutoff(&r, 0.83), 0.7);
-        learn(&mut r, 0.75, false, 0.83, 0.6);
-        assert_eq!(entry_cutoff(&r, 0.83), 0.76);
+    fn agreement_opens_and_disagreement_closes_for_good() {
+        let mut l = Learnt::default();
+        learn(&mut l, 0.7, true, 0.83, 0.6);
+        assert_eq!(l.cutoff, Some(0.7));
+        learn(&mut l, 0.75, false, 0.83, 0.6);
+        assert_eq!(l.cutoff, Some(0.76));
         // An agreement below a disagreement cannot open it again.
-        learn(&mut r, 0.72, true, 0.83, 0.6);
-        assert_eq!(entry_cutoff(&r, 0.83), 0.76);
-        learn(&mut r, 0.5, true, 0.83, 0.6);
-        assert_eq!(entry_cutoff(&r, 0.83), 0.76);
+        learn(&mut l, 0.72, true, 0.83, 0.6);
+        assert_eq!(l.cutoff, Some(0.76));
+        learn(&mut l, 0.5, true, 0.83, 0.6);
+        assert_eq!(l.cutoff, Some(0.76));
+        // Never below the floor.
+        let mut l = Learnt::default();
+        learn(&mut l, 0.4, true, 0.83, 0.6);
+        assert_eq!(l.cutoff, Some(0.6));
+    }
+
+    #[test]
+    fn a_neighbourhood_opens_its_entries_unless_one_was_contradicted_itself() {
+        let mut r = record();
+        let opened = Learnt {
+            cutoff: Some(0.7),
+            disagreed_at: None,
+        };
+        assert_eq!(entry_cutoff(&r, Learnt::default(), 0.83), 0.83);
+        assert_eq!(entry_cutoff(&r, opened, 0.83), 0.7);
+        r.disagreed_at = Some(0.75);
+        assert_eq!(entry_cutoff(&r, opened, 0.83), 0.76);
+        // A neighbourhood that closed does not close an entry that learnt nothing.
+        let closed = Learnt {
+            cutoff: Some(0.9),
+            disagreed_at: Some(0.89),
+        };
+        assert_eq!(entry_cutoff(&record(), closed, 0.83), 0.83);
+    }
+
+    #[test]
+    fn neighbourhoods_are_the_same_answer_in_the_same_scope_and_tenant() {
+        let a = record();
+        let mut same = record();
+        same.text = "another wording".into();
+        same.response = answer("A!");
+        assert_eq!(neighbourhood(&a), neighbourhood(&same));
+        let mut other_tenant = record();
+        other_tenant.tenant = "u".into();
+        assert_ne!(neighbourhood(&a), neighbourhood(&other_tenant));
+        let mut other_answer = record();
+        other_answer.response = answer("b");
+        assert_ne!(neighbourhood(&a), neighbourhood(&other_answer));
+        let mut no_text = record();
+        no_text.response = json!({"choices": [{"message": {"tool_calls": []}}]});
+        assert_eq!(neighbourhood(&no_text), None);
     }
 
     #[test]
