@@ -654,9 +654,15 @@ impl SemanticCache {
         scored.sort_by(|a, b| b.0.total_cmp(&a.0));
         let verification = &shared.verification;
         let offset = verification.offset();
+        // Neighbourhoods only learn from verification; without it, no answer is hashed.
         let neighbourhoods: Vec<Option<blake3::Hash>> = usable_candidates
             .iter()
-            .map(|(_, record, _)| verify::neighbourhood(record))
+            .map(|(_, record, _)| {
+                verification
+                    .enabled()
+                    .then(|| verify::neighbourhood(record))
+                    .flatten()
+            })
             .collect();
         let cutoffs: Vec<f32> = usable_candidates
             .iter()
