@@ -2,11 +2,11 @@
 //! knows wordings, not the backend behind the route, and only the upstream can say whether it
 //! answers two wordings alike.
 //!
-//! * A share (`verify_share`) of the uncertain would-be hits (those within `verify_band` above
-//!   their cut-off; confident ones are never checked) is served as usual and also sent upstream
-//!   behind the answer, and the fresh answer is compared with the entry's. Checking behind a
-//!   hit rather than instead of it costs the same upstream call but neither the hit nor any
-//!   latency, and it measures exactly what the budget bounds: the error of answers served.
+//! * A share (`verify_share`) of served hits, drawn uniformly whatever their probability, is
+//!   also sent upstream behind the answer, and the fresh answer is compared with the entry's.
+//!   Checking behind a hit rather than instead of it costs the same upstream call but neither
+//!   the hit nor any latency, and a uniform sample measures exactly what the budget bounds: the
+//!   error of answers served.
 //!   Disagreement raises that entry's cut-off above the probability it was served at, and while
 //!   the sampled error is above the budget (`verify_max_error`) every cut-off is raised a step.
 //! * A near miss (the best candidate within `verify_band` below its cut-off) goes upstream
