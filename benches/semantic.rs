@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 use reprise::cache::semantic::{
     CalibratedJudge, IndexEntry, IndexParams, Judge, PairVerdict, RuleVerifier, SemanticIndex,
-    Verifier, judge_from_config, verifier_from_config,
+    SemanticRecord, Verifier, judge_from_config, verifier_from_config,
 };
 use reprise::config::{SemanticConfig, VerifierKind};
-use reprise::embed::{Embedder, EmbedderConfig};
+use reprise::embed::{Embedded, Embedder, EmbedderConfig, MODEL_ID, PackedWords};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
 const DIM: usize = 384;
@@ -150,6 +150,41 @@ fn embed_all(
                 .unwrap()
         })
         .collect()
+}
+
+/// The records the entries stand for, one per centre text, written as the gateway writes them:
+/// with the text's words in context from the forward pass that embedded it.
+fn entry_records(runtime: &tokio::runtime::Runtime, embedder: &Embedder) -> Vec<SemanticRecord> {
+    texts(TEMPLATES, FILLERS)
+        .into_iter()
+        .map(|text| {
+            let embedded = runtime
+                .block_on(embedder.embed_with_words(text.clone()))
+                .unwrap();
+            record(text, embedded)
+        })
+        .collect()
+}
+
+fn record(text: String, embedded: Embedded) -> SemanticRecord {
+    SemanticRecord {
+        created_at_ms: 0,
+        ttl_secs: 3_600,
+        tenant: "bench".into(),
+        route: "bench".into(),
+        namespace: String::new(),
+        model: MODEL_ID.into(),
+        scope: "07".repeat(32),
+        text,
+        words: PackedWords::pack(&embedded),
+        vector: embedded.vector,
+        threshold: None,
+        wrong_reports: 0,
+        cutoff: None,
+        disagreed_at: None,
+        target: "bench".into(),
+        response: serde_json::json!({}),
+    }
 }
 
 /// `count` vectors around the centres, generated one at a time (so building an index does not
@@ -298,22 +333,22 @@ fn recall_at_4(
     found as f64 / (4 * queries.len()) as f64
 }
 
-/// One whole lookup: embed the query, search, and judge the candidates against the texts their
-/// entries stand for, as the gateway does.
+/// One whole lookup: embed the query, search, and judge the candidates against the records
+/// their entries stand for, as the gateway does (reading a record from the store is left out).
 async fn lookup(
     embedder: &Embedder,
     decision: Decision<'_>,
     index: &SemanticIndex,
-    centre_texts: &[String],
+    records: &[SemanticRecord],
     query: &str,
 ) -> bool {
-    let text_of = |entry: &str| &centre_texts[number(entry) % centre_texts.len()];
+    let record_of = |entry: &str| &records[number(entry) % records.len()];
     match decision {
         Decision::Words(verifier) => {
             let vector = embedder.embed(query.to_owned()).await.unwrap();
             for candidate in index.search(&SCOPE, &vector, 4, 0) {
                 if verifier
-                    .verify(query, text_of(&candidate.entry))
+                    .verify(query, &record_of(&candidate.entry).text)
                     .await
                     .is_ok()
                 {
@@ -329,7 +364,7 @@ async fn lookup(
                 judge.judge(
                     query,
                     &words,
-                    text_of(&candidate.entry),
+                    record_of(&candidate.entry),
                     candidate.similarity,
                 )
             }))
@@ -347,14 +382,14 @@ fn percentiles(
     decision: Decision<'_>,
     label: &str,
     index: &SemanticIndex,
-    centre_texts: &[String],
+    records: &[SemanticRecord],
 ) {
     let queries = texts(TEMPLATES, QUERY_FILLERS);
     let mut samples = Vec::with_capacity(2_000);
     for i in 0..2_000 {
         let query = &queries[i % queries.len()];
         let started = Instant::now();
-        black_box(runtime.block_on(lookup(embedder, decision, index, centre_texts, query)));
+        black_box(runtime.block_on(lookup(embedder, decision, index, records, query)));
         samples.push(started.elapsed());
     }
     samples.sort();
@@ -370,7 +405,7 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let _guard = runtime.enter();
     let embedder = embedder();
-    let centre_texts = texts(TEMPLATES, FILLERS);
+    let records = entry_records(&runtime, &embedder);
     let centres = centres(&runtime, &embedder);
     let mut sizes = vec![10_000, 100_000];
     if std::env::var_os("REPRISE_BENCH_1M").is_some() {
@@ -420,14 +455,7 @@ fn main() {
             "embedding + search + rules+words",
         ),
     ] {
-        percentiles(
-            &runtime,
-            &embedder,
-            decision,
-            label,
-            hundred_k,
-            &centre_texts,
-        );
+        percentiles(&runtime, &embedder, decision, label, hundred_k, &records);
     }
 
     let mut c = Criterion::default()
@@ -465,9 +493,21 @@ fn main() {
     let query_words = runtime
         .block_on(embedder.embed_with_words(query.to_owned()))
         .unwrap();
-    group.bench_function("calibrated, entry words cached", |b| {
-        b.to_async(&runtime)
-            .iter(|| judge.judge(black_box(query), &query_words, black_box(candidate), 0.8))
+    let candidate_record = record(
+        candidate.to_owned(),
+        runtime
+            .block_on(embedder.embed_with_words(candidate.to_owned()))
+            .unwrap(),
+    );
+    group.bench_function("calibrated, entry words stored with it", |b| {
+        b.to_async(&runtime).iter(|| {
+            judge.judge(
+                black_box(query),
+                &query_words,
+                black_box(&candidate_record),
+                0.8,
+            )
+        })
     });
     group.bench_function("rules", |b| {
         b.iter(|| RuleVerifier.check(black_box(query), black_box(candidate)))
@@ -484,7 +524,7 @@ fn main() {
     });
     group.finish();
     let mut group = c.benchmark_group("semantic lookup");
-    let (embedder, centre_texts, queries) = (&embedder, &centre_texts, &queries);
+    let (embedder, records, queries) = (&embedder, &records, &queries);
     for (decision, label) in [
         (
             Decision::Calibrated(&judge),
@@ -499,7 +539,7 @@ fn main() {
         group.bench_function(label, |b| {
             b.to_async(&runtime).iter(|| {
                 i = (i + 1) % queries.len();
-                lookup(embedder, decision, hundred_k, centre_texts, &queries[i])
+                lookup(embedder, decision, hundred_k, records, &queries[i])
             })
         });
     }

@@ -692,11 +692,20 @@ async fn entries_survive_a_restart() {
     let s = Semantic { gw, config, _dir };
     s.wait_loaded().await;
     assert_eq!(s.stats().await["semantic"]["loaded_at_startup"], 1);
+    let embedded_before = s.stats().await["semantic"]["embedded_texts"]
+        .as_u64()
+        .unwrap();
     let hit = s
         .send(KEY_A, ask("How can I change my delivery address?"), &[])
         .await;
     assert_eq!(header(&hit, "x-reprise-cache"), Some("semantic-hit"));
     assert_eq!(s.calls(), 1);
+    // The entry was stored with its words in context: judging it took no forward pass of its
+    // own, only the request's.
+    let embedded_after = s.stats().await["semantic"]["embedded_texts"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(embedded_after - embedded_before, 1);
 }
 
 #[ignore = "needs the embedding model (make test)"]

@@ -20,7 +20,7 @@ use super::semantic::{
 use super::stats::{CacheCounters, RouteStats};
 use super::{CacheScope, CacheStatus, entry_path, prefix};
 use crate::config::{CachePolicy, Config, SemanticConfig, VerifierKind};
-use crate::embed::{Embedder, EmbedderConfig};
+use crate::embed::{Embedded, Embedder, EmbedderConfig};
 use crate::error::ApiError;
 use crate::prices::PriceTable;
 use crate::protocol::openai::{ChatRequest, is_usage_only_chunk};
@@ -93,19 +93,19 @@ pub struct PendingWrite {
 struct Write {
     exact: ExactCache,
     plan: Plan,
-    semantic: Option<(SemanticCache, SemanticPlan, Arc<Vec<f32>>)>,
+    semantic: Option<(SemanticCache, SemanticPlan, Arc<Embedded>)>,
     /// A cached answer the upstream's is compared with (semantic verification).
     probe: Option<(SemanticCache, Probe)>,
 }
 
 impl Write {
     fn store(self, target: &str, response: Value, leader: Option<Leader>) {
-        if let Some((cache, plan, vector)) = &self.semantic {
+        if let Some((cache, plan, query)) = &self.semantic {
             let learnt = self
                 .probe
                 .as_ref()
                 .and_then(|(_, probe)| learnt_cutoff(probe, &response));
-            cache.store_behind(plan, Arc::clone(vector), target, &response, learnt);
+            cache.store_behind(plan, Arc::clone(query), target, &response, learnt);
         }
         if let Some((cache, probe)) = self.probe {
             cache.observe(probe, &response);
@@ -290,7 +290,7 @@ impl CacheStage {
             );
             return CacheLookup::hit(reply);
         }
-        let mut vector = None;
+        let mut query = None;
         let mut probe = None;
         if let (Some(semantic_plan), Some(semantic)) = (&semantic_plan, &self.semantic) {
             match semantic.lookup(semantic_plan).await {
@@ -317,11 +317,11 @@ impl CacheStage {
                 }
                 Lookup::Miss {
                     outcome,
-                    vector: computed,
+                    query: computed,
                     probe: to_compare,
                 } => {
                     report.semantic = Some(outcome);
-                    vector = computed;
+                    query = computed;
                     probe = to_compare.zip(self.semantic.clone()).map(|(p, c)| (c, p));
                 }
             }
@@ -354,9 +354,9 @@ impl CacheStage {
             Box::new(Write {
                 exact: exact.clone(),
                 semantic: semantic_plan
-                    .zip(vector)
+                    .zip(query)
                     .zip(self.semantic.clone())
-                    .map(|((plan, vector), cache)| (cache, plan, vector)),
+                    .map(|((plan, query), cache)| (cache, plan, query)),
                 probe,
                 plan,
             })
@@ -428,6 +428,7 @@ impl CacheStage {
             "loaded": semantic.loaded().is_some(),
             "loaded_at_startup": semantic.loaded(),
             "indexed_entries": semantic.indexed(),
+            "embedded_texts": semantic.embedded_texts(),
         }))
     }
 

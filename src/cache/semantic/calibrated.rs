@@ -18,6 +18,7 @@ use std::sync::{Arc, LazyLock};
 
 use serde::Deserialize;
 
+use super::SemanticRecord;
 use super::features::{FEATURE_NAMES, PairFeatures, VETOES, pair_features};
 use super::outcome::Guard;
 use crate::embed::{EmbedError, Embedded, Embedder};
@@ -165,24 +166,28 @@ impl CalibratedJudge {
         &self,
         query: &str,
         query_words: &Embedded,
-        candidate: &str,
+        entry: &SemanticRecord,
         similarity: f32,
     ) -> Result<PairVerdict, EmbedError> {
-        let candidate_words = self.entry_words(candidate).await?;
-        let features = pair_features(query, query_words, candidate, &candidate_words, similarity);
+        let entry_words = self.entry_words(entry).await?;
+        let features = pair_features(query, query_words, &entry.text, &entry_words, similarity);
         Ok(match features.veto() {
             Some(veto) => PairVerdict::Vetoed(veto_guard(veto)),
             None => PairVerdict::Scored(self.model.probability(&features)),
         })
     }
 
-    /// An entry's words in context: from memory, or from one forward pass of its text.
-    pub async fn entry_words(&self, text: &str) -> Result<Arc<Embedded>, EmbedError> {
-        if let Some(words) = self.entry_words.get(text) {
+    /// An entry's words in context: stored with it, or from memory, or (an entry written
+    /// without them) from one forward pass of its text.
+    pub async fn entry_words(&self, entry: &SemanticRecord) -> Result<Arc<Embedded>, EmbedError> {
+        if let Some(words) = entry.words.as_ref().and_then(|w| w.unpack(&entry.vector)) {
+            return Ok(Arc::new(words));
+        }
+        if let Some(words) = self.entry_words.get(&entry.text) {
             return Ok(words);
         }
-        let words = Arc::new(self.embedder.embed_with_words(text.to_owned()).await?);
-        self.entry_words.insert(text.to_owned(), words.clone());
+        let words = Arc::new(self.embedder.embed_with_words(entry.text.clone()).await?);
+        self.entry_words.insert(entry.text.clone(), words.clone());
         Ok(words)
     }
 }

@@ -36,6 +36,7 @@ pub use outcome::{Guard, SemanticOutcome, SkipReason};
 pub use rules::RuleVerifier;
 pub use verifier::{Chain, Rejection, Verifier};
 pub use verify::{HitCheck, Probe, ProbeKind, Verification, learnt_cutoff};
+use verify::{Observed, ProbedEntry};
 pub use words::WordVerifier;
 
 use super::entry::is_cacheable;
@@ -44,7 +45,7 @@ use super::{CacheMode, CacheScope, escape_segment, namespace_segment, now_ms};
 use crate::config::{
     CachePolicy, DEFAULT_SEMANTIC_THRESHOLD, SemanticConfig, SemanticPolicy, VerifierKind,
 };
-use crate::embed::{EmbedError, Embedded, Embedder, MODEL_ID};
+use crate::embed::{EmbedError, Embedded, Embedder, MODEL_ID, PackedWords};
 use crate::error::ApiError;
 use crate::protocol::openai::{ChatRequest, Content, Role};
 use crate::store::Store;
@@ -132,6 +133,9 @@ pub struct SemanticRecord {
     /// The highest probability at which the upstream contradicted this entry's answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disagreed_at: Option<f32>,
+    /// `calibrated`: the text's words in context, from the forward pass that embedded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub words: Option<PackedWords>,
     pub target: String,
     pub response: Value,
 }
@@ -224,11 +228,11 @@ pub struct SemanticHit {
 
 pub enum Lookup {
     Hit(Box<SemanticHit>),
-    /// No hit; `outcome` says why. The query's vector, if it was computed, lets the answer be
+    /// No hit; `outcome` says why. The query embedded, if it was, lets the answer be
     /// stored without embedding twice.
     Miss {
         outcome: SemanticOutcome,
-        vector: Option<Arc<Vec<f32>>>,
+        query: Option<Arc<Embedded>>,
         /// A cached answer to compare with the upstream's, once it arrives.
         probe: Option<Probe>,
     },
@@ -274,9 +278,8 @@ struct FeedEvent {
 
 /// A request embedded and searched for.
 struct Searched {
-    /// Its words in context (calibrated only) and its vector, which the features need too.
-    query_words: Embedded,
-    vector: Arc<Vec<f32>>,
+    /// Its vector and (calibrated only) its words in context, which the features need too.
+    query: Arc<Embedded>,
     matches: Vec<Match>,
     now: u64,
 }
@@ -385,6 +388,12 @@ impl SemanticCache {
     }
 
     /// Whether the startup rebuild finished, and how many entries it loaded.
+    /// Texts the embedding model has run on since start (queries, and entries written without
+    /// their words): what the semantic stage costs in forward passes.
+    pub fn embedded_texts(&self) -> u64 {
+        self.shared.embedder.stats().texts.load(Ordering::Relaxed)
+    }
+
     pub fn loaded(&self) -> Option<u64> {
         self.shared
             .loaded
@@ -464,7 +473,7 @@ impl SemanticCache {
             Judge::Verifier(verifier) => verifier,
         };
         let Searched {
-            vector,
+            query,
             matches,
             now,
             ..
@@ -510,7 +519,7 @@ impl SemanticCache {
             self.record_outcome(plan, started, hit.basis);
             return Lookup::Hit(Box::new(hit));
         }
-        self.finish(plan, started, outcome, Some(vector))
+        self.finish(plan, started, outcome, Some(query))
     }
 
     /// The candidate's stored record and age, if it may answer the request at its similarity.
@@ -568,8 +577,8 @@ impl SemanticCache {
                     ..Embedded::default()
                 })
         };
-        let query_words = match embedded {
-            Ok(embedded) => embedded,
+        let query = match embedded {
+            Ok(embedded) => Arc::new(embedded),
             Err(EmbedError::Overloaded) => {
                 return Err(self.finish(plan, started, SemanticOutcome::Overloaded, None));
             }
@@ -578,11 +587,10 @@ impl SemanticCache {
                 return Err(self.finish(plan, started, SemanticOutcome::Error, None));
             }
         };
-        let vector = Arc::new(query_words.vector.clone());
         if !plan.read {
             return Err(Lookup::Miss {
                 outcome: SemanticOutcome::WriteOnly,
-                vector: Some(vector),
+                query: Some(query),
                 probe: None,
             });
         }
@@ -590,10 +598,9 @@ impl SemanticCache {
         let wanted = plan
             .agreement
             .map_or(shared.candidates, |a| a.neighbours.max(shared.candidates));
-        let matches = shared.index.search(&plan.scope, &vector, wanted, now);
+        let matches = shared.index.search(&plan.scope, &query.vector, wanted, now);
         Ok(Searched {
-            query_words,
-            vector,
+            query,
             matches,
             now,
         })
@@ -611,8 +618,7 @@ impl SemanticCache {
     ) -> Lookup {
         let shared = &self.shared;
         let Searched {
-            query_words,
-            vector,
+            query,
             matches,
             now,
         } = match self.embed_and_search(plan, started, true).await {
@@ -633,7 +639,7 @@ impl SemanticCache {
         }
         let verdicts =
             futures::future::join_all(usable_candidates.iter().map(|(candidate, record, _)| {
-                judge.judge(&plan.text, &query_words, &record.text, candidate.similarity)
+                judge.judge(&plan.text, &query, record, candidate.similarity)
             }))
             .await;
         let mut scored: Vec<(f32, usize)> = Vec::new();
@@ -651,9 +657,9 @@ impl SemanticCache {
                 Err(_) => {}
             }
         }
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
         let verification = &shared.verification;
         let offset = verification.offset();
+        let floor = judge.cutoff - verification.band;
         // Neighbourhoods only learn from verification; without it, no answer is hashed.
         let neighbourhoods: Vec<Option<blake3::Hash>> = usable_candidates
             .iter()
@@ -664,29 +670,52 @@ impl SemanticCache {
                     .flatten()
             })
             .collect();
+        // The model's probabilities as the upstream taught each neighbourhood; the raw ones are
+        // what the neighbourhoods learn from.
+        let raw = scored.clone();
+        for (probability, index) in &mut scored {
+            let shift = verification.neighbourhood_shift(neighbourhoods[*index]);
+            *probability = verify::adjusted(*probability, shift, floor);
+        }
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
         let cutoffs: Vec<f32> = usable_candidates
             .iter()
-            .zip(&neighbourhoods)
-            .map(|((_, record, _), &key)| {
-                let learnt = verification.neighbourhood(key);
-                (verify::entry_cutoff(record, learnt, judge.cutoff) + offset).min(verify::CLOSED)
+            .map(|(_, record, _)| {
+                (verify::entry_cutoff(record, judge.cutoff) + offset).min(verify::CLOSED)
             })
             .collect();
         let cutoff_of = |i: usize| cutoffs[i];
         let verdict = judge_scores(&scored, judge.model.rival_margin, cutoff_of, |i| {
             answer_digest(&usable_candidates[i].1.response)
         });
-        let probe = |index: usize, probability: f32, kind: ProbeKind| Probe {
-            path: usable_candidates[index].0.entry.to_string(),
-            probability,
+        // Every candidate judged near its cut-off is a labelled pair once the upstream answers.
+        let observed: Vec<Observed> = raw
+            .iter()
+            .filter(|&&(probability, _)| probability >= floor)
+            .filter_map(|&(probability, i)| {
+                Some(Observed {
+                    neighbourhood: neighbourhoods[i]?,
+                    answer: verify::answer_key(&usable_candidates[i].1.response)?,
+                    probability,
+                })
+            })
+            .collect();
+        let probe = |kind: ProbeKind, entry: Option<(f32, usize)>| Probe {
             kind,
-            cached: usable_candidates[index].1.response.clone(),
-            neighbourhood: neighbourhoods[index],
+            entry: entry.map(|(probability, index)| ProbedEntry {
+                path: usable_candidates[index].0.entry.to_string(),
+                probability,
+                cached: usable_candidates[index].1.response.clone(),
+            }),
+            candidates: observed.clone(),
+        };
+        let miss_probe = || {
+            (verification.enabled() && !observed.is_empty()).then(|| probe(ProbeKind::Miss, None))
         };
         match verdict {
             Ok((probability, index)) => {
                 let check = verification.sample().map(|slot| HitCheck {
-                    probe: probe(index, probability, ProbeKind::Hit),
+                    probe: probe(ProbeKind::Hit, Some((probability, index))),
                     _slot: slot,
                 });
                 let (candidate, record, age) = usable_candidates.swap_remove(index);
@@ -703,39 +732,47 @@ impl SemanticCache {
                         .is_some_and(|&(p, i)| p >= cutoff_of(i) - verification.band) =>
             {
                 shared.metrics.semantic_rejected(Guard::Score.label());
-                let (probability, index) = scored[0];
                 let outcome = SemanticOutcome::Rejected(Guard::Score);
-                let near_miss = Some(probe(index, probability, ProbeKind::NearMiss));
-                match self
-                    .agreed_or_miss(plan, started, &matches, now, outcome, vector)
+                let near_miss = Some(probe(ProbeKind::NearMiss, Some(scored[0])));
+                self.miss_with_probe(plan, started, &matches, now, outcome, query, near_miss)
                     .await
-                {
-                    Lookup::Miss {
-                        outcome, vector, ..
-                    } => Lookup::Miss {
-                        outcome,
-                        vector,
-                        probe: near_miss,
-                    },
-                    hit => hit,
-                }
             }
             Err(Some(guard)) => {
                 shared.metrics.semantic_rejected(guard.label());
-                self.agreed_or_miss(
-                    plan,
-                    started,
-                    &matches,
-                    now,
-                    SemanticOutcome::Rejected(guard),
-                    vector,
-                )
-                .await
-            }
-            Err(None) => {
-                self.agreed_or_miss(plan, started, &matches, now, outcome, vector)
+                let outcome = SemanticOutcome::Rejected(guard);
+                self.miss_with_probe(plan, started, &matches, now, outcome, query, miss_probe())
                     .await
             }
+            Err(None) => {
+                self.miss_with_probe(plan, started, &matches, now, outcome, query, miss_probe())
+                    .await
+            }
+        }
+    }
+
+    /// A miss that carries `probe`, to be compared with the upstream's answer, unless
+    /// agreement among the nearest entries answers it after all.
+    #[allow(clippy::too_many_arguments)]
+    async fn miss_with_probe(
+        &self,
+        plan: &SemanticPlan,
+        started: Instant,
+        matches: &[Match],
+        now: u64,
+        outcome: SemanticOutcome,
+        query: Arc<Embedded>,
+        probe: Option<Probe>,
+    ) -> Lookup {
+        match self
+            .agreed_or_miss(plan, started, matches, now, outcome, query)
+            .await
+        {
+            Lookup::Miss { outcome, query, .. } => Lookup::Miss {
+                outcome,
+                query,
+                probe,
+            },
+            hit => hit,
         }
     }
 
@@ -746,7 +783,7 @@ impl SemanticCache {
         matches: &[Match],
         now: u64,
         outcome: SemanticOutcome,
-        vector: Arc<Vec<f32>>,
+        query: Arc<Embedded>,
     ) -> Lookup {
         if let Some(agreement) = plan.agreement
             && let Some(hit) = self.agreed_answer(plan, matches, now, agreement).await
@@ -754,7 +791,7 @@ impl SemanticCache {
             self.record_outcome(plan, started, hit.basis);
             return Lookup::Hit(Box::new(hit));
         }
-        self.finish(plan, started, outcome, Some(vector))
+        self.finish(plan, started, outcome, Some(query))
     }
 
     /// The answer of the nearest entry if it and the next `neighbours - 1` were all given that
@@ -818,12 +855,12 @@ impl SemanticCache {
         plan: &SemanticPlan,
         started: Instant,
         outcome: SemanticOutcome,
-        vector: Option<Arc<Vec<f32>>>,
+        query: Option<Arc<Embedded>>,
     ) -> Lookup {
         self.record_outcome(plan, started, outcome);
         Lookup::Miss {
             outcome,
-            vector,
+            query,
             probe: None,
         }
     }
@@ -832,13 +869,14 @@ impl SemanticCache {
         read_record(self.shared.store.as_ref(), &self.shared.metrics, path).await
     }
 
-    /// Stores `response` as this scope's entry for the plan's text, off the response path.
-    /// Stores the answer as a new entry, off the response path; `cutoff` is one learnt from the
-    /// upstream for its neighbourhood (see `verify.rs`).
+    /// Stores the answer as the plan's text's new entry, off the response path, with the
+    /// text's words in context when the lookup computed them (so a later lookup that meets
+    /// the entry needs no forward pass of its own); `cutoff` is one learnt from the upstream
+    /// (see `verify.rs`).
     pub fn store_behind(
         &self,
         plan: &SemanticPlan,
-        vector: Arc<Vec<f32>>,
+        query: Arc<Embedded>,
         target: &str,
         response: &Value,
         cutoff: Option<f32>,
@@ -857,7 +895,8 @@ impl SemanticCache {
             model: MODEL_ID.to_owned(),
             scope: hex(&plan.scope),
             text: plan.text.clone(),
-            vector: vector.as_ref().clone(),
+            vector: query.vector.clone(),
+            words: PackedWords::pack(&query),
             threshold: None,
             wrong_reports: 0,
             cutoff,
@@ -879,7 +918,7 @@ impl SemanticCache {
             }
             shared
                 .index
-                .insert(&scope, &vector, &path, record.expires_at_ms());
+                .insert(&scope, &record.vector, &path, record.expires_at_ms());
             shared.metrics.semantic_entries(shared.index.len());
             if shared.store.is_shared() {
                 let event = FeedEvent {
@@ -896,25 +935,37 @@ impl SemanticCache {
         });
     }
 
-    /// A client's verdict on a semantic hit it was served. A wrong hit raises the entry's
-    /// threshold above the similarity it was served at (or, without one, stops the entry from
-    /// hitting semantically at all): the entry keeps answering closer paraphrases, but no
-    /// longer the neighbourhood where it was wrong.
-    /// Compares the upstream's answer with the cached one a probe holds, off the response path,
-    /// and teaches the entry (and, for a sampled hit, the error budget) what it showed.
+    /// Compares the upstream's answer with the cached ones a probe holds, off the response
+    /// path, and teaches the candidates' neighbourhoods, the entry served or just missed, and
+    /// (for a sampled hit) the error budget what it showed.
     pub fn observe(&self, probe: Probe, response: &Value) {
         let Judge::Calibrated(judge) = &self.shared.judge else {
             return;
         };
         let (base, band) = (judge.cutoff, self.shared.verification.band);
         let floor = base - band;
-        let agreed = verify::answers_agree(&probe.cached, response);
+        let fresh = verify::answer_key(response);
+        let entry_agreed = probe
+            .entry
+            .as_ref()
+            .map(|entry| verify::answers_agree(&entry.cached, response));
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
             let verification = &shared.verification;
+            for candidate in &probe.candidates {
+                let agreed = fresh == Some(candidate.answer);
+                verification.learn_neighbourhood(
+                    candidate.neighbourhood,
+                    candidate.probability,
+                    agreed,
+                );
+            }
+            let (Some(entry), Some(agreed)) = (probe.entry, entry_agreed) else {
+                return;
+            };
             let error = match probe.kind {
                 ProbeKind::Hit => Some(verification.count_hit(agreed)),
-                ProbeKind::NearMiss => None,
+                ProbeKind::NearMiss | ProbeKind::Miss => None,
             };
             shared.metrics.semantic_verified(
                 probe.kind.label(),
@@ -922,18 +973,15 @@ impl SemanticCache {
                 error,
                 verification.offset(),
             );
-            if let Some(key) = probe.neighbourhood {
-                verification.learn_neighbourhood(key, probe.probability, agreed, base, floor);
-            }
             let store = shared.store.as_ref();
-            let Some(mut record) = read_record(store, &shared.metrics, &probe.path).await else {
+            let Some(mut record) = read_record(store, &shared.metrics, &entry.path).await else {
                 return;
             };
             let mut learnt = verify::Learnt {
                 cutoff: record.cutoff,
                 disagreed_at: record.disagreed_at,
             };
-            verify::learn(&mut learnt, probe.probability, agreed, base, floor);
+            verify::learn(&mut learnt, entry.probability, agreed, base, floor);
             if learnt.cutoff == record.cutoff && learnt.disagreed_at == record.disagreed_at {
                 return;
             }
@@ -944,7 +992,7 @@ impl SemanticCache {
             }
             if let Ok(bytes) = serde_json::to_vec(&record)
                 && let Err(error) = store
-                    .put(&probe.path, bytes, Some(Duration::from_millis(remaining)))
+                    .put(&entry.path, bytes, Some(Duration::from_millis(remaining)))
                     .await
             {
                 tracing::warn!(%error, "could not record what the upstream taught an entry");
@@ -952,6 +1000,10 @@ impl SemanticCache {
         });
     }
 
+    /// A client's verdict on a semantic hit it was served. A wrong hit raises the entry's
+    /// threshold above the similarity it was served at (or, without one, stops the entry from
+    /// hitting semantically at all): the entry keeps answering closer paraphrases, but no
+    /// longer the neighbourhood where it was wrong.
     pub async fn feedback(
         &self,
         tenant: &str,
