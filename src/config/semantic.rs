@@ -53,17 +53,19 @@ pub struct SemanticConfig {
     pub rival_margin: Option<f32>,
     /// `calibrated`: the share of served hits also sent upstream behind the answer, to compare
     /// the fresh answer with the cached one (off by default: each costs an upstream call).
-    /// Disagreement closes the entry above that probability; near misses (within
-    /// `verify_band` below the cut-off) are compared too, at no cost, and agreement opens the
-    /// entry and its neighbourhood (the entries holding the same answer) down to them. While
-    /// the sampled error is above `verify_max_error`, every cut-off is raised a step.
+    /// Every candidate judged within `verify_band` below the cut-off or above it, on hits
+    /// checked and on misses (which go upstream anyway, so at no cost), teaches its
+    /// neighbourhood (the entries holding the same answer) whether the upstream answers alike,
+    /// which opens or closes it. While the checked hits show, with 95% confidence, an error
+    /// above `verify_max_error`, every cut-off is raised a step.
     #[serde(default)]
     pub verify_share: f64,
     #[serde(default = "default_verify_band")]
     pub verify_band: f32,
     /// Default: twice `max_false_hit_rate` (the budget for wrong answers among served repeats).
     pub verify_max_error: Option<f64>,
-    /// `calibrated`: entries whose words in context are kept in memory (about 12 KiB each).
+    /// `calibrated`: entries stored without their words in context (written by an older
+    /// version) whose words are kept in memory once embedded (about 12 KiB each).
     #[serde(default = "default_cached_entries")]
     pub cached_entries: usize,
     /// `rules+words`: the cosine at which two words count as counterparts.

@@ -352,6 +352,19 @@ enum Unusable {
 }
 
 /// The digest of an answer's text, for [`Agreement`]: `None` for an answer without text.
+/// A miss that carries `probe`, to be compared with the upstream's answer once it arrives; a
+/// hit (by agreement among the nearest entries) as it is.
+fn with_probe(lookup: Lookup, probe: Option<Probe>) -> Lookup {
+    match lookup {
+        Lookup::Miss { outcome, query, .. } => Lookup::Miss {
+            outcome,
+            query,
+            probe,
+        },
+        hit => hit,
+    }
+}
+
 fn answer_digest(response: &Value) -> Option<blake3::Hash> {
     let text = response["choices"][0]["message"]["content"]
         .as_str()?
@@ -387,13 +400,13 @@ impl SemanticCache {
         Self { shared }
     }
 
-    /// Whether the startup rebuild finished, and how many entries it loaded.
     /// Texts the embedding model has run on since start (queries, and entries written without
     /// their words): what the semantic stage costs in forward passes.
     pub fn embedded_texts(&self) -> u64 {
         self.shared.embedder.stats().texts.load(Ordering::Relaxed)
     }
 
+    /// Whether the startup rebuild finished, and how many entries it loaded.
     pub fn loaded(&self) -> Option<u64> {
         self.shared
             .loaded
@@ -734,45 +747,25 @@ impl SemanticCache {
                 shared.metrics.semantic_rejected(Guard::Score.label());
                 let outcome = SemanticOutcome::Rejected(Guard::Score);
                 let near_miss = Some(probe(ProbeKind::NearMiss, Some(scored[0])));
-                self.miss_with_probe(plan, started, &matches, now, outcome, query, near_miss)
-                    .await
+                let lookup = self
+                    .agreed_or_miss(plan, started, &matches, now, outcome, query)
+                    .await;
+                with_probe(lookup, near_miss)
             }
             Err(Some(guard)) => {
                 shared.metrics.semantic_rejected(guard.label());
                 let outcome = SemanticOutcome::Rejected(guard);
-                self.miss_with_probe(plan, started, &matches, now, outcome, query, miss_probe())
-                    .await
+                let lookup = self
+                    .agreed_or_miss(plan, started, &matches, now, outcome, query)
+                    .await;
+                with_probe(lookup, miss_probe())
             }
             Err(None) => {
-                self.miss_with_probe(plan, started, &matches, now, outcome, query, miss_probe())
-                    .await
+                let lookup = self
+                    .agreed_or_miss(plan, started, &matches, now, outcome, query)
+                    .await;
+                with_probe(lookup, miss_probe())
             }
-        }
-    }
-
-    /// A miss that carries `probe`, to be compared with the upstream's answer, unless
-    /// agreement among the nearest entries answers it after all.
-    #[allow(clippy::too_many_arguments)]
-    async fn miss_with_probe(
-        &self,
-        plan: &SemanticPlan,
-        started: Instant,
-        matches: &[Match],
-        now: u64,
-        outcome: SemanticOutcome,
-        query: Arc<Embedded>,
-        probe: Option<Probe>,
-    ) -> Lookup {
-        match self
-            .agreed_or_miss(plan, started, matches, now, outcome, query)
-            .await
-        {
-            Lookup::Miss { outcome, query, .. } => Lookup::Miss {
-                outcome,
-                query,
-                probe,
-            },
-            hit => hit,
         }
     }
 
