@@ -26,6 +26,8 @@
 //! splits the first 1,000 requests from the rest instead (`EVAL_WRONG=file.jsonl` lists every
 //! answer served wrong); a request whose group an earlier
 //! stream already asked is then a true repeat, whatever its own stream's label says.
+//! `EVAL_STREAMS=source` does the same with one cache per source (the streams named
+//! `snips-*` in one, `sgd-*` in another): one bot's traffic, not two bots' mixed.
 
 mod common;
 
@@ -176,10 +178,18 @@ async fn main() -> anyhow::Result<()> {
         streams.entry(row.stream.as_str()).or_default().push(row);
     }
     streams.retain(|_, rows| rows.iter().any(|row| is_scored(row)));
-    let one_cache = std::env::var("EVAL_STREAMS").as_deref() == Ok("one");
-    if one_cache {
+    let grouping = std::env::var("EVAL_STREAMS").unwrap_or_default();
+    let one_cache = matches!(grouping.as_str(), "one" | "source");
+    if grouping == "one" {
         let all = streams.into_values().flatten().collect();
         streams = BTreeMap::from([("all streams in one cache", all)]);
+    } else if grouping == "source" {
+        let mut by_source: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+        for (stream, rows) in streams {
+            let source = stream.split('-').next().unwrap_or(stream);
+            by_source.entry(source).or_default().extend(rows);
+        }
+        streams = by_source;
     }
     println!(
         "Settings: [cache] {:?}, [semantic] {:?}, upstream {}\n",
