@@ -970,15 +970,9 @@ impl SemanticCache {
             let Some(mut record) = read_record(store, &shared.metrics, &entry.path).await else {
                 return;
             };
-            let mut learnt = verify::Learnt {
-                cutoff: record.cutoff,
-                disagreed_at: record.disagreed_at,
-            };
-            verify::learn(&mut learnt, entry.probability, agreed, base, floor);
-            if learnt.cutoff == record.cutoff && learnt.disagreed_at == record.disagreed_at {
+            if !verify::learn(&mut record, entry.probability, agreed, base, floor) {
                 return;
             }
-            (record.cutoff, record.disagreed_at) = (learnt.cutoff, learnt.disagreed_at);
             let remaining = record.expires_at_ms().saturating_sub(now_ms());
             if remaining == 0 {
                 return;

@@ -117,14 +117,6 @@ pub struct HitCheck {
     pub(super) _slot: OwnedSemaphorePermit,
 }
 
-/// What the upstream taught an entry: the cut-off agreement opened it to, and the highest
-/// probability it was contradicted at.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Learnt {
-    pub cutoff: Option<f32>,
-    pub disagreed_at: Option<f32>,
-}
-
 /// What the upstream showed about a neighbourhood: its latest comparisons, as the model's
 /// log-odds and whether the upstream agreed, and the shift of log-odds they fit.
 #[derive(Debug, Clone, Default)]
@@ -343,25 +335,33 @@ pub fn entry_cutoff(record: &SemanticRecord, base: f32) -> f32 {
     }
 }
 
-/// What one comparison teaches an entry: a disagreement at `probability`
-/// closes it up to just above it; an agreement below its cut-off opens it down to
-/// `probability` (never below `floor`), unless the upstream disagreed at or above that
-/// probability before.
-pub fn learn(learnt: &mut Learnt, probability: f32, agreed: bool, base: f32, floor: f32) {
-    let current = learnt.cutoff.unwrap_or(base);
+/// What one comparison teaches an entry (its `cutoff` and `disagreed_at`): a disagreement at
+/// `probability` closes it up to just above it; an agreement below its cut-off opens it down
+/// to `probability` (never below `floor`), unless the upstream disagreed at or above that
+/// probability before. Returns whether the entry changed.
+pub fn learn(
+    entry: &mut SemanticRecord,
+    probability: f32,
+    agreed: bool,
+    base: f32,
+    floor: f32,
+) -> bool {
+    let before = (entry.cutoff, entry.disagreed_at);
+    let current = entry.cutoff.unwrap_or(base);
     if agreed {
-        let contradicted = learnt.disagreed_at.is_some_and(|d| d >= probability);
+        let contradicted = entry.disagreed_at.is_some_and(|d| d >= probability);
         if !contradicted && probability < current {
-            learnt.cutoff = Some(probability.max(floor));
+            entry.cutoff = Some(probability.max(floor));
         }
     } else {
-        learnt.disagreed_at = Some(
-            learnt
+        entry.disagreed_at = Some(
+            entry
                 .disagreed_at
                 .map_or(probability, |d| d.max(probability)),
         );
-        learnt.cutoff = Some(current.max((probability + DISAGREEMENT_MARGIN).min(CLOSED)));
+        entry.cutoff = Some(current.max((probability + DISAGREEMENT_MARGIN).min(CLOSED)));
     }
+    (entry.cutoff, entry.disagreed_at) != before
 }
 
 /// Case, punctuation and spacing set aside; `None` for a text without words.
@@ -413,20 +413,20 @@ mod tests {
 
     #[test]
     fn agreement_opens_and_disagreement_closes_for_good() {
-        let mut l = Learnt::default();
-        learn(&mut l, 0.7, true, 0.83, 0.6);
-        assert_eq!(l.cutoff, Some(0.7));
-        learn(&mut l, 0.75, false, 0.83, 0.6);
-        assert_eq!(l.cutoff, Some(0.76));
+        let mut r = record();
+        assert!(learn(&mut r, 0.7, true, 0.83, 0.6));
+        assert_eq!(r.cutoff, Some(0.7));
+        assert!(learn(&mut r, 0.75, false, 0.83, 0.6));
+        assert_eq!((r.cutoff, r.disagreed_at), (Some(0.76), Some(0.75)));
         // An agreement below a disagreement cannot open it again.
-        learn(&mut l, 0.72, true, 0.83, 0.6);
-        assert_eq!(l.cutoff, Some(0.76));
-        learn(&mut l, 0.5, true, 0.83, 0.6);
-        assert_eq!(l.cutoff, Some(0.76));
+        assert!(!learn(&mut r, 0.72, true, 0.83, 0.6));
+        assert_eq!(r.cutoff, Some(0.76));
+        assert!(!learn(&mut r, 0.5, true, 0.83, 0.6));
+        assert_eq!(r.cutoff, Some(0.76));
         // Never below the floor.
-        let mut l = Learnt::default();
-        learn(&mut l, 0.4, true, 0.83, 0.6);
-        assert_eq!(l.cutoff, Some(0.6));
+        let mut r = record();
+        learn(&mut r, 0.4, true, 0.83, 0.6);
+        assert_eq!(r.cutoff, Some(0.6));
     }
 
     #[test]
