@@ -416,25 +416,39 @@ pub(super) fn negated(words: &[String]) -> bool {
 /// Words that open a place a trip leaves from (`true`) or goes to (`false`).
 const DIRECTIONS: &[(&str, bool)] = &[
     ("from", true),
+    ("leaving", true),
+    ("departing", true),
     ("to", false),
     ("into", false),
     ("towards", false),
     ("toward", false),
 ];
 
+/// Whether the word at `at` opens a place a trip leaves from or goes to; "out of" leaves.
+fn direction_at(words: &[String], at: usize) -> Option<bool> {
+    if words[at] == "of" {
+        return (at > 0 && words[at - 1] == "out").then_some(true);
+    }
+    DIRECTIONS
+        .iter()
+        .find(|(w, _)| *w == words[at])
+        .map(|&(_, origin)| origin)
+}
+
 /// For each word that follows a direction word ("from Fresno", "to Fresno"): whether the text
 /// leaves from it or goes to it, or `None` if it does both.
 fn directions(words: &[String]) -> BTreeMap<&str, Option<bool>> {
     let mut found: BTreeMap<&str, Option<bool>> = BTreeMap::new();
-    for pair in words.windows(2) {
-        let Some(&(_, origin)) = DIRECTIONS.iter().find(|(w, _)| *w == pair[0]) else {
+    for at in 0..words.len().saturating_sub(1) {
+        let Some(origin) = direction_at(words, at) else {
             continue;
         };
-        if FUNCTION_WORDS.contains(&pair[1].as_str()) {
+        let place = words[at + 1].as_str();
+        if FUNCTION_WORDS.contains(&place) {
             continue;
         }
         found
-            .entry(pair[1].as_str())
+            .entry(place)
             .and_modify(|seen| {
                 if *seen != Some(origin) {
                     *seen = None;
@@ -885,6 +899,11 @@ mod tests {
                 "I need a bus from Long Beach",
             ),
             ("a flight from SFO to JFK", "a flight from JFK to SFO"),
+            (
+                "one way flights that depart out of ATL",
+                "I'm looking to book a flight to ATL",
+            ),
+            ("a train leaving Fresno", "a train to Fresno"),
         ] {
             assert!(
                 matches!(verdict(a, b), Err(Rejection::Polarity { .. })),
@@ -898,6 +917,7 @@ mod tests {
                 "I would like to book a bus to Fresno",
             ),
             ("a flight from SFO to JFK", "flights to JFK from SFO"),
+            ("a flight out of SFO", "a flight from SFO"),
         ] {
             assert_eq!(verdict(a, b), Ok(()), "{a:?} ~ {b:?}");
         }

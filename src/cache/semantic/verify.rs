@@ -8,22 +8,24 @@
 //!   the hit nor any latency, and a uniform sample measures exactly what the budget bounds: the
 //!   error of answers served.
 //!   Disagreement raises that entry's cut-off above the probability it was served at, and while
-//!   the sampled error is above the budget (`verify_max_error`) every cut-off is raised a step.
+//!   the checked hits show, with 95% confidence, an error above the budget
+//!   (`verify_max_error`), every cut-off is raised a step.
 //! * A near miss (the best candidate within `verify_band` below its cut-off) goes upstream
 //!   anyway, so comparing its answer costs nothing. Agreement lowers that entry's cut-off to the
 //!   probability seen, unless the upstream ever disagreed at or above it, and the request's own
 //!   new entry is born with that cut-off.
-//! * Every comparison also teaches the neighbourhoods of the candidates judged within
-//!   `verify_band` of the cut-off, whether the request hit or missed: a miss goes upstream
-//!   anyway, so each of its candidates is a free labelled pair (its probability, and whether
-//!   the upstream answered as that candidate's entry does). A neighbourhood is every entry of
-//!   the scope holding the same answer; for a bot that answers by intent, the intent's other
-//!   wordings. Its evidence fits one shift of the model's log-odds (a logistic recalibration,
-//!   with a prior that keeps a few comparisons from moving it far), and every candidate of the
-//!   neighbourhood is judged, and weighed against its rivals, at its shifted probability: the
-//!   cache opens where the upstream answers alike at lower probabilities than the model
-//!   expects and closes where it answers differently at higher ones. For a backend that writes every answer afresh the neighbourhood is the entry alone,
-//!   and every comparison disagrees, so it closes.
+//! * Every comparison also teaches the neighbourhoods of the candidates judged above the
+//!   cut-off or within `verify_band` below it, whether the request hit or missed: a miss goes
+//!   upstream anyway, so each of its candidates is a free labelled pair (its probability, and
+//!   whether the upstream answered as that candidate's entry does). A neighbourhood is every
+//!   entry of the scope holding the same answer; for a bot that answers by intent, the
+//!   intent's other wordings. Its evidence fits one shift of the model's log-odds (a logistic
+//!   recalibration, with a prior that keeps a few comparisons from moving it far), and every
+//!   candidate of the neighbourhood is judged, and weighed against its rivals, at its shifted
+//!   probability: the cache opens where the upstream answers alike at lower probabilities
+//!   than the model expects and closes where it answers differently at higher ones. For a
+//!   backend that writes every answer afresh the neighbourhood is the entry alone, and every
+//!   comparison disagrees, so it closes.
 //!
 //! Answers agree when their texts are equal once case, punctuation and spacing are set aside.
 
