@@ -879,7 +879,7 @@ impl SemanticCache {
         }
         let id = plan.entry_id();
         let path = plan.path(&id);
-        let record = SemanticRecord {
+        let mut record = SemanticRecord {
             created_at_ms: now_ms(),
             ttl_secs: plan.ttl.as_secs().max(1),
             tenant: plan.tenant.clone(),
@@ -889,7 +889,8 @@ impl SemanticCache {
             scope: hex(&plan.scope),
             text: plan.text.clone(),
             vector: query.vector.clone(),
-            words: PackedWords::pack(&query),
+            // Packed off the response path, below.
+            words: None,
             threshold: None,
             wrong_reports: 0,
             cutoff,
@@ -901,6 +902,7 @@ impl SemanticCache {
         let scope = plan.scope;
         let ttl = plan.ttl;
         tokio::spawn(async move {
+            record.words = PackedWords::pack(&query);
             let Ok(bytes) = serde_json::to_vec(&record) else {
                 return;
             };
