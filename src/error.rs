@@ -2,6 +2,8 @@
 //! `{"error": {"message", "type", "param", "code"}}` (or Anthropic's shape on `/v1/messages`).
 //! Internal causes are logged where they happen; only what the client may know goes into the body.
 
+use std::time::Duration;
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -109,7 +111,11 @@ pub enum ApiError {
     #[error("the store is unavailable: {0}")]
     StoreUnavailable(String),
     #[error("no healthy upstream target for model `{route}`: every circuit breaker is open")]
-    NoHealthyTarget { route: String },
+    NoHealthyTarget {
+        route: String,
+        /// When the first of its breakers lets traffic through again (`Retry-After`).
+        retry_after: Duration,
+    },
     #[error(
         "the request did not complete within {seconds:.1}s (after {attempts} attempt(s); last error: {last})"
     )]
@@ -254,13 +260,28 @@ impl ApiError {
     }
 
     pub fn into_anthropic_response(self) -> Response {
-        (self.status(), axum::Json(self.anthropic_body())).into_response()
+        let body = self.anthropic_body();
+        self.with_headers((self.status(), axum::Json(body)).into_response())
+    }
+
+    /// `Retry-After` in whole seconds (rounded up, at least 1) where the gateway knows when trying
+    /// again can succeed, so the official SDKs wait that long by themselves.
+    fn with_headers(&self, mut response: Response) -> Response {
+        if let Self::NoHealthyTarget { retry_after, .. } = self {
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(seconds.max(1)),
+            );
+        }
+        response
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), axum::Json(self.openai_body())).into_response()
+        let body = self.openai_body();
+        self.with_headers((self.status(), axum::Json(body)).into_response())
     }
 }
 

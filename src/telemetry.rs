@@ -128,6 +128,7 @@ pub struct Metrics {
     upstream_attempts: Family<AttemptLabels, Counter>,
     extra_attempts: Family<ExtraAttemptLabels, Counter>,
     budget_exhausted: Family<RouteLabels, Counter>,
+    route_panics: Family<RouteLabels, Counter>,
     breaker_state: Family<TargetLabels, Gauge>,
     cache_requests: Family<CacheLabels, Counter>,
     cache_tokens_saved: Family<RouteLabels, Counter>,
@@ -193,6 +194,12 @@ impl Metrics {
             "retry_budget_exhausted",
             "Retries or hedges refused by the route's retry budget",
             budget_exhausted.clone(),
+        );
+        let route_panics = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "route_panics",
+            "Requests sent to targets open for their error rate because no target of the route admitted them",
+            route_panics.clone(),
         );
         let breaker_state = Family::<TargetLabels, Gauge>::default();
         registry.register(
@@ -337,6 +344,7 @@ impl Metrics {
             upstream_attempts,
             extra_attempts,
             budget_exhausted,
+            route_panics,
             breaker_state,
         }
     }
@@ -380,6 +388,14 @@ impl Metrics {
 
     pub fn budget_exhausted(&self, route: &str) {
         self.budget_exhausted
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn route_panic(&self, route: &str) {
+        self.route_panics
             .get_or_create(&RouteLabels {
                 route: route.to_owned(),
             })

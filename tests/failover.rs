@@ -268,7 +268,7 @@ async fn a_stream_that_breaks_after_its_first_token_ends_with_an_error_event() {
 #[tokio::test]
 async fn the_breaker_skips_a_failing_target_then_probes_it_after_the_cooldown() {
     let gw = Gateway::start(&format!(
-        "[breaker]\nconsecutive_failures = 2\ncooldown = \"400ms\"\n{}",
+        "[breaker]\nconsecutive_failures = 2\ncooldown = \"400ms\"\nrecovery = \"300ms\"\n{}",
         route(
             r#"{ provider = "mock", model = "flaky-3-500" }, { provider = "mock2", model = "ok" }"#,
             ""
@@ -314,6 +314,12 @@ async fn the_breaker_skips_a_failing_target_then_probes_it_after_the_cooldown() 
         Some("mock/flaky-3-500"),
         "the recovered target serves again"
     );
+    assert_eq!(
+        gw.breaker_state("mock/flaky-3-500").await,
+        "half_open",
+        "its share of traffic grows over the recovery period"
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
     assert_eq!(gw.breaker_state("mock/flaky-3-500").await, "closed");
 }
 
@@ -335,7 +341,13 @@ async fn when_every_breaker_is_open_the_request_fails_fast() {
             .contains("mock/status-500"),
         "{body}"
     );
-    let (status, _, _, body) = served_by(gw.chat(ask()).await).await;
+    let response = gw.chat(ask()).await;
+    let retry_after: u64 = header(&response, "retry-after")
+        .expect("503 says when to come back")
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+    let (status, _, _, body) = served_by(response).await;
     assert_eq!(status, 503);
     assert_eq!(body["error"]["code"], "no_healthy_target");
     assert_eq!(gw.mock.calls("status-500"), 1);

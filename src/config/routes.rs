@@ -13,19 +13,28 @@ use super::providers::ProviderConfig;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerConfig {
-    /// Open after this many consecutive failures.
+    /// While the target had fewer than `min_requests` attempts in `window`: open after this many
+    /// consecutive failures. At any volume: open after this many refused connections in a row.
     #[serde(default = "default_consecutive_failures")]
     pub consecutive_failures: u32,
-    /// ... or once this share of attempts in `window` failed (with at least `min_requests`).
+    /// With at least `min_requests` recent attempts: open once this share of them failed.
     #[serde(default = "default_error_ratio")]
     pub error_ratio: f64,
     #[serde(default = "default_min_requests")]
     pub min_requests: u32,
     #[serde(default = "default_breaker_window", with = "humantime_serde")]
     pub window: Duration,
-    /// How long an open breaker skips its target before one probe request is let through.
+    /// How long an open breaker skips its target before traffic is let through again.
     #[serde(default = "default_cooldown", with = "humantime_serde")]
     pub cooldown: Duration,
+    /// After the cool-down the target's share of traffic grows from 10% to all of it over this.
+    #[serde(default = "default_recovery", with = "humantime_serde")]
+    pub recovery: Duration,
+    /// When no target of a route admits a request, send it to one that is open only for its error
+    /// rate rather than answering 503 (Envoy's panic mode). Refused connections or credentials
+    /// still rule a target out.
+    #[serde(default = "default_panic")]
+    pub panic: bool,
 }
 
 impl Default for BreakerConfig {
@@ -36,6 +45,8 @@ impl Default for BreakerConfig {
             min_requests: default_min_requests(),
             window: default_breaker_window(),
             cooldown: default_cooldown(),
+            recovery: default_recovery(),
+            panic: default_panic(),
         }
     }
 }
@@ -54,6 +65,12 @@ fn default_breaker_window() -> Duration {
 }
 fn default_cooldown() -> Duration {
     Duration::from_secs(30)
+}
+fn default_recovery() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_panic() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -201,6 +218,12 @@ impl BreakerConfig {
         }
         if !(self.error_ratio > 0.0 && self.error_ratio <= 1.0) {
             return Err(FieldError::new("breaker.error_ratio", "must be in (0, 1]"));
+        }
+        if self.min_requests == 0 {
+            return Err(FieldError::new(
+                "breaker.min_requests",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }

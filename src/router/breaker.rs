@@ -1,26 +1,49 @@
-//! A circuit breaker per upstream target: closed, open after N consecutive failures or an error
-//! ratio over a window, half-open (one probe) after a cool-down.
+//! A circuit breaker per upstream target, built so that a degraded target keeps serving what it
+//! can and only a broken one is skipped:
+//!
+//! - **Closed → open on evidence that scales with volume.** Once the target has had
+//!   `min_requests` recent attempts, only the error *rate* of the most recent ones decides (a run of
+//!   five failures happens by chance every few thousand calls at a 20% error rate, and at volume that
+//!   is every second). Consecutive failures decide only below that volume, where a rate means little.
+//!   Credentials refused (401/403) open at once; so do `consecutive_failures` refused connections in
+//!   a row, whatever the volume, so a target that is really down is skipped within a second.
+//! - **Open → recovering after `cooldown`**: a share of traffic that grows linearly over `recovery`
+//!   goes through (slow start rather than one probe); the error rate since recovery began reopens
+//!   it, reaching the end of `recovery` without that closes it.
+//! - **Panic**: when no target of a route admits a request, the router may still send it to a target
+//!   that is open only for its error rate ([`Breaker::panic_permit`]), as Envoy's panic threshold
+//!   does. A target that refuses connections or credentials is not such a target.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use rand::Rng;
 use serde::Serialize;
 
 use super::policy::{HealthSignal, WindowCounter};
 use crate::config::BreakerConfig;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum State {
     Closed,
-    Open { until: Instant },
-    HalfOpen { probing: bool },
+    Open { until: Instant, cause: Cause },
+    Recovering { since: Instant },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// Too many failures: the target may still answer some requests.
+    Failing,
+    /// Connections or credentials refused: no request can succeed.
+    Broken,
 }
 
 #[derive(Debug)]
 struct Inner {
     state: State,
     consecutive_failures: u32,
+    consecutive_unreachable: u32,
     window: WindowCounter,
     last_error: Option<String>,
 }
@@ -31,43 +54,36 @@ pub struct Breaker {
     inner: Mutex<Inner>,
 }
 
-/// Leave to send one attempt. A half-open breaker hands out one probe permit at a time; a probe
-/// permit dropped without an outcome (its request was cancelled) frees the probe slot again.
+/// Leave to send one attempt; its outcome goes back to the breaker through [`Permit::settle`].
 #[must_use]
 pub struct Permit {
     breaker: Arc<Breaker>,
-    probe: bool,
-    settled: bool,
 }
 
 impl Permit {
-    pub fn settle(mut self, signal: HealthSignal, error: Option<String>) {
-        self.settled = true;
+    pub fn settle(self, signal: HealthSignal, error: Option<String>) {
         self.breaker.record(signal, error);
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        if self.probe && !self.settled {
-            let mut inner = self.breaker.inner.lock();
-            if inner.state == (State::HalfOpen { probing: true }) {
-                inner.state = State::HalfOpen { probing: false };
-            }
-        }
     }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BreakerSnapshot {
     pub state: &'static str,
+    /// The share of requests the breaker lets through now: 1 closed, 0 open, rising while recovering.
+    pub admitting: f64,
     pub consecutive_failures: u32,
     pub window_successes: u64,
     pub window_failures: u64,
-    /// Seconds until an open breaker lets a probe through.
+    /// Seconds until an open breaker starts letting traffic through again.
     pub retry_in_secs: Option<f64>,
     pub last_error: Option<String>,
 }
+
+/// The share a recovering target gets at the very start of its recovery.
+const RECOVERY_START_SHARE: f64 = 0.1;
+
+/// Connection failures in a row after which a target counts as down for panic routing.
+const DOWN_AFTER_UNREACHABLE: u32 = 2;
 
 impl Breaker {
     pub fn new(config: BreakerConfig) -> Arc<Self> {
@@ -77,30 +93,74 @@ impl Breaker {
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 consecutive_failures: 0,
+                consecutive_unreachable: 0,
                 window,
                 last_error: None,
             }),
         })
     }
 
-    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
-        let mut inner = self.inner.lock();
-        let probe = match inner.state {
-            State::Closed => false,
-            State::Open { until } if Instant::now() >= until => {
-                inner.state = State::HalfOpen { probing: true };
-                true
+    fn recovering_share(&self, since: Instant, now: Instant) -> f64 {
+        let recovery = self.config.recovery.as_secs_f64();
+        if recovery <= 0.0 {
+            return 1.0;
+        }
+        let progress = now.duration_since(since).as_secs_f64() / recovery;
+        (RECOVERY_START_SHARE + (1.0 - RECOVERY_START_SHARE) * progress).min(1.0)
+    }
+
+    /// Moves an expired open state to recovering and a finished recovery to closed.
+    fn advance(&self, inner: &mut Inner, now: Instant) {
+        match inner.state {
+            State::Open { until, .. } if now >= until => {
+                inner.state = State::Recovering { since: now };
+                inner.window = WindowCounter::new(self.config.window);
             }
-            State::Open { .. } | State::HalfOpen { probing: true } => return None,
-            State::HalfOpen { probing: false } => {
-                inner.state = State::HalfOpen { probing: true };
-                true
+            State::Recovering { since } if now.duration_since(since) >= self.config.recovery => {
+                inner.state = State::Closed;
+            }
+            _ => {}
+        }
+    }
+
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock();
+        let before = inner.state;
+        self.advance(&mut inner, now);
+        let admit = match inner.state {
+            State::Closed => true,
+            State::Open { .. } => false,
+            // The first request of a recovery always goes, so a quiet route still recovers.
+            State::Recovering { .. } if before != inner.state => true,
+            State::Recovering { since } => {
+                rand::rng().random_bool(self.recovering_share(since, now))
             }
         };
-        Some(Permit {
+        drop(inner);
+        admit.then(|| Permit {
             breaker: Arc::clone(self),
-            probe,
-            settled: false,
+        })
+    }
+
+    /// A permit for a route that has nothing else to try: granted to a target that is degraded,
+    /// one that answered some requests within the window, unless its credentials or its last
+    /// connections were refused.
+    pub fn panic_permit(self: &Arc<Self>) -> Option<Permit> {
+        let inner = self.inner.lock();
+        let (successes, _) = inner.window.sums(Instant::now());
+        let broken = successes == 0
+            || matches!(
+                inner.state,
+                State::Open {
+                    cause: Cause::Broken,
+                    ..
+                }
+            )
+            || inner.consecutive_unreachable >= DOWN_AFTER_UNREACHABLE;
+        drop(inner);
+        (!broken).then(|| Permit {
+            breaker: Arc::clone(self),
         })
     }
 
@@ -108,46 +168,75 @@ impl Breaker {
     pub fn record(&self, signal: HealthSignal, error: Option<String>) {
         let now = Instant::now();
         let mut inner = self.inner.lock();
+        self.advance(&mut inner, now);
         match signal {
-            HealthSignal::Neutral => {
-                if inner.state == (State::HalfOpen { probing: true }) {
-                    inner.state = State::HalfOpen { probing: false };
-                }
-            }
+            HealthSignal::Neutral => {}
             HealthSignal::Healthy => {
                 inner.window.add(now, 1, 0);
                 inner.consecutive_failures = 0;
-                if matches!(inner.state, State::HalfOpen { .. }) {
-                    inner.state = State::Closed;
-                    inner.window = WindowCounter::new(self.config.window);
-                }
+                inner.consecutive_unreachable = 0;
             }
-            HealthSignal::Failure | HealthSignal::Unusable => {
+            HealthSignal::Failure | HealthSignal::Unreachable | HealthSignal::Unusable => {
                 inner.window.add(now, 0, 1);
                 inner.consecutive_failures += 1;
+                if signal == HealthSignal::Unreachable {
+                    inner.consecutive_unreachable += 1;
+                } else {
+                    inner.consecutive_unreachable = 0;
+                }
                 inner.last_error = error;
-                let (ok, failed) = inner.window.sums(now);
-                let total = ok + failed;
-                let ratio_tripped = total >= u64::from(self.config.min_requests)
-                    && failed as f64 / total as f64 >= self.config.error_ratio;
-                let trip = signal == HealthSignal::Unusable
-                    || matches!(inner.state, State::HalfOpen { .. })
-                    || inner.consecutive_failures >= self.config.consecutive_failures
-                    || ratio_tripped;
-                if trip {
+                if let Some(cause) = self.trips(&inner, signal, now) {
                     inner.state = State::Open {
                         until: now + self.config.cooldown,
+                        cause,
                     };
                 }
             }
         }
     }
 
-    /// 0 closed, 1 half-open, 2 open: the `reprise_breaker_state` gauge.
+    /// Whether this failure opens the breaker, and why.
+    fn trips(&self, inner: &Inner, signal: HealthSignal, now: Instant) -> Option<Cause> {
+        if signal == HealthSignal::Unusable
+            || inner.consecutive_unreachable >= self.config.consecutive_failures
+        {
+            return Some(Cause::Broken);
+        }
+        let failing = match inner.state {
+            // Already open: later failures (of panic traffic) neither extend nor restart it.
+            State::Open { .. } => false,
+            // Recovery is judged on every outcome since it began, however few.
+            State::Recovering { .. } => {
+                let (ok, failed) = inner.window.sums(now);
+                failed as f64 >= self.config.error_ratio * (ok + failed) as f64
+            }
+            State::Closed => {
+                let min = u64::from(self.config.min_requests);
+                let (ok, failed) = inner.window.recent_sums(now, min);
+                if ok + failed >= min {
+                    failed as f64 >= self.config.error_ratio * (ok + failed) as f64
+                } else {
+                    inner.consecutive_failures >= self.config.consecutive_failures
+                }
+            }
+        };
+        failing.then_some(Cause::Failing)
+    }
+
+    /// How long until the breaker lets traffic through again; zero unless it is open.
+    pub fn retry_in(&self) -> Duration {
+        let now = Instant::now();
+        match self.inner.lock().state {
+            State::Open { until, .. } => until.saturating_duration_since(now),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// 0 closed, 1 recovering (half-open), 2 open: the `reprise_breaker_state` gauge.
     pub fn state_code(&self) -> i64 {
         match self.inner.lock().state {
             State::Closed => 0,
-            State::HalfOpen { .. } => 1,
+            State::Recovering { .. } => 1,
             State::Open { .. } => 2,
         }
     }
@@ -156,14 +245,23 @@ impl Breaker {
         let now = Instant::now();
         let inner = self.inner.lock();
         let (window_successes, window_failures) = inner.window.sums(now);
-        let (state, retry_in_secs) = match inner.state {
-            State::Closed => ("closed", None),
-            State::HalfOpen { .. } => ("half_open", None),
-            State::Open { until } if now >= until => ("half_open", Some(0.0)),
-            State::Open { until } => ("open", Some((until - now).as_secs_f64())),
+        let (state, admitting, retry_in_secs) = match inner.state {
+            State::Closed => ("closed", 1.0, None),
+            State::Recovering { since } => {
+                if now.duration_since(since) >= self.config.recovery {
+                    ("closed", 1.0, None)
+                } else {
+                    ("half_open", self.recovering_share(since, now), None)
+                }
+            }
+            State::Open { until, .. } if now >= until => {
+                ("half_open", RECOVERY_START_SHARE, Some(0.0))
+            }
+            State::Open { until, .. } => ("open", 0.0, Some((until - now).as_secs_f64())),
         };
         BreakerSnapshot {
             state,
+            admitting,
             consecutive_failures: inner.consecutive_failures,
             window_successes,
             window_failures,
@@ -176,64 +274,114 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
-    fn breaker(cooldown_ms: u64) -> Arc<Breaker> {
+    fn breaker(cooldown_ms: u64, recovery_ms: u64) -> Arc<Breaker> {
         Breaker::new(BreakerConfig {
             consecutive_failures: 3,
             error_ratio: 0.5,
             min_requests: 10,
             window: Duration::from_secs(30),
             cooldown: Duration::from_millis(cooldown_ms),
+            recovery: Duration::from_millis(recovery_ms),
+            panic: true,
         })
     }
 
-    fn fail(b: &Arc<Breaker>) {
+    fn outcome(b: &Arc<Breaker>, signal: HealthSignal) {
         b.try_acquire()
-            .unwrap()
-            .settle(HealthSignal::Failure, Some("boom".into()));
+            .expect("admitted")
+            .settle(signal, Some("boom".into()));
     }
 
     #[test]
-    fn opens_after_consecutive_failures_then_probes_once() {
-        let b = breaker(50);
-        fail(&b);
-        fail(&b);
-        assert!(b.try_acquire().is_some());
-        fail(&b);
+    fn at_low_volume_consecutive_failures_open_it_and_recovery_starts_with_one_request() {
+        let b = breaker(50, 0);
+        outcome(&b, HealthSignal::Failure);
+        outcome(&b, HealthSignal::Failure);
+        outcome(&b, HealthSignal::Failure);
         assert!(b.try_acquire().is_none(), "open after 3 failures");
+        assert!(b.retry_in() > Duration::ZERO);
         std::thread::sleep(Duration::from_millis(60));
-        let probe = b.try_acquire().expect("half-open probe");
-        assert!(b.try_acquire().is_none(), "only one probe at a time");
-        drop(probe);
-        let probe = b.try_acquire().expect("a cancelled probe frees the slot");
-        probe.settle(HealthSignal::Healthy, None);
+        outcome(&b, HealthSignal::Healthy);
         assert_eq!(b.snapshot().state, "closed");
     }
 
     #[test]
-    fn failed_probe_reopens_and_unusable_opens_at_once() {
-        let b = breaker(20);
-        b.try_acquire()
-            .unwrap()
-            .settle(HealthSignal::Unusable, Some("401".into()));
-        assert_eq!(b.snapshot().state, "open");
-        std::thread::sleep(Duration::from_millis(30));
-        fail(&b);
-        assert_eq!(b.snapshot().state, "open");
+    fn at_volume_a_run_of_failures_does_not_open_it_but_the_error_rate_does() {
+        let b = breaker(1000, 0);
+        for _ in 0..40 {
+            outcome(&b, HealthSignal::Healthy);
+        }
+        for _ in 0..8 {
+            outcome(&b, HealthSignal::Failure);
+        }
+        assert_eq!(b.snapshot().state, "closed", "8 in a row among 48 is 17%");
+        for _ in 0..31 {
+            outcome(&b, HealthSignal::Failure);
+        }
+        assert_eq!(b.snapshot().state, "closed", "39 of 79 failed");
+        outcome(&b, HealthSignal::Failure);
+        assert_eq!(b.snapshot().state, "open", "40 of 80 failed");
     }
 
     #[test]
-    fn opens_on_error_ratio_once_the_window_has_enough_attempts() {
-        let b = breaker(1000);
-        // Alternating success and failure never makes 3 failures in a row; the 50% ratio trips
-        // the breaker exactly when the window reaches min_requests (10 attempts).
-        for round in 1..=5 {
-            b.try_acquire().unwrap().settle(HealthSignal::Healthy, None);
-            assert_eq!(b.snapshot().state, "closed", "round {round}");
-            fail(&b);
+    fn a_target_that_answered_nothing_in_the_window_is_not_used_in_panic() {
+        let b = breaker(1000, 0);
+        for _ in 0..3 {
+            outcome(&b, HealthSignal::Failure);
         }
         assert_eq!(b.snapshot().state, "open");
-        assert_eq!(b.snapshot().window_failures, 5);
+        assert!(b.panic_permit().is_none());
+    }
+
+    #[test]
+    fn refused_connections_open_it_at_any_volume_and_rule_out_panic() {
+        let b = breaker(1000, 0);
+        for _ in 0..1000 {
+            outcome(&b, HealthSignal::Healthy);
+        }
+        for _ in 0..3 {
+            outcome(&b, HealthSignal::Unreachable);
+        }
+        assert_eq!(b.snapshot().state, "open");
+        assert!(b.panic_permit().is_none());
+    }
+
+    #[test]
+    fn a_failing_target_may_serve_in_panic_and_recovers_gradually() {
+        let b = breaker(20, 400);
+        outcome(&b, HealthSignal::Healthy);
+        for _ in 0..3 {
+            outcome(&b, HealthSignal::Failure);
+        }
+        assert!(b.try_acquire().is_none());
+        b.panic_permit()
+            .expect("only failing: panic may use it")
+            .settle(HealthSignal::Failure, None);
+        std::thread::sleep(Duration::from_millis(30));
+        outcome(&b, HealthSignal::Healthy);
+        let snapshot = b.snapshot();
+        assert_eq!(snapshot.state, "half_open");
+        assert!(snapshot.admitting < 0.5, "{}", snapshot.admitting);
+        let admitted = (0..1000).filter(|_| b.try_acquire().is_some()).count();
+        assert!((50..500).contains(&admitted), "{admitted} of 1000");
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(b.snapshot().state, "closed");
+        assert!(b.try_acquire().is_some());
+    }
+
+    #[test]
+    fn a_failure_early_in_recovery_reopens_and_unusable_opens_at_once() {
+        let b = breaker(20, 1000);
+        outcome(&b, HealthSignal::Healthy);
+        outcome(&b, HealthSignal::Unusable);
+        assert_eq!(b.snapshot().state, "open");
+        assert!(
+            b.panic_permit().is_none(),
+            "refused credentials never serve"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        outcome(&b, HealthSignal::Failure);
+        assert_eq!(b.snapshot().state, "open");
     }
 }

@@ -51,6 +51,7 @@ pub struct Route {
     timeouts: TimeoutConfig,
     hedge_after: Option<Duration>,
     budget: RetryBudget,
+    panic: bool,
 }
 
 impl Route {
@@ -154,6 +155,7 @@ impl Router {
                         route.retry.budget_ratio,
                         route.retry.budget_min_per_sec,
                     ),
+                    panic: config.breaker.panic,
                 }),
             );
         }
@@ -454,7 +456,7 @@ fn after_failure(
                 )),
             };
             wait.and_then(|delay| {
-                let permit = route.targets[index].breaker.try_acquire()?;
+                let permit = plan.acquire(index)?;
                 Some(NextAttempt {
                     index,
                     permit,
@@ -485,6 +487,9 @@ struct Plan<'r> {
     /// Providers skipped for want of a key: named in the error even when another target failed
     /// last, since the key is what the operator has to fix.
     missing_keys: Vec<Arc<str>>,
+    /// No breaker admitted the request's first attempt, so it goes to targets that are open only
+    /// for their error rate rather than nowhere.
+    panic: bool,
 }
 
 impl<'r> Plan<'r> {
@@ -496,15 +501,41 @@ impl<'r> Plan<'r> {
             cursor: 0,
             tries: vec![0; route.targets.len()],
             missing_keys: Vec::new(),
+            panic: false,
         }
     }
 
-    /// The next fresh target in the route's order whose breaker lets a request through.
+    fn acquire(&self, index: usize) -> Option<Permit> {
+        let breaker = &self.route.targets[index].breaker;
+        breaker.try_acquire().or_else(|| {
+            if self.panic {
+                breaker.panic_permit()
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The next fresh target in the route's order whose breaker lets a request through. If none
+    /// admits the request's first attempt, the route panics (when allowed) and the walk restarts.
     fn next_target(&mut self, kind: Option<ExtraAttempt>) -> Option<NextAttempt> {
+        if let Some(next) = self.next_admitted(kind) {
+            return Some(next);
+        }
+        if kind.is_some() || self.panic || !self.route.panic {
+            return None;
+        }
+        self.panic = true;
+        self.cursor = 0;
+        self.metrics.route_panic(&self.route.name);
+        self.next_admitted(kind)
+    }
+
+    fn next_admitted(&mut self, kind: Option<ExtraAttempt>) -> Option<NextAttempt> {
         while let Some(&index) = self.order.get(self.cursor) {
             self.cursor += 1;
             let target = &self.route.targets[index];
-            match target.breaker.try_acquire() {
+            match self.acquire(index) {
                 Some(permit) => {
                     return Some(NextAttempt {
                         index,
@@ -513,10 +544,11 @@ impl<'r> Plan<'r> {
                         kind,
                     });
                 }
-                None => {
+                None if !self.panic => {
                     self.metrics
                         .upstream_attempt(&target.id, "skipped_breaker_open");
                 }
+                None => {}
             }
         }
         None
@@ -543,8 +575,15 @@ fn rejected(error: ProviderError) -> ApiError {
 /// The client's error once every target failed or was skipped.
 fn exhausted(route: &Route, last: Option<(usize, ProviderError)>, plan: &Plan<'_>) -> ApiError {
     let Some((index, error)) = last else {
+        let retry_after = route
+            .targets
+            .iter()
+            .map(|target| target.breaker.retry_in())
+            .min()
+            .unwrap_or_default();
         return ApiError::NoHealthyTarget {
             route: route.name.clone(),
+            retry_after,
         };
     };
     let attempts: u32 = plan.tries.iter().sum();

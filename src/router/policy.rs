@@ -27,6 +27,8 @@ pub enum HealthSignal {
     /// The target answered properly; the request was the problem.
     Healthy,
     Failure,
+    /// No connection could be made: refused, unresolvable or timed out while connecting.
+    Unreachable,
     /// The target's credentials are refused (401/403): no request can succeed until the config is
     /// fixed, so the breaker opens at once.
     Unusable,
@@ -38,7 +40,8 @@ pub fn classify(error: &ProviderError) -> (Disposition, HealthSignal) {
     use Disposition::*;
     use HealthSignal::*;
     match error {
-        ProviderError::Connect(_) | ProviderError::InvalidResponse(_) => (Failover, Failure),
+        ProviderError::Connect(_) => (Failover, Unreachable),
+        ProviderError::InvalidResponse(_) => (Failover, Failure),
         ProviderError::Transport(_) | ProviderError::StreamBroken(_) => {
             (Retry { retry_after: None }, Failure)
         }
@@ -113,6 +116,26 @@ impl WindowCounter {
         let slot = self.bucket(now);
         slot.1 += a;
         slot.2 += b;
+    }
+
+    /// The sums over the most recent whole seconds that hold at least `min_total` (or the whole
+    /// window if it holds fewer): a rate over recent traffic at volume, over the window when quiet.
+    pub fn recent_sums(&self, now: Instant, min_total: u64) -> (u64, u64) {
+        let second = now.duration_since(self.origin).as_secs();
+        let len = self.buckets.len() as u64;
+        let (mut a, mut b) = (0, 0);
+        for back in 0..len.min(second + 1) {
+            let at = second - back;
+            let (stamp, x, y) = self.buckets[(at % len) as usize];
+            if stamp == at {
+                a += x;
+                b += y;
+            }
+            if a + b >= min_total {
+                break;
+            }
+        }
+        (a, b)
     }
 
     pub fn sums(&self, now: Instant) -> (u64, u64) {
@@ -199,8 +222,8 @@ mod tests {
         );
         assert_eq!(classify(&status(403)).1, HealthSignal::Unusable);
         assert_eq!(
-            classify(&ProviderError::Connect("x".into())).0,
-            Disposition::Failover
+            classify(&ProviderError::Connect("x".into())),
+            (Disposition::Failover, HealthSignal::Unreachable)
         );
         assert_eq!(
             classify(&ProviderError::Timeout(TimeoutKind::FirstToken)),

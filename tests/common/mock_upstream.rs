@@ -8,6 +8,7 @@
 //! | `constant`           | answers every question with the same text, `the one answer`               |
 //! | `status-N`           | always answers status N with an error body in the API's shape             |
 //! | `flaky-K-N`          | the first K calls answer status N, later calls answer normally            |
+//! | `chance-P-N`         | each call answers status N with probability P%, else normally             |
 //! | `retry-after-S`      | the first call answers 429 with `Retry-After: S` (seconds), then normally |
 //! | `hang`               | never answers                                                             |
 //! | `slow-MS`            | waits MS ms before the answer (streams: before the first token)           |
@@ -134,6 +135,14 @@ fn plan(model: &str, call: usize) -> Plan {
             status: code.parse().unwrap(),
             retry_after: None,
         },
+        ["chance", percent, code]
+            if rand::random_range(0..100) < percent.parse::<u32>().unwrap() =>
+        {
+            Plan::Status {
+                status: code.parse().unwrap(),
+                retry_after: None,
+            }
+        }
         ["retry", "after", secs] if call == 0 => Plan::Status {
             status: 429,
             retry_after: Some(secs.parse().unwrap()),
