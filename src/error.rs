@@ -110,6 +110,8 @@ pub enum ApiError {
     },
     #[error("the store is unavailable: {0}")]
     StoreUnavailable(String),
+    #[error("the request body did not arrive within {seconds:.0}s")]
+    BodyTimeout { seconds: f64 },
     #[error("no healthy upstream target for model `{route}`: every circuit breaker is open")]
     NoHealthyTarget {
         route: String,
@@ -150,6 +152,7 @@ impl ApiError {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminOnly => StatusCode::FORBIDDEN,
             Self::ModelNotFound { .. } | Self::NotFound { .. } => StatusCode::NOT_FOUND,
@@ -168,6 +171,7 @@ impl ApiError {
         match self {
             Self::InvalidRequest { .. } => "invalid_request",
             Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BodyTimeout { .. } => "body_timeout",
             Self::Unauthorized => "unauthorized",
             Self::AdminOnly => "admin_only",
             Self::ModelNotFound { .. } => "model_not_found",
@@ -198,6 +202,11 @@ impl ApiError {
                 "invalid_request_error".into(),
                 None,
                 owned("invalid_api_key"),
+            ),
+            Self::BodyTimeout { .. } => (
+                "invalid_request_error".into(),
+                None,
+                owned("request_timeout"),
             ),
             Self::AdminOnly => ("permission_error".into(), None, owned("admin_key_required")),
             Self::ModelNotFound { .. } => (
@@ -267,6 +276,13 @@ impl ApiError {
     /// `Retry-After` in whole seconds (rounded up, at least 1) where the gateway knows when trying
     /// again can succeed, so the official SDKs wait that long by themselves.
     fn with_headers(&self, mut response: Response) -> Response {
+        if let Self::BodyTimeout { .. } = self {
+            // The rest of the body may still be on its way: the connection cannot be reused.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         if let Self::NoHealthyTarget { retry_after, .. } = self {
             let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             response.headers_mut().insert(

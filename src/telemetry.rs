@@ -63,6 +63,12 @@ struct SemanticLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientTimeoutLabels {
+    /// `header` (no whole request head in time, idle keep-alive included) or `body`.
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GuardLabels {
     guard: &'static str,
 }
@@ -123,12 +129,16 @@ pub enum ExtraAttempt {
 
 pub struct Metrics {
     registry: Registry,
+    /// Off: per-tenant series carry `tenant="all"`, so the exposition names no tenant.
+    tenant_labels: bool,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     upstream_attempts: Family<AttemptLabels, Counter>,
     extra_attempts: Family<ExtraAttemptLabels, Counter>,
     budget_exhausted: Family<RouteLabels, Counter>,
     route_panics: Family<RouteLabels, Counter>,
+    connections_open: Gauge,
+    client_timeouts: Family<ClientTimeoutLabels, Counter>,
     breaker_state: Family<TargetLabels, Gauge>,
     cache_requests: Family<CacheLabels, Counter>,
     cache_tokens_saved: Family<RouteLabels, Counter>,
@@ -194,6 +204,18 @@ impl Metrics {
             "retry_budget_exhausted",
             "Retries or hedges refused by the route's retry budget",
             budget_exhausted.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections open",
+            connections_open.clone(),
+        );
+        let client_timeouts = Family::<ClientTimeoutLabels, Counter>::default();
+        registry.register(
+            "client_timeouts",
+            "Client connections closed for sending a request head or body too slowly",
+            client_timeouts.clone(),
         );
         let route_panics = Family::<RouteLabels, Counter>::default();
         registry.register(
@@ -345,8 +367,20 @@ impl Metrics {
             extra_attempts,
             budget_exhausted,
             route_panics,
+            connections_open,
+            client_timeouts,
             breaker_state,
+            tenant_labels: true,
         }
+    }
+
+    pub fn with_tenant_labels(mut self, on: bool) -> Self {
+        self.tenant_labels = on;
+        self
+    }
+
+    fn tenant_label(&self, tenant: &str) -> String {
+        if self.tenant_labels { tenant } else { "all" }.to_owned()
     }
 
     pub fn request(&self, endpoint: &'static str, route: &str, status: u16, elapsed: Duration) {
@@ -394,6 +428,24 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts the connection as open until the returned guard is dropped.
+    pub fn connection_opened(&self) -> impl Drop + use<> {
+        struct Open(Gauge);
+        impl Drop for Open {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        self.connections_open.inc();
+        Open(self.connections_open.clone())
+    }
+
+    pub fn client_timed_out(&self, kind: &'static str) {
+        self.client_timeouts
+            .get_or_create(&ClientTimeoutLabels { kind })
+            .inc();
+    }
+
     pub fn route_panic(&self, route: &str) {
         self.route_panics
             .get_or_create(&RouteLabels {
@@ -420,7 +472,7 @@ impl Metrics {
     ) {
         self.cache_requests
             .get_or_create(&CacheLabels {
-                tenant: tenant.to_owned(),
+                tenant: self.tenant_label(tenant),
                 route: route.to_owned(),
                 outcome,
             })
@@ -454,7 +506,7 @@ impl Metrics {
     pub fn semantic_lookup(&self, tenant: &str, route: &str, outcome: &str, elapsed: Duration) {
         self.semantic_lookups
             .get_or_create(&SemanticLabels {
-                tenant: tenant.to_owned(),
+                tenant: self.tenant_label(tenant),
                 route: route.to_owned(),
                 outcome: outcome.to_owned(),
             })

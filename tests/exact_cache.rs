@@ -743,7 +743,18 @@ async fn admin_purges_by_key_namespace_tenant_and_everything() {
     );
 
     c.wait_for_writes(6).await;
-    let purged: Value = c.purge(json!({})).await.json().await.unwrap();
+    for nothing_said in [json!({}), json!({"all": false}), json!(null)] {
+        let response = c.purge(nothing_said.clone()).await;
+        assert_eq!(response.status(), 400, "{nothing_said} purges nothing");
+    }
+    let response = c.purge(json!({"all": true, "tenant": "a"})).await;
+    assert_eq!(response.status(), 400, "all with a selector is ambiguous");
+    assert_eq!(
+        status(c.request(KEY_A, ask("two"), &[]).await).as_deref(),
+        Some("hit"),
+        "refused purges removed nothing"
+    );
+    let purged: Value = c.purge(json!({"all": true})).await.json().await.unwrap();
     assert!(purged["purged"].as_u64().unwrap() >= 3, "{purged}");
     assert_eq!(
         status(c.request(KEY_A, ask("two"), &[]).await).as_deref(),

@@ -410,3 +410,23 @@ async fn metrics_count_requests_and_attempts() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served_too() {
+    let gw = Gateway::start(ROUTES).await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = client
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY_A)
+        .json(&json!({"model": "chat", "messages": user("over h2")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: over h2");
+}

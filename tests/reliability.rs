@@ -127,3 +127,21 @@ async fn a_route_whose_only_target_refuses_connections_fails_fast_rather_than_pa
     assert!(header(&response, "retry-after").is_some());
     assert!(started.elapsed() < Duration::from_millis(200));
 }
+
+#[tokio::test]
+async fn error_bodies_name_the_target_and_the_failure_but_no_address() {
+    let gw = Gateway::start(&route(
+        r#"{ provider = "dead", model = "m" }"#,
+        "[routes.r.retry]\nattempts_per_target = 1",
+    ))
+    .await;
+    let response = gw
+        .chat(json!({"model": "r", "messages": user("hello")}))
+        .await;
+    assert_eq!(response.status(), 502);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("dead/m: could not connect"), "{body}");
+    for internal in ["127.0.0.1", "http://", ":1/", "tcp connect", "os error"] {
+        assert!(!body.contains(internal), "{internal} in {body}");
+    }
+}

@@ -180,10 +180,13 @@ pub struct CacheStatsRow {
     pub counters: RouteStats,
 }
 
-/// What an admin purge removes: everything, or narrowed by tenant, route, namespace, or one key.
+/// What an admin purge removes: narrowed by tenant, route, namespace, or one key, or everything
+/// with an explicit `all`. An empty selector is refused rather than read as "everything".
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PurgeSelector {
+    #[serde(default)]
+    pub all: bool,
     pub tenant: Option<String>,
     pub route: Option<String>,
     pub namespace: Option<String>,
@@ -495,6 +498,25 @@ impl CacheStage {
 
     /// Removes cache entries, exact and semantic; how many.
     pub async fn purge(&self, selector: PurgeSelector) -> Result<u64, ApiError> {
+        let narrowed = selector.tenant.is_some()
+            || selector.route.is_some()
+            || selector.namespace.is_some()
+            || selector.key.is_some();
+        match (selector.all, narrowed) {
+            (false, false) => {
+                return Err(ApiError::invalid(
+                    "say what to purge: tenant, route, namespace or key, or {\"all\": true} for every tenant's entries",
+                    None,
+                ));
+            }
+            (true, true) => {
+                return Err(ApiError::invalid(
+                    "\"all\" purges everything and cannot be combined with a selector",
+                    Some("all"),
+                ));
+            }
+            _ => {}
+        }
         let store = self.store()?;
         if let Some(tenant) = &selector.tenant
             && !self.tenants.contains(tenant)

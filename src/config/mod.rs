@@ -33,7 +33,7 @@ pub use prompts::PromptsConfig;
 pub use providers::{ProviderConfig, ProviderKind};
 pub use routes::{BreakerConfig, RetryConfig, RouteConfig, Strategy, TargetConfig, TimeoutConfig};
 pub use semantic::{SemanticConfig, VerifierKind};
-pub use server::{LogConfig, LogFormat, ServerConfig};
+pub use server::{LogConfig, LogFormat, MetricsConfig, ServerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -75,6 +75,8 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     pub auth: AuthConfig,
     #[serde(default)]
     pub breaker: BreakerConfig,
@@ -211,6 +213,7 @@ impl Config {
     fn validate(&self) -> Result<(), FieldError> {
         self.server.validate()?;
         self.log.validate()?;
+        self.metrics.validate(&self.server)?;
         self.auth.validate()?;
         self.breaker.validate()?;
         self.cache.validate(

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::FieldError;
@@ -18,9 +19,24 @@ pub struct ServerConfig {
     /// How long in-flight requests may run after SIGTERM before the process exits anyway.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Upper bound on requests served at once; beyond it new requests wait for a free slot.
+    /// Upper bound on requests served at once; beyond it new requests wait for a free slot. A
+    /// request takes its slot once its body is read, so a slow client holds none.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// The most slots one tenant may hold, so others always find one free. Unset: all but a
+    /// tenth of `max_in_flight`. Freed slots go first to the waiting tenant holding fewest.
+    #[serde(default)]
+    pub max_in_flight_per_tenant: Option<usize>,
+    /// Open connections at most; beyond it the gateway stops accepting until one closes.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A connection must send a whole request head within this of opening, or of its previous
+    /// answer (so it also bounds how long an idle keep-alive connection stays open).
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A request body must arrive whole within this of its head; else 408 and the connection closes.
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
     /// Threads serving requests. Unset: one per core (tokio's multi-threaded scheduler). 1: a
     /// single-threaded runtime without cross-thread wake-ups: less CPU per request, and on a
     /// machine with few cores no loss of throughput (see the README's benchmark section).
@@ -35,6 +51,10 @@ impl Default for ServerConfig {
             max_body_bytes: default_max_body_bytes(),
             shutdown_grace: default_shutdown_grace(),
             max_in_flight: default_max_in_flight(),
+            max_in_flight_per_tenant: None,
+            max_connections: default_max_connections(),
+            header_timeout: default_header_timeout(),
+            body_timeout: default_body_timeout(),
             worker_threads: None,
         }
     }
@@ -51,6 +71,79 @@ fn default_shutdown_grace() -> Duration {
 }
 fn default_max_in_flight() -> usize {
     10_000
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl ServerConfig {
+    /// `max_in_flight_per_tenant`, or its default.
+    pub fn tenant_in_flight(&self) -> usize {
+        self.max_in_flight_per_tenant
+            .unwrap_or_else(|| self.max_in_flight - (self.max_in_flight / 10).max(1))
+            .max(1)
+    }
+}
+
+/// `[metrics]`: who may read `/metrics`, where, and whether tenants appear in it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `/metrics` then needs `Authorization: Bearer <token>` (the admin key is accepted too).
+    #[serde(default)]
+    pub token: Option<SecretString>,
+    /// Serve `/metrics` and `/healthz` on this address (say, a port only the scraper reaches)
+    /// instead of the API listener.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Label per-tenant series with the tenant's name; off, they read `tenant="all"`.
+    #[serde(default = "default_tenant_labels")]
+    pub tenant_labels: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            listen: None,
+            tenant_labels: default_tenant_labels(),
+        }
+    }
+}
+
+fn default_tenant_labels() -> bool {
+    true
+}
+
+impl MetricsConfig {
+    pub(super) fn validate(&self, server: &ServerConfig) -> Result<(), FieldError> {
+        if self
+            .token
+            .as_ref()
+            .is_some_and(|token| token.expose_secret().is_empty())
+        {
+            return Err(FieldError::new(
+                "metrics.token",
+                "must not be empty when set",
+            ));
+        }
+        if self
+            .listen
+            .is_some_and(|listen| listen == server.listen && listen.port() != 0)
+        {
+            return Err(FieldError::new(
+                "metrics.listen",
+                "must differ from server.listen (leave it out to serve /metrics there)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +181,25 @@ impl ServerConfig {
         }
         if self.max_in_flight == 0 {
             return Err(FieldError::new("server.max_in_flight", "must be above 0"));
+        }
+        if let Some(per_tenant) = self.max_in_flight_per_tenant
+            && (per_tenant == 0 || per_tenant > self.max_in_flight)
+        {
+            return Err(FieldError::new(
+                "server.max_in_flight_per_tenant",
+                "must be between 1 and server.max_in_flight",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(FieldError::new("server.max_connections", "must be above 0"));
+        }
+        for (field, value) in [
+            ("server.header_timeout", self.header_timeout),
+            ("server.body_timeout", self.body_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(FieldError::new(field, "must be above 0"));
+            }
         }
         Ok(())
     }

@@ -5,7 +5,9 @@ use futures::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::Value;
 
-use super::{ChatReply, Provider, ProviderError, error_chain, post_json, read_json, sensitive};
+use super::{
+    ChatReply, Provider, ProviderError, event_stream_chain, post_json, read_json, sensitive,
+};
 use crate::protocol::anthropic::{StreamToOpenAi, request_from_openai, response_to_openai};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 
@@ -63,7 +65,7 @@ impl Provider for Anthropic {
                 let event = match event {
                     Ok(event) => event,
                     Err(e) => {
-                        yield Err(ProviderError::StreamBroken(error_chain(&e)));
+                        yield Err(ProviderError::StreamBroken(event_stream_chain(e)));
                         return;
                     }
                 };

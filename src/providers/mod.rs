@@ -92,17 +92,43 @@ impl ProviderError {
         }
     }
 
+    /// What the client is told: the kind of failure, and the upstream's own message for an
+    /// error status. The transport details (which may name hosts, ports or the proxy) are for
+    /// the gateway's log only.
+    pub fn for_client(&self) -> std::borrow::Cow<'_, str> {
+        use std::borrow::Cow::{Borrowed, Owned};
+        match self {
+            Self::Connect(_) => Borrowed("could not connect"),
+            Self::Transport(_) => Borrowed("the connection failed"),
+            Self::InvalidResponse(_) => Borrowed("sent a response the gateway could not read"),
+            Self::StreamBroken(_) => Borrowed("the stream broke"),
+            other => Owned(other.to_string()),
+        }
+    }
+
     fn from_send(error: reqwest::Error) -> Self {
-        // The upstream's address is ours, not the client's business: it stays out of error
-        // bodies and log lines.
-        let error = error.without_url();
         if error.is_connect() {
-            Self::Connect(error_chain(&error))
+            Self::Connect(reqwest_chain(error))
         } else if error.is_timeout() {
             Self::Timeout(TimeoutKind::Attempt)
         } else {
-            Self::Transport(error_chain(&error))
+            Self::Transport(reqwest_chain(error))
         }
+    }
+}
+
+/// The upstream's address is ours, not anyone else's business: it stays out of error bodies and
+/// log lines.
+pub(crate) fn reqwest_chain(error: reqwest::Error) -> String {
+    error_chain(&error.without_url())
+}
+
+pub(crate) fn event_stream_chain(
+    error: eventsource_stream::EventStreamError<reqwest::Error>,
+) -> String {
+    match error {
+        eventsource_stream::EventStreamError::Transport(error) => reqwest_chain(error),
+        other => error_chain(&other),
     }
 }
 
@@ -272,7 +298,7 @@ async fn read_json(response: reqwest::Response) -> Result<Value, ProviderError> 
     let bytes = response
         .bytes()
         .await
-        .map_err(|e| ProviderError::Transport(error_chain(&e)))?;
+        .map_err(|e| ProviderError::Transport(reqwest_chain(e)))?;
     serde_json::from_slice(&bytes).map_err(|e| ProviderError::InvalidResponse(e.to_string()))
 }
 

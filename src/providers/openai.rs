@@ -6,7 +6,9 @@ use futures::StreamExt;
 use reqwest::header::{AUTHORIZATION, HeaderMap};
 use serde_json::Value;
 
-use super::{ChatReply, Provider, ProviderError, error_chain, post_json, read_json, sensitive};
+use super::{
+    ChatReply, Provider, ProviderError, event_stream_chain, post_json, read_json, sensitive,
+};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 
 pub struct OpenAiCompatible {
@@ -79,7 +81,7 @@ impl Provider for OpenAiCompatible {
                         }
                     }
                     Some(Err(e)) => {
-                        yield Err(ProviderError::StreamBroken(error_chain(&e)));
+                        yield Err(ProviderError::StreamBroken(event_stream_chain(e)));
                         return;
                     }
                     None => {

@@ -557,7 +557,7 @@ impl<'r> Plan<'r> {
 
 fn describe(route: &Route, last: Option<&(usize, ProviderError)>) -> String {
     match last {
-        Some((index, error)) => format!("{}: {error}", route.targets[*index].id),
+        Some((index, error)) => format!("{}: {}", route.targets[*index].id, error.for_client()),
         None => "none".to_owned(),
     }
 }
@@ -587,7 +587,7 @@ fn exhausted(route: &Route, last: Option<(usize, ProviderError)>, plan: &Plan<'_
         };
     };
     let attempts: u32 = plan.tries.iter().sum();
-    let mut last = format!("{}: {error}", route.targets[index].id);
+    let mut last = format!("{}: {}", route.targets[index].id, error.for_client());
     if !matches!(error, ProviderError::MissingKey(_)) && !plan.missing_keys.is_empty() {
         let names: Vec<&str> = plan.missing_keys.iter().map(|p| &**p).collect();
         last.push_str(&format!(

@@ -43,7 +43,7 @@ pub async fn cache_purge(
         return error.into_response();
     }
     let selector: PurgeSelector =
-        match super::body::read_limited(body, 64 * 1024)
+        match super::read_body(&state, body, 64 * 1024)
             .await
             .and_then(|bytes| {
                 if bytes.is_empty() {
@@ -64,7 +64,10 @@ pub async fn cache_purge(
     }
 }
 
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(error) = state.auth.metrics_reader(&headers) {
+        return error.into_response();
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

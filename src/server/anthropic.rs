@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::json;
 
-use super::{AppState, Endpoint, authenticated_request, trace_headers};
+use super::{Admitted, AppState, Endpoint, authenticated_request, trace_headers};
 use crate::error::ApiError;
 use crate::pipeline::{Failed, Trace};
 use crate::protocol::anthropic::{MessagesRequest, StreamFromOpenAi, response_from_openai};
@@ -35,11 +35,14 @@ pub async fn messages(
         let headers = trace_headers(&failed.trace);
         (headers, failed.error.into_anthropic_response()).into_response()
     };
-    let (context, request): (_, MessagesRequest) =
-        match authenticated_request(&state, &headers, body).await {
-            Ok(parsed) => parsed,
-            Err(error) => return fail(error.into()),
-        };
+    let Admitted {
+        context,
+        request,
+        _slot,
+    }: Admitted<MessagesRequest> = match authenticated_request(&state, &headers, body).await {
+        Ok(parsed) => parsed,
+        Err(error) => return fail(error.into()),
+    };
     let request = match request.into_openai() {
         Ok(request) => request,
         Err(error) => return fail(ApiError::from(error).into()),
@@ -78,7 +81,7 @@ fn anthropic_sse(
                 }
                 Err(error) => {
                     let body = json!({"type": "error", "error": {
-                        "type": "api_error", "message": format!("upstream failed mid-stream: {error}"),
+                        "type": "api_error", "message": format!("upstream failed mid-stream: {}", error.for_client()),
                     }});
                     yield Ok(Event::default().event("error").data(body.to_string()));
                     return;

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use axum::http::HeaderMap;
 use secrecy::ExposeSecret;
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, MetricsConfig};
 use crate::error::ApiError;
 
 pub struct Auth {
     tenants_by_key_hash: HashMap<[u8; 32], Arc<str>>,
     admin_key_hash: Option<[u8; 32]>,
+    /// `[metrics] token`: with it, `/metrics` needs this token or the admin key.
+    metrics_token_hash: Option<[u8; 32]>,
 }
 
 fn digest(key: &str) -> [u8; 32] {
@@ -32,8 +34,9 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
 }
 
 impl Auth {
-    pub fn from_config(config: &AuthConfig) -> Self {
+    pub fn from_config(config: &AuthConfig, metrics: &MetricsConfig) -> Self {
         Self {
+            metrics_token_hash: metrics.token.as_ref().map(|t| digest(t.expose_secret())),
             tenants_by_key_hash: config
                 .keys
                 .iter()
@@ -58,6 +61,19 @@ impl Auth {
             Ok(())
         } else {
             Err(ApiError::AdminOnly)
+        }
+    }
+
+    /// Whether these headers may read `/metrics`: anyone when no token is configured.
+    pub fn metrics_reader(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(token) = self.metrics_token_hash else {
+            return Ok(());
+        };
+        let presented = presented_key(headers).map(digest);
+        if presented.is_some_and(|key| key == token || Some(key) == self.admin_key_hash) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized)
         }
     }
 }

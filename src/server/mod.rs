@@ -6,8 +6,12 @@
 //! 3. trace: one span per request (tenant, route, target, attempts), one line with status and latency;
 //! 4. request id propagation onto the response;
 //! 5. panic catcher: a bug answers 500 in OpenAI's error shape; being inside 2-4, that answer still
-//!    carries the request id and is logged like any other;
-//! 6. an in-flight limit (`server.max_in_flight`), one semaphore shared by all routes.
+//!    carries the request id and is logged like any other.
+//!
+//! The in-flight limit is not a layer: an API request takes a slot (`admission`) once it is
+//! authenticated and its body is read, so slow clients hold none, tenants share the slots fairly,
+//! and `/healthz` and `/metrics` never wait for one. Connections (their cap, header and idle
+//! timeouts, shutdown) are `listener`'s.
 //!
 //! `tests/openai_api.rs` pins the observable part: every response, errors included, has the id.
 //!
@@ -15,9 +19,11 @@
 //! its signature instead of travelling as a request extension.
 
 mod admin;
+mod admission;
 mod anthropic;
 mod auth;
 mod body;
+mod listener;
 mod openai;
 mod prompts;
 
@@ -53,6 +59,8 @@ pub struct AppState {
     pub pipeline: Pipeline,
     pub auth: Auth,
     max_body_bytes: usize,
+    body_timeout: Duration,
+    admission: Arc<admission::Admission>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -74,11 +82,16 @@ impl Endpoint {
 
 impl AppState {
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new().with_tenant_labels(config.metrics.tenant_labels));
         Ok(Self {
             pipeline: Pipeline::from_config(config, metrics).await?,
-            auth: Auth::from_config(&config.auth),
+            auth: Auth::from_config(&config.auth, &config.metrics),
             max_body_bytes: config.server.max_body_bytes,
+            body_timeout: config.server.body_timeout,
+            admission: admission::Admission::new(
+                config.server.max_in_flight,
+                config.server.tenant_in_flight(),
+            ),
         })
     }
 
@@ -143,15 +156,37 @@ fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiE
     })
 }
 
-/// What every API handler does first: authenticate, read the body within the limit, parse it.
+/// An API request ready for the pipeline, holding its in-flight slot until it is dropped.
+struct Admitted<T> {
+    context: RequestContext,
+    request: T,
+    _slot: admission::Slot,
+}
+
+/// What every API handler does first: authenticate, read the body within the size and time
+/// limits, parse it, then wait for an in-flight slot.
 async fn authenticated_request<T: serde::de::DeserializeOwned>(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(RequestContext, T), ApiError> {
+) -> Result<Admitted<T>, ApiError> {
     let context = context(state, headers)?;
-    let bytes = body::read_limited(body, state.max_body_bytes).await?;
-    Ok((context, crate::protocol::parse_json(&bytes)?))
+    let bytes = read_body(state, body, state.max_body_bytes).await?;
+    let request = crate::protocol::parse_json(&bytes)?;
+    let slot = state.admission.admit(&context.tenant).await;
+    Ok(Admitted {
+        context,
+        request,
+        _slot: slot,
+    })
+}
+
+async fn read_body(state: &AppState, body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    let read = body::read_limited(body, limit, state.body_timeout).await;
+    if matches!(read, Err(ApiError::BodyTimeout { .. })) {
+        state.pipeline.metrics.client_timed_out("body");
+    }
+    read
 }
 
 fn trace_headers(trace: &Trace) -> HeaderMap {
@@ -253,7 +288,8 @@ fn with_status(error: ApiError, status: StatusCode) -> Response {
     response
 }
 
-pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
+/// The gateway's routes. `/metrics` is among them unless it has a listener of its own.
+pub fn app(state: Arc<AppState>, with_metrics: bool) -> HttpRouter {
     let request_id = HeaderName::from_static("x-request-id");
     let layers = ServiceBuilder::new()
         .layer(SetSensitiveHeadersLayer::new([
@@ -297,11 +333,13 @@ pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
                 ),
         )
         .layer(PropagateRequestIdLayer::new(request_id))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            max_in_flight,
-        ));
-    HttpRouter::new()
+        .layer(CatchPanicLayer::custom(panic_response));
+    let routes = if with_metrics {
+        operations()
+    } else {
+        HttpRouter::new().route("/healthz", get(admin::liveness))
+    };
+    routes
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::models))
@@ -333,12 +371,17 @@ pub fn app(state: Arc<AppState>, max_in_flight: usize) -> HttpRouter {
             "/admin/prompts/{id}/labels/{label}/rollback",
             post(prompts::rollback),
         )
-        .route("/metrics", get(admin::metrics))
-        .route("/healthz", get(admin::liveness))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(layers)
         .with_state(state)
+}
+
+/// `/metrics` and `/healthz`, on the API listener or on `[metrics] listen`.
+fn operations() -> HttpRouter<Arc<AppState>> {
+    HttpRouter::new()
+        .route("/metrics", get(admin::metrics))
+        .route("/healthz", get(admin::liveness))
 }
 
 /// Tells the server to stop accepting connections and drain. Cloneable; any holder may trigger it.
@@ -354,9 +397,11 @@ impl Shutdown {
 /// A gateway listening on a socket, running on the current tokio runtime.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served when `[metrics] listen` gives it a listener of its own.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: Shutdown,
     grace: Duration,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    task: tokio::task::JoinHandle<()>,
     /// Gone once every connection and background write let go of the gateway's state (and so
     /// of its store: a sled store can be reopened only then).
     state: std::sync::Weak<AppState>,
@@ -374,14 +419,14 @@ impl RunningServer {
         let mut task = self.task;
         let state = self.state;
         tokio::select! {
-            result = &mut task => { result??; return Ok(true); }
+            result = &mut task => { result?; return Ok(true); }
             _ = stopped.wait_for(|stop| *stop) => {}
         }
         let deadline = tokio::time::Instant::now() + self.grace;
         match tokio::time::timeout_at(deadline, &mut task).await {
             Ok(result) => {
-                result??;
-                // Connection tasks and cache writes finish just after the server future.
+                result?;
+                // Cache writes finish just after the last connection.
                 while state.strong_count() > 0 && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -400,32 +445,60 @@ impl RunningServer {
     }
 }
 
-/// Builds the gateway from config and starts listening on `server.listen` (port 0 picks a free one).
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+/// Builds the gateway from config and starts listening on `server.listen` (port 0 picks a free
+/// one), and on `metrics.listen` if set.
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let state = Arc::new(AppState::from_config(config).await?);
     let weak_state = Arc::downgrade(&state);
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+    let listener = bind(config.server.listen).await?;
     let addr = listener.local_addr()?;
-    let (sender, mut receiver) = watch::channel(false);
-    let app = app(state, config.server.max_in_flight);
-    // Without TCP_NODELAY a small answer written in two segments can wait on Nagle for the peer's
-    // delayed ACK: tens of microseconds to milliseconds added to a gateway that should add ~none.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
+    let metrics_listener = match config.metrics.listen {
+        Some(listen) => Some(bind(listen).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+        .transpose()?;
+    let (sender, receiver) = watch::channel(false);
+    let limits = || listener::ConnectionLimits {
+        max_connections: config.server.max_connections,
+        header_timeout: config.server.header_timeout,
+    };
+    let metrics = Arc::clone(&state.pipeline.metrics);
+    let api = listener::serve(
+        listener,
+        app(Arc::clone(&state), metrics_listener.is_none()),
+        limits(),
+        receiver.clone(),
+        Arc::clone(&metrics),
+    );
+    let operations = metrics_listener.map(|metrics_listener| {
+        listener::serve(
+            metrics_listener,
+            operations().with_state(state),
+            limits(),
+            receiver,
+            metrics,
+        )
     });
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = receiver.wait_for(|stop| *stop).await;
-            })
-            .await
+        match operations {
+            Some(operations) => {
+                tokio::join!(api, operations);
+            }
+            None => api.await,
+        }
     });
     Ok(RunningServer {
         addr,
+        metrics_addr,
         shutdown: Shutdown(sender),
         grace: config.server.shutdown_grace,
         task,

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::json;
 
-use super::{AppState, Endpoint, authenticated_request, respond_error, trace_headers};
+use super::{Admitted, AppState, Endpoint, authenticated_request, respond_error, trace_headers};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 use crate::providers::ChatReply;
 use crate::providers::ChunkStream;
@@ -22,11 +22,14 @@ pub async fn chat_completions(
 ) -> Response {
     let endpoint = Endpoint::ChatCompletions;
     let started = std::time::Instant::now();
-    let (context, request): (_, ChatRequest) =
-        match authenticated_request(&state, &headers, body).await {
-            Ok(parsed) => parsed,
-            Err(error) => return respond_error(&state, endpoint, error.into(), started),
-        };
+    let Admitted {
+        context,
+        request,
+        _slot,
+    }: Admitted<ChatRequest> = match authenticated_request(&state, &headers, body).await {
+        Ok(parsed) => parsed,
+        Err(error) => return respond_error(&state, endpoint, error.into(), started),
+    };
     match state.pipeline.chat(&context, request).await {
         Ok(answered) => {
             let trace = answered.trace;
@@ -61,11 +64,14 @@ pub async fn cache_feedback(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let (context, feedback): (_, Feedback) =
-        match authenticated_request(&state, &headers, body).await {
-            Ok(parsed) => parsed,
-            Err(error) => return error.into_response(),
-        };
+    let Admitted {
+        context,
+        request: feedback,
+        _slot,
+    }: Admitted<Feedback> = match authenticated_request(&state, &headers, body).await {
+        Ok(parsed) => parsed,
+        Err(error) => return error.into_response(),
+    };
     match state
         .pipeline
         .cache()
@@ -98,7 +104,7 @@ fn openai_sse(
                 Ok(chunk) => yield Ok(Event::default().data(chunk.to_string())),
                 Err(error) => {
                     let body = json!({"error": {
-                        "message": format!("upstream failed mid-stream: {error}"),
+                        "message": format!("upstream failed mid-stream: {}", error.for_client()),
                         "type": "upstream_error", "param": null, "code": "stream_interrupted",
                     }});
                     yield Ok(Event::default().data(body.to_string()));
@@ -118,11 +124,14 @@ pub async fn embeddings(
 ) -> Response {
     let endpoint = Endpoint::Embeddings;
     let started = std::time::Instant::now();
-    let (context, request): (_, EmbeddingsRequest) =
-        match authenticated_request(&state, &headers, body).await {
-            Ok(parsed) => parsed,
-            Err(error) => return respond_error(&state, endpoint, error.into(), started),
-        };
+    let Admitted {
+        context,
+        request,
+        _slot,
+    }: Admitted<EmbeddingsRequest> = match authenticated_request(&state, &headers, body).await {
+        Ok(parsed) => parsed,
+        Err(error) => return respond_error(&state, endpoint, error.into(), started),
+    };
     match state.pipeline.embeddings(&context, request).await {
         Ok(answered) => {
             state.record(endpoint, &answered.trace, 200, started, None);

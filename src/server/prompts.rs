@@ -56,9 +56,10 @@ fn reply<T: serde::Serialize>(result: Result<T, ApiError>) -> Response {
 
 /// A JSON object body, with the change's `if_revision` taken out.
 async fn object_body(
+    state: &AppState,
     body: axum::body::Body,
 ) -> Result<(serde_json::Map<String, Value>, Option<u64>), ApiError> {
-    let bytes = super::body::read_limited(body, MAX_BODY).await?;
+    let bytes = super::read_body(state, body, MAX_BODY).await?;
     let Value::Object(mut object) = crate::protocol::parse_json::<Value>(&bytes)? else {
         return Err(ApiError::invalid("the body must be a JSON object", None));
     };
@@ -195,7 +196,7 @@ pub async fn create_version(
 ) -> Response {
     let result = async {
         let store = store(&state, &headers)?;
-        let (mut object, if_revision) = object_body(body).await?;
+        let (mut object, if_revision) = object_body(&state, body).await?;
         let number = match object.remove("version") {
             None | Some(Value::Null) => None,
             Some(value) => Some(
@@ -234,7 +235,7 @@ pub async fn set_label(
 ) -> Response {
     let result = async {
         let store = store(&state, &headers)?;
-        let (object, if_revision) = object_body(body).await?;
+        let (object, if_revision) = object_body(&state, body).await?;
         let target: LabelTarget = typed(object)?;
         store
             .set_label(&id, &label, target, if_revision, &actor(&headers))

@@ -64,12 +64,22 @@ impl Gateway {
     }
 
     pub async fn start_with(mock: Mock, routes: &str) -> Gateway {
+        Self::start_configured(mock, "", routes).await
+    }
+
+    /// A gateway with extra `[server]` settings (TOML lines) as well as `routes`.
+    pub async fn start_with_server(server: &str, routes: &str) -> Gateway {
+        Self::start_configured(Mock::start().await, server, routes).await
+    }
+
+    async fn start_configured(mock: Mock, server: &str, routes: &str) -> Gateway {
         let breaker = if routes.contains("[breaker]") {
             ""
         } else {
             "[breaker]\ncooldown = \"30s\"\n"
         };
-        let text = format!("{}\n{breaker}{routes}", base_config(&mock));
+        let base = base_config(&mock).replacen("[server]\n", &format!("[server]\n{server}\n"), 1);
+        let text = format!("{base}\n{breaker}{routes}");
         let config =
             Config::from_toml_str(&text, "test.toml", &|_| None).expect("test config is valid");
         let server = reprise::server::start(&config).await.unwrap();
