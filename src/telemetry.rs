@@ -145,6 +145,7 @@ pub struct Metrics {
     cache_cost_saved: Family<RouteLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     cache_errors: Family<CacheErrorLabels, Counter>,
     cache_writes: Counter,
+    cache_writes_skipped: Family<CacheErrorLabels, Counter>,
     semantic_lookups: Family<SemanticLabels, Counter>,
     semantic_lookup_seconds: Histogram,
     semantic_rejections: Family<GuardLabels, Counter>,
@@ -255,6 +256,12 @@ impl Metrics {
             cache_errors.clone(),
         );
         let cache_writes = Counter::default();
+        let cache_writes_skipped = Family::<CacheErrorLabels, Counter>::default();
+        registry.register(
+            "cache_writes_skipped",
+            "Answers not cached, by reason (too_large: over cache.max_entry_bytes)",
+            cache_writes_skipped.clone(),
+        );
         registry.register(
             "cache_writes",
             "Answers stored in the exact cache",
@@ -357,6 +364,7 @@ impl Metrics {
             semantic_verified_error,
             semantic_cutoff_offset,
             cache_writes,
+            cache_writes_skipped,
             cache_requests,
             cache_tokens_saved,
             cache_cost_saved,
@@ -491,6 +499,12 @@ impl Metrics {
                 })
                 .inc_by(tokens_saved);
         }
+    }
+
+    pub fn cache_write_skipped(&self, reason: &'static str) {
+        self.cache_writes_skipped
+            .get_or_create(&CacheErrorLabels { kind: reason })
+            .inc();
     }
 
     pub fn cache_written(&self) {

@@ -367,6 +367,45 @@ async fn entries_expire_after_their_ttl() {
 }
 
 #[tokio::test]
+async fn answers_over_the_entry_size_bound_are_not_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = cache_config_with(
+        &format!(
+            "path = \"{}\"\nmax_entry_bytes = 2000",
+            dir.path().join("store").display()
+        ),
+        "",
+    );
+    let c = Cached {
+        gw: Gateway::start(&config).await,
+        dir,
+        redis: None,
+    };
+    let long = "a long question that the mock echoes back ".repeat(60);
+    for _ in 0..2 {
+        let response = c.request(KEY_A, ask(&long), &[]).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-reprise-cache"), Some("miss"));
+    }
+    assert_eq!(c.gw.mock.calls("ok"), 2);
+    assert!(
+        c.gw.metrics()
+            .await
+            .contains(r#"reprise_cache_writes_skipped_total{kind="too_large"} 2"#)
+    );
+    c.request(KEY_A, ask("short"), &[]).await;
+    c.wait_for_writes(1).await;
+    assert_eq!(
+        header(
+            &c.request(KEY_A, ask("short"), &[]).await,
+            "x-reprise-cache"
+        ),
+        Some("hit"),
+        "small answers are still cached"
+    );
+}
+
+#[tokio::test]
 async fn failures_and_broken_streams_are_not_cached() {
     let c = cached(
         "[routes.flaky.cache]\nenabled = true\n[routes.broken-stream.cache]\nenabled = true",

@@ -922,3 +922,137 @@ async fn a_model_file_that_cannot_be_used_stops_startup_naming_the_field() {
         assert!(error.contains(expected), "{error}");
     }
 }
+
+/// A user turn of `bytes` bytes of ordinary words, different from any other call's.
+fn long_text(seed: &str, bytes: usize) -> String {
+    let words = [
+        "please",
+        "summarise",
+        "the",
+        "following",
+        "report",
+        "about",
+        "quarterly",
+        "sales",
+        "figures",
+        "and",
+        "regional",
+        "growth",
+        "in",
+        "detail",
+    ];
+    let mut text = format!("{seed}: ");
+    let mut i = 0;
+    while text.len() < bytes {
+        text.push_str(words[i % words.len()]);
+        text.push(' ');
+        i += 1;
+    }
+    text
+}
+
+#[ignore = "needs the embedding model (make test)"]
+#[tokio::test]
+async fn a_turn_longer_than_the_model_reads_skips_the_semantic_stage() {
+    let model_dir = common::prerequisites::embed_model_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("path = \"{}\"", dir.path().join("store").display());
+    let gw =
+        Gateway::start_with_server("max_body_bytes = 8388608", &config(&model_dir, &store, ""))
+            .await;
+    // Two turns alike in their first few hundred tokens and different after: embedded by their
+    // beginning only, the second would be served the first's answer.
+    let shared = long_text("report", 1_200);
+    for ending in ["for the north region only", "for the south region only"] {
+        let response = gw
+            .chat_with(KEY_A, ask(&format!("{shared} {ending}")), &[])
+            .await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "x-reprise-cache-semantic"),
+            Some("skipped-too-long")
+        );
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .ends_with(ending),
+            "each got its own answer"
+        );
+    }
+    let started = Instant::now();
+    let response = gw
+        .chat_with(KEY_A, ask(&long_text("huge", 3_500_000)), &[])
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-reprise-cache-semantic"),
+        Some("skipped-too-long")
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "a 3.5 MB turn took {took:?}");
+    assert!(gw.server.stop().await.unwrap(), "drained");
+}
+
+#[ignore = "needs the embedding model (make test)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_turns_from_one_tenant_do_not_hold_up_another_tenants_lookups() {
+    let model_dir = common::prerequisites::embed_model_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("path = \"{}\"", dir.path().join("store").display());
+    let gw =
+        Gateway::start_with_server("max_body_bytes = 8388608", &config(&model_dir, &store, ""))
+            .await;
+    let question = "how do I reset my password?";
+    let send_b = || gw.chat_with(KEY_B, ask(question), &[]);
+    assert_eq!(send_b().await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut quiet = Vec::new();
+    for _ in 0..10 {
+        let started = Instant::now();
+        let response = send_b().await;
+        assert_eq!(header(&response, "x-reprise-cache"), Some("hit"));
+        quiet.push(started.elapsed());
+    }
+    let huge: Vec<Value> = (0..3)
+        .map(|i| ask(&long_text(&format!("huge {i}"), 3_500_000)))
+        .collect();
+    let flood = {
+        let (client, url) = (gw.client.clone(), gw.url("/v1/chat/completions"));
+        tokio::spawn(async move {
+            futures::future::join_all(huge.into_iter().map(|body| {
+                client
+                    .post(url.clone())
+                    .bearer_auth(KEY_A)
+                    .json(&body)
+                    .send()
+            }))
+            .await
+        })
+    };
+    let mut busy = Vec::new();
+    while !flood.is_finished() {
+        let started = Instant::now();
+        let response = send_b().await;
+        assert_eq!(header(&response, "x-reprise-cache"), Some("hit"));
+        busy.push(started.elapsed());
+    }
+    for answer in flood.await.unwrap() {
+        assert_eq!(answer.unwrap().status(), 200);
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let worst = busy.iter().max().copied().unwrap_or_default();
+    let (quiet, busy_median) = (median(quiet), median(busy.clone()));
+    eprintln!(
+        "tenant b's hits: {quiet:?} median alone, {busy_median:?} median and {worst:?} worst of {} during three 3.5 MB turns of tenant a",
+        busy.len()
+    );
+    assert!(
+        worst < quiet + Duration::from_millis(250),
+        "worst {worst:?} against {quiet:?} alone"
+    );
+}

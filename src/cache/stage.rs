@@ -100,7 +100,12 @@ struct Write {
 
 impl Write {
     fn store(self, target: &str, response: Value, leader: Option<Leader>) {
-        if let Some((cache, plan, query)) = &self.semantic {
+        // An answer too large to keep is still compared with a probed entry; its flight leader,
+        // dropped unpublished, sends waiting twins upstream themselves.
+        let too_large = self.exact.too_large(&response);
+        if let Some((cache, plan, query)) = &self.semantic
+            && !too_large
+        {
             let learnt = self
                 .probe
                 .as_ref()
@@ -110,8 +115,10 @@ impl Write {
         if let Some((cache, probe)) = self.probe {
             cache.observe(probe, &response);
         }
-        self.exact
-            .store_behind(&self.plan, target, response, leader);
+        if !too_large {
+            self.exact
+                .store_behind(&self.plan, target, response, leader);
+        }
     }
 }
 
@@ -224,7 +231,11 @@ impl CacheStage {
                         Arc::clone(&metrics),
                     )?);
                 }
-                Some(ExactCache::new(store, Arc::clone(&metrics)))
+                Some(ExactCache::new(
+                    store,
+                    Arc::clone(&metrics),
+                    config.cache.max_entry_bytes,
+                ))
             }
             _ => None,
         };

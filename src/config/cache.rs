@@ -29,6 +29,10 @@ pub struct CacheConfig {
     /// (Redis: use its own `maxmemory` policy).
     #[serde(default = "default_cache_max_bytes")]
     pub max_bytes: u64,
+    /// An answer larger than this (as stored) is not cached: a few multi-megabyte answers would
+    /// crowd out thousands of ordinary ones and cost their size in memory on every hit.
+    #[serde(default = "default_max_entry_bytes")]
+    pub max_entry_bytes: usize,
     /// Defaults for every route (see [`RouteCacheConfig`]).
     pub enabled: Option<bool>,
     #[serde(default, with = "humantime_serde")]
@@ -81,6 +85,7 @@ impl Default for CacheConfig {
             path: default_cache_path(),
             memory_bytes: default_cache_memory_bytes(),
             max_bytes: default_cache_max_bytes(),
+            max_entry_bytes: default_max_entry_bytes(),
             enabled: None,
             ttl: None,
             max_temperature: None,
@@ -103,6 +108,9 @@ fn default_cache_memory_bytes() -> u64 {
 }
 fn default_cache_max_bytes() -> u64 {
     1024 * 1024 * 1024
+}
+fn default_max_entry_bytes() -> usize {
+    1024 * 1024
 }
 
 /// Cache policy. In `[cache]` it sets the defaults; in `[routes.NAME.cache]` any field overrides them.
@@ -258,6 +266,9 @@ impl CacheConfig {
         defaults.validate("cache")?;
         if self.max_bytes < 1024 * 1024 {
             return Err(FieldError::new("cache.max_bytes", "must be at least 1 MiB"));
+        }
+        if self.max_entry_bytes == 0 {
+            return Err(FieldError::new("cache.max_entry_bytes", "must be above 0"));
         }
         if self.store == StoreKind::Redis {
             // An unset `${REPRISE_REDIS_URL:-}` expands to "": as good as absent.

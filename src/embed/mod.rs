@@ -2,14 +2,16 @@
 //! with ONNX Runtime loaded dynamically from a library file (no download at build or run time).
 //!
 //! Inference is CPU-bound, so it runs on a dedicated thread that owns the model, never on the async
-//! runtime's workers. Requests queue in a bounded channel; the thread takes whatever is queued (up
-//! to `max_batch`) and embeds it as one batch, so concurrent requests share the model's fixed cost.
-//! A full queue answers `Overloaded` at once: the caller skips the semantic stage rather than wait.
+//! runtime's workers. Requests queue per lane (the semantic cache uses one lane per tenant); the
+//! thread takes up to `max_batch` of them, one from each waiting lane in turn, and embeds them as one
+//! batch, so concurrent requests share the model's fixed cost and a tenant with many requests
+//! queued does not make another's one request wait behind all of them. A lane's full queue answers
+//! `Overloaded` at once (to that lane only): the caller skips the semantic stage rather than wait.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -30,7 +32,7 @@ pub struct EmbedderConfig {
     pub model_dir: PathBuf,
     /// The ONNX Runtime shared library (`libonnxruntime.so.*`, version 1.24 or later).
     pub onnxruntime: PathBuf,
-    /// Requests waiting at most; beyond it `embed` answers `Overloaded`.
+    /// Requests waiting at most per lane; beyond it `embed` answers `Overloaded`.
     pub queue: usize,
     pub max_batch: usize,
     /// Threads ONNX Runtime may use for one batch.
@@ -64,6 +66,9 @@ pub struct EmbedderStats {
 /// same forward pass as the sentence vector.
 #[derive(Debug, Clone, Default)]
 pub struct Embedded {
+    /// The text had more tokens than the model reads (`max_length`): the vector stands for its
+    /// beginning only.
+    pub truncated: bool,
     pub vector: Vec<f32>,
     pub words: Vec<String>,
     /// `words.len()` vectors of the model's dimensions, one after the other.
@@ -123,6 +128,7 @@ impl PackedWords {
             word_vectors.extend(components.iter().map(|&b| f32::from(b as i8) * scale));
         }
         Some(Embedded {
+            truncated: false,
             vector: vector.to_vec(),
             words: self.words.clone(),
             word_vectors,
@@ -132,17 +138,90 @@ impl PackedWords {
 
 struct Job {
     text: String,
+    /// The text was cut to `max_text_bytes` before it was queued.
+    cut: bool,
     words: bool,
     reply: oneshot::Sender<Result<Embedded, EmbedError>>,
+}
+
+/// The jobs waiting, per lane, and the lanes with jobs in the order they are served.
+#[derive(Default)]
+struct Lanes {
+    waiting: HashMap<Arc<str>, VecDeque<Job>>,
+    turn: VecDeque<Arc<str>>,
+    /// Every handle is gone: the worker ends.
+    closed: bool,
+}
+
+struct Queue {
+    lanes: Mutex<Lanes>,
+    ready: Condvar,
+    per_lane: usize,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lanes> {
+        self.lanes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Up to `max` jobs, one per lane in turn; `None` once closed and drained.
+    fn take(&self, max: usize) -> Option<Vec<Job>> {
+        let mut lanes = self.lock();
+        while lanes.turn.is_empty() {
+            if lanes.closed {
+                return None;
+            }
+            lanes = self
+                .ready
+                .wait(lanes)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        let mut batch = Vec::new();
+        while batch.len() < max {
+            let Some(lane) = lanes.turn.pop_front() else {
+                break;
+            };
+            let Some(queue) = lanes.waiting.get_mut(&lane) else {
+                continue;
+            };
+            if let Some(job) = queue.pop_front() {
+                batch.push(job);
+            }
+            if queue.is_empty() {
+                lanes.waiting.remove(&lane);
+            } else {
+                lanes.turn.push_back(lane);
+            }
+        }
+        Some(batch)
+    }
+}
+
+/// Closes the queue when the last handle goes.
+struct Closer(Arc<Queue>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.ready.notify_all();
+    }
 }
 
 /// A handle: clones share the one model and its queue.
 #[derive(Clone)]
 pub struct Embedder {
-    queue: SyncSender<Job>,
+    queue: Arc<Queue>,
+    _closer: Arc<Closer>,
     stats: Arc<EmbedderStats>,
     dimensions: usize,
+    max_length: usize,
 }
+
+/// How many bytes a text may have and still fit `max_length` tokens: a word piece is rarely longer
+/// than this, so a longer text is surely truncated and is refused without tokenising it.
+const MAX_BYTES_PER_TOKEN: usize = 16;
 
 /// ONNX Runtime allows one environment per process: the first load creates it from its library,
 /// later loads (tests, a reloaded config) share it, and a different library is refused.
@@ -207,19 +286,32 @@ impl Embedder {
             .map_err(|e| EmbedError::Load(e.to_string()))?
             .first()
             .map_or(0, Vec::len);
-        let (queue, jobs) = sync_channel(config.queue.max(1));
+        let queue = Arc::new(Queue {
+            lanes: Mutex::new(Lanes::default()),
+            ready: Condvar::new(),
+            per_lane: config.queue.max(1),
+        });
         let stats = Arc::new(EmbedderStats::default());
         let worker_stats = Arc::clone(&stats);
+        let worker_queue = Arc::clone(&queue);
         let max_batch = config.max_batch.max(1);
+        let max_length = config.max_length;
         std::thread::Builder::new()
             .name("reprise-embed".into())
-            .spawn(move || run_worker(model, jobs, max_batch, &worker_stats))
+            .spawn(move || run_worker(model, &worker_queue, max_batch, max_length, &worker_stats))
             .map_err(|e| EmbedError::Load(format!("cannot start the embedding thread: {e}")))?;
         Ok(Self {
+            _closer: Arc::new(Closer(Arc::clone(&queue))),
             queue,
             stats,
             dimensions,
+            max_length,
         })
+    }
+
+    /// Texts longer than this many bytes exceed the tokens the model reads, whatever they say.
+    pub fn max_text_bytes(&self) -> usize {
+        self.max_length * MAX_BYTES_PER_TOKEN
     }
 
     pub fn dimensions(&self) -> usize {
@@ -232,50 +324,82 @@ impl Embedder {
 
     /// The text's embedding, a unit vector of `dimensions()` floats.
     pub async fn embed(&self, text: String) -> Result<Vec<f32>, EmbedError> {
-        Ok(self.run(text, false).await?.vector)
+        Ok(self.embed_in("", text, false).await?.vector)
     }
 
     /// The text's embedding and its words' vectors in context.
     pub async fn embed_with_words(&self, text: String) -> Result<Embedded, EmbedError> {
-        self.run(text, true).await
+        self.embed_in("", text, true).await
     }
 
-    async fn run(&self, text: String, words: bool) -> Result<Embedded, EmbedError> {
+    /// The text's embedding (and its words in context if `words`), queued in `lane`.
+    pub async fn embed_in(
+        &self,
+        lane: &str,
+        text: String,
+        words: bool,
+    ) -> Result<Embedded, EmbedError> {
+        let mut text = text;
+        let cut = text.len() > self.max_text_bytes();
+        if cut {
+            // Tokenising megabytes only to keep the first few hundred tokens would stall every
+            // lane behind this one.
+            let mut end = self.max_text_bytes();
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
         let (reply, answer) = oneshot::channel();
-        match self.queue.try_send(Job { text, words, reply }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+        {
+            let mut lanes = self.queue.lock();
+            if lanes.closed {
+                return Err(EmbedError::Stopped);
+            }
+            let queued = lanes.waiting.get(lane).map_or(0, VecDeque::len);
+            if queued >= self.queue.per_lane {
+                drop(lanes);
                 self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
                 return Err(EmbedError::Overloaded);
             }
-            Err(TrySendError::Disconnected(_)) => return Err(EmbedError::Stopped),
+            let job = Job {
+                text,
+                cut,
+                words,
+                reply,
+            };
+            match lanes.waiting.get_mut(lane) {
+                Some(queue) => queue.push_back(job),
+                None => {
+                    let lane: Arc<str> = Arc::from(lane);
+                    lanes
+                        .waiting
+                        .insert(Arc::clone(&lane), VecDeque::from([job]));
+                    lanes.turn.push_back(lane);
+                }
+            }
         }
+        self.queue.ready.notify_one();
         answer.await.unwrap_or(Err(EmbedError::Stopped))
     }
 }
 
 fn run_worker(
     mut model: TextEmbedding,
-    jobs: Receiver<Job>,
+    queue: &Queue,
     max_batch: usize,
+    max_length: usize,
     stats: &EmbedderStats,
 ) {
     // Ends when every `Embedder` handle is dropped.
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(mut batch) = queue.take(max_batch) {
         // A caller that gave up (cancelled request) needs no embedding.
         batch.retain(|job| !job.reply.is_closed());
         if batch.is_empty() {
             continue;
         }
         let texts: Vec<&str> = batch.iter().map(|job| job.text.as_str()).collect();
-        let result = embed_batch(&mut model, &texts, &batch);
+        let result = embed_batch(&mut model, &texts, &batch, max_length);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.texts.fetch_add(batch.len() as u64, Ordering::Relaxed);
         match result {
@@ -299,6 +423,7 @@ fn embed_batch(
     model: &mut TextEmbedding,
     texts: &[&str],
     jobs: &[Job],
+    max_length: usize,
 ) -> Result<Vec<Embedded>, String> {
     let output = model
         .transform(texts, Some(texts.len()))
@@ -330,6 +455,9 @@ fn embed_batch(
             normalise(&mut vector);
             let index = embedded.len();
             let mut result = Embedded {
+                // Holding `max_length` tokens, special ones included, it may have had more.
+                truncated: counted >= max_length
+                    || jobs.get(embedded.len()).is_some_and(|job| job.cut),
                 vector,
                 ..Embedded::default()
             };
@@ -418,6 +546,7 @@ mod tests {
         let dimensions = 384;
         let words: Vec<Vec<f32>> = (0..5).map(|seed| unit(seed, dimensions)).collect();
         let embedded = Embedded {
+            truncated: false,
             vector: unit(99, dimensions),
             words: ["where", "is", "the", "nearest", "store"]
                 .map(String::from)

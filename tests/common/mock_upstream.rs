@@ -63,6 +63,8 @@ impl Mock {
             .route("/v1/chat/completions", post(openai_chat))
             .route("/v1/embeddings", post(openai_embeddings))
             .route("/v1/messages", post(anthropic_messages))
+            // Tests send multi-megabyte prompts; a real provider takes them too.
+            .layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024))
             .with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -78,7 +78,11 @@ impl Gateway {
         } else {
             "[breaker]\ncooldown = \"30s\"\n"
         };
-        let base = base_config(&mock).replacen("[server]\n", &format!("[server]\n{server}\n"), 1);
+        let mut base = base_config(&mock);
+        if server.contains("max_body_bytes") {
+            base = base.replacen("max_body_bytes = 65536", "", 1);
+        }
+        let base = base.replacen("[server]\n", &format!("[server]\n{server}\n"), 1);
         let text = format!("{base}\n{breaker}{routes}");
         let config =
             Config::from_toml_str(&text, "test.toml", &|_| None).expect("test config is valid");

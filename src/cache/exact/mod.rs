@@ -48,15 +48,26 @@ pub struct ExactCache {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     flights: Arc<Flights>,
+    max_entry_bytes: usize,
 }
 
 impl ExactCache {
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, max_entry_bytes: usize) -> Self {
         Self {
             store,
             metrics,
             flights: Arc::default(),
+            max_entry_bytes,
         }
+    }
+
+    /// Whether an answer is too large to be cached (by the exact or the semantic cache).
+    pub fn too_large(&self, response: &Value) -> bool {
+        let too_large = json_size(response) > self.max_entry_bytes;
+        if too_large {
+            self.metrics.cache_write_skipped("too_large");
+        }
+        too_large
     }
 
     pub fn store(&self) -> &dyn Store {
@@ -185,5 +196,24 @@ impl ExactCache {
                 }
             }
         });
+    }
+}
+
+/// Bytes of `value` as JSON, counted without building the text.
+fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
     }
 }

@@ -186,7 +186,11 @@ impl CalibratedJudge {
         if let Some(words) = self.entry_words.get(&entry.text) {
             return Ok(words);
         }
-        let words = Arc::new(self.embedder.embed_with_words(entry.text.clone()).await?);
+        let words = Arc::new(
+            self.embedder
+                .embed_in(&entry.tenant, entry.text.clone(), true)
+                .await?,
+        );
         self.entry_words.insert(entry.text.clone(), words.clone());
         Ok(words)
     }

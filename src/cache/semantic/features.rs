@@ -308,6 +308,7 @@ mod tests {
             .flat_map(|i| (0..dimensions).map(move |d| f32::from(u8::from(d == i % dimensions))))
             .collect();
         Embedded {
+            truncated: false,
             vector: vec![0.5; dimensions],
             words,
             word_vectors,

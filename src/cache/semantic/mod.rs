@@ -462,6 +462,9 @@ impl SemanticCache {
                 semantic_scope(&key_scope, request, MODEL_ID),
             ),
         };
+        if text.len() > self.shared.embedder.max_text_bytes() {
+            return Err(SkipReason::TooLong);
+        }
         Ok(SemanticPlan {
             scope: key.0,
             text,
@@ -578,19 +581,15 @@ impl SemanticCache {
         words: bool,
     ) -> Result<Searched, Lookup> {
         let shared = &self.shared;
-        let embedded = if words {
-            shared.embedder.embed_with_words(plan.text.clone()).await
-        } else {
-            shared
-                .embedder
-                .embed(plan.text.clone())
-                .await
-                .map(|vector| Embedded {
-                    vector,
-                    ..Embedded::default()
-                })
-        };
+        let embedded = shared
+            .embedder
+            .embed_in(&plan.tenant, plan.text.clone(), words)
+            .await;
         let query = match embedded {
+            Ok(embedded) if embedded.truncated => {
+                let skipped = SemanticOutcome::Skipped(SkipReason::TooLong);
+                return Err(self.finish(plan, started, skipped, None));
+            }
             Ok(embedded) => Arc::new(embedded),
             Err(EmbedError::Overloaded) => {
                 return Err(self.finish(plan, started, SemanticOutcome::Overloaded, None));

@@ -54,6 +54,9 @@ pub enum SkipReason {
     Empty,
     /// A prompt version without free-text variables: nothing varies but what the exact key holds.
     NoFreeText,
+    /// Longer than the embedding model reads: its vector would stand for its beginning only, and
+    /// two texts alike there would match whatever follows.
+    TooLong,
 }
 
 impl SemanticOutcome {
@@ -87,6 +90,7 @@ impl SemanticOutcome {
                 SkipReason::NonText => "skipped-non-text",
                 SkipReason::Empty => "skipped-empty",
                 SkipReason::NoFreeText => "skipped-no-free-text",
+                SkipReason::TooLong => "skipped-too-long",
             },
         }
     }
