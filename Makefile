@@ -17,7 +17,7 @@ EMBED_MODEL := models/all-MiniLM-L6-v2
 export REPRISE_API_KEY ?= reprise-dev-key
 export REPRISE_ADMIN_KEY ?= reprise-dev-admin
 
-.PHONY: run test check lint bench eval replay fit heldout clean-tools redis-server
+.PHONY: run test check lint bench chaos eval replay fit heldout clean-tools redis-server
 
 run: $(EMBED_MODEL)/.complete
 	$(CARGO) run --locked --profile quickstart -- serve --config config/reprise.toml
@@ -55,6 +55,12 @@ redis-server:
 # Load benchmark (numbers in the README). Installs oha into .tools on first use.
 bench:
 	bash benches/load.sh
+
+# A bounded chaos run on loopback (docs/reliability.md): flaky upstream under load, slow clients,
+# oversized prompts, kill -9 during writes, Redis killed and back. About a minute after the build.
+chaos: redis-server $(EMBED_MODEL)/.complete
+	$(CARGO) build --release --locked --bin reprise --example chaos
+	./target/release/examples/chaos $(EMBED_MODEL)
 
 # Semantic-cache evaluation on public labelled data (tables in the README).
 eval: $(EMBED_MODEL)/.complete
