@@ -72,6 +72,8 @@ pub enum ApiError {
     AdminOnly,
     #[error("The model `{model}` does not exist or you do not have access to it.")]
     ModelNotFound { model: String },
+    #[error("this key may not use model `{model}`")]
+    ModelNotAllowed { model: String },
     /// The upstream refused the request itself (400, 413, 422, content policy): returned as is.
     #[error("{}", error.message)]
     UpstreamRejected {
@@ -154,7 +156,7 @@ impl ApiError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::AdminOnly => StatusCode::FORBIDDEN,
+            Self::AdminOnly | Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::ModelNotFound { .. } | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict { .. } => StatusCode::CONFLICT,
@@ -175,6 +177,7 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::AdminOnly => "admin_only",
             Self::ModelNotFound { .. } => "model_not_found",
+            Self::ModelNotAllowed { .. } => "model_not_allowed",
             Self::UpstreamRejected { .. } => "upstream_rejected",
             Self::UpstreamFailed { .. } => "upstream_failed",
             Self::NoHealthyTarget { .. } => "no_healthy_target",
@@ -209,6 +212,11 @@ impl ApiError {
                 owned("request_timeout"),
             ),
             Self::AdminOnly => ("permission_error".into(), None, owned("admin_key_required")),
+            Self::ModelNotAllowed { .. } => (
+                "permission_error".into(),
+                owned("model"),
+                owned("model_not_allowed"),
+            ),
             Self::ModelNotFound { .. } => (
                 "invalid_request_error".into(),
                 owned("model"),

@@ -24,6 +24,7 @@ pub mod canonical;
 pub mod config;
 pub mod embed;
 pub mod error;
+pub mod keys;
 pub mod pipeline;
 pub mod prices;
 pub mod prompts;

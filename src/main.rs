@@ -1,6 +1,8 @@
 //! `reprise serve` runs the gateway; `reprise check-config` validates a config file and prints the
 //! resolved routes with secrets masked; `reprise prompts ...` manages the prompt store.
 
+mod admin_client;
+mod keys_cli;
 mod prompts_cli;
 
 use std::path::PathBuf;
@@ -42,6 +44,8 @@ enum Command {
     },
     /// Manage versioned prompts through a running gateway's admin API.
     Prompts(prompts_cli::PromptsArgs),
+    /// Manage gateway keys (`[keys]`) through a running gateway's admin API.
+    Keys(keys_cli::KeysArgs),
 }
 
 /// glibc raises its mmap threshold to the largest block freed so far, so after one burst of
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
             serve(config)
         }
         Command::Prompts(args) => prompts_cli::run(args),
+        Command::Keys(args) => keys_cli::run(args),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(config) => {
                 print!("{}", describe(&config));

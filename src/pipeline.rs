@@ -22,6 +22,7 @@ use crate::cache::{
 };
 use crate::config::{CacheConfig, Config, StoreKind};
 use crate::error::ApiError;
+use crate::keys::{KeyRecord, KeyStore};
 use crate::prices::PriceTable;
 use crate::prompts::{PromptRef, PromptStore, Resolution, Usage as PromptUsage};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions, is_usage_only_chunk};
@@ -40,6 +41,8 @@ pub struct RequestContext {
     pub prompt: Option<PromptRef>,
     /// The end user (`x-reprise-user`), for sticky rollout arms; else the body's `user`.
     pub user: Option<String>,
+    /// The run-time key the request came with (`None`: a key from `[auth]`).
+    pub key: Option<Arc<KeyRecord>>,
 }
 
 /// The prompt version that rendered a request.
@@ -84,6 +87,7 @@ impl From<ApiError> for Failed {
 pub struct Pipeline {
     router: Arc<Router>,
     prompts: Option<Arc<PromptStore>>,
+    keys: Option<KeyStore>,
     cache: CacheStage,
     prices: Arc<PriceTable>,
     pub metrics: Arc<Metrics>,
@@ -96,7 +100,7 @@ impl Pipeline {
         let caching = CacheStage::policies(config).values().any(|p| p.enabled);
         // The store is opened only when something keeps data, so a plain gateway writes nothing
         // to disk.
-        let store = if caching || config.prompts.is_some() {
+        let store = if caching || config.prompts.is_some() || config.keys.is_some() {
             Some(open_store(&config.cache).await?)
         } else {
             None
@@ -109,11 +113,16 @@ impl Pipeline {
             }
             _ => None,
         };
+        let keys = match (&config.keys, &store) {
+            (Some(keys), Some(store)) => Some(KeyStore::new(Arc::clone(store), keys.cache_ttl)),
+            _ => None,
+        };
         let cache =
             CacheStage::from_config(config, store, Arc::clone(&metrics), Arc::clone(&prices))?;
         Ok(Self {
             router,
             prompts,
+            keys,
             cache,
             prices,
             metrics,
@@ -128,6 +137,21 @@ impl Pipeline {
                 Some("prompt"),
             )
         })
+    }
+
+    /// The run-time keys, if `[keys]` is configured.
+    pub fn keys(&self) -> Result<&KeyStore, ApiError> {
+        self.keys.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                "this gateway keeps no run-time keys (add [keys] to its config)",
+                None,
+            )
+        })
+    }
+
+    /// The run-time keys, for authentication (none configured: only `[auth]` keys exist).
+    pub fn key_store(&self) -> Option<&KeyStore> {
+        self.keys.as_ref()
     }
 
     /// The cache stage, for the admin API (stats, purges) and feedback.
@@ -150,7 +174,9 @@ impl Pipeline {
             trace: trace.clone(),
         };
         request.validate().map_err(|e| fail(e, &trace))?;
-        let route = self.resolve(&request.model).map_err(|e| fail(e, &trace))?;
+        let route = self
+            .resolve(context, &request.model)
+            .map_err(|e| fail(e, &trace))?;
         trace.route = Some(route.name.clone());
 
         let prompt_scope = prompt.as_ref().map(|p| prompt_scope(p, &request));
@@ -328,21 +354,31 @@ impl Pipeline {
         }
     }
 
-    fn resolve(&self, model: &str) -> Result<Arc<Route>, ApiError> {
-        self.router
+    /// The route `model` names, if the caller's key may use it.
+    fn resolve(&self, context: &RequestContext, model: &str) -> Result<Arc<Route>, ApiError> {
+        let route = self
+            .router
             .route(model)
             .ok_or_else(|| ApiError::ModelNotFound {
                 model: model.to_owned(),
-            })
+            })?;
+        if let Some(key) = &context.key
+            && !key.allows(&route.name)
+        {
+            return Err(ApiError::ModelNotAllowed {
+                model: model.to_owned(),
+            });
+        }
+        Ok(route)
     }
 
     pub async fn embeddings(
         &self,
-        _context: &RequestContext,
+        context: &RequestContext,
         request: EmbeddingsRequest,
     ) -> Result<Answered<Value>, Failed> {
         request.validate()?;
-        let route = self.resolve(&request.model)?;
+        let route = self.resolve(context, &request.model)?;
         let trace = Trace {
             route: Some(route.name.clone()),
             ..Trace::default()

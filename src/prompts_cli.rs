@@ -9,8 +9,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-/// The development admin key of the shipped config, used when `REPRISE_ADMIN_KEY` is unset.
-const DEV_ADMIN_KEY: &str = "reprise-dev-admin";
+use crate::admin_client::{self, AdminClient, CliError, DEV_ADMIN_KEY, print, segment};
 
 #[derive(clap::Args)]
 pub struct PromptsArgs {
@@ -105,27 +104,7 @@ pub fn run(args: PromptsArgs) -> ExitCode {
     if let PromptsCommand::Check { dir } = &args.command {
         return check(dir);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(execute(&args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(CliError::Api(message)) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
-        Err(CliError::Usage(message)) => {
-            eprintln!("error: {message}");
-            ExitCode::from(2)
-        }
-    }
+    admin_client::run(execute(&args))
 }
 
 fn check(dir: &std::path::Path) -> ExitCode {
@@ -163,80 +142,8 @@ fn check(dir: &std::path::Path) -> ExitCode {
     }
 }
 
-enum CliError {
-    /// The gateway answered with an error, or could not be reached.
-    Api(String),
-    /// The command line or a local file is wrong.
-    Usage(String),
-}
-
-struct Client<'a> {
-    http: reqwest::Client,
-    args: &'a PromptsArgs,
-}
-
-impl Client<'_> {
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, CliError> {
-        let url = format!("{}{path}", self.args.url.trim_end_matches('/'));
-        let mut request = self
-            .http
-            .request(method, &url)
-            .header("x-reprise-actor", &self.args.actor);
-        if let Some(key) = &self.args.admin_key {
-            request = request.bearer_auth(key);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| CliError::Api(format!("cannot reach the gateway at {url}: {e}")))?;
-        let status = response.status();
-        let body: Value = response
-            .json()
-            .await
-            .map_err(|e| CliError::Api(format!("{status}: unreadable answer: {e}")))?;
-        if status.is_success() {
-            Ok(body)
-        } else {
-            let message = body
-                .pointer("/error/message")
-                .and_then(Value::as_str)
-                .unwrap_or("no message");
-            let hint = if status == reqwest::StatusCode::UNAUTHORIZED
-                || status == reqwest::StatusCode::FORBIDDEN
-            {
-                " (the CLI sends REPRISE_ADMIN_KEY, or --admin-key: is it the gateway's [auth] admin_key?)"
-            } else {
-                ""
-            };
-            Err(CliError::Api(format!("{status}: {message}{hint}")))
-        }
-    }
-}
-
-fn print(value: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
-    );
-}
-
-fn segment(text: &str) -> String {
-    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
-}
-
 async fn execute(args: &PromptsArgs) -> Result<(), CliError> {
-    let client = Client {
-        http: reqwest::Client::new(),
-        args,
-    };
+    let client = AdminClient::new(&args.url, args.admin_key.as_deref(), &args.actor);
     let prompt = |id: &str| format!("/admin/prompts/{}", segment(id));
     match &args.command {
         PromptsCommand::List => {

@@ -318,10 +318,15 @@ fn prompts_check_accepts_the_shipped_examples_and_names_the_file_and_line_of_a_b
 
 /// Runs `reprise prompts ARGS` against the gateway at `addr`; its exit success and stdout.
 fn prompts_cli(addr: &str, args: &[&str]) -> (bool, String) {
+    admin_cli(addr, &[&["prompts", "--actor", "carol"], args].concat())
+}
+
+/// `reprise SUBCOMMAND --url ... ARGS` with the admin key: whether it succeeded, and its output.
+fn admin_cli(addr: &str, args: &[&str]) -> (bool, String) {
     let output = Command::new(BIN)
-        .arg("prompts")
-        .args(["--url", &format!("http://{addr}"), "--actor", "carol"])
-        .args(args)
+        .arg(args[0])
+        .args(["--url", &format!("http://{addr}")])
+        .args(&args[1..])
         .env("REPRISE_ADMIN_KEY", common::ADMIN)
         .output()
         .unwrap();
@@ -428,6 +433,94 @@ async fn the_prompts_cli_manages_a_running_gateway_and_its_changes_survive_kill_
         ok && out.contains("reply: v1, v2 (labels: production, staging)"),
         "{out}"
     );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn the_keys_cli_makes_limits_rotates_and_revokes_keys() {
+    let mock = Mock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[log]\nformat = \"json\"\n[keys]\n[cache]\npath = \"{}\"\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n[routes.other]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
+        base_config(&mock),
+        dir.path().join("store").display(),
+    );
+    let path = write_config(&dir, &config);
+    let (mut child, addr, _) = spawn_gateway(&path);
+    let keys = |args: &[&str]| {
+        let addr = addr.clone();
+        let args: Vec<String> = std::iter::once("keys".to_owned())
+            .chain(args.iter().map(|a| (*a).to_owned()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            admin_cli(&addr, &args)
+        })
+    };
+    let chat = |secret: String, model: &'static str| {
+        let addr = addr.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("http://{addr}/v1/chat/completions"))
+                .bearer_auth(secret)
+                .json(&serde_json::json!({"model": model, "messages": common::user("hi")}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let (ok, out) = keys(&[
+        "create",
+        "support bot",
+        "--tenant",
+        "support",
+        "--model",
+        "chat",
+        "--meta",
+        "team=cx",
+    ])
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret (shown once): "))
+        .unwrap()
+        .to_owned();
+    let id = out.split('\t').next().unwrap().to_owned();
+    assert_eq!(chat(secret.clone(), "chat").await, 200);
+    assert_eq!(chat(secret.clone(), "other").await, 403);
+
+    let (ok, out) = keys(&["list", "--tenant", "support"]).await.unwrap();
+    assert!(ok && out.contains(&id) && out.contains("active"), "{out}");
+    assert!(!out.contains(&secret), "{out}");
+    let (ok, out) = keys(&["update", &id, "--all-models"]).await.unwrap();
+    assert!(ok && out.contains("\"models\": null"), "{out}");
+    assert_eq!(chat(secret.clone(), "other").await, 200);
+
+    let (ok, out) = keys(&["rotate", &id, "--grace", "1h"]).await.unwrap();
+    assert!(ok, "{out}");
+    let rotated = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret (shown once): "))
+        .unwrap()
+        .to_owned();
+    assert_eq!(chat(rotated.clone(), "chat").await, 200);
+    assert_eq!(
+        chat(secret.clone(), "chat").await,
+        200,
+        "old secret within its grace"
+    );
+
+    let (ok, out) = keys(&["revoke", &id]).await.unwrap();
+    assert!(ok && out.contains("revoked"), "{out}");
+    assert_eq!(chat(rotated, "chat").await, 401);
+    assert_eq!(chat(secret, "chat").await, 401);
+    let (ok, out) = keys(&["show", "key_missing"]).await.unwrap();
+    assert!(!ok && out.contains("404"), "{out}");
     child.kill().unwrap();
     child.wait().unwrap();
 }

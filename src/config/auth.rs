@@ -62,3 +62,30 @@ impl AuthConfig {
         Ok(())
     }
 }
+
+/// `[keys]`: gateway keys made at run time through `/admin/keys` (kept in the store); off
+/// without this section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// How long a replica trusts a key it looked up: a key revoked on another replica is refused
+    /// here within this.
+    #[serde(default = "default_key_cache_ttl", with = "humantime_serde")]
+    pub cache_ttl: std::time::Duration,
+}
+
+fn default_key_cache_ttl() -> std::time::Duration {
+    std::time::Duration::from_millis(500)
+}
+
+impl KeysConfig {
+    pub(super) fn validate(&self) -> Result<(), FieldError> {
+        if self.cache_ttl > std::time::Duration::from_secs(1) {
+            return Err(FieldError::new(
+                "keys.cache_ttl",
+                "must be at most 1s (a revoked key must be refused everywhere within a second)",
+            ));
+        }
+        Ok(())
+    }
+}

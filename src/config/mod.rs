@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use secrecy::SecretString;
 use serde::Deserialize;
 
-pub use auth::{AuthConfig, VirtualKeyConfig};
+pub use auth::{AuthConfig, KeysConfig, VirtualKeyConfig};
 pub use cache::{
     CacheConfig, CachePolicy, DEFAULT_SEMANTIC_THRESHOLD, RouteCacheConfig, SemanticPolicy,
     StoreKind,
@@ -86,6 +86,8 @@ pub struct Config {
     pub semantic: SemanticConfig,
     /// The versioned prompt store; off without this section.
     pub prompts: Option<PromptsConfig>,
+    /// Gateway keys made at run time; off without this section.
+    pub keys: Option<KeysConfig>,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     /// USD per million tokens by model (the target's model name, or `provider/model`), to
@@ -214,6 +216,9 @@ impl Config {
         self.server.validate()?;
         self.log.validate()?;
         self.metrics.validate(&self.server)?;
+        if let Some(keys) = &self.keys {
+            keys.validate()?;
+        }
         self.auth.validate()?;
         self.breaker.validate()?;
         self.cache.validate(

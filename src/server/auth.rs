@@ -24,7 +24,7 @@ fn digest(key: &str) -> [u8; 32] {
 }
 
 /// The key from `Authorization: Bearer ...` (OpenAI SDKs) or `x-api-key` (Anthropic SDKs).
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
         let value = value.to_str().ok()?;
         let (scheme, key) = value.split_once(' ')?;
@@ -46,12 +46,9 @@ impl Auth {
         }
     }
 
-    pub fn tenant(&self, headers: &HeaderMap) -> Result<Arc<str>, ApiError> {
-        let key = presented_key(headers).ok_or(ApiError::Unauthorized)?;
-        self.tenants_by_key_hash
-            .get(&digest(key))
-            .cloned()
-            .ok_or(ApiError::Unauthorized)
+    /// The tenant of a key from `[auth]`.
+    pub fn static_tenant(&self, key: &str) -> Option<Arc<str>> {
+        self.tenants_by_key_hash.get(&digest(key)).cloned()
     }
 
     pub fn admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {

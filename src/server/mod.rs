@@ -23,6 +23,7 @@ mod admission;
 mod anthropic;
 mod auth;
 mod body;
+mod keys;
 mod listener;
 mod openai;
 mod prompts;
@@ -121,8 +122,26 @@ impl AppState {
     }
 }
 
-fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiError> {
-    let tenant = state.auth.tenant(headers)?;
+/// The caller's tenant, and its run-time key if it came with one: `[auth]` keys first (a map
+/// probe), then the key store.
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(Arc<str>, Option<Arc<crate::keys::KeyRecord>>), ApiError> {
+    let presented = auth::presented_key(headers).ok_or(ApiError::Unauthorized)?;
+    if let Some(tenant) = state.auth.static_tenant(presented) {
+        return Ok((tenant, None));
+    }
+    if let Some(keys) = state.pipeline.key_store()
+        && let Some(record) = keys.authenticate(presented).await?
+    {
+        return Ok((Arc::from(record.tenant.as_str()), Some(record)));
+    }
+    Err(ApiError::Unauthorized)
+}
+
+async fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiError> {
+    let (tenant, key) = authenticate(state, headers).await?;
     tracing::Span::current().record("tenant", &*tenant);
     let request_id = headers
         .get("x-request-id")
@@ -153,6 +172,7 @@ fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiE
         cache,
         prompt,
         user,
+        key,
     })
 }
 
@@ -174,7 +194,7 @@ async fn authenticated_request<T: serde::de::DeserializeOwned + Send + 'static>(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Admitted<T>, ApiError> {
-    let context = context(state, headers)?;
+    let context = context(state, headers).await?;
     let bytes = read_body(state, body, state.max_body_bytes).await?;
     let request = if bytes.len() > PARSE_ASIDE_BYTES {
         tokio::task::spawn_blocking(move || crate::protocol::parse_json(&bytes))
@@ -358,6 +378,10 @@ pub fn app(state: Arc<AppState>, with_metrics: bool) -> HttpRouter {
         .route("/v1/cache/feedback", post(openai::cache_feedback))
         .route("/admin/cache/stats", get(admin::cache_stats))
         .route("/admin/cache/purge", post(admin::cache_purge))
+        .route("/admin/keys", get(keys::list).post(keys::create))
+        .route("/admin/keys/{id}", get(keys::show).patch(keys::update))
+        .route("/admin/keys/{id}/rotate", post(keys::rotate))
+        .route("/admin/keys/{id}/revoke", post(keys::revoke))
         .route("/admin/prompts", get(prompts::list))
         .route("/admin/prompts/audit", get(prompts::audit))
         .route("/admin/prompts/stats", get(prompts::stats))

@@ -142,13 +142,15 @@ pub async fn embeddings(
 }
 
 pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(error) = state.auth.tenant(&headers) {
-        return error.into_response();
-    }
+    let key = match super::authenticate(&state, &headers).await {
+        Ok((_, key)) => key,
+        Err(error) => return error.into_response(),
+    };
     let data: Vec<_> = state
         .pipeline
         .models()
         .into_iter()
+        .filter(|model| key.as_ref().is_none_or(|key| key.allows(model)))
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "reprise"}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()

@@ -1,0 +1,158 @@
+//! The run-time keys' admin API (admin key). A secret is in the answer to `create` and `rotate`
+//! only; every other answer shows the key's prefix.
+//!
+//! - `POST /admin/keys`: `{"name", "tenant", "models"?, "expires_at"? | "expires_in"?,
+//!   "metadata"?}` → 201 with `secret`;
+//! - `GET /admin/keys?tenant=T`, `GET /admin/keys/{id}`;
+//! - `PATCH /admin/keys/{id}`: the same fields but `tenant` (`null` clears `models` or
+//!   `expires_at`);
+//! - `POST /admin/keys/{id}/rotate`: `{"grace": "1h"}` (default 0: the old secret stops at once)
+//!   → the new `secret`;
+//! - `POST /admin/keys/{id}/revoke`: refused on every replica within `[keys] cache_ttl`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::error::ApiError;
+use crate::keys::{Issued, KeyChange, KeyStore};
+
+const MAX_BODY: usize = 64 * 1024;
+
+fn keys<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a KeyStore, ApiError> {
+    state.auth.admin(headers)?;
+    state.pipeline.keys()
+}
+
+async fn change(state: &AppState, body: axum::body::Body) -> Result<KeyChange, ApiError> {
+    let bytes = super::read_body(state, body, MAX_BODY).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(KeyChange::default());
+    }
+    crate::protocol::parse_json(&bytes)
+}
+
+fn issued(status: StatusCode, issued: Issued) -> Response {
+    let mut body = issued.record.view();
+    body["secret"] = Value::String(issued.secret);
+    (status, axum::Json(body)).into_response()
+}
+
+fn reply(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    reply(
+        async {
+            let keys = keys(&state, &headers)?;
+            let created = keys.create(change(&state, body).await?).await?;
+            tracing::info!(key = %created.record.id, tenant = %created.record.tenant, "key created");
+            Ok(issued(StatusCode::CREATED, created))
+        }
+        .await,
+    )
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    reply(
+        async {
+            let records = keys(&state, &headers)?
+                .list(query.get("tenant").map(String::as_str))
+                .await?;
+            let data: Vec<Value> = records.iter().map(|r| r.view()).collect();
+            Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+        }
+        .await,
+    )
+}
+
+pub async fn show(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    reply(
+        async {
+            let record = keys(&state, &headers)?.get(&id).await?;
+            Ok(axum::Json(record.view()).into_response())
+        }
+        .await,
+    )
+}
+
+pub async fn update(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Response {
+    reply(
+        async {
+            let keys = keys(&state, &headers)?;
+            let record = keys.update(&id, change(&state, body).await?).await?;
+            tracing::info!(key = %record.id, "key updated");
+            Ok(axum::Json(record.view()).into_response())
+        }
+        .await,
+    )
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Rotation {
+    #[serde(default, with = "humantime_serde")]
+    grace: Option<Duration>,
+}
+
+pub async fn rotate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Response {
+    reply(
+        async {
+            let keys = keys(&state, &headers)?;
+            let bytes = super::read_body(&state, body, MAX_BODY).await?;
+            let rotation: Rotation = if bytes.iter().all(u8::is_ascii_whitespace) {
+                Rotation::default()
+            } else {
+                crate::protocol::parse_json(&bytes)?
+            };
+            let rotated = keys.rotate(&id, rotation.grace.unwrap_or_default()).await?;
+            tracing::info!(key = %rotated.record.id, "key rotated");
+            Ok(issued(StatusCode::OK, rotated))
+        }
+        .await,
+    )
+}
+
+pub async fn revoke(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    reply(
+        async {
+            let record = keys(&state, &headers)?.revoke(&id).await?;
+            tracing::info!(key = %record.id, "key revoked");
+            Ok(axum::Json(record.view()).into_response())
+        }
+        .await,
+    )
+}
