@@ -8,7 +8,24 @@ use reqwest::Method;
 use serde_json::Value;
 
 /// The development admin key of the shipped config, used when `REPRISE_ADMIN_KEY` is unset.
-pub const DEV_ADMIN_KEY: &str = "reprise-dev-admin";
+const DEV_ADMIN_KEY: &str = "reprise-dev-admin";
+
+/// Which gateway an admin command talks to, and with what key.
+#[derive(clap::Args)]
+pub struct GatewayArgs {
+    /// The gateway's address.
+    #[arg(long, env = "REPRISE_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The gateway's admin key (`make run` and the shipped config use `reprise-dev-admin` when
+    /// `REPRISE_ADMIN_KEY` is unset, and so does the CLI).
+    #[arg(
+        long,
+        env = "REPRISE_ADMIN_KEY",
+        hide_env_values = true,
+        default_value = DEV_ADMIN_KEY
+    )]
+    admin_key: Option<String>,
+}
 
 /// Runs one command on a single-threaded runtime: 0 on success, 1 if the gateway refused or
 /// could not be reached, 2 for a usage error.
@@ -51,11 +68,11 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    pub fn new(url: &str, admin_key: Option<&str>, actor: &str) -> Self {
+    pub fn new(gateway: &GatewayArgs, actor: &str) -> Self {
         Self {
             http: reqwest::Client::new(),
-            url: url.trim_end_matches('/').to_owned(),
-            admin_key: admin_key.map(str::to_owned),
+            url: gateway.url.trim_end_matches('/').to_owned(),
+            admin_key: gateway.admin_key.clone(),
             actor: actor.to_owned(),
         }
     }

@@ -6,21 +6,12 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 
-use crate::admin_client::{self, AdminClient, CliError, DEV_ADMIN_KEY, print, segment};
+use crate::admin_client::{self, AdminClient, CliError, GatewayArgs, print, segment};
 
 #[derive(clap::Args)]
 pub struct KeysArgs {
-    /// The gateway's address.
-    #[arg(long, env = "REPRISE_URL", default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// The gateway's admin key.
-    #[arg(
-        long,
-        env = "REPRISE_ADMIN_KEY",
-        hide_env_values = true,
-        default_value = DEV_ADMIN_KEY
-    )]
-    admin_key: Option<String>,
+    #[command(flatten)]
+    gateway: GatewayArgs,
     #[command(subcommand)]
     command: KeysCommand,
 }
@@ -117,7 +108,7 @@ fn issued(answer: &Value) {
 }
 
 async fn execute(args: &KeysArgs) -> Result<(), CliError> {
-    let client = AdminClient::new(&args.url, args.admin_key.as_deref(), "cli");
+    let client = AdminClient::new(&args.gateway, "cli");
     let key = |id: &str| {
         format!(
             "/admin/keys/{}",

@@ -9,22 +9,12 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::admin_client::{self, AdminClient, CliError, DEV_ADMIN_KEY, print, segment};
+use crate::admin_client::{self, AdminClient, CliError, GatewayArgs, print, segment};
 
 #[derive(clap::Args)]
 pub struct PromptsArgs {
-    /// The gateway's address.
-    #[arg(long, env = "REPRISE_URL", default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// The gateway's admin key (`make run` and the shipped config use `reprise-dev-admin` when
-    /// `REPRISE_ADMIN_KEY` is unset, and so does the CLI).
-    #[arg(
-        long,
-        env = "REPRISE_ADMIN_KEY",
-        hide_env_values = true,
-        default_value = DEV_ADMIN_KEY
-    )]
-    admin_key: Option<String>,
+    #[command(flatten)]
+    gateway: GatewayArgs,
     /// Who makes the change, for the audit trail.
     #[arg(long, env = "USER", default_value = "cli")]
     actor: String,
@@ -143,7 +133,7 @@ fn check(dir: &std::path::Path) -> ExitCode {
 }
 
 async fn execute(args: &PromptsArgs) -> Result<(), CliError> {
-    let client = AdminClient::new(&args.url, args.admin_key.as_deref(), &args.actor);
+    let client = AdminClient::new(&args.gateway, &args.actor);
     let prompt = |id: &str| format!("/admin/prompts/{}", segment(id));
     match &args.command {
         PromptsCommand::List => {

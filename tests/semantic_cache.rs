@@ -923,6 +923,17 @@ async fn a_model_file_that_cannot_be_used_stops_startup_naming_the_field() {
     }
 }
 
+/// A semantic gateway that takes bodies of up to 8 MiB.
+async fn start_with_large_bodies() -> (Gateway, tempfile::TempDir) {
+    let model_dir = common::prerequisites::embed_model_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("path = \"{}\"", dir.path().join("store").display());
+    let gw =
+        Gateway::start_with_server("max_body_bytes = 8388608", &config(&model_dir, &store, ""))
+            .await;
+    (gw, dir)
+}
+
 /// A user turn of `bytes` bytes of ordinary words, different from any other call's.
 fn long_text(seed: &str, bytes: usize) -> String {
     let words = [
@@ -954,12 +965,7 @@ fn long_text(seed: &str, bytes: usize) -> String {
 #[ignore = "needs the embedding model (make test)"]
 #[tokio::test]
 async fn a_turn_longer_than_the_model_reads_skips_the_semantic_stage() {
-    let model_dir = common::prerequisites::embed_model_dir();
-    let dir = tempfile::tempdir().unwrap();
-    let store = format!("path = \"{}\"", dir.path().join("store").display());
-    let gw =
-        Gateway::start_with_server("max_body_bytes = 8388608", &config(&model_dir, &store, ""))
-            .await;
+    let (gw, _dir) = start_with_large_bodies().await;
     // Two turns alike in their first few hundred tokens and different after: embedded by their
     // beginning only, the second would be served the first's answer.
     let shared = long_text("report", 1_200);
@@ -998,12 +1004,7 @@ async fn a_turn_longer_than_the_model_reads_skips_the_semantic_stage() {
 #[ignore = "needs the embedding model (make test)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_turns_from_one_tenant_do_not_hold_up_another_tenants_lookups() {
-    let model_dir = common::prerequisites::embed_model_dir();
-    let dir = tempfile::tempdir().unwrap();
-    let store = format!("path = \"{}\"", dir.path().join("store").display());
-    let gw =
-        Gateway::start_with_server("max_body_bytes = 8388608", &config(&model_dir, &store, ""))
-            .await;
+    let (gw, _dir) = start_with_large_bodies().await;
     let question = "how do I reset my password?";
     let send_b = || gw.chat_with(KEY_B, ask(question), &[]);
     assert_eq!(send_b().await.status(), 200);

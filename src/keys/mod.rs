@@ -211,6 +211,18 @@ impl KeyStore {
         Ok(record.filter(|r| r.accepts(&digest, now)))
     }
 
+    /// Points the record's current secret at it.
+    async fn index(&self, record: &KeyRecord) -> Result<(), ApiError> {
+        self.store
+            .put(
+                &format!("{PREFIX}hash/{}", record.digest),
+                record.id.clone().into_bytes(),
+                None,
+            )
+            .await
+            .map_err(unavailable)
+    }
+
     async fn id_of(&self, digest: &str) -> Result<Option<String>, ApiError> {
         let id = self
             .store
@@ -282,14 +294,7 @@ impl KeyStore {
         };
         apply(&mut record, change, now)?;
         let secret = new_secret(&mut record);
-        self.store
-            .put(
-                &format!("{PREFIX}hash/{}", record.digest),
-                record.id.clone().into_bytes(),
-                None,
-            )
-            .await
-            .map_err(unavailable)?;
+        self.index(&record).await?;
         let bytes = serde_json::to_vec(&record).map_err(|_| corrupt(&record.id))?;
         let created = self
             .store
@@ -379,14 +384,7 @@ impl KeyStore {
                 Ok(())
             })
             .await?;
-        self.store
-            .put(
-                &format!("{PREFIX}hash/{}", record.digest),
-                record.id.clone().into_bytes(),
-                None,
-            )
-            .await
-            .map_err(unavailable)?;
+        self.index(&record).await?;
         Ok(Issued { record, secret })
     }
 }
