@@ -88,6 +88,13 @@ async fn two_flaky_targets_serve_nearly_everything() {
     let share = success_share(&by_status);
     eprintln!("{share:.4} succeeded: {by_status:?}");
     assert!(share >= 0.995, "{share:.4} succeeded: {by_status:?}");
+    for target in ["mock/chance-20-500", "mock2/chance-20-502"] {
+        assert_eq!(
+            gw.breaker_state(target).await,
+            "closed",
+            "a 20% error rate is no reason to open {target}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,26 @@ pub struct BreakerSnapshot {
     pub last_error: Option<String>,
 }
 
+/// Standard deviations of confidence before a failure rate counts as over the threshold: the
+/// chance that a target failing at a lower rate trips is about 0.1% per judgement.
+const CONFIDENCE_Z: f64 = 3.0;
+
+/// Whether `failed` of `total` shows, with `CONFIDENCE_Z` confidence, a failure rate of at least
+/// `ratio`: the lower end of the Wilson score interval. A rate over a few dozen attempts is
+/// noisy (six failures in twenty happen often at 20%); this keeps chance from opening a breaker
+/// while a target that fails everything still opens it within twenty attempts.
+fn surely_at_least(failed: u64, total: u64, ratio: f64) -> bool {
+    if total == 0 {
+        return false;
+    }
+    let n = total as f64;
+    let p = failed as f64 / n;
+    let z2 = CONFIDENCE_Z * CONFIDENCE_Z;
+    let centre = p + z2 / (2.0 * n);
+    let spread = CONFIDENCE_Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    (centre - spread) / (1.0 + z2 / n) >= ratio
+}
+
 /// The share a recovering target gets at the very start of its recovery.
 const RECOVERY_START_SHARE: f64 = 0.1;
 
@@ -205,16 +225,17 @@ impl Breaker {
         let failing = match inner.state {
             // Already open: later failures (of panic traffic) neither extend nor restart it.
             State::Open { .. } => false,
-            // Recovery is judged on every outcome since it began, however few.
+            // Recovery is judged on every outcome since it began: failures before any success
+            // mean the target is still down; after that, the rate decides.
             State::Recovering { .. } => {
                 let (ok, failed) = inner.window.sums(now);
-                failed as f64 >= self.config.error_ratio * (ok + failed) as f64
+                ok == 0 || surely_at_least(failed, ok + failed, self.config.error_ratio)
             }
             State::Closed => {
                 let min = u64::from(self.config.min_requests);
                 let (ok, failed) = inner.window.recent_sums(now, min);
                 if ok + failed >= min {
-                    failed as f64 >= self.config.error_ratio * (ok + failed) as f64
+                    surely_at_least(failed, ok + failed, self.config.error_ratio)
                 } else {
                     inner.consecutive_failures >= self.config.consecutive_failures
                 }
@@ -316,12 +337,27 @@ mod tests {
             outcome(&b, HealthSignal::Failure);
         }
         assert_eq!(b.snapshot().state, "closed", "8 in a row among 48 is 17%");
-        for _ in 0..31 {
+        let mut failures = 8;
+        while b.snapshot().state == "closed" {
             outcome(&b, HealthSignal::Failure);
+            failures += 1;
         }
-        assert_eq!(b.snapshot().state, "closed", "39 of 79 failed");
-        outcome(&b, HealthSignal::Failure);
-        assert_eq!(b.snapshot().state, "open", "40 of 80 failed");
+        // Opens only once the rate is surely over one half: not at 40 of 80, well before 40 of 200.
+        assert!(
+            (60..120).contains(&failures),
+            "opened at {failures} of {}",
+            failures + 40
+        );
+    }
+
+    #[test]
+    fn a_small_sample_over_the_ratio_by_chance_does_not_open_it() {
+        assert!(
+            !surely_at_least(11, 20, 0.5),
+            "11 of 20 at a 20% rate is chance"
+        );
+        assert!(surely_at_least(20, 20, 0.5), "20 of 20 is not");
+        assert!(!surely_at_least(0, 0, 0.5));
     }
 
     #[test]
