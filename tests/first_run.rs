@@ -79,6 +79,28 @@ async fn the_shipped_config_shows_a_miss_an_exact_hit_and_a_semantic_hit_without
         assert!(Instant::now() < deadline, "no exact hit");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The semantic entry lands off the response path, possibly after the exact one: wait for it,
+    // or the reworded question would miss and then be an exact hit of its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats: Value = client
+            .get(format!("{base}/admin/cache/stats"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if stats["semantic"]["indexed_entries"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the semantic entry never landed: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let reworded = ask(&client, &base, "demo", "How can I reset my password?").await;
