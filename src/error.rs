@@ -112,6 +112,8 @@ pub enum ApiError {
     },
     #[error("the store is unavailable: {0}")]
     StoreUnavailable(String),
+    #[error("rate limit reached: {} requests per minute for this key; try again in {:.1}s", state.limit, state.resets_in.as_secs_f64())]
+    RateLimited { state: crate::keys::RateState },
     #[error("the request body did not arrive within {seconds:.0}s")]
     BodyTimeout { seconds: f64 },
     #[error("no healthy upstream target for model `{route}`: every circuit breaker is open")]
@@ -155,6 +157,7 @@ impl ApiError {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminOnly | Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::ModelNotFound { .. } | Self::NotFound { .. } => StatusCode::NOT_FOUND,
@@ -174,6 +177,7 @@ impl ApiError {
             Self::InvalidRequest { .. } => "invalid_request",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BodyTimeout { .. } => "body_timeout",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Unauthorized => "unauthorized",
             Self::AdminOnly => "admin_only",
             Self::ModelNotFound { .. } => "model_not_found",
@@ -206,6 +210,7 @@ impl ApiError {
                 None,
                 owned("invalid_api_key"),
             ),
+            Self::RateLimited { .. } => ("requests".into(), None, owned("rate_limit_exceeded")),
             Self::BodyTimeout { .. } => (
                 "invalid_request_error".into(),
                 None,
@@ -291,14 +296,44 @@ impl ApiError {
                 axum::http::HeaderValue::from_static("close"),
             );
         }
+        if let Self::RateLimited { state } = self {
+            let headers = response.headers_mut();
+            put_rate_headers(headers, state);
+            headers.insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(whole_seconds(state.resets_in)),
+            );
+        }
         if let Self::NoHealthyTarget { retry_after, .. } = self {
-            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from(seconds.max(1)),
+                axum::http::HeaderValue::from(whole_seconds(*retry_after)),
             );
         }
         response
+    }
+}
+
+/// A wait in whole seconds for `Retry-After`: rounded up, at least 1.
+fn whole_seconds(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+/// OpenAI's `x-ratelimit-*-requests` headers, so clients and the official SDKs can pace
+/// themselves.
+pub fn put_rate_headers(headers: &mut axum::http::HeaderMap, state: &crate::keys::RateState) {
+    use axum::http::{HeaderName, HeaderValue};
+    headers.insert(
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderValue::from(state.limit),
+    );
+    headers.insert(
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderValue::from(state.remaining),
+    );
+    let reset = format!("{}s", state.resets_in.as_millis() as f64 / 1000.0);
+    if let Ok(reset) = HeaderValue::from_str(&reset) {
+        headers.insert(HeaderName::from_static("x-ratelimit-reset-requests"), reset);
     }
 }
 

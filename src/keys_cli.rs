@@ -25,6 +25,9 @@ struct KeyFields {
     /// When the key stops working: a duration from now (`30d`, `12h`).
     #[arg(long)]
     expires_in: Option<String>,
+    /// Requests per minute, across every replica (429 beyond it).
+    #[arg(long)]
+    rpm: Option<u64>,
     /// Free-form `NAME=VALUE` metadata; repeat for several.
     #[arg(long = "meta", value_parser = meta_pair)]
     metadata: Vec<(String, String)>,
@@ -87,6 +90,9 @@ fn change(fields: &KeyFields, body: &mut Map<String, Value>) {
     }
     if let Some(within) = &fields.expires_in {
         body.insert("expires_in".into(), json!(within));
+    }
+    if let Some(rpm) = fields.rpm {
+        body.insert("limits".into(), json!({"rpm": rpm}));
     }
     if !fields.metadata.is_empty() {
         let metadata: Map<String, Value> = fields

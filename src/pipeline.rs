@@ -22,7 +22,7 @@ use crate::cache::{
 };
 use crate::config::{CacheConfig, Config, StoreKind};
 use crate::error::ApiError;
-use crate::keys::{KeyRecord, KeyStore};
+use crate::keys::{KeyRecord, KeyStore, RateState};
 use crate::prices::PriceTable;
 use crate::prompts::{PromptRef, PromptStore, Resolution, Usage as PromptUsage};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions, is_usage_only_chunk};
@@ -43,6 +43,8 @@ pub struct RequestContext {
     pub user: Option<String>,
     /// The run-time key the request came with (`None`: a key from `[auth]`).
     pub key: Option<Arc<KeyRecord>>,
+    /// Where the request stands against its key's request limit, if it has one.
+    pub rate: Option<RateState>,
 }
 
 /// The prompt version that rendered a request.
@@ -63,6 +65,8 @@ pub struct Trace {
     pub attempts: u32,
     pub cache: CacheReport,
     pub prompt: Option<PromptTrace>,
+    /// For `x-ratelimit-*`: copied from the request's context.
+    pub rate: Option<RateState>,
 }
 
 pub struct Answered<T> {
@@ -167,6 +171,7 @@ impl Pipeline {
         let prompt = self.resolve_prompt(context, &mut request)?;
         let mut trace = Trace {
             prompt: prompt.as_ref().map(PromptTrace::of),
+            rate: context.rate,
             ..Trace::default()
         };
         let fail = |error: ApiError, trace: &Trace| Failed {
@@ -381,6 +386,7 @@ impl Pipeline {
         let route = self.resolve(context, &request.model)?;
         let trace = Trace {
             route: Some(route.name.clone()),
+            rate: context.rate,
             ..Trace::default()
         };
         match self.router.embeddings(&route, &request).await {

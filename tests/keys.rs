@@ -301,3 +301,96 @@ async fn a_key_revoked_on_one_replica_is_refused_on_another_within_a_second() {
     }
     eprintln!("refused on the other replica after {:?}", revoked.elapsed());
 }
+
+#[tokio::test]
+async fn a_key_over_its_request_limit_gets_429_with_openai_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&routes(&sled(&dir))).await;
+    let (_, limited) = create(
+        &gw,
+        json!({"name": "n", "tenant": "t", "limits": {"rpm": 3}}),
+    )
+    .await;
+    let (_, other) = create(&gw, json!({"name": "o", "tenant": "t"})).await;
+    let send = |secret: &str| {
+        gw.client
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(secret)
+            .json(&json!({"model": "chat", "messages": user("hello")}))
+            .send()
+    };
+    for remaining in ["2", "1", "0"] {
+        let response = send(&limited).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            common::header(&response, "x-ratelimit-limit-requests"),
+            Some("3")
+        );
+        assert_eq!(
+            common::header(&response, "x-ratelimit-remaining-requests"),
+            Some(remaining)
+        );
+        let reset = common::header(&response, "x-ratelimit-reset-requests").unwrap();
+        assert!(reset.ends_with('s'), "{reset}");
+    }
+    let refused = send(&limited).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = common::header(&refused, "retry-after")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        common::header(&refused, "x-ratelimit-remaining-requests"),
+        Some("0")
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(body["error"]["type"], "requests");
+    assert_eq!(
+        send(&other).await.unwrap().status(),
+        200,
+        "other keys are not limited"
+    );
+    let (status, body) = admin(
+        &gw,
+        reqwest::Method::POST,
+        "/admin/keys",
+        Some(json!({"name": "z", "tenant": "t", "limits": {"rpm": 0}})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("limits.rpm"))
+    );
+}
+
+#[ignore = "needs redis-server (make test)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_enforce_a_request_limit_once_not_twice() {
+    let redis = RedisServer::start();
+    let config = routes(&format!(
+        "store = \"redis\"\nredis_url = \"{}\"",
+        redis.url()
+    ));
+    let one = Gateway::start(&config).await;
+    let two = Gateway::start(&config).await;
+    let (_, secret) = create(
+        &one,
+        json!({"name": "shared", "tenant": "t", "limits": {"rpm": 100}}),
+    )
+    .await;
+    let statuses = futures::future::join_all((0..300).map(|i| {
+        let gateway = if i % 2 == 0 { &one } else { &two };
+        let secret = secret.clone();
+        async move { chat_status(gateway, &secret, "chat").await.0 }
+    }))
+    .await;
+    let accepted = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    eprintln!(
+        "two replicas, 300 concurrent requests, limit 100/min: {accepted} accepted, {refused} refused"
+    );
+    assert!((100..=105).contains(&accepted), "{accepted} accepted");
+    assert_eq!(accepted + refused, 300);
+}

@@ -46,8 +46,31 @@ pub struct KeyRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
     #[serde(default)]
+    pub limits: KeyLimits,
+    #[serde(default)]
     pub metadata: Map<String, Value>,
 }
+
+/// A key's rate limits; each unset one does not apply.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimits {
+    /// Requests per minute, counted once across every replica sharing the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+}
+
+/// Where a request stands against its key's request limit, for OpenAI's `x-ratelimit-*`
+/// headers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateState {
+    pub limit: u64,
+    pub remaining: u64,
+    pub resets_in: Duration,
+}
+
+/// The minute a request limit counts over, from the first request it counts.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Previous {
@@ -95,6 +118,7 @@ impl KeyRecord {
                 .filter(|p| now < p.valid_until_ms)
                 .map(|p| rfc3339(p.valid_until_ms)),
             "models": self.models,
+            "limits": self.limits,
             "metadata": self.metadata,
         })
     }
@@ -121,6 +145,8 @@ pub struct KeyChange {
     pub expires_at: Option<Option<String>>,
     /// A duration from now (`"30d"`, `"12h"`), instead of `expires_at`.
     pub expires_in: Option<String>,
+    /// Replaces the key's limits (`{}` lifts them all).
+    pub limits: Option<KeyLimits>,
     pub metadata: Option<Map<String, Value>>,
 }
 
@@ -223,6 +249,33 @@ impl KeyStore {
             .map_err(unavailable)
     }
 
+    /// Counts a request against the key's request limit: its standing, or 429 once the limit is
+    /// reached. If the store cannot count (Redis away), the request goes through: a limit is not
+    /// worth an outage.
+    pub async fn admit(&self, record: &KeyRecord) -> Result<Option<RateState>, ApiError> {
+        let Some(limit) = record.limits.rpm else {
+            return Ok(None);
+        };
+        let key = format!("{PREFIX}rpm/{}", record.id);
+        let counted = match self.store.count_capped(&key, limit, RATE_WINDOW).await {
+            Ok(counted) => counted,
+            Err(error) => {
+                tracing::warn!(%error, key = %record.id, "cannot count against the key's rate limit; admitted");
+                return Ok(None);
+            }
+        };
+        let state = RateState {
+            limit,
+            remaining: limit.saturating_sub(counted.count),
+            resets_in: counted.resets_in,
+        };
+        if counted.counted {
+            Ok(Some(state))
+        } else {
+            Err(ApiError::RateLimited { state })
+        }
+    }
+
     async fn id_of(&self, digest: &str) -> Result<Option<String>, ApiError> {
         let id = self
             .store
@@ -290,6 +343,7 @@ impl KeyStore {
             expires_at_ms: None,
             revoked_at_ms: None,
             models: None,
+            limits: KeyLimits::default(),
             metadata: Map::new(),
         };
         apply(&mut record, change, now)?;
@@ -454,6 +508,15 @@ fn apply(record: &mut KeyRecord, change: KeyChange, now: u64) -> Result<(), ApiE
             record.expires_at_ms = Some(now + within.as_millis() as u64);
         }
         (None, None) => {}
+    }
+    if let Some(limits) = change.limits {
+        if limits.rpm == Some(0) {
+            return Err(ApiError::invalid(
+                "rpm must be at least 1 (leave it out for no limit)",
+                Some("limits.rpm"),
+            ));
+        }
+        record.limits = limits;
     }
     if let Some(metadata) = change.metadata {
         record.metadata = metadata;

@@ -142,6 +142,10 @@ async fn authenticate(
 
 async fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiError> {
     let (tenant, key) = authenticate(state, headers).await?;
+    let rate = match (&key, state.pipeline.key_store()) {
+        (Some(key), Some(keys)) => keys.admit(key).await?,
+        _ => None,
+    };
     tracing::Span::current().record("tenant", &*tenant);
     let request_id = headers
         .get("x-request-id")
@@ -173,6 +177,7 @@ async fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext
         prompt,
         user,
         key,
+        rate,
     })
 }
 
@@ -270,6 +275,9 @@ fn trace_headers(trace: &Trace) -> HeaderMap {
             "x-reprise-cache-tokens-saved",
             &cache.tokens_saved.to_string(),
         );
+    }
+    if let Some(rate) = &trace.rate {
+        crate::error::put_rate_headers(&mut headers, rate);
     }
     headers
 }

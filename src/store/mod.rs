@@ -23,6 +23,14 @@ pub enum StoreError {
     Locked(String),
 }
 
+/// What [`Store::count_capped`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    pub counted: bool,
+    pub count: u64,
+    pub resets_in: Duration,
+}
+
 /// One read of a change feed.
 #[derive(Debug, Default)]
 pub struct FeedPage {
@@ -90,6 +98,18 @@ pub trait Store: Send + Sync + 'static {
             cursor: cursor.unwrap_or_default().to_owned(),
         })
     }
+
+    /// Counts one more event under `key` unless `cap` were already counted; the count starts
+    /// afresh `window` after its first event. Whether it was counted, the count, and how long
+    /// until the count starts afresh. Atomic among every process sharing the store (rate limits:
+    /// N replicas enforce a limit once, not N times); not durable, since a count need not
+    /// survive a restart.
+    async fn count_capped(
+        &self,
+        key: &str,
+        cap: u64,
+        window: Duration,
+    ) -> Result<Counted, StoreError>;
 
     /// Whether other processes can write to this store (and so whether `read_feed` is worth
     /// polling).

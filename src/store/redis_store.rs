@@ -299,6 +299,43 @@ impl Store for RedisStore {
         true
     }
 
+    async fn count_capped(
+        &self,
+        key: &str,
+        cap: u64,
+        window: Duration,
+    ) -> Result<crate::store::Counted, StoreError> {
+        // One script: the check and the increment are one step for every replica.
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+            local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+            local counted = 0
+            if count < tonumber(ARGV[1]) then
+                count = redis.call('INCR', KEYS[1])
+                counted = 1
+                if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+            end
+            local ttl = redis.call('PTTL', KEYS[1])
+            if ttl < 0 then ttl = 0 end
+            return {counted, count, ttl}",
+            )
+        });
+        let mut connection = self.connection().await?;
+        let (counted, count, ttl): (i64, u64, u64) = SCRIPT
+            .key(self.key(key))
+            .arg(cap)
+            .arg(window.as_millis() as u64)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(backend_error)?;
+        Ok(crate::store::Counted {
+            counted: counted == 1,
+            count,
+            resets_in: Duration::from_millis(ttl),
+        })
+    }
+
     fn backend(&self) -> &'static str {
         "redis"
     }

@@ -23,6 +23,9 @@ pub struct SledStore {
     by_age: sled::Tree,
     bytes: Arc<AtomicU64>,
     max_bytes: Option<u64>,
+    /// `count_capped`'s counts: one process owns a sled store, so memory is where they belong
+    /// (writing each to disk would cost a flush per request). Key → (resets at, count).
+    counts: Arc<parking_lot::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>>,
 }
 
 const HEADER: usize = 16;
@@ -131,6 +134,7 @@ impl SledStore {
             by_age,
             bytes: Arc::new(AtomicU64::new(bytes)),
             max_bytes,
+            counts: Arc::default(),
         })
     }
 
@@ -184,6 +188,32 @@ fn durable(db: &sled::Db) -> Result<(), StoreError> {
 
 #[async_trait::async_trait]
 impl Store for SledStore {
+    async fn count_capped(
+        &self,
+        key: &str,
+        cap: u64,
+        window: Duration,
+    ) -> Result<crate::store::Counted, StoreError> {
+        let now = std::time::Instant::now();
+        let mut counts = self.counts.lock();
+        if counts.len() > 100_000 {
+            counts.retain(|_, (resets_at, _)| *resets_at > now);
+        }
+        let entry = counts.entry(key.to_owned()).or_insert((now + window, 0));
+        if entry.0 <= now {
+            *entry = (now + window, 0);
+        }
+        let counted = entry.1 < cap;
+        if counted {
+            entry.1 += 1;
+        }
+        Ok(crate::store::Counted {
+            counted,
+            count: entry.1,
+            resets_in: entry.0 - now,
+        })
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_owned();
         self.blocking(move |db, books| {
