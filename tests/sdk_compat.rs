@@ -59,3 +59,57 @@ async fn official_python_sdks_work_unchanged() {
     );
     assert!(stdout.contains("all SDK checks passed"), "{stdout}");
 }
+
+/// The key's one request a minute is spent first; the SDK then meets 429 with `Retry-After`
+/// (up to a minute), waits it out by itself and succeeds, without the caller doing anything.
+#[ignore = "needs Python with the official SDKs (make test)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_waits_out_a_rate_limit_by_itself() {
+    let python = common::prerequisites::sdk_python();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&format!(
+        "[keys]\n[cache]\npath = \"{}\"\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
+        dir.path().join("store").display()
+    ))
+    .await;
+    let created: serde_json::Value = gw
+        .post(
+            "/admin/keys",
+            common::ADMIN,
+            serde_json::json!({"name": "sdk", "tenant": "t", "limits": {"rpm": 1}}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    let first = gw
+        .chat_with(
+            &secret,
+            serde_json::json!({"model": "chat", "messages": common::user("first")}),
+            &[],
+        )
+        .await;
+    assert_eq!(first.status(), 200);
+    let script = r#"
+import os, time, openai
+client = openai.OpenAI(base_url=os.environ["REPRISE_BASE"] + "/v1", api_key=os.environ["REPRISE_KEY"], max_retries=2, timeout=90)
+started = time.monotonic()
+raw = client.chat.completions.with_raw_response.create(model="chat", messages=[{"role": "user", "content": "second"}])
+print("status", raw.http_response.status_code, "retries", raw.retries_taken, "waited %.1f" % (time.monotonic() - started))
+print("answer", raw.parse().choices[0].message.content)
+"#;
+    let output = tokio::process::Command::new(python)
+        .args(["-c", script])
+        .env("REPRISE_BASE", &gw.base)
+        .env("REPRISE_KEY", &secret)
+        .output()
+        .await
+        .expect("the SDK python interpreter runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{stdout}");
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("status 200 retries 1"), "{stdout}");
+    assert!(stdout.contains("answer echo: second"), "{stdout}");
+}
