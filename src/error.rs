@@ -112,8 +112,12 @@ pub enum ApiError {
     },
     #[error("the store is unavailable: {0}")]
     StoreUnavailable(String),
-    #[error("rate limit reached: {} requests per minute for this key; try again in {:.1}s", state.limit, state.resets_in.as_secs_f64())]
-    RateLimited { state: crate::keys::RateState },
+    #[error("rate limit reached: {} requests per minute for this {scope}; try again in {:.1}s", state.limit, state.resets_in.as_secs_f64())]
+    RateLimited {
+        state: crate::keys::RateState,
+        /// `key` or `tenant`.
+        scope: &'static str,
+    },
     #[error("the request body did not arrive within {seconds:.0}s")]
     BodyTimeout { seconds: f64 },
     #[error("no healthy upstream target for model `{route}`: every circuit breaker is open")]
@@ -296,7 +300,7 @@ impl ApiError {
                 axum::http::HeaderValue::from_static("close"),
             );
         }
-        if let Self::RateLimited { state } = self {
+        if let Self::RateLimited { state, .. } = self {
             let headers = response.headers_mut();
             put_rate_headers(headers, state);
             headers.insert(

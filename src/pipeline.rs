@@ -92,6 +92,8 @@ pub struct Pipeline {
     router: Arc<Router>,
     prompts: Option<Arc<PromptStore>>,
     keys: Option<KeyStore>,
+    /// Requests per minute per tenant, with the store that counts them.
+    tenant_rpm: Option<(Arc<dyn Store>, std::collections::HashMap<String, u64>)>,
     cache: CacheStage,
     prices: Arc<PriceTable>,
     pub metrics: Arc<Metrics>,
@@ -104,7 +106,16 @@ impl Pipeline {
         let caching = CacheStage::policies(config).values().any(|p| p.enabled);
         // The store is opened only when something keeps data, so a plain gateway writes nothing
         // to disk.
-        let store = if caching || config.prompts.is_some() || config.keys.is_some() {
+        let tenant_rpm: std::collections::HashMap<String, u64> = config
+            .tenants
+            .iter()
+            .filter_map(|(name, tenant)| Some((name.clone(), tenant.rpm?)))
+            .collect();
+        let store = if caching
+            || config.prompts.is_some()
+            || config.keys.is_some()
+            || !tenant_rpm.is_empty()
+        {
             Some(open_store(&config.cache).await?)
         } else {
             None
@@ -117,6 +128,10 @@ impl Pipeline {
             }
             _ => None,
         };
+        let tenant_rpm = match &store {
+            Some(store) if !tenant_rpm.is_empty() => Some((Arc::clone(store), tenant_rpm)),
+            _ => None,
+        };
         let keys = match (&config.keys, &store) {
             (Some(keys), Some(store)) => Some(KeyStore::new(Arc::clone(store), keys.cache_ttl)),
             _ => None,
@@ -127,6 +142,7 @@ impl Pipeline {
             router,
             prompts,
             keys,
+            tenant_rpm,
             cache,
             prices,
             metrics,
@@ -151,6 +167,26 @@ impl Pipeline {
                 None,
             )
         })
+    }
+
+    /// Counts a request against its tenant's and its key's request limits: the tighter standing,
+    /// or 429 once either is reached.
+    pub async fn admit_rate(
+        &self,
+        tenant: &str,
+        key: Option<&KeyRecord>,
+    ) -> Result<Option<RateState>, ApiError> {
+        let mut rate = None;
+        if let Some((store, limits)) = &self.tenant_rpm
+            && let Some(&limit) = limits.get(tenant)
+        {
+            let counter = format!("limits/v1/tenant-rpm/{tenant}");
+            rate = crate::keys::count_request(store.as_ref(), &counter, limit, "tenant").await?;
+        }
+        if let (Some(keys), Some(key)) = (&self.keys, key) {
+            rate = crate::keys::tighter(rate, keys.admit(key).await?);
+        }
+        Ok(rate)
     }
 
     /// The run-time keys, for authentication (none configured: only `[auth]` keys exist).

@@ -394,3 +394,32 @@ async fn two_replicas_enforce_a_request_limit_once_not_twice() {
     assert!((100..=105).contains(&accepted), "{accepted} accepted");
     assert_eq!(accepted + refused, 300);
 }
+
+#[tokio::test]
+async fn a_tenant_limit_is_shared_by_every_key_of_the_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&format!("[tenants.a]\nrpm = 3\n{}", routes(&sled(&dir)))).await;
+    let (_, runtime_key) = create(&gw, json!({"name": "n", "tenant": "a"})).await;
+    let mut statuses = Vec::new();
+    for secret in [
+        common::KEY_A,
+        runtime_key.as_str(),
+        common::KEY_A,
+        runtime_key.as_str(),
+    ] {
+        statuses.push(chat_status(&gw, secret, "chat").await);
+    }
+    let codes: Vec<u16> = statuses.iter().map(|(status, _)| *status).collect();
+    assert_eq!(
+        codes,
+        [200, 200, 200, 429],
+        "static and run-time keys count together"
+    );
+    let message = statuses[3].1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("for this tenant"), "{message}");
+    assert_eq!(
+        chat_status(&gw, common::KEY_B, "chat").await.0,
+        200,
+        "tenant b has its own"
+    );
+}

@@ -89,3 +89,23 @@ impl KeysConfig {
         Ok(())
     }
 }
+
+/// `[tenants.NAME]`: limits every key of a tenant shares (static and run-time ones).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Requests per minute for the whole tenant, counted once across replicas sharing a store.
+    pub rpm: Option<u64>,
+}
+
+impl TenantConfig {
+    pub(super) fn validate(&self, name: &str) -> Result<(), FieldError> {
+        if self.rpm == Some(0) {
+            return Err(FieldError::new(
+                format!("tenants.{name}.rpm"),
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        Ok(())
+    }
+}

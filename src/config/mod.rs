@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use secrecy::SecretString;
 use serde::Deserialize;
 
-pub use auth::{AuthConfig, KeysConfig, VirtualKeyConfig};
+pub use auth::{AuthConfig, KeysConfig, TenantConfig, VirtualKeyConfig};
 pub use cache::{
     CacheConfig, CachePolicy, DEFAULT_SEMANTIC_THRESHOLD, RouteCacheConfig, SemanticPolicy,
     StoreKind,
@@ -88,6 +88,9 @@ pub struct Config {
     pub prompts: Option<PromptsConfig>,
     /// Gateway keys made at run time; off without this section.
     pub keys: Option<KeysConfig>,
+    /// Limits per tenant.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     /// USD per million tokens by model (the target's model name, or `provider/model`), to
@@ -218,6 +221,9 @@ impl Config {
         self.metrics.validate(&self.server)?;
         if let Some(keys) = &self.keys {
             keys.validate()?;
+        }
+        for (name, tenant) in &self.tenants {
+            tenant.validate(name)?;
         }
         self.auth.validate()?;
         self.breaker.validate()?;

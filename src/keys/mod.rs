@@ -250,29 +250,14 @@ impl KeyStore {
     }
 
     /// Counts a request against the key's request limit: its standing, or 429 once the limit is
-    /// reached. If the store cannot count (Redis away), the request goes through: a limit is not
-    /// worth an outage.
+    /// reached.
     pub async fn admit(&self, record: &KeyRecord) -> Result<Option<RateState>, ApiError> {
-        let Some(limit) = record.limits.rpm else {
-            return Ok(None);
-        };
-        let key = format!("{PREFIX}rpm/{}", record.id);
-        let counted = match self.store.count_capped(&key, limit, RATE_WINDOW).await {
-            Ok(counted) => counted,
-            Err(error) => {
-                tracing::warn!(%error, key = %record.id, "cannot count against the key's rate limit; admitted");
-                return Ok(None);
+        match record.limits.rpm {
+            Some(limit) => {
+                let counter = format!("{PREFIX}rpm/{}", record.id);
+                count_request(self.store.as_ref(), &counter, limit, "key").await
             }
-        };
-        let state = RateState {
-            limit,
-            remaining: limit.saturating_sub(counted.count),
-            resets_in: counted.resets_in,
-        };
-        if counted.counted {
-            Ok(Some(state))
-        } else {
-            Err(ApiError::RateLimited { state })
+            None => Ok(None),
         }
     }
 
@@ -440,6 +425,42 @@ impl KeyStore {
             .await?;
         self.index(&record).await?;
         Ok(Issued { record, secret })
+    }
+}
+
+/// Counts one request under `counter` against `limit` per minute: the standing, or 429 once the
+/// limit is reached. If the store cannot count (Redis away), the request goes through: a limit is
+/// not worth an outage.
+pub async fn count_request(
+    store: &dyn Store,
+    counter: &str,
+    limit: u64,
+    scope: &'static str,
+) -> Result<Option<RateState>, ApiError> {
+    let counted = match store.count_capped(counter, limit, RATE_WINDOW).await {
+        Ok(counted) => counted,
+        Err(error) => {
+            tracing::warn!(%error, scope, "cannot count against a rate limit; admitted");
+            return Ok(None);
+        }
+    };
+    let state = RateState {
+        limit,
+        remaining: limit.saturating_sub(counted.count),
+        resets_in: counted.resets_in,
+    };
+    if counted.counted {
+        Ok(Some(state))
+    } else {
+        Err(ApiError::RateLimited { state, scope })
+    }
+}
+
+/// Of two standings, the one closer to its limit: what the client must pace itself by.
+pub fn tighter(a: Option<RateState>, b: Option<RateState>) -> Option<RateState> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b.remaining < a.remaining { b } else { a }),
+        (a, b) => a.or(b),
     }
 }
 

@@ -142,10 +142,7 @@ async fn authenticate(
 
 async fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiError> {
     let (tenant, key) = authenticate(state, headers).await?;
-    let rate = match (&key, state.pipeline.key_store()) {
-        (Some(key), Some(keys)) => keys.admit(key).await?,
-        _ => None,
-    };
+    let rate = state.pipeline.admit_rate(&tenant, key.as_deref()).await?;
     tracing::Span::current().record("tenant", &*tenant);
     let request_id = headers
         .get("x-request-id")
