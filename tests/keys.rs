@@ -53,15 +53,18 @@ async fn create(gw: &Gateway, body: Value) -> (String, String) {
     )
 }
 
-async fn chat_status(gw: &Gateway, secret: &str, model: &str) -> (u16, Value) {
-    let response = gw
-        .client
+async fn chat(gw: &Gateway, secret: &str, model: &str) -> reqwest::Response {
+    gw.client
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(secret)
         .json(&json!({"model": model, "messages": user("hello")}))
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn chat_status(gw: &Gateway, secret: &str, model: &str) -> (u16, Value) {
+    let response = chat(gw, secret, model).await;
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
@@ -312,15 +315,8 @@ async fn a_key_over_its_request_limit_gets_429_with_openai_headers() {
     )
     .await;
     let (_, other) = create(&gw, json!({"name": "o", "tenant": "t"})).await;
-    let send = |secret: &str| {
-        gw.client
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(secret)
-            .json(&json!({"model": "chat", "messages": user("hello")}))
-            .send()
-    };
     for remaining in ["2", "1", "0"] {
-        let response = send(&limited).await.unwrap();
+        let response = chat(&gw, &limited, "chat").await;
         assert_eq!(response.status(), 200);
         assert_eq!(
             common::header(&response, "x-ratelimit-limit-requests"),
@@ -333,7 +329,7 @@ async fn a_key_over_its_request_limit_gets_429_with_openai_headers() {
         let reset = common::header(&response, "x-ratelimit-reset-requests").unwrap();
         assert!(reset.ends_with('s'), "{reset}");
     }
-    let refused = send(&limited).await.unwrap();
+    let refused = chat(&gw, &limited, "chat").await;
     assert_eq!(refused.status(), 429);
     let retry_after: u64 = common::header(&refused, "retry-after")
         .unwrap()
@@ -348,7 +344,7 @@ async fn a_key_over_its_request_limit_gets_429_with_openai_headers() {
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
     assert_eq!(body["error"]["type"], "requests");
     assert_eq!(
-        send(&other).await.unwrap().status(),
+        chat(&gw, &other, "chat").await.status(),
         200,
         "other keys are not limited"
     );

@@ -48,6 +48,11 @@ fn reply(result: Result<Response, ApiError>) -> Response {
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// A key as the admin API shows it, or the error.
+fn viewed(result: Result<crate::keys::KeyRecord, ApiError>) -> Response {
+    reply(result.map(|record| axum::Json(record.view()).into_response()))
+}
+
 pub async fn create(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -86,13 +91,7 @@ pub async fn show(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    reply(
-        async {
-            let record = keys(&state, &headers)?.get(&id).await?;
-            Ok(axum::Json(record.view()).into_response())
-        }
-        .await,
-    )
+    viewed(async { keys(&state, &headers)?.get(&id).await }.await)
 }
 
 pub async fn update(
@@ -101,15 +100,15 @@ pub async fn update(
     Path(id): Path<String>,
     body: axum::body::Body,
 ) -> Response {
-    reply(
-        async {
-            let keys = keys(&state, &headers)?;
-            let record = keys.update(&id, change(&state, body).await?).await?;
-            tracing::info!(key = %record.id, "key updated");
-            Ok(axum::Json(record.view()).into_response())
-        }
-        .await,
-    )
+    let updated = async {
+        let keys = keys(&state, &headers)?;
+        keys.update(&id, change(&state, body).await?).await
+    }
+    .await;
+    if let Ok(record) = &updated {
+        tracing::info!(key = %record.id, "key updated");
+    }
+    viewed(updated)
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -147,12 +146,9 @@ pub async fn revoke(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    reply(
-        async {
-            let record = keys(&state, &headers)?.revoke(&id).await?;
-            tracing::info!(key = %record.id, "key revoked");
-            Ok(axum::Json(record.view()).into_response())
-        }
-        .await,
-    )
+    let revoked = async { keys(&state, &headers)?.revoke(&id).await }.await;
+    if let Ok(record) = &revoked {
+        tracing::info!(key = %record.id, "key revoked");
+    }
+    viewed(revoked)
 }
