@@ -112,12 +112,26 @@ pub enum ApiError {
     },
     #[error("the store is unavailable: {0}")]
     StoreUnavailable(String),
-    #[error("rate limit reached: {} requests per minute for this {scope}; try again in {:.1}s", state.limit, state.resets_in.as_secs_f64())]
+    #[error("{}", rate_message(state, scope, *limit))]
     RateLimited {
-        state: crate::keys::RateState,
+        state: crate::limits::RateState,
         /// `key` or `tenant`.
         scope: &'static str,
+        limit: crate::limits::Limit,
     },
+    /// A budget is spent (OpenAI's `insufficient_quota`): retrying will not help before the
+    /// period ends or the budget is raised.
+    #[error("this {scope}'s budget of {usd} USD per {period} is spent")]
+    InsufficientQuota {
+        scope: &'static str,
+        usd: f64,
+        period: &'static str,
+    },
+    /// A budget applies but the route's model has no price to hold it against.
+    #[error(
+        "a budget applies to this request but `{model}` has no [prices] entry, so its cost cannot be held against it"
+    )]
+    Unpriced { model: String },
     #[error("the request body did not arrive within {seconds:.0}s")]
     BodyTimeout { seconds: f64 },
     #[error("no healthy upstream target for model `{route}`: every circuit breaker is open")]
@@ -161,9 +175,13 @@ impl ApiError {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::InsufficientQuota { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::AdminOnly | Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::AdminOnly | Self::ModelNotAllowed { .. } | Self::Unpriced { .. } => {
+                StatusCode::FORBIDDEN
+            }
             Self::ModelNotFound { .. } | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict { .. } => StatusCode::CONFLICT,
@@ -182,6 +200,8 @@ impl ApiError {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BodyTimeout { .. } => "body_timeout",
             Self::RateLimited { .. } => "rate_limited",
+            Self::InsufficientQuota { .. } => "insufficient_quota",
+            Self::Unpriced { .. } => "model_not_priced",
             Self::Unauthorized => "unauthorized",
             Self::AdminOnly => "admin_only",
             Self::ModelNotFound { .. } => "model_not_found",
@@ -214,7 +234,23 @@ impl ApiError {
                 None,
                 owned("invalid_api_key"),
             ),
-            Self::RateLimited { .. } => ("requests".into(), None, owned("rate_limit_exceeded")),
+            Self::RateLimited { limit, .. } => {
+                let kind = match limit {
+                    crate::limits::Limit::Tokens => "tokens",
+                    _ => "requests",
+                };
+                (kind.into(), None, owned("rate_limit_exceeded"))
+            }
+            Self::InsufficientQuota { .. } => (
+                "insufficient_quota".into(),
+                None,
+                owned("insufficient_quota"),
+            ),
+            Self::Unpriced { .. } => (
+                "permission_error".into(),
+                owned("model"),
+                owned("model_not_priced"),
+            ),
             Self::BodyTimeout { .. } => (
                 "invalid_request_error".into(),
                 None,
@@ -300,12 +336,21 @@ impl ApiError {
                 axum::http::HeaderValue::from_static("close"),
             );
         }
-        if let Self::RateLimited { state, .. } = self {
+        if let Self::RateLimited { state, limit, .. } = self {
             let headers = response.headers_mut();
-            put_rate_headers(headers, state);
+            if *limit != crate::limits::Limit::Concurrent {
+                put_rate_headers(headers, state, *limit);
+            }
             headers.insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from(whole_seconds(state.resets_in)),
+            );
+        }
+        if let Self::InsufficientQuota { .. } = self {
+            // The official SDKs read this before their own retry rules: waiting will not help.
+            response.headers_mut().insert(
+                axum::http::HeaderName::from_static("x-should-retry"),
+                axum::http::HeaderValue::from_static("false"),
             );
         }
         if let Self::NoHealthyTarget { retry_after, .. } = self {
@@ -323,21 +368,59 @@ fn whole_seconds(wait: Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
-/// OpenAI's `x-ratelimit-*-requests` headers, so clients and the official SDKs can pace
-/// themselves.
-pub fn put_rate_headers(headers: &mut axum::http::HeaderMap, state: &crate::keys::RateState) {
+fn rate_message(
+    state: &crate::limits::RateState,
+    scope: &str,
+    limit: crate::limits::Limit,
+) -> String {
+    let wait = state.resets_in.as_secs_f64();
+    match limit {
+        crate::limits::Limit::Requests => format!(
+            "rate limit reached: {} requests per minute for this {scope}; try again in {wait:.1}s",
+            state.limit
+        ),
+        crate::limits::Limit::Tokens => format!(
+            "rate limit reached: {} tokens per minute for this {scope}; try again in {wait:.1}s",
+            state.limit
+        ),
+        crate::limits::Limit::Concurrent => format!(
+            "too many concurrent requests: at most {} at a time for this {scope}",
+            state.limit
+        ),
+    }
+}
+
+/// OpenAI's `x-ratelimit-*-requests` (or `-tokens`) headers, so clients and the official SDKs
+/// can pace themselves.
+pub fn put_rate_headers(
+    headers: &mut axum::http::HeaderMap,
+    state: &crate::limits::RateState,
+    limit: crate::limits::Limit,
+) {
     use axum::http::{HeaderName, HeaderValue};
+    let [limit_name, remaining_name, reset_name] = match limit {
+        crate::limits::Limit::Tokens => [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+        _ => [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+    };
     headers.insert(
-        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static(limit_name),
         HeaderValue::from(state.limit),
     );
     headers.insert(
-        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static(remaining_name),
         HeaderValue::from(state.remaining),
     );
     let reset = format!("{}s", state.resets_in.as_millis() as f64 / 1000.0);
     if let Ok(reset) = HeaderValue::from_str(&reset) {
-        headers.insert(HeaderName::from_static("x-ratelimit-reset-requests"), reset);
+        headers.insert(HeaderName::from_static(reset_name), reset);
     }
 }
 

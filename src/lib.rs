@@ -25,6 +25,7 @@ pub mod config;
 pub mod embed;
 pub mod error;
 pub mod keys;
+pub mod limits;
 pub mod pipeline;
 pub mod prices;
 pub mod prompts;

@@ -46,6 +46,8 @@ enum Command {
     Prompts(prompts_cli::PromptsArgs),
     /// Manage gateway keys (`[keys]`) through a running gateway's admin API.
     Keys(keys_cli::KeysArgs),
+    /// Requests, tokens, cost, cache hits and money saved by day, tenant, key, route and model.
+    Usage(keys_cli::UsageArgs),
 }
 
 /// glibc raises its mmap threshold to the largest block freed so far, so after one burst of
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
         }
         Command::Prompts(args) => prompts_cli::run(args),
         Command::Keys(args) => keys_cli::run(args),
+        Command::Usage(args) => keys_cli::run_usage(args),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(config) => {
                 print!("{}", describe(&config));

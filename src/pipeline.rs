@@ -22,7 +22,9 @@ use crate::cache::{
 };
 use crate::config::{CacheConfig, Config, StoreKind};
 use crate::error::ApiError;
-use crate::keys::{KeyRecord, KeyStore, RateState};
+use crate::keys::{KeyRecord, KeyStore};
+use crate::limits::usage::{UsageBook, UsageCounts, UsageKey};
+use crate::limits::{BudgetState, Limits, RateState};
 use crate::prices::PriceTable;
 use crate::prompts::{PromptRef, PromptStore, Resolution, Usage as PromptUsage};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions, is_usage_only_chunk};
@@ -43,7 +45,7 @@ pub struct RequestContext {
     pub user: Option<String>,
     /// The run-time key the request came with (`None`: a key from `[auth]`).
     pub key: Option<Arc<KeyRecord>>,
-    /// Where the request stands against its key's request limit, if it has one.
+    /// Where the request stands against its requests per minute, if it has a limit.
     pub rate: Option<RateState>,
 }
 
@@ -65,8 +67,12 @@ pub struct Trace {
     pub attempts: u32,
     pub cache: CacheReport,
     pub prompt: Option<PromptTrace>,
-    /// For `x-ratelimit-*`: copied from the request's context.
+    /// For `x-ratelimit-*-requests`: copied from the request's context.
     pub rate: Option<RateState>,
+    /// For `x-ratelimit-*-tokens`, once the request was admitted upstream.
+    pub tokens: Option<RateState>,
+    /// For `x-reprise-budget-*`, once the request was admitted upstream.
+    pub budget: Option<BudgetState>,
 }
 
 pub struct Answered<T> {
@@ -92,8 +98,7 @@ pub struct Pipeline {
     router: Arc<Router>,
     prompts: Option<Arc<PromptStore>>,
     keys: Option<KeyStore>,
-    /// Requests per minute per tenant, with the store that counts them.
-    tenant_rpm: Option<(Arc<dyn Store>, std::collections::HashMap<String, u64>)>,
+    limits: Limits,
     cache: CacheStage,
     prices: Arc<PriceTable>,
     pub metrics: Arc<Metrics>,
@@ -106,15 +111,15 @@ impl Pipeline {
         let caching = CacheStage::policies(config).values().any(|p| p.enabled);
         // The store is opened only when something keeps data, so a plain gateway writes nothing
         // to disk.
-        let tenant_rpm: std::collections::HashMap<String, u64> = config
+        let tenant_limits: std::collections::HashMap<_, _> = config
             .tenants
             .iter()
-            .filter_map(|(name, tenant)| Some((name.clone(), tenant.rpm?)))
+            .map(|(name, tenant)| (name.clone(), tenant.limits()))
             .collect();
         let store = if caching
             || config.prompts.is_some()
             || config.keys.is_some()
-            || !tenant_rpm.is_empty()
+            || !tenant_limits.is_empty()
         {
             Some(open_store(&config.cache).await?)
         } else {
@@ -128,10 +133,15 @@ impl Pipeline {
             }
             _ => None,
         };
-        let tenant_rpm = match &store {
-            Some(store) if !tenant_rpm.is_empty() => Some((Arc::clone(store), tenant_rpm)),
-            _ => None,
-        };
+        let usage = UsageBook::new(store.clone());
+        usage.flush_periodically();
+        let limits = Limits::new(
+            store.clone(),
+            tenant_limits,
+            Arc::clone(&prices),
+            Arc::clone(&metrics),
+            usage,
+        );
         let keys = match (&config.keys, &store) {
             (Some(keys), Some(store)) => Some(KeyStore::new(Arc::clone(store), keys.cache_ttl)),
             _ => None,
@@ -142,7 +152,7 @@ impl Pipeline {
             router,
             prompts,
             keys,
-            tenant_rpm,
+            limits,
             cache,
             prices,
             metrics,
@@ -169,24 +179,19 @@ impl Pipeline {
         })
     }
 
-    /// Counts a request against its tenant's and its key's request limits: the tighter standing,
-    /// or 429 once either is reached.
+    /// Counts a request against its tenant's and its key's requests per minute: the tighter
+    /// standing, or 429 once either is reached.
     pub async fn admit_rate(
         &self,
         tenant: &str,
         key: Option<&KeyRecord>,
     ) -> Result<Option<RateState>, ApiError> {
-        let mut rate = None;
-        if let Some((store, limits)) = &self.tenant_rpm
-            && let Some(&limit) = limits.get(tenant)
-        {
-            let counter = format!("limits/v1/tenant-rpm/{tenant}");
-            rate = crate::keys::count_request(store.as_ref(), &counter, limit, "tenant").await?;
-        }
-        if let (Some(keys), Some(key)) = (&self.keys, key) {
-            rate = crate::keys::tighter(rate, keys.admit(key).await?);
-        }
-        Ok(rate)
+        self.limits.admit_request(tenant, key).await
+    }
+
+    /// Keys' and tenants' limits, and the usage book.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// The run-time keys, for authentication (none configured: only `[auth]` keys exist).
@@ -234,6 +239,7 @@ impl Pipeline {
             .await;
         let pending = match lookup {
             CacheLookup::Hit { reply, check } => {
+                self.book_hit(context, &route.name, &trace.cache);
                 if let Some(check) = check {
                     self.check_behind(route, request, check);
                 }
@@ -245,11 +251,23 @@ impl Pipeline {
             CacheLookup::Miss(pending) => pending,
         };
 
+        // Only a request the cache could not answer costs anything: the limits apply here.
+        let charge = self
+            .limits
+            .admit_upstream(&context.tenant, context.key.as_deref(), &route, &request)
+            .await
+            .map_err(|e| fail(e, &trace))?;
+        trace.tokens = charge.tokens;
+        trace.budget = charge.budget;
+
         if request.wants_stream() {
-            return self.stream_upstream(&route, request, pending, trace).await;
+            return self
+                .stream_upstream(&route, request, pending, charge, trace)
+                .await;
         }
         match self.router.chat(&route, &request).await {
             Ok(served) => {
+                charge.settle(&served.target, &served.value);
                 pending.store(&served.target, &served.value);
                 trace.target = Some(served.target);
                 trace.attempts = served.attempts;
@@ -275,11 +293,34 @@ impl Pipeline {
         });
     }
 
+    /// Books a cache hit: it costs nothing, and saved what the upstream would have billed.
+    fn book_hit(&self, context: &RequestContext, route: &str, report: &CacheReport) {
+        let mut row = UsageKey::today(
+            &context.tenant,
+            context.key.as_ref().map(|k| k.id.as_str()),
+            route,
+        );
+        if let Some(model) = &report.model {
+            row.model.clone_from(model);
+        }
+        self.limits.usage().add(
+            row,
+            UsageCounts {
+                requests: 1,
+                cache_hits: 1,
+                tokens_saved: report.tokens_saved,
+                saved_nanos: (report.saved_usd * 1e9).round() as u64,
+                ..UsageCounts::default()
+            },
+        );
+    }
+
     async fn stream_upstream(
         &self,
         route: &Route,
         mut request: ChatRequest,
         pending: PendingWrite,
+        charge: crate::limits::Charge,
         mut trace: Trace,
     ) -> Result<Answered<ChatReply>, Failed> {
         // A stored stream must carry usage (entries record tokens), and so must a prompt
@@ -287,7 +328,8 @@ impl Pipeline {
         // extra chunk.
         let client_wants_usage = request.wants_usage_in_stream();
         let counted = trace.prompt.clone().filter(|_| self.prompts.is_some());
-        let add_usage = (pending.stores() || counted.is_some()) && !client_wants_usage;
+        let add_usage =
+            (pending.stores() || counted.is_some() || charge.needs_usage()) && !client_wants_usage;
         if add_usage {
             request
                 .stream_options
@@ -298,7 +340,7 @@ impl Pipeline {
             Ok(served) => served,
             Err(failure) => return Err(failed(failure, trace)),
         };
-        let mut stream = served.value;
+        let mut stream = charge.meter(served.target.clone(), served.value);
         if let (Some(prompt), Some(prompts)) = (counted, self.prompts.clone()) {
             let (metrics, prices) = (Arc::clone(&self.metrics), Arc::clone(&self.prices));
             let target = served.target.clone();

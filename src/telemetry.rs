@@ -43,6 +43,14 @@ struct TargetLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    /// `key` or `tenant`.
+    scope: &'static str,
+    /// `requests`, `tokens`, `concurrent` or `budget`.
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
 }
@@ -137,6 +145,8 @@ pub struct Metrics {
     extra_attempts: Family<ExtraAttemptLabels, Counter>,
     budget_exhausted: Family<RouteLabels, Counter>,
     route_panics: Family<RouteLabels, Counter>,
+    limit_refusals: Family<LimitLabels, Counter>,
+    budget_warnings: Family<LimitLabels, Counter>,
     connections_open: Gauge,
     client_timeouts: Family<ClientTimeoutLabels, Counter>,
     breaker_state: Family<TargetLabels, Gauge>,
@@ -223,6 +233,18 @@ impl Metrics {
             "route_panics",
             "Requests sent to targets open for their error rate because no target of the route admitted them",
             route_panics.clone(),
+        );
+        let limit_refusals = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Requests refused by a key's or tenant's limit (requests, tokens, concurrent, budget)",
+            limit_refusals.clone(),
+        );
+        let budget_warnings = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "budget_soft_limit",
+            "Requests admitted past a budget's soft threshold",
+            budget_warnings.clone(),
         );
         let breaker_state = Family::<TargetLabels, Gauge>::default();
         registry.register(
@@ -375,6 +397,8 @@ impl Metrics {
             extra_attempts,
             budget_exhausted,
             route_panics,
+            limit_refusals,
+            budget_warnings,
             connections_open,
             client_timeouts,
             breaker_state,
@@ -451,6 +475,21 @@ impl Metrics {
     pub fn client_timed_out(&self, kind: &'static str) {
         self.client_timeouts
             .get_or_create(&ClientTimeoutLabels { kind })
+            .inc();
+    }
+
+    pub fn limit_refused(&self, scope: &'static str, limit: &'static str) {
+        self.limit_refusals
+            .get_or_create(&LimitLabels { scope, limit })
+            .inc();
+    }
+
+    pub fn budget_warned(&self, scope: &'static str) {
+        self.budget_warnings
+            .get_or_create(&LimitLabels {
+                scope,
+                limit: "budget",
+            })
             .inc();
     }
 

@@ -38,6 +38,10 @@ pub struct CacheReport {
     pub age: Option<Duration>,
     /// Prompt plus completion tokens of a hit: what the upstream would have billed.
     pub tokens_saved: u64,
+    /// What those tokens would have cost (USD, from `[prices]`).
+    pub saved_usd: f64,
+    /// The model that produced the answer a hit served.
+    pub model: Option<String>,
     /// `None` if the route has no semantic stage.
     pub semantic: Option<SemanticOutcome>,
     pub similarity: Option<f32>,
@@ -411,8 +415,17 @@ impl CacheStage {
         let (prompt_tokens, completion_tokens) = usage_counts(&response);
         report.status = Some(status);
         report.tokens_saved = prompt_tokens + completion_tokens;
-        self.counters
-            .record(scope.tenant, scope.route, status, Some((&response, target)));
+        report.saved_usd =
+            self.counters
+                .record(scope.tenant, scope.route, status, Some((&response, target)));
+        report.model = target
+            .map(|t| t.split_once('/').map_or(t, |(_, model)| model).to_owned())
+            .or_else(|| {
+                response
+                    .get("model")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
         if request.wants_stream() {
             let chunks = replay_chunks(&response, request.wants_usage_in_stream());
             ChatReply::Stream(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok))))

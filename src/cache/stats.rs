@@ -40,14 +40,14 @@ impl CacheCounters {
     }
 
     /// Counts one request's cache outcome (stats and metrics). For a hit, `answer` is the served
-    /// response with the target that originally produced it.
+    /// response with the target that originally produced it. What the hit saved (USD).
     pub fn record(
         &self,
         tenant: &str,
         route: &str,
         status: CacheStatus,
         answer: Option<(&Value, Option<&str>)>,
-    ) {
+    ) -> f64 {
         let (tokens, cost) = match answer {
             Some((response, target))
                 if matches!(status, CacheStatus::Hit | CacheStatus::SemanticHit) =>
@@ -73,6 +73,7 @@ impl CacheCounters {
         }
         entry.tokens_saved += tokens;
         entry.cost_saved_usd += cost;
+        cost
     }
 
     pub fn get(&self, tenant: &str, route: &str) -> RouteStats {

@@ -96,16 +96,30 @@ impl KeysConfig {
 pub struct TenantConfig {
     /// Requests per minute for the whole tenant, counted once across replicas sharing a store.
     pub rpm: Option<u64>,
+    /// Tokens (input and output) per minute.
+    pub tpm: Option<u64>,
+    /// Requests of the tenant going upstream at the same time.
+    pub max_concurrent: Option<u64>,
+    /// USD per day or month: `budget = { usd = 100, period = "month", soft = 0.8 }`.
+    pub budget: Option<crate::limits::Budget>,
 }
 
 impl TenantConfig {
-    pub(super) fn validate(&self, name: &str) -> Result<(), FieldError> {
-        if self.rpm == Some(0) {
-            return Err(FieldError::new(
-                format!("tenants.{name}.rpm"),
-                "must be at least 1 (leave it out for no limit)",
-            ));
+    pub fn limits(&self) -> crate::keys::KeyLimits {
+        crate::keys::KeyLimits {
+            rpm: self.rpm,
+            tpm: self.tpm,
+            max_concurrent: self.max_concurrent,
+            budget: self.budget.clone(),
         }
-        Ok(())
+    }
+
+    pub(super) fn validate(&self, name: &str) -> Result<(), FieldError> {
+        match self.limits().problem() {
+            Some((field, problem)) => {
+                Err(FieldError::new(format!("tenants.{name}.{field}"), problem))
+            }
+            None => Ok(()),
+        }
     }
 }

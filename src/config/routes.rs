@@ -99,6 +99,13 @@ pub struct RouteConfig {
     pub hedge_after: Option<Duration>,
     #[serde(default)]
     pub cache: RouteCacheConfig,
+    /// What a budget holds for the answer of a request that sets no `max_tokens`.
+    #[serde(default = "default_reserve_output_tokens")]
+    pub reserve_output_tokens: u64,
+}
+
+fn default_reserve_output_tokens() -> u64 {
+    4096
 }
 
 #[derive(Debug, Deserialize)]

@@ -51,26 +51,44 @@ pub struct KeyRecord {
     pub metadata: Map<String, Value>,
 }
 
-/// A key's rate limits; each unset one does not apply.
+/// A key's (or a tenant's) limits; each unset one does not apply. All of them are counted once
+/// across every replica sharing the store (see `limits`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyLimits {
-    /// Requests per minute, counted once across every replica sharing the store.
+    /// Requests per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u64>,
+    /// Tokens (input and output) per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
+    /// Requests going upstream at the same time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u64>,
+    /// USD per day or month.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::limits::Budget>,
 }
 
-/// Where a request stands against its key's request limit, for OpenAI's `x-ratelimit-*`
-/// headers.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateState {
-    pub limit: u64,
-    pub remaining: u64,
-    pub resets_in: Duration,
+impl KeyLimits {
+    /// The first limit that cannot work, as (field, problem).
+    pub fn problem(&self) -> Option<(&'static str, &'static str)> {
+        let at_least_one = "must be at least 1 (leave it out for no limit)";
+        if self.rpm == Some(0) {
+            return Some(("rpm", at_least_one));
+        }
+        if self.tpm == Some(0) {
+            return Some(("tpm", at_least_one));
+        }
+        if self.max_concurrent == Some(0) {
+            return Some(("max_concurrent", at_least_one));
+        }
+        self.budget
+            .as_ref()
+            .and_then(crate::limits::Budget::problem)
+            .map(|problem| ("budget", problem))
+    }
 }
-
-/// The minute a request limit counts over, from the first request it counts.
-const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Previous {
@@ -249,18 +267,6 @@ impl KeyStore {
             .map_err(unavailable)
     }
 
-    /// Counts a request against the key's request limit: its standing, or 429 once the limit is
-    /// reached.
-    pub async fn admit(&self, record: &KeyRecord) -> Result<Option<RateState>, ApiError> {
-        match record.limits.rpm {
-            Some(limit) => {
-                let counter = format!("{PREFIX}rpm/{}", record.id);
-                count_request(self.store.as_ref(), &counter, limit, "key").await
-            }
-            None => Ok(None),
-        }
-    }
-
     async fn id_of(&self, digest: &str) -> Result<Option<String>, ApiError> {
         let id = self
             .store
@@ -428,42 +434,6 @@ impl KeyStore {
     }
 }
 
-/// Counts one request under `counter` against `limit` per minute: the standing, or 429 once the
-/// limit is reached. If the store cannot count (Redis away), the request goes through: a limit is
-/// not worth an outage.
-pub async fn count_request(
-    store: &dyn Store,
-    counter: &str,
-    limit: u64,
-    scope: &'static str,
-) -> Result<Option<RateState>, ApiError> {
-    let counted = match store.count_capped(counter, limit, RATE_WINDOW).await {
-        Ok(counted) => counted,
-        Err(error) => {
-            tracing::warn!(%error, scope, "cannot count against a rate limit; admitted");
-            return Ok(None);
-        }
-    };
-    let state = RateState {
-        limit,
-        remaining: limit.saturating_sub(counted.count),
-        resets_in: counted.resets_in,
-    };
-    if counted.counted {
-        Ok(Some(state))
-    } else {
-        Err(ApiError::RateLimited { state, scope })
-    }
-}
-
-/// Of two standings, the one closer to its limit: what the client must pace itself by.
-pub fn tighter(a: Option<RateState>, b: Option<RateState>) -> Option<RateState> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(if b.remaining < a.remaining { b } else { a }),
-        (a, b) => a.or(b),
-    }
-}
-
 fn not_found(id: &str) -> ApiError {
     ApiError::NotFound {
         message: format!("no key {id}"),
@@ -531,10 +501,11 @@ fn apply(record: &mut KeyRecord, change: KeyChange, now: u64) -> Result<(), ApiE
         (None, None) => {}
     }
     if let Some(limits) = change.limits {
-        if limits.rpm == Some(0) {
+        if let Some((field, problem)) = limits.problem() {
+            let param = format!("limits.{field}");
             return Err(ApiError::invalid(
-                "rpm must be at least 1 (leave it out for no limit)",
-                Some("limits.rpm"),
+                format!("{param}: {problem}"),
+                Some(&param),
             ));
         }
         record.limits = limits;

@@ -52,6 +52,8 @@ pub struct Route {
     hedge_after: Option<Duration>,
     budget: RetryBudget,
     panic: bool,
+    /// Output tokens a budget holds for a request that sets no `max_tokens`.
+    pub reserve_output_tokens: u64,
 }
 
 impl Route {
@@ -156,6 +158,7 @@ impl Router {
                         route.retry.budget_min_per_sec,
                     ),
                     panic: config.breaker.panic,
+                    reserve_output_tokens: route.reserve_output_tokens,
                 }),
             );
         }

@@ -9,6 +9,10 @@
 //! - `POST /admin/keys/{id}/rotate`: `{"grace": "1h"}` (default 0: the old secret stops at once)
 //!   → the new `secret`;
 //! - `POST /admin/keys/{id}/revoke`: refused on every replica within `[keys] cache_ttl`.
+//!
+//! Every key is shown with its spend today and this month (from the usage book) and, if it has
+//! a budget, where the budget stands. `GET /admin/usage?from&to&tenant&key&route&model&group_by`
+//! answers the usage book itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +26,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use crate::error::ApiError;
 use crate::keys::{Issued, KeyChange, KeyStore};
+use crate::limits::usage::UsageQuery;
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -48,9 +53,80 @@ fn reply(result: Result<Response, ApiError>) -> Response {
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Keys as the admin API shows them: with their spend, and their budget's standing.
+async fn views(
+    state: &AppState,
+    records: &[crate::keys::KeyRecord],
+) -> Result<Vec<Value>, ApiError> {
+    let usage = state.pipeline.limits().usage();
+    let today = usage
+        .query(&UsageQuery {
+            group_by: Some("key".into()),
+            ..UsageQuery::default()
+        })
+        .await?;
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let month = usage
+        .query(&UsageQuery {
+            from: Some(format!("{}-01", &now[..7])),
+            to: Some(now[..10].to_owned()),
+            group_by: Some("key".into()),
+            ..UsageQuery::default()
+        })
+        .await?;
+    let spend = |book: &Value, id: &str| {
+        book["data"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|row| row["key"] == id))
+            .map_or(json!(0.0), |row| row["cost_usd"].clone())
+    };
+    let mut views = Vec::with_capacity(records.len());
+    for record in records {
+        let mut view = record.view();
+        view["spend"] = json!({
+            "today_usd": spend(&today, &record.id),
+            "month_usd": spend(&month, &record.id),
+        });
+        if let Some(budget) = &record.limits.budget {
+            view["budget"] = state
+                .pipeline
+                .limits()
+                .budget_standing("key", &record.id, budget)
+                .await;
+        }
+        views.push(view);
+    }
+    Ok(views)
+}
+
 /// A key as the admin API shows it, or the error.
-fn viewed(result: Result<crate::keys::KeyRecord, ApiError>) -> Response {
-    reply(result.map(|record| axum::Json(record.view()).into_response()))
+async fn viewed(state: &AppState, result: Result<crate::keys::KeyRecord, ApiError>) -> Response {
+    let viewed = async {
+        let record = result?;
+        let mut views = views(state, std::slice::from_ref(&record)).await?;
+        Ok(axum::Json(views.pop().unwrap_or_default()).into_response())
+    };
+    reply(viewed.await)
+}
+
+/// `GET /admin/usage`: requests, tokens, cost, cache hits and money saved, by day, tenant, key,
+/// route and model.
+pub async fn usage(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    reply(
+        async {
+            state.auth.admin(&headers)?;
+            let query: UsageQuery = serde_json::to_value(query)
+                .and_then(serde_json::from_value)
+                .map_err(|e| ApiError::invalid(format!("usage query: {e}"), None))?;
+            let book = state.pipeline.limits().usage().query(&query).await?;
+            Ok(axum::Json(book).into_response())
+        }
+        .await,
+    )
 }
 
 pub async fn create(
@@ -79,7 +155,7 @@ pub async fn list(
             let records = keys(&state, &headers)?
                 .list(query.get("tenant").map(String::as_str))
                 .await?;
-            let data: Vec<Value> = records.iter().map(|r| r.view()).collect();
+            let data = views(&state, &records).await?;
             Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
         }
         .await,
@@ -91,7 +167,8 @@ pub async fn show(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    viewed(async { keys(&state, &headers)?.get(&id).await }.await)
+    let record = async { keys(&state, &headers)?.get(&id).await }.await;
+    viewed(&state, record).await
 }
 
 pub async fn update(
@@ -108,7 +185,7 @@ pub async fn update(
     if let Ok(record) = &updated {
         tracing::info!(key = %record.id, "key updated");
     }
-    viewed(updated)
+    viewed(&state, updated).await
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -150,5 +227,5 @@ pub async fn revoke(
     if let Ok(record) = &revoked {
         tracing::info!(key = %record.id, "key revoked");
     }
-    viewed(revoked)
+    viewed(&state, revoked).await
 }

@@ -274,9 +274,39 @@ fn trace_headers(trace: &Trace) -> HeaderMap {
         );
     }
     if let Some(rate) = &trace.rate {
-        crate::error::put_rate_headers(&mut headers, rate);
+        crate::error::put_rate_headers(&mut headers, rate, crate::limits::Limit::Requests);
+    }
+    if let Some(tokens) = &trace.tokens {
+        crate::error::put_rate_headers(&mut headers, tokens, crate::limits::Limit::Tokens);
+    }
+    if let Some(budget) = &trace.budget {
+        put_budget_headers(&mut headers, budget);
     }
     headers
+}
+
+/// What is left of the tightest budget, and a warning past its soft threshold.
+fn put_budget_headers(headers: &mut HeaderMap, budget: &crate::limits::BudgetState) {
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    };
+    put(
+        "x-reprise-budget-remaining-usd",
+        format!("{:.6}", budget.remaining_usd),
+    );
+    if budget.warning {
+        put(
+            "x-reprise-budget-warning",
+            format!(
+                "{}; {:.0}% of the {} budget is spent or held",
+                budget.scope,
+                budget.used * 100.0,
+                budget.scope
+            ),
+        );
+    }
 }
 
 fn respond_error(
@@ -383,6 +413,7 @@ pub fn app(state: Arc<AppState>, with_metrics: bool) -> HttpRouter {
         .route("/v1/cache/feedback", post(openai::cache_feedback))
         .route("/admin/cache/stats", get(admin::cache_stats))
         .route("/admin/cache/purge", post(admin::cache_purge))
+        .route("/admin/usage", get(keys::usage))
         .route("/admin/keys", get(keys::list).post(keys::create))
         .route("/admin/keys/{id}", get(keys::show).patch(keys::update))
         .route("/admin/keys/{id}/rotate", post(keys::rotate))
@@ -444,6 +475,8 @@ pub struct RunningServer {
     /// Gone once every connection and background write let go of the gateway's state (and so
     /// of its store: a sled store can be reopened only then).
     state: std::sync::Weak<AppState>,
+    /// Written to the store once the last request is done.
+    usage: Arc<crate::limits::usage::UsageBook>,
 }
 
 impl RunningServer {
@@ -469,10 +502,12 @@ impl RunningServer {
                 while state.strong_count() > 0 && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
+                self.usage.flush().await;
                 Ok(state.strong_count() == 0)
             }
             Err(_) => {
                 task.abort();
+                self.usage.flush().await;
                 Ok(false)
             }
         }
@@ -511,6 +546,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         header_timeout: config.server.header_timeout,
     };
     let metrics = Arc::clone(&state.pipeline.metrics);
+    let usage = Arc::clone(state.pipeline.limits().usage());
     let api = listener::serve(
         listener,
         app(Arc::clone(&state), metrics_listener.is_none()),
@@ -540,6 +576,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         metrics_addr,
         shutdown: Shutdown(sender),
         grace: config.server.shutdown_grace,
+        usage,
         task,
         state: weak_state,
     })

@@ -31,6 +31,16 @@ pub struct Counted {
     pub resets_in: Duration,
 }
 
+/// What [`Store::hold`] did, and where the budget stands after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Holding {
+    pub granted: bool,
+    /// Spent so far (durable).
+    pub spent: u64,
+    /// Held by requests still in flight, this one included if granted.
+    pub held: u64,
+}
+
 /// One read of a change feed.
 #[derive(Debug, Default)]
 pub struct FeedPage {
@@ -99,17 +109,48 @@ pub trait Store: Send + Sync + 'static {
         })
     }
 
-    /// Counts one more event under `key` unless `cap` were already counted; the count starts
-    /// afresh `window` after its first event. Whether it was counted, the count, and how long
-    /// until the count starts afresh. Atomic among every process sharing the store (rate limits:
-    /// N replicas enforce a limit once, not N times); not durable, since a count need not
-    /// survive a restart.
+    /// Adds `amount` to the count under `key` unless that would take it over `cap`; the count
+    /// starts afresh `window` after its first event. Whether it was counted, the count, and how
+    /// long until the count starts afresh. Atomic among every process sharing the store (rate
+    /// limits: N replicas enforce a limit once, not N times); not durable, since a count need
+    /// not survive a restart.
     async fn count_capped(
         &self,
         key: &str,
+        amount: u64,
         cap: u64,
         window: Duration,
     ) -> Result<Counted, StoreError>;
+
+    /// Corrects the count under `key` by `delta` (never below zero) if its window is still
+    /// open: an estimate counted at admission, set right once the real figure is known.
+    async fn adjust_count(&self, key: &str, delta: i64) -> Result<(), StoreError>;
+
+    /// Holds `amount` of the budget under `key` for `holder` if what is spent and held stays
+    /// within `cap`, atomically among every process sharing the store. A hold its holder never
+    /// releases (a replica that died) lapses after `lease`. Concurrency limits hold 1 and spend
+    /// nothing; budgets hold the most a request can cost.
+    async fn hold(
+        &self,
+        key: &str,
+        holder: &str,
+        amount: u64,
+        cap: u64,
+        lease: Duration,
+    ) -> Result<Holding, StoreError>;
+
+    /// Drops `holder`'s hold and adds `spend` to what `key` has spent, durably (it survives a
+    /// crash once this returns). Spent amounts expire `keep` after their last change.
+    async fn release(
+        &self,
+        key: &str,
+        holder: &str,
+        spend: u64,
+        keep: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// What `key` has spent and holds now.
+    async fn holding(&self, key: &str) -> Result<Holding, StoreError>;
 
     /// Whether other processes can write to this store (and so whether `read_feed` is worth
     /// polling).

@@ -302,6 +302,7 @@ impl Store for RedisStore {
     async fn count_capped(
         &self,
         key: &str,
+        amount: u64,
         cap: u64,
         window: Duration,
     ) -> Result<crate::store::Counted, StoreError> {
@@ -310,11 +311,12 @@ impl Store for RedisStore {
             redis::Script::new(
                 r"
             local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+            local amount = tonumber(ARGV[1])
             local counted = 0
-            if count < tonumber(ARGV[1]) then
-                count = redis.call('INCR', KEYS[1])
+            if count + amount <= tonumber(ARGV[2]) then
+                count = redis.call('INCRBY', KEYS[1], amount)
                 counted = 1
-                if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+                if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
             end
             local ttl = redis.call('PTTL', KEYS[1])
             if ttl < 0 then ttl = 0 end
@@ -324,6 +326,7 @@ impl Store for RedisStore {
         let mut connection = self.connection().await?;
         let (counted, count, ttl): (i64, u64, u64) = SCRIPT
             .key(self.key(key))
+            .arg(amount)
             .arg(cap)
             .arg(window.as_millis() as u64)
             .invoke_async(&mut connection)
@@ -333,6 +336,142 @@ impl Store for RedisStore {
             counted: counted == 1,
             count,
             resets_in: Duration::from_millis(ttl),
+        })
+    }
+
+    async fn adjust_count(&self, key: &str, delta: i64) -> Result<(), StoreError> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+            if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+            if redis.call('INCRBY', KEYS[1], ARGV[1]) < 0 then
+                redis.call('SET', KEYS[1], 0, 'KEEPTTL')
+            end
+            return 1",
+            )
+        });
+        let mut connection = self.connection().await?;
+        let _: i64 = SCRIPT
+            .key(self.key(key))
+            .arg(delta)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(backend_error)?;
+        Ok(())
+    }
+
+    async fn hold(
+        &self,
+        key: &str,
+        holder: &str,
+        amount: u64,
+        cap: u64,
+        lease: Duration,
+    ) -> Result<crate::store::Holding, StoreError> {
+        // Holds live in a hash (holder → amount) with their lapse times in a sorted set, so a
+        // replica that died mid-request frees its holds after the lease, not never.
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+            local time = redis.call('TIME')
+            local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+            local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+            for _, holder in ipairs(lapsed) do redis.call('HDEL', KEYS[2], holder) end
+            if #lapsed > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
+            local held = 0
+            for _, amount in ipairs(redis.call('HVALS', KEYS[2])) do held = held + tonumber(amount) end
+            local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
+            local amount = tonumber(ARGV[2])
+            if spent + held + amount > tonumber(ARGV[3]) then return {0, spent, held} end
+            redis.call('HSET', KEYS[2], ARGV[1], amount)
+            redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[1])
+            redis.call('PEXPIRE', KEYS[2], ARGV[4])
+            redis.call('PEXPIRE', KEYS[3], ARGV[4])
+            return {1, spent, held + amount}",
+            )
+        });
+        let mut connection = self.connection().await?;
+        let full = self.key(key);
+        let (granted, spent, held): (i64, u64, u64) = SCRIPT
+            .key(&full)
+            .key(format!("{full}#holds"))
+            .key(format!("{full}#lapses"))
+            .arg(holder)
+            .arg(amount)
+            .arg(cap)
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(backend_error)?;
+        Ok(crate::store::Holding {
+            granted: granted == 1,
+            spent,
+            held,
+        })
+    }
+
+    async fn release(
+        &self,
+        key: &str,
+        holder: &str,
+        spend: u64,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+            redis.call('HDEL', KEYS[2], ARGV[1])
+            redis.call('ZREM', KEYS[3], ARGV[1])
+            if tonumber(ARGV[2]) > 0 then
+                redis.call('INCRBY', KEYS[1], ARGV[2])
+                redis.call('PEXPIRE', KEYS[1], ARGV[3])
+            end
+            return 1",
+            )
+        });
+        let mut connection = self.connection().await?;
+        let full = self.key(key);
+        let _: i64 = SCRIPT
+            .key(&full)
+            .key(format!("{full}#holds"))
+            .key(format!("{full}#lapses"))
+            .arg(holder)
+            .arg(spend)
+            .arg(keep.as_millis() as u64)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(backend_error)?;
+        Ok(())
+    }
+
+    async fn holding(&self, key: &str) -> Result<crate::store::Holding, StoreError> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+            local time = redis.call('TIME')
+            local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+            local held = 0
+            local amounts = redis.call('HGETALL', KEYS[2])
+            for i = 1, #amounts, 2 do
+                local lapses = redis.call('ZSCORE', KEYS[3], amounts[i])
+                if lapses and tonumber(lapses) > now then held = held + tonumber(amounts[i + 1]) end
+            end
+            return {tonumber(redis.call('GET', KEYS[1]) or '0'), held}",
+            )
+        });
+        let mut connection = self.connection().await?;
+        let full = self.key(key);
+        let (spent, held): (u64, u64) = SCRIPT
+            .key(&full)
+            .key(format!("{full}#holds"))
+            .key(format!("{full}#lapses"))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(backend_error)?;
+        Ok(crate::store::Holding {
+            granted: true,
+            spent,
+            held,
         })
     }
 

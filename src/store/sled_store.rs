@@ -26,6 +26,22 @@ pub struct SledStore {
     /// `count_capped`'s counts: one process owns a sled store, so memory is where they belong
     /// (writing each to disk would cost a flush per request). Key → (resets at, count).
     counts: Arc<parking_lot::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>>,
+    /// `hold`'s budgets: what each has spent (read from disk on first use, written back on every
+    /// release) and the holds of requests in flight, which die with the process as they should.
+    budgets: Arc<parking_lot::Mutex<std::collections::HashMap<String, Budget>>>,
+}
+
+#[derive(Default)]
+struct Budget {
+    spent: u64,
+    /// holder → (amount, lapses at).
+    holds: std::collections::HashMap<String, (u64, std::time::Instant)>,
+}
+
+impl Budget {
+    fn held(&self) -> u64 {
+        self.holds.values().map(|(amount, _)| amount).sum()
+    }
 }
 
 const HEADER: usize = 16;
@@ -135,6 +151,7 @@ impl SledStore {
             bytes: Arc::new(AtomicU64::new(bytes)),
             max_bytes,
             counts: Arc::default(),
+            budgets: Arc::default(),
         })
     }
 
@@ -178,6 +195,39 @@ impl SledStore {
     }
 }
 
+/// The amount a spent counter holds, if it is live.
+fn spent_value(stored: Option<&[u8]>, now: u64) -> u64 {
+    stored
+        .and_then(|stored| live_payload(stored, now))
+        .and_then(|payload| payload.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+impl SledStore {
+    /// Makes sure `key`'s budget is in memory: on first use, what it spent is read from disk.
+    async fn load_budget(&self, key: &str) -> Result<(), StoreError> {
+        if self.budgets.lock().contains_key(key) {
+            return Ok(());
+        }
+        let owned = key.to_owned();
+        let spent = self
+            .blocking(move |db, _| {
+                let stored = db.get(owned.as_bytes()).map_err(backend_error)?;
+                Ok(spent_value(stored.as_deref(), now_ms()))
+            })
+            .await?;
+        let mut budgets = self.budgets.lock();
+        if budgets.len() > 100_000 {
+            budgets.retain(|_, budget| !budget.holds.is_empty());
+        }
+        budgets.entry(key.to_owned()).or_insert(Budget {
+            spent,
+            holds: Default::default(),
+        });
+        Ok(())
+    }
+}
+
 /// Waits until what was written is on disk. sled 0.34's `flush_async` would wait on a thread of
 /// sled's own small pool, which also writes the log: enough concurrent writers park every
 /// thread of it and nothing is ever written (spacejam/sled#1308). A blocking flush waits on
@@ -191,6 +241,7 @@ impl Store for SledStore {
     async fn count_capped(
         &self,
         key: &str,
+        amount: u64,
         cap: u64,
         window: Duration,
     ) -> Result<crate::store::Counted, StoreError> {
@@ -199,18 +250,113 @@ impl Store for SledStore {
         if counts.len() > 100_000 {
             counts.retain(|_, (resets_at, _)| *resets_at > now);
         }
-        let entry = counts.entry(key.to_owned()).or_insert((now + window, 0));
+        let entry = match counts.get_mut(key) {
+            Some(entry) => entry,
+            None => counts.entry(key.to_owned()).or_insert((now + window, 0)),
+        };
         if entry.0 <= now {
             *entry = (now + window, 0);
         }
-        let counted = entry.1 < cap;
+        let counted = entry.1.saturating_add(amount) <= cap;
         if counted {
-            entry.1 += 1;
+            entry.1 += amount;
         }
         Ok(crate::store::Counted {
             counted,
             count: entry.1,
             resets_in: entry.0 - now,
+        })
+    }
+
+    async fn adjust_count(&self, key: &str, delta: i64) -> Result<(), StoreError> {
+        let now = std::time::Instant::now();
+        if let Some(entry) = self.counts.lock().get_mut(key)
+            && entry.0 > now
+        {
+            entry.1 = entry.1.saturating_add_signed(delta);
+        }
+        Ok(())
+    }
+
+    async fn hold(
+        &self,
+        key: &str,
+        holder: &str,
+        amount: u64,
+        cap: u64,
+        lease: Duration,
+    ) -> Result<crate::store::Holding, StoreError> {
+        self.load_budget(key).await?;
+        let now = std::time::Instant::now();
+        let mut budgets = self.budgets.lock();
+        let budget = budgets.entry(key.to_owned()).or_default();
+        budget.holds.retain(|_, (_, lapses)| *lapses > now);
+        let held = budget.held();
+        let granted = budget.spent.saturating_add(held).saturating_add(amount) <= cap;
+        if granted {
+            budget
+                .holds
+                .insert(holder.to_owned(), (amount, now + lease));
+        }
+        Ok(crate::store::Holding {
+            granted,
+            spent: budget.spent,
+            held: held + if granted { amount } else { 0 },
+        })
+    }
+
+    async fn release(
+        &self,
+        key: &str,
+        holder: &str,
+        spend: u64,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        self.load_budget(key).await?;
+        {
+            let mut budgets = self.budgets.lock();
+            let budget = budgets.entry(key.to_owned()).or_default();
+            budget.holds.remove(holder);
+            budget.spent = budget.spent.saturating_add(spend);
+        }
+        if spend == 0 {
+            return Ok(());
+        }
+        let key = key.to_owned();
+        self.blocking(move |db, books| {
+            let now = now_ms();
+            let expires_at = now.saturating_add(keep.as_millis() as u64);
+            let previous = db
+                .fetch_and_update(key.as_bytes(), |old| {
+                    let total = spent_value(old, now).saturating_add(spend);
+                    // Insertion number 0: the size bound never evicts what was spent.
+                    let mut stored = Vec::with_capacity(HEADER + 8);
+                    stored.extend_from_slice(&expires_at.to_be_bytes());
+                    stored.extend_from_slice(&0u64.to_be_bytes());
+                    stored.extend_from_slice(&total.to_be_bytes());
+                    Some(stored)
+                })
+                .map_err(backend_error)?;
+            if previous.is_none() {
+                books
+                    .bytes
+                    .fetch_add((key.len() + HEADER + 8) as u64, Ordering::Relaxed);
+            }
+            durable(db)
+        })
+        .await
+    }
+
+    async fn holding(&self, key: &str) -> Result<crate::store::Holding, StoreError> {
+        self.load_budget(key).await?;
+        let now = std::time::Instant::now();
+        let mut budgets = self.budgets.lock();
+        let budget = budgets.entry(key.to_owned()).or_default();
+        budget.holds.retain(|_, (_, lapses)| *lapses > now);
+        Ok(crate::store::Holding {
+            granted: true,
+            spent: budget.spent,
+            held: budget.held(),
         })
     }
 
