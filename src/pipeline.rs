@@ -267,7 +267,7 @@ impl Pipeline {
         }
         match self.router.chat(&route, &request).await {
             Ok(served) => {
-                charge.settle(&served.target, &served.value);
+                charge.settle(&served.target, &served.value).await;
                 pending.store(&served.target, &served.value);
                 trace.target = Some(served.target);
                 trace.attempts = served.attempts;

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{KEY_A, Mock, base_config, user};
+use common::{ADMIN, KEY_A, Mock, base_config, user};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_reprise");
@@ -100,6 +100,8 @@ fn every_subcommand_has_help() {
         vec!["check-config", "--help"],
         vec!["prompts", "--help"],
         vec!["prompts", "rollout", "--help"],
+        vec!["keys", "--help"],
+        vec!["usage", "--help"],
     ] {
         let output = Command::new(BIN).args(&args).output().unwrap();
         assert!(output.status.success(), "{args:?}");
@@ -327,7 +329,7 @@ fn admin_cli(addr: &str, args: &[&str]) -> (bool, String) {
         .arg(args[0])
         .args(["--url", &format!("http://{addr}")])
         .args(&args[1..])
-        .env("REPRISE_ADMIN_KEY", common::ADMIN)
+        .env("REPRISE_ADMIN_KEY", ADMIN)
         .output()
         .unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
@@ -442,7 +444,7 @@ async fn the_keys_cli_makes_limits_rotates_and_revokes_keys() {
     let mock = Mock::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
-        "{}\n[log]\nformat = \"json\"\n[keys]\n[cache]\npath = \"{}\"\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n[routes.other]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
+        "{}\n[log]\nformat = \"json\"\n[keys]\n[cache]\npath = \"{}\"\n[prices.ok]\ninput = 1000.0\noutput = 1000.0\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n[routes.other]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
         base_config(&mock),
         dir.path().join("store").display(),
     );
@@ -515,12 +517,107 @@ async fn the_keys_cli_makes_limits_rotates_and_revokes_keys() {
         "old secret within its grace"
     );
 
+    let (ok, out) = keys(&["update", &id, "--rpm", "100"]).await.unwrap();
+    assert!(ok, "{out}");
+    let (ok, out) = keys(&["update", &id, "--budget-usd", "5", "--budget-period", "day"])
+        .await
+        .unwrap();
+    assert!(ok, "{out}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        shown["limits"]["rpm"], 100,
+        "the other limits are kept: {out}"
+    );
+    assert_eq!(
+        shown["limits"]["budget"],
+        json!({"usd": 5.0, "period": "day"})
+    );
+    assert_eq!(chat(rotated.clone(), "chat").await, 200);
+    let (ok, out) = keys(&["list"]).await.unwrap();
+    assert!(
+        ok && out.contains("$0.0900 this month"),
+        "five answers at 0.018 USD: {out}"
+    );
+    let usage_addr = addr.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        admin_cli(&usage_addr, &["usage", "--by", "key,model"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("key\tmodel\trequests\t"), "{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{id}\tok\t5\t0\t55\t35\t0.090000"))),
+        "{out}"
+    );
+
     let (ok, out) = keys(&["revoke", &id]).await.unwrap();
     assert!(ok && out.contains("revoked"), "{out}");
     assert_eq!(chat(rotated, "chat").await, 401);
     assert_eq!(chat(secret, "chat").await, 401);
     let (ok, out) = keys(&["show", "key_missing"]).await.unwrap();
     assert!(!ok && out.contains("404"), "{out}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn spend_answered_before_kill_9_is_still_spent_after_it() {
+    let mock = Mock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[log]\nformat = \"json\"\n[keys]\n[cache]\npath = \"{}\"\n[prices.ok]\ninput = 1000.0\noutput = 1000.0\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
+        base_config(&mock),
+        dir.path().join("store").display()
+    );
+    let path = write_config(&dir, &config);
+    let client = reqwest::Client::new();
+
+    let (mut child, addr, _) = spawn_gateway(&path);
+    let created: Value = client
+        .post(format!("http://{addr}/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "n", "tenant": "t", "limits": {"budget": {"usd": 100}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, secret) = (
+        created["id"].as_str().unwrap(),
+        created["secret"].as_str().unwrap(),
+    );
+    let answered = futures::future::join_all((0..20).map(|i| {
+        let request = client
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .bearer_auth(secret)
+            .json(&json!({"model": "chat", "messages": user(&format!("q{i}"))}))
+            .send();
+        async move { request.await.unwrap().status() == 200 }
+    }))
+    .await;
+    // SIGKILL the moment the last answer is in: no shutdown code runs.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(answered.iter().all(|ok| *ok));
+
+    let (mut child, addr, _) = spawn_gateway(&path);
+    let key: Value = client
+        .get(format!("http://{addr}/admin/keys/{id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Each answer: 11 + 7 tokens at 1000 USD per million.
+    let spent = key["budget"]["spent_usd"].as_f64().unwrap();
+    assert!((spent - 20.0 * 0.018).abs() < 1e-9, "{key}");
     child.kill().unwrap();
     child.wait().unwrap();
 }

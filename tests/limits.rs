@@ -232,6 +232,11 @@ async fn spend_survives_a_restart_and_a_spent_budget_stays_spent() {
     )
     .await;
     assert_eq!(usage["data"][0]["requests"], 3, "{usage}");
+    let (_, tenants) = admin(&gw, reqwest::Method::GET, "/admin/tenants", None).await;
+    let tenant = &tenants["data"][0];
+    assert_eq!(tenant["tenant"], "a", "{tenants}");
+    assert!((tenant["budget"]["spent_usd"].as_f64().unwrap() - 2.0 * COST).abs() < 1e-9);
+    assert!((tenant["spend"]["today_usd"].as_f64().unwrap() - 2.0 * COST).abs() < 1e-9);
     assert!((usage["data"][0]["cost_usd"].as_f64().unwrap() - 3.0 * COST).abs() < 1e-9);
 }
 

@@ -197,6 +197,13 @@ impl Limits {
         &self.usage
     }
 
+    /// The tenants with limits in the config, by name.
+    pub fn tenants(&self) -> impl Iterator<Item = (&String, &KeyLimits)> {
+        let mut tenants: Vec<_> = self.tenants.iter().collect();
+        tenants.sort_by_key(|(name, _)| *name);
+        tenants.into_iter()
+    }
+
     /// The tenant's limits, then the key's.
     fn scopes<'a>(&'a self, tenant: &'a str, key: Option<&'a KeyRecord>) -> Vec<Scope<'a>> {
         let mut scopes = Vec::with_capacity(2);
@@ -287,7 +294,7 @@ impl Limits {
         // A refused request gives back what it took so far, and is not booked as used.
         let refused = |mut settlement: Settlement, error: ApiError| {
             settlement.booked = false;
-            settlement.finish(None);
+            settlement.finish(None).spawn();
             Err(error)
         };
         let scopes = self.scopes(tenant, key);
@@ -610,17 +617,22 @@ impl Charge {
             .is_some_and(|s| !s.tokens.is_empty() || !s.holds.is_empty())
     }
 
-    /// Settles a whole answer by its usage.
-    pub fn settle(mut self, target: &str, answer: &Value) {
+    /// Settles a whole answer by its usage. Returns once the spend is durable, so an answer a
+    /// client holds is never missing from its budget after a crash.
+    pub async fn settle(mut self, target: &str, answer: &Value) {
         if let Some(settlement) = self.settle.take() {
             let usage = reported_usage(answer)
                 .unwrap_or_else(|| (settlement.input_estimate, estimate_output_tokens(answer)));
-            settlement.finish(Some((target, answer, usage)));
+            settlement
+                .finish(Some((target, answer, usage)))
+                .commit()
+                .await;
         }
     }
 
-    /// Settles a stream when it ends (or is dropped): by the usage chunk if one passed, else by
-    /// the text that did.
+    /// Settles a stream when it ends: by the usage chunk if one passed, else by the text that
+    /// did. The stream's end (and so `[DONE]`) waits until the spend is durable; a stream
+    /// dropped before its end (its client left) settles what it saw in the background.
     pub fn meter(mut self, target: String, stream: ChunkStream) -> ChunkStream {
         let Some(settlement) = self.settle.take() else {
             return stream;
@@ -632,18 +644,25 @@ impl Charge {
             output_estimate: 0,
             model: None,
         };
-        Box::pin(stream.inspect(move |item| {
-            if let Ok(chunk) = item {
-                meter.saw(chunk);
+        Box::pin(async_stream::stream! {
+            let mut stream = stream;
+            while let Some(item) = stream.next().await {
+                if let Ok(chunk) = &item {
+                    meter.saw(chunk);
+                }
+                yield item;
             }
-        }))
+            if let Some(pending) = meter.finish() {
+                pending.commit().await;
+            }
+        })
     }
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
         if let Some(settlement) = self.settle.take() {
-            settlement.finish(None);
+            settlement.finish(None).spawn();
         }
     }
 }
@@ -673,30 +692,35 @@ impl StreamMeter {
         }
         self.output_estimate += estimate_output_tokens(chunk);
     }
+
+    fn finish(&mut self) -> Option<StoreWork> {
+        let settlement = self.settlement.take()?;
+        let usage = self
+            .usage
+            .unwrap_or((settlement.input_estimate, self.output_estimate));
+        let answer = serde_json::json!({ "model": self.model });
+        Some(settlement.finish(Some((&self.target, &answer, usage))))
+    }
 }
 
 impl Drop for StreamMeter {
     fn drop(&mut self) {
-        if let Some(settlement) = self.settlement.take() {
-            let usage = self
-                .usage
-                .unwrap_or((settlement.input_estimate, self.output_estimate));
-            let answer = serde_json::json!({ "model": self.model });
-            settlement.finish(Some((&self.target, &answer, usage)));
+        if let Some(pending) = self.finish() {
+            pending.spawn();
         }
     }
 }
 
 impl Settlement {
-    /// Turns holds into spend (or, without an answer, gives them back), corrects the token
-    /// counts, and books the usage. The store's part runs off the response path.
-    fn finish(self, answered: Option<(&str, &Value, (u64, u64))>) {
+    /// Books the usage, and returns what is left to tell the store: holds become spend (or,
+    /// without an answer, are given back), token counts are corrected.
+    fn finish(self, answered: Option<(&str, &Value, (u64, u64))>) -> StoreWork {
         let mut counts = UsageCounts {
             requests: 1,
             ..UsageCounts::default()
         };
         let mut row = self.row.clone();
-        let spent = match answered {
+        let (used_tokens, cost) = match answered {
             Some((target, answer, (input, output))) => {
                 let cost = self.prices.cost(Some(target), answer, input, output);
                 counts.input_tokens = input;
@@ -706,49 +730,92 @@ impl Settlement {
                     .split_once('/')
                     .map_or(target, |(_, model)| model)
                     .to_owned();
-                Some((input + output, counts.cost_nanos))
+                (input + output, counts.cost_nanos)
             }
             None => {
                 counts.errors = 1;
-                None
+                (0, 0)
             }
         };
         if self.booked {
             self.usage.add(row, counts);
         }
-        let Some(store) = self.store else {
+        StoreWork {
+            store: self.store,
+            holder: self.holder,
+            tokens: self.tokens,
+            slots: self.slots,
+            holds: self.holds,
+            used_tokens,
+            cost,
+        }
+    }
+}
+
+/// A settled charge's writes to the store.
+struct StoreWork {
+    store: Option<Arc<dyn Store>>,
+    holder: String,
+    tokens: Vec<(String, u64)>,
+    slots: Vec<String>,
+    holds: Vec<(String, Duration, u64)>,
+    used_tokens: u64,
+    cost: u64,
+}
+
+impl StoreWork {
+    /// Records the spend now (durably), and corrects counts and frees slots in the background:
+    /// those are not money, and waiting for them would only slow the answer.
+    async fn commit(mut self) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        for (counter, keep, held) in std::mem::take(&mut self.holds) {
+            record_spend(
+                store.as_ref(),
+                &counter,
+                &self.holder,
+                keep,
+                held,
+                self.cost,
+            )
+            .await;
+        }
+        self.spawn();
+    }
+
+    /// Everything in the background (a failure: nothing is spent, so nothing must be awaited).
+    fn spawn(self) {
+        let Some(store) = self.store.clone() else {
             return;
         };
         if self.tokens.is_empty() && self.slots.is_empty() && self.holds.is_empty() {
             return;
         }
-        let (holder, tokens, slots, holds) = (self.holder, self.tokens, self.slots, self.holds);
         let work = async move {
-            let (used_tokens, cost) = spent.unwrap_or((0, 0));
-            for (counter, counted) in tokens {
-                let delta = used_tokens as i64 - counted as i64;
+            for (counter, counted) in &self.tokens {
+                let delta = self.used_tokens as i64 - *counted as i64;
                 if delta != 0
-                    && let Err(error) = store.adjust_count(&counter, delta).await
+                    && let Err(error) = store.adjust_count(counter, delta).await
                 {
                     tracing::warn!(%error, "cannot correct a token count");
                 }
             }
-            for slots in slots {
-                if let Err(error) = store.release(&slots, &holder, 0, Duration::ZERO).await {
+            for slots in &self.slots {
+                if let Err(error) = store.release(slots, &self.holder, 0, Duration::ZERO).await {
                     tracing::warn!(%error, "cannot free a concurrency slot; it lapses by itself");
                 }
             }
-            for (counter, keep, held) in holds {
-                if cost > held {
-                    tracing::warn!(
-                        held_usd = held as f64 / NANOS_PER_USD,
-                        cost_usd = cost as f64 / NANOS_PER_USD,
-                        "a request cost more than its budget hold"
-                    );
-                }
-                if let Err(error) = store.release(&counter, &holder, cost, keep).await {
-                    tracing::error!(%error, "cannot record spend against a budget");
-                }
+            for (counter, keep, held) in &self.holds {
+                record_spend(
+                    store.as_ref(),
+                    counter,
+                    &self.holder,
+                    *keep,
+                    *held,
+                    self.cost,
+                )
+                .await;
             }
         };
         match tokio::runtime::Handle::try_current() {
@@ -757,5 +824,25 @@ impl Settlement {
             }
             Err(_) => tracing::error!("no runtime to settle a request's charge on"),
         }
+    }
+}
+
+async fn record_spend(
+    store: &dyn Store,
+    counter: &str,
+    holder: &str,
+    keep: Duration,
+    held: u64,
+    cost: u64,
+) {
+    if cost > held {
+        tracing::warn!(
+            held_usd = held as f64 / NANOS_PER_USD,
+            cost_usd = cost as f64 / NANOS_PER_USD,
+            "a request cost more than its budget hold"
+        );
+    }
+    if let Err(error) = store.release(counter, holder, cost, keep).await {
+        tracing::error!(%error, "cannot record spend against a budget");
     }
 }

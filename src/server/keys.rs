@@ -53,40 +53,85 @@ fn reply(result: Result<Response, ApiError>) -> Response {
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Spend by key or tenant (`column`) today and this month, from the usage book.
+struct Spend {
+    today: Value,
+    month: Value,
+    column: &'static str,
+}
+
+impl Spend {
+    async fn by(state: &AppState, column: &'static str) -> Result<Self, ApiError> {
+        let usage = state.pipeline.limits().usage();
+        let today = usage
+            .query(&UsageQuery {
+                group_by: Some(column.into()),
+                ..UsageQuery::default()
+            })
+            .await?;
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let month = usage
+            .query(&UsageQuery {
+                from: Some(format!("{}-01", &now[..7])),
+                to: Some(now[..10].to_owned()),
+                group_by: Some(column.into()),
+                ..UsageQuery::default()
+            })
+            .await?;
+        Ok(Self {
+            today,
+            month,
+            column,
+        })
+    }
+
+    fn of(&self, id: &str) -> Value {
+        let cost = |book: &Value| {
+            book["data"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|row| row[self.column] == id))
+                .map_or(json!(0.0), |row| row["cost_usd"].clone())
+        };
+        json!({"today_usd": cost(&self.today), "month_usd": cost(&self.month)})
+    }
+}
+
+/// `GET /admin/tenants`: the tenants with limits in the config, with their spend and budget.
+pub async fn tenants(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    reply(
+        async {
+            state.auth.admin(&headers)?;
+            let spend = Spend::by(&state, "tenant").await?;
+            let limits = state.pipeline.limits();
+            let mut data = Vec::new();
+            for (name, tenant) in limits.tenants() {
+                let mut view = json!({
+                    "object": "tenant",
+                    "tenant": name,
+                    "limits": tenant,
+                    "spend": spend.of(name),
+                });
+                if let Some(budget) = &tenant.budget {
+                    view["budget"] = limits.budget_standing("tenant", name, budget).await;
+                }
+                data.push(view);
+            }
+            Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+        }
+        .await,
+    )
+}
+
 /// Keys as the admin API shows them: with their spend, and their budget's standing.
 async fn views(
     state: &AppState,
     records: &[crate::keys::KeyRecord],
 ) -> Result<Vec<Value>, ApiError> {
-    let usage = state.pipeline.limits().usage();
-    let today = usage
-        .query(&UsageQuery {
-            group_by: Some("key".into()),
-            ..UsageQuery::default()
-        })
-        .await?;
-    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let month = usage
-        .query(&UsageQuery {
-            from: Some(format!("{}-01", &now[..7])),
-            to: Some(now[..10].to_owned()),
-            group_by: Some("key".into()),
-            ..UsageQuery::default()
-        })
-        .await?;
-    let spend = |book: &Value, id: &str| {
-        book["data"]
-            .as_array()
-            .and_then(|rows| rows.iter().find(|row| row["key"] == id))
-            .map_or(json!(0.0), |row| row["cost_usd"].clone())
-    };
+    let spend = Spend::by(state, "key").await?;
     let mut views = Vec::with_capacity(records.len());
     for record in records {
         let mut view = record.view();
-        view["spend"] = json!({
-            "today_usd": spend(&today, &record.id),
-            "month_usd": spend(&month, &record.id),
-        });
+        view["spend"] = spend.of(&record.id);
         if let Some(budget) = &record.limits.budget {
             view["budget"] = state
                 .pipeline

@@ -414,6 +414,7 @@ pub fn app(state: Arc<AppState>, with_metrics: bool) -> HttpRouter {
         .route("/admin/cache/stats", get(admin::cache_stats))
         .route("/admin/cache/purge", post(admin::cache_purge))
         .route("/admin/usage", get(keys::usage))
+        .route("/admin/tenants", get(keys::tenants))
         .route("/admin/keys", get(keys::list).post(keys::create))
         .route("/admin/keys/{id}", get(keys::show).patch(keys::update))
         .route("/admin/keys/{id}/rotate", post(keys::rotate))
