@@ -113,3 +113,59 @@ print("answer", raw.parse().choices[0].message.content)
     assert!(stdout.contains("status 200 retries 1"), "{stdout}");
     assert!(stdout.contains("answer echo: second"), "{stdout}");
 }
+
+/// A spent budget is not a rate limit: the SDK raises `RateLimitError` with OpenAI's
+/// `insufficient_quota` code at once, without retrying (the gateway says `x-should-retry: false`).
+#[ignore = "needs Python with the official SDKs (make test)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_stops_at_a_spent_budget_without_retrying() {
+    let python = common::prerequisites::sdk_python();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&format!(
+        "[keys]\n[cache]\npath = \"{}\"\n[prices.ok]\ninput = 1000.0\noutput = 1000.0\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
+        dir.path().join("store").display()
+    ))
+    .await;
+    let created: serde_json::Value = gw
+        .post(
+            "/admin/keys",
+            common::ADMIN,
+            serde_json::json!({"name": "sdk", "tenant": "t", "limits": {"budget": {"usd": 0.03}}}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    let script = r#"
+import os, openai
+client = openai.OpenAI(base_url=os.environ["REPRISE_BASE"] + "/v1", api_key=os.environ["REPRISE_KEY"], max_retries=3)
+first = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=7)
+print("first", first.choices[0].message.content)
+try:
+    client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "again"}], max_tokens=7)
+    print("not refused")
+except openai.RateLimitError as error:
+    print("refused", error.status_code, error.code)
+"#;
+    let output = tokio::process::Command::new(python)
+        .args(["-c", script])
+        .env("REPRISE_BASE", &gw.base)
+        .env("REPRISE_KEY", &secret)
+        .output()
+        .await
+        .expect("the SDK python interpreter runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("first echo: hi"), "{stdout}");
+    assert!(
+        stdout.contains("refused 429 insufficient_quota"),
+        "{stdout}"
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"reprise_limit_refusals_total{scope="key",limit="budget"} 1"#),
+        "one attempt, no retries: {metrics}"
+    );
+}
