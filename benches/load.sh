@@ -28,6 +28,8 @@ workdir=$(mktemp -d)
 cleanup() {
   [ -n "${gw_pid:-}" ] && kill "$gw_pid" 2>/dev/null || true
   [ -n "${mock_pid:-}" ] && kill "$mock_pid" 2>/dev/null || true
+  [ -n "${redis_gw_pid:-}" ] && kill "$redis_gw_pid" 2>/dev/null || true
+  [ -n "${redis_pid:-}" ] && kill "$redis_pid" 2>/dev/null || true
   rm -rf "$workdir"
 }
 trap cleanup EXIT
@@ -40,7 +42,24 @@ ${WORKERS:+worker_threads = $WORKERS}
 level = "warn"
 [auth]
 admin_key = "bench-admin"
-keys = [{ key = "bench-key", tenant = "bench" }]
+keys = [
+  { key = "bench-key", tenant = "bench" },
+  { key = "bench-limited", tenant = "limited" },
+  { key = "bench-budget", tenant = "budgeted" },
+]
+# Limits high enough never to refuse: what is measured is the cost of counting.
+[tenants.limited]
+rpm = 1000000000
+tpm = 1000000000000
+max_concurrent = 100000
+[tenants.budgeted]
+rpm = 1000000000
+tpm = 1000000000000
+max_concurrent = 100000
+budget = { usd = 1000000000.0, period = "month" }
+[prices.ok]
+input = 1.0
+output = 1.0
 [providers.mock]
 kind = "openai"
 base_url = "http://$MOCK_ADDR/v1"
@@ -75,7 +94,7 @@ run() {
   local name=$1 url=$2 body=$3
   shift 3
   "$OHA" --no-tui --output-format json -m POST -H 'content-type: application/json' \
-    -H 'authorization: Bearer bench-key' -d "$body" "$@" "$url" > "$workdir/$name.json"
+    -H "authorization: Bearer ${KEY:-bench-key}" -d "$body" "$@" "$url" > "$workdir/$name.json"
 }
 
 direct=http://$MOCK_ADDR/v1/chat/completions
@@ -100,10 +119,60 @@ run hit-c1 "$gateway" "$cached_body" -n "$N" -c 1
 run hit-c32 "$gateway" "$cached_body" -n "$((N * 4))" -c 32
 run miss-c1 "$gateway" "$cached_body" -n "$N" -c 1 -H 'cache-control: max-age=0'
 run nocache-c1 "$gateway" "$gateway_body" -n "$N" -c 1
+
+# Limits: a key whose tenant has requests and tokens per minute and a concurrency cap (counted
+# in process with sled), then the same plus a budget (a hold, and spend written durably before
+# the answer). Interleaved with the unlimited key so drift hits every line alike.
+for round in 1 2; do
+  run "plain-c1-$round" "$gateway" "$gateway_body" -n "$N" -c 1
+  KEY=bench-limited run "limited-c1-$round" "$gateway" "$gateway_body" -n "$N" -c 1
+  KEY=bench-budget run "budget-c1-$round" "$gateway" "$gateway_body" -n "$N" -c 1
+done
+run plain-c32 "$gateway" "$gateway_body" -n "$((N * 4))" -c 32
+KEY=bench-limited run limited-c32 "$gateway" "$gateway_body" -n "$((N * 4))" -c 32
+KEY=bench-budget run budget-c32 "$gateway" "$gateway_body" -n "$((N * 4))" -c 32
 loaded_rss=$(rss_kb)
 
-WORKERS="$WORKERS" python3 - "$workdir" "$idle_rss" "$loaded_rss" <<'PY'
-import json, os, sys
+# The same on Redis (a second gateway sharing a redis-server), with the round trip to Redis
+# measured alone for comparison.
+redis_rtt=""
+if command -v redis-server > /dev/null; then
+  REDIS_PORT=${REDIS_PORT:-19190}
+  REDIS_GW_ADDR=127.0.0.1:${REDIS_GW_PORT:-19181}
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no > "$workdir/redis.log" 2>&1 &
+  redis_pid=$!
+  sed -e "s|^listen = .*|listen = \"$REDIS_GW_ADDR\"|" \
+      -e "s|^path = .*|store = \"redis\"\nredis_url = \"redis://127.0.0.1:$REDIS_PORT/0\"|" \
+      "$workdir/bench.toml" > "$workdir/redis.toml"
+  ./target/release/reprise serve --config "$workdir/redis.toml" > "$workdir/gw-redis.log" 2>&1 &
+  redis_gw_pid=$!
+  for _ in $(seq 100); do
+    if curl -sf "http://$REDIS_GW_ADDR/healthz" > /dev/null; then break; fi
+    sleep 0.1
+  done
+  redis_gateway=http://$REDIS_GW_ADDR/v1/chat/completions
+  run warm-r "$redis_gateway" "$gateway_body" -n 2000 -c 8
+  KEY=bench-budget run warm-rb "$redis_gateway" "$gateway_body" -n 2000 -c 8
+  for round in 1 2; do
+    run "redis-plain-c1-$round" "$redis_gateway" "$gateway_body" -n "$N" -c 1
+    KEY=bench-limited run "redis-limited-c1-$round" "$redis_gateway" "$gateway_body" -n "$N" -c 1
+    KEY=bench-budget run "redis-budget-c1-$round" "$redis_gateway" "$gateway_body" -n "$N" -c 1
+  done
+  redis_rtt=$(python3 - "$REDIS_PORT" <<'PY'
+import socket, statistics, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+times = []
+for _ in range(5000):
+    t = time.perf_counter(); s.sendall(b"PING\r\n"); s.recv(64); times.append(time.perf_counter() - t)
+print(f"{statistics.median(times) * 1e6:.0f}")
+PY
+)
+  kill "$redis_gw_pid" "$redis_pid" 2>/dev/null || true
+fi
+
+WORKERS="$WORKERS" REDIS_RTT="$redis_rtt" python3 - "$workdir" "$idle_rss" "$loaded_rss" <<'PY'
+import json, os, statistics, sys
 workdir, idle_rss, loaded_rss = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
 def load(name):
@@ -130,6 +199,25 @@ for label, key in [("hit, concurrency 1", "hit-c1"), ("hit, concurrency 32", "hi
                    ("no cache on the route, concurrency 1", "nocache-c1")]:
     p50, p99, rps, ok, total = load(key)
     print(f"| {label} | {p50:.0f} µs | {p99:.0f} µs | {rps:,.0f} |")
+print()
+print("| limits on the key's tenant | p50 at concurrency 1 (median of 2 rounds) | over no limits | req/s at concurrency 32 |")
+print("|---|---|---|---|")
+def rounds(prefix):
+    return statistics.median(load(f"{prefix}-c1-{r}")[0] for r in (1, 2))
+plain = rounds("plain")
+for label, key in [("none", "plain"), ("requests + tokens per minute + concurrency", "limited"),
+                   ("the same + a budget (spend durable before the answer)", "budget")]:
+    p50 = rounds(key)
+    rps = load(f"{key}-c32")[2]
+    print(f"| {label} (sled) | {p50:.0f} µs | {p50 - plain:+.0f} µs | {rps:,.0f} |")
+rtt = os.environ.get("REDIS_RTT")
+if rtt:
+    redis_plain = rounds("redis-plain")
+    for label, key in [("none", "redis-plain"), ("requests + tokens per minute + concurrency", "redis-limited"),
+                       ("the same + a budget", "redis-budget")]:
+        p50 = rounds(key)
+        print(f"| {label} (Redis) | {p50:.0f} µs | {p50 - redis_plain:+.0f} µs | – |")
+    print(f"\none Redis round trip alone (PING, median): {rtt} µs")
 print()
 print(f"gateway threads: {os.environ.get('WORKERS') or 'one per core'}")
 print(f"gateway RSS: idle {idle_rss / 1024:.1f} MiB, after the runs {loaded_rss / 1024:.1f} MiB")

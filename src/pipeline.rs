@@ -45,8 +45,6 @@ pub struct RequestContext {
     pub user: Option<String>,
     /// The run-time key the request came with (`None`: a key from `[auth]`).
     pub key: Option<Arc<KeyRecord>>,
-    /// Where the request stands against its requests per minute, if it has a limit.
-    pub rate: Option<RateState>,
 }
 
 /// The prompt version that rendered a request.
@@ -67,7 +65,7 @@ pub struct Trace {
     pub attempts: u32,
     pub cache: CacheReport,
     pub prompt: Option<PromptTrace>,
-    /// For `x-ratelimit-*-requests`: copied from the request's context.
+    /// For `x-ratelimit-*-requests`, once the request was admitted.
     pub rate: Option<RateState>,
     /// For `x-ratelimit-*-tokens`, once the request was admitted upstream.
     pub tokens: Option<RateState>,
@@ -179,16 +177,6 @@ impl Pipeline {
         })
     }
 
-    /// Counts a request against its tenant's and its key's requests per minute: the tighter
-    /// standing, or 429 once either is reached.
-    pub async fn admit_rate(
-        &self,
-        tenant: &str,
-        key: Option<&KeyRecord>,
-    ) -> Result<Option<RateState>, ApiError> {
-        self.limits.admit_request(tenant, key).await
-    }
-
     /// Keys' and tenants' limits, and the usage book.
     pub fn limits(&self) -> &Limits {
         &self.limits
@@ -212,7 +200,6 @@ impl Pipeline {
         let prompt = self.resolve_prompt(context, &mut request)?;
         let mut trace = Trace {
             prompt: prompt.as_ref().map(PromptTrace::of),
-            rate: context.rate,
             ..Trace::default()
         };
         let fail = |error: ApiError, trace: &Trace| Failed {
@@ -224,6 +211,16 @@ impl Pipeline {
             .resolve(context, &request.model)
             .map_err(|e| fail(e, &trace))?;
         trace.route = Some(route.name.clone());
+        let admission = self
+            .limits
+            .admit(
+                &context.tenant,
+                context.key.as_deref(),
+                Some((&route, &request)),
+            )
+            .await
+            .map_err(|e| fail(e, &trace))?;
+        trace.rate = admission.rate;
 
         let prompt_scope = prompt.as_ref().map(|p| prompt_scope(p, &request));
         let scope = CacheScope {
@@ -239,6 +236,10 @@ impl Pipeline {
             .await;
         let pending = match lookup {
             CacheLookup::Hit { reply, check } => {
+                // A hit costs nothing: what was held for going upstream goes back.
+                if let Ok(charge) = admission.upstream {
+                    charge.cancel();
+                }
                 self.book_hit(context, &route.name, &trace.cache);
                 if let Some(check) = check {
                     self.check_behind(route, request, check);
@@ -251,12 +252,10 @@ impl Pipeline {
             CacheLookup::Miss(pending) => pending,
         };
 
-        // Only a request the cache could not answer costs anything: the limits apply here.
-        let charge = self
-            .limits
-            .admit_upstream(&context.tenant, context.key.as_deref(), &route, &request)
-            .await
-            .map_err(|e| fail(e, &trace))?;
+        // Only a request the cache could not answer costs anything: its refusal is raised here.
+        let charge = admission
+            .upstream
+            .map_err(|refusal| fail(refusal.raise(), &trace))?;
         trace.tokens = charge.tokens;
         trace.budget = charge.budget;
 
@@ -462,9 +461,13 @@ impl Pipeline {
     ) -> Result<Answered<Value>, Failed> {
         request.validate()?;
         let route = self.resolve(context, &request.model)?;
+        let admission = self
+            .limits
+            .admit(&context.tenant, context.key.as_deref(), None)
+            .await?;
         let trace = Trace {
             route: Some(route.name.clone()),
-            rate: context.rate,
+            rate: admission.rate,
             ..Trace::default()
         };
         match self.router.embeddings(&route, &request).await {

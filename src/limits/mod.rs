@@ -30,7 +30,7 @@ use crate::prices::PriceTable;
 use crate::protocol::openai::{ChatRequest, Content};
 use crate::providers::ChunkStream;
 use crate::router::Route;
-use crate::store::Store;
+use crate::store::{Settle, Step, Store};
 use crate::telemetry::Metrics;
 use usage::{UsageBook, UsageCounts, UsageKey};
 
@@ -176,6 +176,38 @@ pub struct Limits {
     usage: Arc<UsageBook>,
 }
 
+/// What a request was admitted with.
+pub struct Admission {
+    /// The tighter requests-per-minute standing, for `x-ratelimit-*-requests`.
+    pub rate: Option<RateState>,
+    /// What going upstream holds, or why it may not: raised only if the cache cannot answer.
+    pub upstream: Result<Charge, Refusal>,
+}
+
+/// Why a request may not go upstream (a cache hit is still served).
+pub struct Refusal {
+    error: ApiError,
+    scope: &'static str,
+    limit: &'static str,
+    metrics: Arc<Metrics>,
+}
+
+impl Refusal {
+    /// The error the client gets, counted in `reprise_limit_refusals_total`.
+    pub fn raise(self) -> ApiError {
+        self.metrics.limit_refused(self.scope, self.limit);
+        self.error
+    }
+}
+
+/// What one admission step stands for.
+enum Purpose<'a> {
+    Requests(&'a Scope<'a>),
+    Tokens(&'a Scope<'a>, u64),
+    Concurrent(&'a Scope<'a>),
+    Budget(&'a Scope<'a>, &'a Budget, u64),
+}
+
 impl Limits {
     pub fn new(
         store: Option<Arc<dyn Store>>,
@@ -224,207 +256,298 @@ impl Limits {
         scopes
     }
 
-    /// Counts a request against its tenant's and key's requests per minute: the tighter
-    /// standing, or 429 once either is reached.
-    pub async fn admit_request(
+    /// Admits a request against its tenant's and key's limits, in one step of the store (one
+    /// round trip with Redis): its requests per minute (429 at once if over), and, for a request
+    /// that may go `upstream`, its tokens per minute, a concurrency slot and what it may cost
+    /// against each budget, all held together or not at all.
+    pub async fn admit(
         &self,
         tenant: &str,
         key: Option<&KeyRecord>,
-    ) -> Result<Option<RateState>, ApiError> {
-        let Some(store) = &self.store else {
-            return Ok(None);
-        };
-        let mut rate = None;
-        let mut counted_on = Vec::new();
-        for scope in self.scopes(tenant, key) {
-            let Some(limit) = scope.limits.rpm else {
-                continue;
-            };
-            let counter = scope.counter("rpm");
-            match count(store.as_ref(), &counter, 1, limit).await {
-                Counted::Within(state) => {
-                    rate = tighter(rate, Some(state));
-                    counted_on.push(counter);
-                }
-                Counted::Over(state) => {
-                    self.metrics.limit_refused(scope.kind, "requests");
-                    // A refused request does not use up the tenant's minute either.
-                    for counter in counted_on {
-                        let _ = store.adjust_count(&counter, -1).await;
-                    }
-                    return Err(ApiError::RateLimited {
-                        state,
-                        scope: scope.kind,
-                        limit: Limit::Requests,
-                    });
-                }
-                Counted::Unknown => {}
-            }
-        }
-        Ok(rate)
-    }
-
-    /// Admits a request the cache could not answer against its tokens per minute, concurrency
-    /// and budgets, holding what it may cost until it settles.
-    pub async fn admit_upstream(
-        &self,
-        tenant: &str,
-        key: Option<&KeyRecord>,
-        route: &Route,
-        request: &ChatRequest,
-    ) -> Result<Charge, ApiError> {
-        let input = InputSize::of(request);
+        upstream: Option<(&Route, &ChatRequest)>,
+    ) -> Result<Admission, ApiError> {
+        let scopes = self.scopes(tenant, key);
+        let row = UsageKey::today(
+            tenant,
+            key.map(|k| k.id.as_str()),
+            upstream.map_or("-", |(route, _)| route.name.as_str()),
+        );
+        let input = upstream.map(|(_, request)| InputSize::of(request));
         let mut settlement = Settlement {
             store: self.store.clone(),
             usage: Arc::clone(&self.usage),
             prices: Arc::clone(&self.prices),
-            holder: uuid::Uuid::new_v4().simple().to_string(),
+            holder: String::new(),
             tokens: Vec::new(),
             slots: Vec::new(),
             holds: Vec::new(),
-            input_estimate: input.estimate(),
+            input_estimate: input.map_or(0, |i| i.estimate()),
             booked: true,
-            row: UsageKey::today(tenant, key.map(|k| k.id.as_str()), &route.name),
+            row,
         };
+        let Some(store) = self.store.as_ref().filter(|_| !scopes.is_empty()) else {
+            return Ok(Admission {
+                rate: None,
+                upstream: Ok(Charge::holding(settlement)),
+            });
+        };
+
+        let mut purposes = Vec::new();
+        let mut first = Vec::new();
+        let mut second = Vec::new();
+        for scope in &scopes {
+            if let Some(limit) = scope.limits.rpm {
+                first.push(Step::Count {
+                    key: scope.counter("rpm"),
+                    amount: 1,
+                    cap: limit,
+                    window: RATE_WINDOW,
+                });
+                purposes.push(Purpose::Requests(scope));
+            }
+        }
+        let mut unpriced = None;
+        if let (Some((route, request)), Some(input)) = (upstream, input) {
+            // Tokens per minute, as OpenAI counts them at admission: the input estimate plus
+            // the output asked for.
+            let asked = input.estimate() + requested_output(request).unwrap_or(0);
+            let output = requested_output(request).unwrap_or(route.reserve_output_tokens);
+            for scope in &scopes {
+                if let Some(limit) = scope.limits.tpm {
+                    second.push(Step::Count {
+                        key: scope.counter("tpm"),
+                        amount: asked,
+                        cap: limit,
+                        window: RATE_WINDOW,
+                    });
+                    purposes.push(Purpose::Tokens(scope, asked));
+                }
+                if let Some(limit) = scope.limits.max_concurrent {
+                    second.push(Step::Hold {
+                        key: scope.counter("concurrent"),
+                        amount: 1,
+                        cap: limit,
+                        lease: HOLD_LEASE,
+                    });
+                    purposes.push(Purpose::Concurrent(scope));
+                }
+                if let Some(budget) = &scope.limits.budget {
+                    let price = match self.route_price(route) {
+                        Ok(price) => price,
+                        Err(error) => {
+                            unpriced.get_or_insert((error, scope.kind));
+                            continue;
+                        }
+                    };
+                    let most = to_nanos(
+                        (input.bound() as f64 * price.input + output as f64 * price.output)
+                            * f64::from(request.n.unwrap_or(1).max(1))
+                            / 1e6,
+                    );
+                    second.push(Step::Hold {
+                        key: scope.counter(&format!("budget/{}", budget.period.current())),
+                        amount: most,
+                        cap: to_nanos(budget.usd),
+                        lease: HOLD_LEASE,
+                    });
+                    purposes.push(Purpose::Budget(scope, budget, most));
+                }
+            }
+        }
+        if first.is_empty() && second.is_empty() && unpriced.is_none() {
+            return Ok(Admission {
+                rate: None,
+                upstream: Ok(Charge::holding(settlement)),
+            });
+        }
+        settlement.holder = uuid::Uuid::new_v4().simple().to_string();
+        let refusal = |error: ApiError, scope: &'static str, limit: &'static str| Refusal {
+            error,
+            scope,
+            limit,
+            metrics: Arc::clone(&self.metrics),
+        };
+        if let Some((error, scope)) = unpriced {
+            // Nothing is taken for a request that can never go upstream.
+            second.clear();
+            purposes.retain(|p| matches!(p, Purpose::Requests(_)));
+            let admitted = self
+                .apply(store.as_ref(), &settlement.holder, &first, &[])
+                .await?;
+            return Ok(Admission {
+                rate: self.rate(&admitted, &purposes)?,
+                upstream: Err(refusal(error, scope, "budget")),
+            });
+        }
+        let admitted = match store.admit(&settlement.holder, &first, &second).await {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                // A rate limit is not worth an outage: the request is counted nowhere. A
+                // budget is money: without the store to hold it against, nothing goes upstream.
+                tracing::warn!(%error, "cannot count against limits; admitted uncounted");
+                let upstream = if purposes.iter().any(|p| matches!(p, Purpose::Budget(..))) {
+                    Err(refusal(
+                        ApiError::StoreUnavailable("the budget store cannot be reached".into()),
+                        "key",
+                        "budget",
+                    ))
+                } else {
+                    Ok(Charge::holding(settlement))
+                };
+                return Ok(Admission {
+                    rate: None,
+                    upstream,
+                });
+            }
+        };
+        let rate = self.rate(&admitted, &purposes)?;
         let mut charge = Charge {
             settle: None,
             tokens: None,
             budget: None,
         };
-        // A refused request gives back what it took so far, and is not booked as used.
-        let refused = |mut settlement: Settlement, error: ApiError| {
-            settlement.booked = false;
-            settlement.finish(None).spawn();
-            Err(error)
-        };
-        let scopes = self.scopes(tenant, key);
-        let Some(store) = self.store.as_ref().filter(|_| !scopes.is_empty()) else {
-            charge.settle = Some(settlement);
-            return Ok(charge);
-        };
-        let output = requested_output(request).unwrap_or(route.reserve_output_tokens);
-        let holder = settlement.holder.clone();
-
-        // Tokens per minute, as OpenAI counts them at admission: the input estimate plus the
-        // output asked for.
-        let asked = input.estimate() + requested_output(request).unwrap_or(0);
-        for scope in &scopes {
-            let Some(limit) = scope.limits.tpm else {
-                continue;
-            };
-            let counter = scope.counter("tpm");
-            match count(store.as_ref(), &counter, asked, limit).await {
-                Counted::Within(state) => {
-                    charge.tokens = tighter(charge.tokens, Some(state));
-                    settlement.tokens.push((counter, asked));
+        let mut refused = None;
+        for (purpose, outcome) in purposes.iter().zip(&admitted.steps) {
+            match purpose {
+                Purpose::Requests(_) => {}
+                Purpose::Tokens(scope, asked) => {
+                    let limit = scope.limits.tpm.unwrap_or_default();
+                    let state = RateState {
+                        limit,
+                        remaining: limit.saturating_sub(outcome.used),
+                        resets_in: Duration::from_millis(outcome.other),
+                    };
+                    if admitted.second {
+                        charge.tokens = tighter(charge.tokens, Some(state));
+                        settlement.tokens.push((scope.counter("tpm"), *asked));
+                    } else if !outcome.fits && refused.is_none() {
+                        let error = if *asked > limit {
+                            ApiError::invalid(
+                                format!(
+                                    "this request asks for about {asked} tokens, more than this \
+                                     {}'s limit of {limit} tokens per minute; lower max_tokens \
+                                     or shorten it",
+                                    scope.kind
+                                ),
+                                Some("max_tokens"),
+                            )
+                        } else {
+                            ApiError::RateLimited {
+                                state,
+                                scope: scope.kind,
+                                limit: Limit::Tokens,
+                            }
+                        };
+                        refused = Some(refusal(error, scope.kind, "tokens"));
+                    }
                 }
-                Counted::Over(state) => {
-                    self.metrics.limit_refused(scope.kind, "tokens");
-                    let error = if asked > limit {
-                        ApiError::invalid(
-                            format!(
-                                "this request asks for about {asked} tokens, more than this {}'s \
-                                 limit of {limit} tokens per minute; lower max_tokens or shorten it",
-                                scope.kind
-                            ),
-                            Some("max_tokens"),
-                        )
-                    } else {
-                        ApiError::RateLimited {
-                            state,
+                Purpose::Concurrent(scope) => {
+                    if admitted.second {
+                        settlement.slots.push(scope.counter("concurrent"));
+                    } else if !outcome.fits && refused.is_none() {
+                        let limit = scope.limits.max_concurrent.unwrap_or_default();
+                        let error = ApiError::RateLimited {
+                            state: RateState {
+                                limit,
+                                remaining: limit.saturating_sub(outcome.other),
+                                resets_in: Duration::from_secs(1),
+                            },
                             scope: scope.kind,
-                            limit: Limit::Tokens,
+                            limit: Limit::Concurrent,
+                        };
+                        refused = Some(refusal(error, scope.kind, "concurrent"));
+                    }
+                }
+                Purpose::Budget(scope, budget, most) => {
+                    let key = scope.counter(&format!("budget/{}", budget.period.current()));
+                    if admitted.second {
+                        settlement.holds.push((key, budget.period.keep(), *most));
+                        let cap = to_nanos(budget.usd);
+                        let used = outcome.used + outcome.other;
+                        let state = BudgetState {
+                            scope: scope.kind,
+                            remaining_usd: cap.saturating_sub(used) as f64 / NANOS_PER_USD,
+                            warning: used as f64 >= budget.soft * cap as f64,
+                            used: used as f64 / cap as f64,
+                        };
+                        if state.warning {
+                            self.metrics.budget_warned(scope.kind);
                         }
-                    };
-                    return refused(settlement, error);
-                }
-                Counted::Unknown => {}
-            }
-        }
-
-        for scope in &scopes {
-            let Some(limit) = scope.limits.max_concurrent else {
-                continue;
-            };
-            let slots = scope.counter("concurrent");
-            match store.hold(&slots, &holder, 1, limit, HOLD_LEASE).await {
-                Ok(held) if held.granted => settlement.slots.push(slots),
-                Ok(held) => {
-                    self.metrics.limit_refused(scope.kind, "concurrent");
-                    let error = ApiError::RateLimited {
-                        state: RateState {
-                            limit,
-                            remaining: limit.saturating_sub(held.held),
-                            resets_in: Duration::from_secs(1),
-                        },
-                        scope: scope.kind,
-                        limit: Limit::Concurrent,
-                    };
-                    return refused(settlement, error);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot count concurrent requests; admitted");
-                }
-            }
-        }
-
-        for scope in &scopes {
-            let Some(budget) = &scope.limits.budget else {
-                continue;
-            };
-            let price = match self.route_price(route) {
-                Ok(price) => price,
-                Err(error) => return refused(settlement, error),
-            };
-            let most = to_nanos(
-                (input.bound() as f64 * price.input + output as f64 * price.output)
-                    * f64::from(request.n.unwrap_or(1).max(1))
-                    / 1e6,
-            );
-            let cap = to_nanos(budget.usd);
-            let counter = scope.counter(&format!("budget/{}", budget.period.current()));
-            match store.hold(&counter, &holder, most, cap, HOLD_LEASE).await {
-                Ok(held) if held.granted => {
-                    settlement.holds.push((counter, budget.period.keep(), most));
-                    let used = (held.spent + held.held) as f64 / cap as f64;
-                    let state = BudgetState {
-                        scope: scope.kind,
-                        remaining_usd: cap.saturating_sub(held.spent + held.held) as f64
-                            / NANOS_PER_USD,
-                        warning: used >= budget.soft,
-                        used,
-                    };
-                    if state.warning {
-                        self.metrics.budget_warned(scope.kind);
-                    }
-                    if charge
-                        .budget
-                        .is_none_or(|b| state.remaining_usd < b.remaining_usd)
-                    {
-                        charge.budget = Some(state);
+                        if charge
+                            .budget
+                            .is_none_or(|b| state.remaining_usd < b.remaining_usd)
+                        {
+                            charge.budget = Some(state);
+                        }
+                    } else if !outcome.fits && refused.is_none() {
+                        let error = ApiError::InsufficientQuota {
+                            scope: scope.kind,
+                            usd: budget.usd,
+                            period: budget.period.label(),
+                        };
+                        refused = Some(refusal(error, scope.kind, "budget"));
                     }
                 }
-                Ok(_) => {
-                    self.metrics.limit_refused(scope.kind, "budget");
-                    let error = ApiError::InsufficientQuota {
-                        scope: scope.kind,
-                        usd: budget.usd,
-                        period: budget.period.label(),
-                    };
-                    return refused(settlement, error);
-                }
-                Err(error) => {
-                    // Unlike a rate limit, a budget is money: without the store to hold it
-                    // against, the request is refused rather than let through uncounted.
-                    tracing::warn!(%error, "cannot hold against a budget; refused");
-                    let error =
-                        ApiError::StoreUnavailable("the budget store cannot be reached".into());
-                    return refused(settlement, error);
-                }
             }
         }
-        charge.settle = Some(settlement);
-        Ok(charge)
+        let upstream = match refused {
+            Some(refusal) => Err(refusal),
+            None => {
+                charge.settle = Some(settlement);
+                Ok(charge)
+            }
+        };
+        Ok(Admission { rate, upstream })
+    }
+
+    async fn apply(
+        &self,
+        store: &dyn Store,
+        holder: &str,
+        first: &[Step],
+        second: &[Step],
+    ) -> Result<crate::store::Admitted, ApiError> {
+        match store.admit(holder, first, second).await {
+            Ok(admitted) => Ok(admitted),
+            Err(error) => {
+                tracing::warn!(%error, "cannot count against limits; admitted uncounted");
+                Ok(crate::store::Admitted {
+                    first: true,
+                    second: true,
+                    steps: Vec::new(),
+                })
+            }
+        }
+    }
+
+    /// The tighter requests-per-minute standing, or 429 if a limit is reached.
+    fn rate(
+        &self,
+        admitted: &crate::store::Admitted,
+        purposes: &[Purpose<'_>],
+    ) -> Result<Option<RateState>, ApiError> {
+        let mut rate = None;
+        for (purpose, outcome) in purposes.iter().zip(&admitted.steps) {
+            let Purpose::Requests(scope) = purpose else {
+                continue;
+            };
+            let limit = scope.limits.rpm.unwrap_or_default();
+            let state = RateState {
+                limit,
+                remaining: limit.saturating_sub(outcome.used),
+                resets_in: Duration::from_millis(outcome.other),
+            };
+            if !admitted.first && !outcome.fits {
+                self.metrics.limit_refused(scope.kind, "requests");
+                return Err(ApiError::RateLimited {
+                    state,
+                    scope: scope.kind,
+                    limit: Limit::Requests,
+                });
+            }
+            rate = tighter(rate, Some(state));
+        }
+        Ok(rate)
     }
 
     /// The most a token can cost on `route`: its dearest target's prices.
@@ -446,7 +569,7 @@ impl Limits {
         Ok(dearest)
     }
 
-    /// Where `tenant`'s and `key`'s budgets stand now, for the admin API.
+    /// Where a key's or tenant's budget stands now, for the admin API.
     pub async fn budget_standing(&self, scope: &'static str, id: &str, budget: &Budget) -> Value {
         let Some(store) = &self.store else {
             return Value::Null;
@@ -463,38 +586,6 @@ impl Limits {
                 "remaining_usd": (budget.usd - (held.spent + held.held) as f64 / NANOS_PER_USD).max(0.0),
             }),
             Err(_) => Value::Null,
-        }
-    }
-}
-
-enum Counted {
-    Within(RateState),
-    Over(RateState),
-    /// The store could not count: the request goes through, since a rate limit is not worth an
-    /// outage.
-    Unknown,
-}
-
-async fn count(store: &dyn Store, counter: &str, amount: u64, limit: u64) -> Counted {
-    match store
-        .count_capped(counter, amount, limit, RATE_WINDOW)
-        .await
-    {
-        Ok(counted) => {
-            let state = RateState {
-                limit,
-                remaining: limit.saturating_sub(counted.count),
-                resets_in: counted.resets_in,
-            };
-            if counted.counted {
-                Counted::Within(state)
-            } else {
-                Counted::Over(state)
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot count against a rate limit; admitted");
-            Counted::Unknown
         }
     }
 }
@@ -610,6 +701,23 @@ struct Settlement {
 }
 
 impl Charge {
+    /// A charge that only books usage (no limit applies).
+    fn holding(settlement: Settlement) -> Self {
+        Self {
+            settle: Some(settlement),
+            tokens: None,
+            budget: None,
+        }
+    }
+
+    /// Gives everything back without booking a request: the cache answered it.
+    pub fn cancel(mut self) {
+        if let Some(mut settlement) = self.settle.take() {
+            settlement.booked = false;
+            settlement.finish(None).spawn();
+        }
+    }
+
     /// Whether settling needs the upstream's usage (a stream must then ask for it).
     pub fn needs_usage(&self) -> bool {
         self.settle
@@ -764,85 +872,70 @@ struct StoreWork {
 }
 
 impl StoreWork {
-    /// Records the spend now (durably), and corrects counts and frees slots in the background:
-    /// those are not money, and waiting for them would only slow the answer.
-    async fn commit(mut self) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        for (counter, keep, held) in std::mem::take(&mut self.holds) {
-            record_spend(
-                store.as_ref(),
-                &counter,
-                &self.holder,
-                keep,
-                held,
-                self.cost,
-            )
-            .await;
+    fn items(&self) -> Vec<Settle> {
+        let mut items = Vec::with_capacity(self.tokens.len() + self.slots.len() + self.holds.len());
+        for (counter, counted) in &self.tokens {
+            items.push(Settle::Count {
+                key: counter.clone(),
+                delta: self.used_tokens as i64 - *counted as i64,
+            });
         }
-        self.spawn();
+        for slots in &self.slots {
+            items.push(Settle::Hold {
+                key: slots.clone(),
+                spend: 0,
+                keep: Duration::ZERO,
+            });
+        }
+        for (counter, keep, held) in &self.holds {
+            if self.cost > *held {
+                tracing::warn!(
+                    held_usd = *held as f64 / NANOS_PER_USD,
+                    cost_usd = self.cost as f64 / NANOS_PER_USD,
+                    "a request cost more than its budget hold"
+                );
+            }
+            items.push(Settle::Hold {
+                key: counter.clone(),
+                spend: self.cost,
+                keep: *keep,
+            });
+        }
+        items
     }
 
-    /// Everything in the background (a failure: nothing is spent, so nothing must be awaited).
-    fn spawn(self) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        if self.tokens.is_empty() && self.slots.is_empty() && self.holds.is_empty() {
+    /// Settles now when money was spent (it is durable when this returns), else in the
+    /// background: a token count or a slot is not worth making the answer wait.
+    async fn commit(self) {
+        if self.holds.is_empty() || self.cost == 0 {
+            self.spawn();
             return;
         }
-        let work = async move {
-            for (counter, counted) in &self.tokens {
-                let delta = self.used_tokens as i64 - *counted as i64;
-                if delta != 0
-                    && let Err(error) = store.adjust_count(counter, delta).await
-                {
-                    tracing::warn!(%error, "cannot correct a token count");
-                }
-            }
-            for slots in &self.slots {
-                if let Err(error) = store.release(slots, &self.holder, 0, Duration::ZERO).await {
-                    tracing::warn!(%error, "cannot free a concurrency slot; it lapses by itself");
-                }
-            }
-            for (counter, keep, held) in &self.holds {
-                record_spend(
-                    store.as_ref(),
-                    counter,
-                    &self.holder,
-                    *keep,
-                    *held,
-                    self.cost,
-                )
-                .await;
-            }
-        };
+        self.run().await;
+    }
+
+    async fn run(self) {
+        let Some(store) = &self.store else { return };
+        let items = self.items();
+        if items.is_empty() {
+            return;
+        }
+        if let Err(error) = store.settle(&self.holder, &items).await {
+            tracing::error!(%error, "cannot settle a request's limits and spend");
+        }
+    }
+
+    fn spawn(self) {
+        if self.store.is_none()
+            || (self.tokens.is_empty() && self.slots.is_empty() && self.holds.is_empty())
+        {
+            return;
+        }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(work);
+                runtime.spawn(self.run());
             }
             Err(_) => tracing::error!("no runtime to settle a request's charge on"),
         }
-    }
-}
-
-async fn record_spend(
-    store: &dyn Store,
-    counter: &str,
-    holder: &str,
-    keep: Duration,
-    held: u64,
-    cost: u64,
-) {
-    if cost > held {
-        tracing::warn!(
-            held_usd = held as f64 / NANOS_PER_USD,
-            cost_usd = cost as f64 / NANOS_PER_USD,
-            "a request cost more than its budget hold"
-        );
-    }
-    if let Err(error) = store.release(counter, holder, cost, keep).await {
-        tracing::error!(%error, "cannot record spend against a budget");
     }
 }

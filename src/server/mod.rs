@@ -142,7 +142,6 @@ async fn authenticate(
 
 async fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext, ApiError> {
     let (tenant, key) = authenticate(state, headers).await?;
-    let rate = state.pipeline.admit_rate(&tenant, key.as_deref()).await?;
     tracing::Span::current().record("tenant", &*tenant);
     let request_id = headers
         .get("x-request-id")
@@ -174,7 +173,6 @@ async fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext
         prompt,
         user,
         key,
-        rate,
     })
 }
 

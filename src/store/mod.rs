@@ -23,21 +23,69 @@ pub enum StoreError {
     Locked(String),
 }
 
-/// What [`Store::count_capped`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counted {
-    pub counted: bool,
-    pub count: u64,
-    pub resets_in: Duration,
+/// One limit an admission checks (see [`Store::admit`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Adds `amount` to the count under `key` if it stays within `cap`; the count starts afresh
+    /// `window` after its first event (requests or tokens per minute).
+    Count {
+        key: String,
+        amount: u64,
+        cap: u64,
+        window: Duration,
+    },
+    /// Holds `amount` of the budget under `key` for the admission's holder if what is spent and
+    /// held stays within `cap` (a concurrency limit holds 1; a budget the most a request can
+    /// cost). A hold its holder never settles (a replica that died) lapses after `lease`.
+    Hold {
+        key: String,
+        amount: u64,
+        cap: u64,
+        lease: Duration,
+    },
 }
 
-/// What [`Store::hold`] did, and where the budget stands after it.
+/// Where one step stands after an admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepOutcome {
+    /// Whether the step fits its cap.
+    pub fits: bool,
+    /// A count: its value (with this admission's amount if applied). A hold: what is spent.
+    pub used: u64,
+    /// A count: how long until it starts afresh (ms). A hold: what is held (with this one if
+    /// applied).
+    pub other: u64,
+}
+
+/// What [`Store::admit`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Admitted {
+    /// The first group was applied (every step of it fit).
+    pub first: bool,
+    /// The second group was applied (the first was, and every step of the second fit).
+    pub second: bool,
+    /// The first group's outcomes, then the second's.
+    pub steps: Vec<StepOutcome>,
+}
+
+/// What settling an admission changes (see [`Store::settle`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settle {
+    /// Corrects a count by `delta` (never below zero) if its window is still open.
+    Count { key: String, delta: i64 },
+    /// Drops the holder's hold and adds `spend` to what `key` has spent, kept for `keep` after
+    /// its last change.
+    Hold {
+        key: String,
+        spend: u64,
+        keep: Duration,
+    },
+}
+
+/// What a budget has spent and holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Holding {
-    pub granted: bool,
-    /// Spent so far (durable).
     pub spent: u64,
-    /// Held by requests still in flight, this one included if granted.
     pub held: u64,
 }
 
@@ -109,45 +157,20 @@ pub trait Store: Send + Sync + 'static {
         })
     }
 
-    /// Adds `amount` to the count under `key` unless that would take it over `cap`; the count
-    /// starts afresh `window` after its first event. Whether it was counted, the count, and how
-    /// long until the count starts afresh. Atomic among every process sharing the store (rate
-    /// limits: N replicas enforce a limit once, not N times); not durable, since a count need
-    /// not survive a restart.
-    async fn count_capped(
+    /// Applies the steps of `first` all together or none of them, then those of `second` the
+    /// same way (only if `first` was applied), atomically among every process sharing the
+    /// store: N replicas enforce a limit once, not N times, in one round trip. Holds are taken
+    /// for `holder`. Counts are not durable (a count need not survive a restart); spend is.
+    async fn admit(
         &self,
-        key: &str,
-        amount: u64,
-        cap: u64,
-        window: Duration,
-    ) -> Result<Counted, StoreError>;
-
-    /// Corrects the count under `key` by `delta` (never below zero) if its window is still
-    /// open: an estimate counted at admission, set right once the real figure is known.
-    async fn adjust_count(&self, key: &str, delta: i64) -> Result<(), StoreError>;
-
-    /// Holds `amount` of the budget under `key` for `holder` if what is spent and held stays
-    /// within `cap`, atomically among every process sharing the store. A hold its holder never
-    /// releases (a replica that died) lapses after `lease`. Concurrency limits hold 1 and spend
-    /// nothing; budgets hold the most a request can cost.
-    async fn hold(
-        &self,
-        key: &str,
         holder: &str,
-        amount: u64,
-        cap: u64,
-        lease: Duration,
-    ) -> Result<Holding, StoreError>;
+        first: &[Step],
+        second: &[Step],
+    ) -> Result<Admitted, StoreError>;
 
-    /// Drops `holder`'s hold and adds `spend` to what `key` has spent, durably (it survives a
-    /// crash once this returns). Spent amounts expire `keep` after their last change.
-    async fn release(
-        &self,
-        key: &str,
-        holder: &str,
-        spend: u64,
-        keep: Duration,
-    ) -> Result<(), StoreError>;
+    /// Settles what `holder` was admitted with, in one step; returns once any spend is durable
+    /// (it survives a crash).
+    async fn settle(&self, holder: &str, items: &[Settle]) -> Result<(), StoreError>;
 
     /// What `key` has spent and holds now.
     async fn holding(&self, key: &str) -> Result<Holding, StoreError>;

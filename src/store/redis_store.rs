@@ -13,7 +13,7 @@ use tokio::sync::Mutex;
 
 use redis::streams::StreamRangeReply;
 
-use super::{FeedPage, Store, StoreError};
+use super::{Admitted, FeedPage, Settle, Step, StepOutcome, Store, StoreError};
 
 pub struct RedisStore {
     client: redis::Client,
@@ -299,145 +299,190 @@ impl Store for RedisStore {
         true
     }
 
-    async fn count_capped(
+    async fn admit(
         &self,
-        key: &str,
-        amount: u64,
-        cap: u64,
-        window: Duration,
-    ) -> Result<crate::store::Counted, StoreError> {
-        // One script: the check and the increment are one step for every replica.
-        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"
-            local count = tonumber(redis.call('GET', KEYS[1]) or '0')
-            local amount = tonumber(ARGV[1])
-            local counted = 0
-            if count + amount <= tonumber(ARGV[2]) then
-                count = redis.call('INCRBY', KEYS[1], amount)
-                counted = 1
-                if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-            end
-            local ttl = redis.call('PTTL', KEYS[1])
-            if ttl < 0 then ttl = 0 end
-            return {counted, count, ttl}",
-            )
-        });
-        let mut connection = self.connection().await?;
-        let (counted, count, ttl): (i64, u64, u64) = SCRIPT
-            .key(self.key(key))
-            .arg(amount)
-            .arg(cap)
-            .arg(window.as_millis() as u64)
-            .invoke_async(&mut connection)
-            .await
-            .map_err(backend_error)?;
-        Ok(crate::store::Counted {
-            counted: counted == 1,
-            count,
-            resets_in: Duration::from_millis(ttl),
-        })
-    }
-
-    async fn adjust_count(&self, key: &str, delta: i64) -> Result<(), StoreError> {
-        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"
-            if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-            if redis.call('INCRBY', KEYS[1], ARGV[1]) < 0 then
-                redis.call('SET', KEYS[1], 0, 'KEEPTTL')
-            end
-            return 1",
-            )
-        });
-        let mut connection = self.connection().await?;
-        let _: i64 = SCRIPT
-            .key(self.key(key))
-            .arg(delta)
-            .invoke_async(&mut connection)
-            .await
-            .map_err(backend_error)?;
-        Ok(())
-    }
-
-    async fn hold(
-        &self,
-        key: &str,
         holder: &str,
-        amount: u64,
-        cap: u64,
-        lease: Duration,
-    ) -> Result<crate::store::Holding, StoreError> {
-        // Holds live in a hash (holder → amount) with their lapse times in a sorted set, so a
-        // replica that died mid-request frees its holds after the lease, not never.
+        first: &[Step],
+        second: &[Step],
+    ) -> Result<Admitted, StoreError> {
+        // One script, so every limit of a request costs one round trip and replicas see one
+        // count. A hold lives in a hash (holder → amount) with its lapse time in a sorted set,
+        // so a replica that died mid-request frees its holds after the lease, not never.
+        // Amounts go to INCRBY and HSET as the strings they came as: Lua would print a large
+        // number as 1e+15.
         static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
             redis::Script::new(
                 r"
             local time = redis.call('TIME')
             local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-            local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-            for _, holder in ipairs(lapsed) do redis.call('HDEL', KEYS[2], holder) end
-            if #lapsed > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
-            local held = 0
-            for _, amount in ipairs(redis.call('HVALS', KEYS[2])) do held = held + tonumber(amount) end
-            local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
-            local amount = tonumber(ARGV[2])
-            if spent + held + amount > tonumber(ARGV[3]) then return {0, spent, held} end
-            redis.call('HSET', KEYS[2], ARGV[1], amount)
-            redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[1])
-            redis.call('PEXPIRE', KEYS[2], ARGV[4])
-            redis.call('PEXPIRE', KEYS[3], ARGV[4])
-            return {1, spent, held + amount}",
+            local holder = ARGV[1]
+            local steps = {}
+            local k, a = 1, 2
+            while a <= #ARGV do
+                local s = {kind = ARGV[a], group = tonumber(ARGV[a + 1]), raw = ARGV[a + 2],
+                    amount = tonumber(ARGV[a + 2]), cap = tonumber(ARGV[a + 3]), ms = ARGV[a + 4], key = k}
+                a = a + 5
+                if s.kind == 'c' then
+                    s.used = tonumber(redis.call('GET', KEYS[k]) or '0')
+                    k = k + 1
+                else
+                    local lapsed = redis.call('ZRANGEBYSCORE', KEYS[k + 2], '-inf', now)
+                    for _, h in ipairs(lapsed) do redis.call('HDEL', KEYS[k + 1], h) end
+                    if #lapsed > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', now) end
+                    s.held = 0
+                    for _, v in ipairs(redis.call('HVALS', KEYS[k + 1])) do s.held = s.held + tonumber(v) end
+                    s.spent = tonumber(redis.call('GET', KEYS[k]) or '0')
+                    s.used = s.spent + s.held
+                    k = k + 3
+                end
+                s.fits = s.used + s.amount <= s.cap
+                table.insert(steps, s)
+            end
+            local ok = {true, true}
+            for _, s in ipairs(steps) do if not s.fits then ok[s.group] = false end end
+            if not ok[1] then ok[2] = false end
+            local out = {ok[1] and 1 or 0, ok[2] and 1 or 0}
+            for _, s in ipairs(steps) do
+                local key = KEYS[s.key]
+                if s.kind == 'c' then
+                    if ok[s.group] then
+                        s.used = redis.call('INCRBY', key, s.raw)
+                        if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, s.ms) end
+                    end
+                    local ttl = redis.call('PTTL', key)
+                    if ttl < 0 then ttl = 0 end
+                    table.insert(out, s.fits and 1 or 0)
+                    table.insert(out, s.used)
+                    table.insert(out, ttl)
+                else
+                    if ok[s.group] then
+                        redis.call('HSET', KEYS[s.key + 1], holder, s.raw)
+                        redis.call('ZADD', KEYS[s.key + 2], now + tonumber(s.ms), holder)
+                        redis.call('PEXPIRE', KEYS[s.key + 1], s.ms)
+                        redis.call('PEXPIRE', KEYS[s.key + 2], s.ms)
+                        s.held = s.held + s.amount
+                    end
+                    table.insert(out, s.fits and 1 or 0)
+                    table.insert(out, s.spent)
+                    table.insert(out, s.held)
+                end
+            end
+            return out",
             )
         });
+        let mut invocation = SCRIPT.prepare_invoke();
+        invocation.arg(holder);
+        for (group, steps) in [(1, first), (2, second)] {
+            for step in steps {
+                match step {
+                    Step::Count {
+                        key,
+                        amount,
+                        cap,
+                        window,
+                    } => {
+                        invocation.key(self.key(key));
+                        invocation
+                            .arg("c")
+                            .arg(group)
+                            .arg(*amount)
+                            .arg(*cap)
+                            .arg(window.as_millis() as u64);
+                    }
+                    Step::Hold {
+                        key,
+                        amount,
+                        cap,
+                        lease,
+                    } => {
+                        let full = self.key(key);
+                        invocation
+                            .key(&full)
+                            .key(format!("{full}#holds"))
+                            .key(format!("{full}#lapses"));
+                        invocation
+                            .arg("h")
+                            .arg(group)
+                            .arg(*amount)
+                            .arg(*cap)
+                            .arg(lease.as_millis() as u64);
+                    }
+                }
+            }
+        }
         let mut connection = self.connection().await?;
-        let full = self.key(key);
-        let (granted, spent, held): (i64, u64, u64) = SCRIPT
-            .key(&full)
-            .key(format!("{full}#holds"))
-            .key(format!("{full}#lapses"))
-            .arg(holder)
-            .arg(amount)
-            .arg(cap)
-            .arg(lease.as_millis() as u64)
+        let out: Vec<u64> = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(backend_error)?;
-        Ok(crate::store::Holding {
-            granted: granted == 1,
-            spent,
-            held,
+        let steps = out
+            .get(2..)
+            .unwrap_or_default()
+            .chunks_exact(3)
+            .map(|step| StepOutcome {
+                fits: step[0] == 1,
+                used: step[1],
+                other: step[2],
+            })
+            .collect();
+        Ok(Admitted {
+            first: out.first() == Some(&1),
+            second: out.get(1) == Some(&1),
+            steps,
         })
     }
 
-    async fn release(
-        &self,
-        key: &str,
-        holder: &str,
-        spend: u64,
-        keep: Duration,
-    ) -> Result<(), StoreError> {
+    async fn settle(&self, holder: &str, items: &[Settle]) -> Result<(), StoreError> {
         static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
             redis::Script::new(
                 r"
-            redis.call('HDEL', KEYS[2], ARGV[1])
-            redis.call('ZREM', KEYS[3], ARGV[1])
-            if tonumber(ARGV[2]) > 0 then
-                redis.call('INCRBY', KEYS[1], ARGV[2])
-                redis.call('PEXPIRE', KEYS[1], ARGV[3])
+            local k, a = 1, 2
+            while a <= #ARGV do
+                local kind, value, ms = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+                a = a + 3
+                if kind == 'c' then
+                    if tonumber(value) ~= 0 and redis.call('EXISTS', KEYS[k]) == 1 then
+                        if redis.call('INCRBY', KEYS[k], value) < 0 then
+                            redis.call('SET', KEYS[k], 0, 'KEEPTTL')
+                        end
+                    end
+                    k = k + 1
+                else
+                    redis.call('HDEL', KEYS[k + 1], ARGV[1])
+                    redis.call('ZREM', KEYS[k + 2], ARGV[1])
+                    if tonumber(value) > 0 then
+                        redis.call('INCRBY', KEYS[k], value)
+                        redis.call('PEXPIRE', KEYS[k], ms)
+                    end
+                    k = k + 3
+                end
             end
             return 1",
             )
         });
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = SCRIPT.prepare_invoke();
+        invocation.arg(holder);
+        for item in items {
+            match item {
+                Settle::Count { key, delta } => {
+                    invocation.key(self.key(key));
+                    invocation.arg("c").arg(*delta).arg(0);
+                }
+                Settle::Hold { key, spend, keep } => {
+                    let full = self.key(key);
+                    invocation
+                        .key(&full)
+                        .key(format!("{full}#holds"))
+                        .key(format!("{full}#lapses"));
+                    invocation.arg("h").arg(*spend).arg(keep.as_millis() as u64);
+                }
+            }
+        }
         let mut connection = self.connection().await?;
-        let full = self.key(key);
-        let _: i64 = SCRIPT
-            .key(&full)
-            .key(format!("{full}#holds"))
-            .key(format!("{full}#lapses"))
-            .arg(holder)
-            .arg(spend)
-            .arg(keep.as_millis() as u64)
+        let _: i64 = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(backend_error)?;
@@ -468,11 +513,7 @@ impl Store for RedisStore {
             .invoke_async(&mut connection)
             .await
             .map_err(backend_error)?;
-        Ok(crate::store::Holding {
-            granted: true,
-            spent,
-            held,
-        })
+        Ok(crate::store::Holding { spent, held })
     }
 
     fn backend(&self) -> &'static str {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{Store, StoreError};
+use super::{Admitted, Settle, Step, StepOutcome, Store, StoreError};
 
 #[derive(Clone)]
 pub struct SledStore {
@@ -216,10 +216,9 @@ impl SledStore {
                 Ok(spent_value(stored.as_deref(), now_ms()))
             })
             .await?;
+        // Never evicted: an admission relies on what it loaded staying loaded, and there is one
+        // small entry per budget and period touched since the start.
         let mut budgets = self.budgets.lock();
-        if budgets.len() > 100_000 {
-            budgets.retain(|_, budget| !budget.holds.is_empty());
-        }
         budgets.entry(key.to_owned()).or_insert(Budget {
             spent,
             holds: Default::default(),
@@ -238,109 +237,158 @@ fn durable(db: &sled::Db) -> Result<(), StoreError> {
 
 #[async_trait::async_trait]
 impl Store for SledStore {
-    async fn count_capped(
+    async fn admit(
         &self,
-        key: &str,
-        amount: u64,
-        cap: u64,
-        window: Duration,
-    ) -> Result<crate::store::Counted, StoreError> {
+        holder: &str,
+        first: &[Step],
+        second: &[Step],
+    ) -> Result<Admitted, StoreError> {
+        for step in first.iter().chain(second) {
+            if let Step::Hold { key, .. } = step {
+                self.load_budget(key).await?;
+            }
+        }
         let now = std::time::Instant::now();
+        // Always counts, then budgets: one order, so two admissions cannot deadlock.
         let mut counts = self.counts.lock();
+        let mut budgets = self.budgets.lock();
         if counts.len() > 100_000 {
             counts.retain(|_, (resets_at, _)| *resets_at > now);
         }
-        let entry = match counts.get_mut(key) {
-            Some(entry) => entry,
-            None => counts.entry(key.to_owned()).or_insert((now + window, 0)),
-        };
-        if entry.0 <= now {
-            *entry = (now + window, 0);
+        let mut admitted = Admitted::default();
+        for (group, steps) in [first, second].into_iter().enumerate() {
+            let may_apply = group == 0 || admitted.first;
+            let fits: Vec<bool> = steps
+                .iter()
+                .map(|step| match step {
+                    Step::Count {
+                        key, amount, cap, ..
+                    } => {
+                        let count = counts
+                            .get(key)
+                            .filter(|(resets_at, _)| *resets_at > now)
+                            .map_or(0, |(_, count)| *count);
+                        count.saturating_add(*amount) <= *cap
+                    }
+                    Step::Hold {
+                        key, amount, cap, ..
+                    } => {
+                        let budget = budgets.entry(key.clone()).or_default();
+                        budget.holds.retain(|_, (_, lapses)| *lapses > now);
+                        budget
+                            .spent
+                            .saturating_add(budget.held())
+                            .saturating_add(*amount)
+                            <= *cap
+                    }
+                })
+                .collect();
+            let apply = may_apply && fits.iter().all(|fits| *fits);
+            for (step, fits) in steps.iter().zip(fits) {
+                let outcome = match step {
+                    Step::Count {
+                        key,
+                        amount,
+                        window,
+                        ..
+                    } => {
+                        let entry = match counts.get_mut(key) {
+                            Some(entry) => entry,
+                            None => counts.entry(key.clone()).or_insert((now + *window, 0)),
+                        };
+                        if entry.0 <= now {
+                            *entry = (now + *window, 0);
+                        }
+                        if apply {
+                            entry.1 += amount;
+                        }
+                        StepOutcome {
+                            fits,
+                            used: entry.1,
+                            other: (entry.0 - now).as_millis() as u64,
+                        }
+                    }
+                    Step::Hold {
+                        key, amount, lease, ..
+                    } => {
+                        let budget = budgets.entry(key.clone()).or_default();
+                        if apply {
+                            budget
+                                .holds
+                                .insert(holder.to_owned(), (*amount, now + *lease));
+                        }
+                        StepOutcome {
+                            fits,
+                            used: budget.spent,
+                            other: budget.held(),
+                        }
+                    }
+                };
+                admitted.steps.push(outcome);
+            }
+            if group == 0 {
+                admitted.first = apply;
+            } else {
+                admitted.second = apply;
+            }
         }
-        let counted = entry.1.saturating_add(amount) <= cap;
-        if counted {
-            entry.1 += amount;
-        }
-        Ok(crate::store::Counted {
-            counted,
-            count: entry.1,
-            resets_in: entry.0 - now,
-        })
+        Ok(admitted)
     }
 
-    async fn adjust_count(&self, key: &str, delta: i64) -> Result<(), StoreError> {
-        let now = std::time::Instant::now();
-        if let Some(entry) = self.counts.lock().get_mut(key)
-            && entry.0 > now
+    async fn settle(&self, holder: &str, items: &[Settle]) -> Result<(), StoreError> {
+        let mut spends = Vec::new();
+        for item in items {
+            if let Settle::Hold { key, spend, keep } = item {
+                self.load_budget(key).await?;
+                if *spend > 0 {
+                    spends.push((key.clone(), *spend, *keep));
+                }
+            }
+        }
         {
-            entry.1 = entry.1.saturating_add_signed(delta);
-        }
-        Ok(())
-    }
-
-    async fn hold(
-        &self,
-        key: &str,
-        holder: &str,
-        amount: u64,
-        cap: u64,
-        lease: Duration,
-    ) -> Result<crate::store::Holding, StoreError> {
-        self.load_budget(key).await?;
-        let now = std::time::Instant::now();
-        let mut budgets = self.budgets.lock();
-        let budget = budgets.entry(key.to_owned()).or_default();
-        budget.holds.retain(|_, (_, lapses)| *lapses > now);
-        let held = budget.held();
-        let granted = budget.spent.saturating_add(held).saturating_add(amount) <= cap;
-        if granted {
-            budget
-                .holds
-                .insert(holder.to_owned(), (amount, now + lease));
-        }
-        Ok(crate::store::Holding {
-            granted,
-            spent: budget.spent,
-            held: held + if granted { amount } else { 0 },
-        })
-    }
-
-    async fn release(
-        &self,
-        key: &str,
-        holder: &str,
-        spend: u64,
-        keep: Duration,
-    ) -> Result<(), StoreError> {
-        self.load_budget(key).await?;
-        {
+            let now = std::time::Instant::now();
+            let mut counts = self.counts.lock();
             let mut budgets = self.budgets.lock();
-            let budget = budgets.entry(key.to_owned()).or_default();
-            budget.holds.remove(holder);
-            budget.spent = budget.spent.saturating_add(spend);
+            for item in items {
+                match item {
+                    Settle::Count { key, delta } => {
+                        if let Some(entry) = counts.get_mut(key)
+                            && entry.0 > now
+                        {
+                            entry.1 = entry.1.saturating_add_signed(*delta);
+                        }
+                    }
+                    Settle::Hold { key, spend, .. } => {
+                        let budget = budgets.entry(key.clone()).or_default();
+                        budget.holds.remove(holder);
+                        budget.spent = budget.spent.saturating_add(*spend);
+                    }
+                }
+            }
         }
-        if spend == 0 {
+        if spends.is_empty() {
             return Ok(());
         }
-        let key = key.to_owned();
         self.blocking(move |db, books| {
             let now = now_ms();
-            let expires_at = now.saturating_add(keep.as_millis() as u64);
-            let previous = db
-                .fetch_and_update(key.as_bytes(), |old| {
-                    let total = spent_value(old, now).saturating_add(spend);
-                    // Insertion number 0: the size bound never evicts what was spent.
-                    let mut stored = Vec::with_capacity(HEADER + 8);
-                    stored.extend_from_slice(&expires_at.to_be_bytes());
-                    stored.extend_from_slice(&0u64.to_be_bytes());
-                    stored.extend_from_slice(&total.to_be_bytes());
-                    Some(stored)
-                })
-                .map_err(backend_error)?;
-            if previous.is_none() {
-                books
-                    .bytes
-                    .fetch_add((key.len() + HEADER + 8) as u64, Ordering::Relaxed);
+            for (key, spend, keep) in &spends {
+                let expires_at = now.saturating_add(keep.as_millis() as u64);
+                let previous = db
+                    .fetch_and_update(key.as_bytes(), |old| {
+                        let total = spent_value(old, now).saturating_add(*spend);
+                        // Insertion number 0: the size bound never evicts what was spent.
+                        let mut stored = Vec::with_capacity(HEADER + 8);
+                        stored.extend_from_slice(&expires_at.to_be_bytes());
+                        stored.extend_from_slice(&0u64.to_be_bytes());
+                        stored.extend_from_slice(&total.to_be_bytes());
+                        Some(stored)
+                    })
+                    .map_err(backend_error)?;
+                if previous.is_none() {
+                    books
+                        .bytes
+                        .fetch_add((key.len() + HEADER + 8) as u64, Ordering::Relaxed);
+                }
             }
             durable(db)
         })
@@ -354,7 +402,6 @@ impl Store for SledStore {
         let budget = budgets.entry(key.to_owned()).or_default();
         budget.holds.retain(|_, (_, lapses)| *lapses > now);
         Ok(crate::store::Holding {
-            granted: true,
             spent: budget.spent,
             held: budget.held(),
         })
