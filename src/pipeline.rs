@@ -139,6 +139,7 @@ impl Pipeline {
             Arc::clone(&prices),
             Arc::clone(&metrics),
             usage,
+            config.limits.hold_lease,
         );
         let keys = match (&config.keys, &store) {
             (Some(keys), Some(store)) => Some(KeyStore::new(Arc::clone(store), keys.cache_ttl)),

@@ -123,3 +123,38 @@ impl TenantConfig {
         }
     }
 }
+
+/// `[limits]`: how the limits of keys and tenants hold what a request takes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// How long a concurrency slot or a budget hold outlives a replica that died holding it:
+    /// then the slot is free again and the budget hold counts as spent. Longer than any request
+    /// (a stream included) may take, since a live request's hold must not lapse under it.
+    #[serde(default = "default_hold_lease", with = "humantime_serde")]
+    pub hold_lease: std::time::Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            hold_lease: default_hold_lease(),
+        }
+    }
+}
+
+fn default_hold_lease() -> std::time::Duration {
+    std::time::Duration::from_secs(15 * 60)
+}
+
+impl LimitsConfig {
+    pub(super) fn validate(&self) -> Result<(), FieldError> {
+        if self.hold_lease < std::time::Duration::from_secs(1) {
+            return Err(FieldError::new(
+                "limits.hold_lease",
+                "must be at least 1s (longer than any request may take)",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use secrecy::SecretString;
 use serde::Deserialize;
 
-pub use auth::{AuthConfig, KeysConfig, TenantConfig, VirtualKeyConfig};
+pub use auth::{AuthConfig, KeysConfig, LimitsConfig, TenantConfig, VirtualKeyConfig};
 pub use cache::{
     CacheConfig, CachePolicy, DEFAULT_SEMANTIC_THRESHOLD, RouteCacheConfig, SemanticPolicy,
     StoreKind,
@@ -91,6 +91,9 @@ pub struct Config {
     /// Limits per tenant.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// How limits and budgets hold what a request takes.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     /// USD per million tokens by model (the target's model name, or `provider/model`), to
@@ -225,6 +228,7 @@ impl Config {
         for (name, tenant) in &self.tenants {
             tenant.validate(name)?;
         }
+        self.limits.validate()?;
         self.auth.validate()?;
         self.breaker.validate()?;
         self.cache.validate(

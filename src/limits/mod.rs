@@ -36,9 +36,6 @@ use usage::{UsageBook, UsageCounts, UsageKey};
 
 /// The minute a rate limit counts over, from the first request it counts.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
-/// How long a concurrency slot or a budget hold outlives a replica that died holding it. Longer
-/// than any request may take, since a live request's hold must not lapse under it.
-const HOLD_LEASE: Duration = Duration::from_secs(15 * 60);
 /// USD are counted in billionths, so sums of small costs stay exact.
 const NANOS_PER_USD: f64 = 1e9;
 
@@ -174,6 +171,64 @@ pub struct Limits {
     prices: Arc<PriceTable>,
     metrics: Arc<Metrics>,
     usage: Arc<UsageBook>,
+    deferred: Arc<Deferred>,
+    /// `[limits] hold_lease`.
+    hold_lease: Duration,
+}
+
+/// Settlements not yet told to the store: the next admission carries them along (no round
+/// trip of their own), or a flush within `DEFER_AT_MOST` if none comes.
+#[derive(Default)]
+struct Deferred {
+    items: parking_lot::Mutex<Vec<Settle>>,
+}
+
+/// How long a settlement waits for an admission to carry it.
+const DEFER_AT_MOST: Duration = Duration::from_millis(10);
+
+impl Deferred {
+    fn push(&self, items: Vec<Settle>) {
+        self.items.lock().extend(items);
+    }
+
+    fn take(&self) -> Vec<Settle> {
+        std::mem::take(&mut *self.items.lock())
+    }
+
+    /// Puts back what could not be written, to try again.
+    fn restore(&self, items: Vec<Settle>) {
+        let mut pending = self.items.lock();
+        let newer = std::mem::replace(&mut *pending, items);
+        pending.extend(newer);
+    }
+
+    async fn flush(&self, store: &dyn Store) {
+        let items = self.take();
+        if items.is_empty() {
+            return;
+        }
+        if let Err(error) = store.settle(&items).await {
+            tracing::warn!(%error, "cannot settle limits; will retry");
+            self.restore(items);
+        }
+    }
+}
+
+/// Writes what is still only in memory (deferred settlements, the usage book) when the gateway
+/// stops.
+pub struct Closer {
+    store: Option<Arc<dyn Store>>,
+    deferred: Arc<Deferred>,
+    usage: Arc<UsageBook>,
+}
+
+impl Closer {
+    pub async fn close(self) {
+        if let Some(store) = &self.store {
+            self.deferred.flush(store.as_ref()).await;
+        }
+        self.usage.flush().await;
+    }
 }
 
 /// What a request was admitted with.
@@ -215,13 +270,41 @@ impl Limits {
         prices: Arc<PriceTable>,
         metrics: Arc<Metrics>,
         usage: Arc<UsageBook>,
+        hold_lease: Duration,
     ) -> Self {
+        let deferred = Arc::<Deferred>::default();
+        if let Some(store) = &store {
+            // Weak, so a stopped gateway's store closes (a sled store can then be reopened).
+            let (store, pending) = (Arc::downgrade(store), Arc::downgrade(&deferred));
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(DEFER_AT_MOST);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    let (Some(store), Some(pending)) = (store.upgrade(), pending.upgrade()) else {
+                        return;
+                    };
+                    pending.flush(store.as_ref()).await;
+                }
+            });
+        }
         Self {
             store,
             tenants,
             prices,
             metrics,
             usage,
+            deferred,
+            hold_lease,
+        }
+    }
+
+    /// What to call when the gateway stops.
+    pub fn closer(&self) -> Closer {
+        Closer {
+            store: self.store.clone(),
+            deferred: Arc::clone(&self.deferred),
+            usage: Arc::clone(&self.usage),
         }
     }
 
@@ -276,6 +359,7 @@ impl Limits {
         let mut settlement = Settlement {
             store: self.store.clone(),
             usage: Arc::clone(&self.usage),
+            deferred: Arc::clone(&self.deferred),
             prices: Arc::clone(&self.prices),
             holder: String::new(),
             tokens: Vec::new(),
@@ -327,7 +411,8 @@ impl Limits {
                         key: scope.counter("concurrent"),
                         amount: 1,
                         cap: limit,
-                        lease: HOLD_LEASE,
+                        lease: self.hold_lease,
+                        spend_on_lapse: None,
                     });
                     purposes.push(Purpose::Concurrent(scope));
                 }
@@ -348,7 +433,8 @@ impl Limits {
                         key: scope.counter(&format!("budget/{}", budget.period.current())),
                         amount: most,
                         cap: to_nanos(budget.usd),
-                        lease: HOLD_LEASE,
+                        lease: self.hold_lease,
+                        spend_on_lapse: Some(budget.period.keep()),
                     });
                     purposes.push(Purpose::Budget(scope, budget, most));
                 }
@@ -373,13 +459,21 @@ impl Limits {
             purposes.retain(|p| matches!(p, Purpose::Requests(_)));
             let admitted = self
                 .apply(store.as_ref(), &settlement.holder, &first, &[])
-                .await?;
+                .await
+                .unwrap_or_else(|_| crate::store::Admitted {
+                    first: true,
+                    second: true,
+                    steps: Vec::new(),
+                });
             return Ok(Admission {
                 rate: self.rate(&admitted, &purposes)?,
                 upstream: Err(refusal(error, scope, "budget")),
             });
         }
-        let admitted = match store.admit(&settlement.holder, &first, &second).await {
+        let admitted = match self
+            .apply(store.as_ref(), &settlement.holder, &first, &second)
+            .await
+        {
             Ok(admitted) => admitted,
             Err(error) => {
                 // A rate limit is not worth an outage: the request is counted nowhere. A
@@ -500,24 +594,20 @@ impl Limits {
         Ok(Admission { rate, upstream })
     }
 
+    /// One admission in the store, carrying the settlements deferred so far.
     async fn apply(
         &self,
         store: &dyn Store,
         holder: &str,
         first: &[Step],
         second: &[Step],
-    ) -> Result<crate::store::Admitted, ApiError> {
-        match store.admit(holder, first, second).await {
-            Ok(admitted) => Ok(admitted),
-            Err(error) => {
-                tracing::warn!(%error, "cannot count against limits; admitted uncounted");
-                Ok(crate::store::Admitted {
-                    first: true,
-                    second: true,
-                    steps: Vec::new(),
-                })
-            }
+    ) -> Result<crate::store::Admitted, crate::store::StoreError> {
+        let settled = self.deferred.take();
+        let admitted = store.admit(&settled, holder, first, second).await;
+        if admitted.is_err() {
+            self.deferred.restore(settled);
         }
+        admitted
     }
 
     /// The tighter requests-per-minute standing, or 429 if a limit is reached.
@@ -687,6 +777,7 @@ pub struct Charge {
 struct Settlement {
     store: Option<Arc<dyn Store>>,
     usage: Arc<UsageBook>,
+    deferred: Arc<Deferred>,
     prices: Arc<PriceTable>,
     holder: String,
     /// Token counters and what admission counted on each.
@@ -714,7 +805,7 @@ impl Charge {
     pub fn cancel(mut self) {
         if let Some(mut settlement) = self.settle.take() {
             settlement.booked = false;
-            settlement.finish(None).spawn();
+            settlement.finish(None).defer();
         }
     }
 
@@ -770,7 +861,7 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         if let Some(settlement) = self.settle.take() {
-            settlement.finish(None).spawn();
+            settlement.finish(None).defer();
         }
     }
 }
@@ -814,7 +905,7 @@ impl StreamMeter {
 impl Drop for StreamMeter {
     fn drop(&mut self) {
         if let Some(pending) = self.finish() {
-            pending.spawn();
+            pending.defer();
         }
     }
 }
@@ -850,6 +941,7 @@ impl Settlement {
         }
         StoreWork {
             store: self.store,
+            deferred: self.deferred,
             holder: self.holder,
             tokens: self.tokens,
             slots: self.slots,
@@ -863,6 +955,7 @@ impl Settlement {
 /// A settled charge's writes to the store.
 struct StoreWork {
     store: Option<Arc<dyn Store>>,
+    deferred: Arc<Deferred>,
     holder: String,
     tokens: Vec<(String, u64)>,
     slots: Vec<String>,
@@ -883,6 +976,7 @@ impl StoreWork {
         for slots in &self.slots {
             items.push(Settle::Hold {
                 key: slots.clone(),
+                holder: self.holder.clone(),
                 spend: 0,
                 keep: Duration::ZERO,
             });
@@ -897,6 +991,7 @@ impl StoreWork {
             }
             items.push(Settle::Hold {
                 key: counter.clone(),
+                holder: self.holder.clone(),
                 spend: self.cost,
                 keep: *keep,
             });
@@ -904,38 +999,33 @@ impl StoreWork {
         items
     }
 
-    /// Settles now when money was spent (it is durable when this returns), else in the
-    /// background: a token count or a slot is not worth making the answer wait.
+    /// Settles a request that was answered. Spend in the embedded store is written (durably)
+    /// before this returns, so an answer a client holds is never missing from its budget after
+    /// a crash. With a shared store the hold is already there and turns into spend if it lapses
+    /// unsettled, so the settlement rides along with the next admission like the rest: a token
+    /// count or a slot is not worth making an answer wait for.
     async fn commit(self) {
-        if self.holds.is_empty() || self.cost == 0 {
-            self.spawn();
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        if store.is_shared() || self.holds.is_empty() || self.cost == 0 {
+            self.defer();
             return;
         }
-        self.run().await;
-    }
-
-    async fn run(self) {
-        let Some(store) = &self.store else { return };
         let items = self.items();
-        if items.is_empty() {
-            return;
-        }
-        if let Err(error) = store.settle(&self.holder, &items).await {
-            tracing::error!(%error, "cannot settle a request's limits and spend");
+        if let Err(error) = store.settle(&items).await {
+            tracing::error!(%error, "cannot record spend; it stays held until it lapses");
         }
     }
 
-    fn spawn(self) {
-        if self.store.is_none()
-            || (self.tokens.is_empty() && self.slots.is_empty() && self.holds.is_empty())
-        {
+    /// Hands the settlement to the next admission (or the flush that follows shortly).
+    fn defer(self) {
+        if self.store.is_none() {
             return;
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(self.run());
-            }
-            Err(_) => tracing::error!("no runtime to settle a request's charge on"),
+        let items = self.items();
+        if !items.is_empty() {
+            self.deferred.push(items);
         }
     }
 }

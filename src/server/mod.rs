@@ -474,8 +474,8 @@ pub struct RunningServer {
     /// Gone once every connection and background write let go of the gateway's state (and so
     /// of its store: a sled store can be reopened only then).
     state: std::sync::Weak<AppState>,
-    /// Written to the store once the last request is done.
-    usage: Arc<crate::limits::usage::UsageBook>,
+    /// Writes deferred settlements and the usage book once the last request is done.
+    closer: crate::limits::Closer,
 }
 
 impl RunningServer {
@@ -501,12 +501,12 @@ impl RunningServer {
                 while state.strong_count() > 0 && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                self.usage.flush().await;
+                self.closer.close().await;
                 Ok(state.strong_count() == 0)
             }
             Err(_) => {
                 task.abort();
-                self.usage.flush().await;
+                self.closer.close().await;
                 Ok(false)
             }
         }
@@ -545,7 +545,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         header_timeout: config.server.header_timeout,
     };
     let metrics = Arc::clone(&state.pipeline.metrics);
-    let usage = Arc::clone(state.pipeline.limits().usage());
+    let closer = state.pipeline.limits().closer();
     let api = listener::serve(
         listener,
         app(Arc::clone(&state), metrics_listener.is_none()),
@@ -575,7 +575,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         metrics_addr,
         shutdown: Shutdown(sender),
         grace: config.server.shutdown_grace,
-        usage,
+        closer,
         task,
         state: weak_state,
     })

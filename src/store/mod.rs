@@ -36,12 +36,15 @@ pub enum Step {
     },
     /// Holds `amount` of the budget under `key` for the admission's holder if what is spent and
     /// held stays within `cap` (a concurrency limit holds 1; a budget the most a request can
-    /// cost). A hold its holder never settles (a replica that died) lapses after `lease`.
+    /// cost). A hold its holder never settles (a replica that died) lapses after `lease`: with
+    /// `spend_on_lapse`, it then counts as spent, kept that long (a budget: money held for a
+    /// request that may well have been answered is not given back); without, it is freed.
     Hold {
         key: String,
         amount: u64,
         cap: u64,
         lease: Duration,
+        spend_on_lapse: Option<Duration>,
     },
 }
 
@@ -73,10 +76,11 @@ pub struct Admitted {
 pub enum Settle {
     /// Corrects a count by `delta` (never below zero) if its window is still open.
     Count { key: String, delta: i64 },
-    /// Drops the holder's hold and adds `spend` to what `key` has spent, kept for `keep` after
+    /// Drops `holder`'s hold and adds `spend` to what `key` has spent, kept for `keep` after
     /// its last change.
     Hold {
         key: String,
+        holder: String,
         spend: u64,
         keep: Duration,
     },
@@ -157,20 +161,22 @@ pub trait Store: Send + Sync + 'static {
         })
     }
 
-    /// Applies the steps of `first` all together or none of them, then those of `second` the
-    /// same way (only if `first` was applied), atomically among every process sharing the
-    /// store: N replicas enforce a limit once, not N times, in one round trip. Holds are taken
-    /// for `holder`. Counts are not durable (a count need not survive a restart); spend is.
+    /// Applies `settled` (earlier admissions' settlements, carried along to save a round trip),
+    /// then the steps of `first` all together or none of them, then those of `second` the same
+    /// way (only if `first` was applied), atomically among every process sharing the store: N
+    /// replicas enforce a limit once, not N times, in one round trip. Holds are taken for
+    /// `holder`. Counts are not durable (a count need not survive a restart); spend is.
     async fn admit(
         &self,
+        settled: &[Settle],
         holder: &str,
         first: &[Step],
         second: &[Step],
     ) -> Result<Admitted, StoreError>;
 
-    /// Settles what `holder` was admitted with, in one step; returns once any spend is durable
-    /// (it survives a crash).
-    async fn settle(&self, holder: &str, items: &[Settle]) -> Result<(), StoreError>;
+    /// Settles earlier admissions in one step; returns once any spend is durable (it survives a
+    /// crash).
+    async fn settle(&self, items: &[Settle]) -> Result<(), StoreError>;
 
     /// What `key` has spent and holds now.
     async fn holding(&self, key: &str) -> Result<Holding, StoreError>;

@@ -47,7 +47,140 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
+/// Settles earlier admissions, then admits one request: every limit of a request in one round
+/// trip, counted once for every replica. A hold lives in a hash (holder → amount) with its lapse
+/// time in a sorted set, so a replica that died mid-request frees its holds after the lease
+/// (or, for a budget, counts them as spent) rather than never. Amounts go to INCRBY and HSET as
+/// the strings they came as: Lua would print a large number as 1e+15.
+///
+/// ARGV: holder, the number of settlements, then per settlement `kind holder value keep-ms`
+/// (kind `c`: correct a count by value; `h`: release a hold and spend value), then per step
+/// `kind group amount cap ms keep-ms` (`c`: count within a window of ms; `h`: hold for a lease
+/// of ms, spent on lapse if keep-ms > 0). A count has one key; a hold three (spent, holds,
+/// lapses).
+static ADMIT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+    local time = redis.call('TIME')
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    local k, a = 1, 3
+    for _ = 1, tonumber(ARGV[2]) do
+        local kind, holder, value, keep = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+        a = a + 4
+        if kind == 'c' then
+            if tonumber(value) ~= 0 and redis.call('EXISTS', KEYS[k]) == 1 then
+                if redis.call('INCRBY', KEYS[k], value) < 0 then
+                    redis.call('SET', KEYS[k], 0, 'KEEPTTL')
+                end
+            end
+            k = k + 1
+        else
+            redis.call('HDEL', KEYS[k + 1], holder)
+            redis.call('ZREM', KEYS[k + 2], holder)
+            if tonumber(value) > 0 then
+                redis.call('INCRBY', KEYS[k], value)
+                redis.call('PEXPIRE', KEYS[k], keep)
+            end
+            k = k + 3
+        end
+    end
+    local holder = ARGV[1]
+    local steps = {}
+    while a <= #ARGV do
+        local s = {kind = ARGV[a], group = tonumber(ARGV[a + 1]), raw = ARGV[a + 2],
+            amount = tonumber(ARGV[a + 2]), cap = tonumber(ARGV[a + 3]), ms = ARGV[a + 4],
+            keep = ARGV[a + 5], key = k}
+        a = a + 6
+        if s.kind == 'c' then
+            s.used = tonumber(redis.call('GET', KEYS[k]) or '0')
+            k = k + 1
+        else
+            local lapsed = redis.call('ZRANGEBYSCORE', KEYS[k + 2], '-inf', now)
+            for _, h in ipairs(lapsed) do
+                local amount = redis.call('HGET', KEYS[k + 1], h)
+                if amount and tonumber(s.keep) > 0 then
+                    redis.call('INCRBY', KEYS[k], amount)
+                    redis.call('PEXPIRE', KEYS[k], s.keep)
+                end
+                redis.call('HDEL', KEYS[k + 1], h)
+            end
+            if #lapsed > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', now) end
+            s.held = 0
+            for _, v in ipairs(redis.call('HVALS', KEYS[k + 1])) do s.held = s.held + tonumber(v) end
+            s.spent = tonumber(redis.call('GET', KEYS[k]) or '0')
+            s.used = s.spent + s.held
+            k = k + 3
+        end
+        s.fits = s.used + s.amount <= s.cap
+        table.insert(steps, s)
+    end
+    local ok = {true, true}
+    for _, s in ipairs(steps) do if not s.fits then ok[s.group] = false end end
+    if not ok[1] then ok[2] = false end
+    local out = {ok[1] and 1 or 0, ok[2] and 1 or 0}
+    for _, s in ipairs(steps) do
+        local key = KEYS[s.key]
+        if s.kind == 'c' then
+            if ok[s.group] then
+                s.used = redis.call('INCRBY', key, s.raw)
+                if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, s.ms) end
+            end
+            local ttl = redis.call('PTTL', key)
+            if ttl < 0 then ttl = 0 end
+            table.insert(out, s.fits and 1 or 0)
+            table.insert(out, s.used)
+            table.insert(out, ttl)
+        else
+            if ok[s.group] then
+                redis.call('HSET', KEYS[s.key + 1], holder, s.raw)
+                redis.call('ZADD', KEYS[s.key + 2], now + tonumber(s.ms), holder)
+                -- Holds that turn into spend must outlive their lease until someone spends them.
+                local life = tonumber(s.ms) + tonumber(s.keep)
+                redis.call('PEXPIRE', KEYS[s.key + 1], life)
+                redis.call('PEXPIRE', KEYS[s.key + 2], life)
+                s.held = s.held + s.amount
+            end
+            table.insert(out, s.fits and 1 or 0)
+            table.insert(out, s.spent)
+            table.insert(out, s.held)
+        end
+    end
+    return out",
+    )
+});
+
 impl RedisStore {
+    /// A hold's three keys: what is spent, the holds, their lapse times.
+    fn hold_keys(&self, invocation: &mut redis::ScriptInvocation<'_>, key: &str) {
+        let full = self.key(key);
+        invocation
+            .key(&full)
+            .key(format!("{full}#holds"))
+            .key(format!("{full}#lapses"));
+    }
+
+    fn settle_args(&self, invocation: &mut redis::ScriptInvocation<'_>, item: &Settle) {
+        match item {
+            Settle::Count { key, delta } => {
+                invocation.key(self.key(key));
+                invocation.arg("c").arg("").arg(*delta).arg(0);
+            }
+            Settle::Hold {
+                key,
+                holder,
+                spend,
+                keep,
+            } => {
+                self.hold_keys(invocation, key);
+                invocation
+                    .arg("h")
+                    .arg(holder)
+                    .arg(*spend)
+                    .arg(keep.as_millis() as u64);
+            }
+        }
+    }
+
     /// Checks the URL; does not connect yet.
     pub fn new(url: &str, prefix: &str) -> Result<Self, StoreError> {
         Ok(Self {
@@ -301,77 +434,16 @@ impl Store for RedisStore {
 
     async fn admit(
         &self,
+        settled: &[Settle],
         holder: &str,
         first: &[Step],
         second: &[Step],
     ) -> Result<Admitted, StoreError> {
-        // One script, so every limit of a request costs one round trip and replicas see one
-        // count. A hold lives in a hash (holder → amount) with its lapse time in a sorted set,
-        // so a replica that died mid-request frees its holds after the lease, not never.
-        // Amounts go to INCRBY and HSET as the strings they came as: Lua would print a large
-        // number as 1e+15.
-        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"
-            local time = redis.call('TIME')
-            local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-            local holder = ARGV[1]
-            local steps = {}
-            local k, a = 1, 2
-            while a <= #ARGV do
-                local s = {kind = ARGV[a], group = tonumber(ARGV[a + 1]), raw = ARGV[a + 2],
-                    amount = tonumber(ARGV[a + 2]), cap = tonumber(ARGV[a + 3]), ms = ARGV[a + 4], key = k}
-                a = a + 5
-                if s.kind == 'c' then
-                    s.used = tonumber(redis.call('GET', KEYS[k]) or '0')
-                    k = k + 1
-                else
-                    local lapsed = redis.call('ZRANGEBYSCORE', KEYS[k + 2], '-inf', now)
-                    for _, h in ipairs(lapsed) do redis.call('HDEL', KEYS[k + 1], h) end
-                    if #lapsed > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', now) end
-                    s.held = 0
-                    for _, v in ipairs(redis.call('HVALS', KEYS[k + 1])) do s.held = s.held + tonumber(v) end
-                    s.spent = tonumber(redis.call('GET', KEYS[k]) or '0')
-                    s.used = s.spent + s.held
-                    k = k + 3
-                end
-                s.fits = s.used + s.amount <= s.cap
-                table.insert(steps, s)
-            end
-            local ok = {true, true}
-            for _, s in ipairs(steps) do if not s.fits then ok[s.group] = false end end
-            if not ok[1] then ok[2] = false end
-            local out = {ok[1] and 1 or 0, ok[2] and 1 or 0}
-            for _, s in ipairs(steps) do
-                local key = KEYS[s.key]
-                if s.kind == 'c' then
-                    if ok[s.group] then
-                        s.used = redis.call('INCRBY', key, s.raw)
-                        if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, s.ms) end
-                    end
-                    local ttl = redis.call('PTTL', key)
-                    if ttl < 0 then ttl = 0 end
-                    table.insert(out, s.fits and 1 or 0)
-                    table.insert(out, s.used)
-                    table.insert(out, ttl)
-                else
-                    if ok[s.group] then
-                        redis.call('HSET', KEYS[s.key + 1], holder, s.raw)
-                        redis.call('ZADD', KEYS[s.key + 2], now + tonumber(s.ms), holder)
-                        redis.call('PEXPIRE', KEYS[s.key + 1], s.ms)
-                        redis.call('PEXPIRE', KEYS[s.key + 2], s.ms)
-                        s.held = s.held + s.amount
-                    end
-                    table.insert(out, s.fits and 1 or 0)
-                    table.insert(out, s.spent)
-                    table.insert(out, s.held)
-                end
-            end
-            return out",
-            )
-        });
-        let mut invocation = SCRIPT.prepare_invoke();
-        invocation.arg(holder);
+        let mut invocation = ADMIT.prepare_invoke();
+        invocation.arg(holder).arg(settled.len());
+        for item in settled {
+            self.settle_args(&mut invocation, item);
+        }
         for (group, steps) in [(1, first), (2, second)] {
             for step in steps {
                 match step {
@@ -387,25 +459,24 @@ impl Store for RedisStore {
                             .arg(group)
                             .arg(*amount)
                             .arg(*cap)
-                            .arg(window.as_millis() as u64);
+                            .arg(window.as_millis() as u64)
+                            .arg(0);
                     }
                     Step::Hold {
                         key,
                         amount,
                         cap,
                         lease,
+                        spend_on_lapse,
                     } => {
-                        let full = self.key(key);
-                        invocation
-                            .key(&full)
-                            .key(format!("{full}#holds"))
-                            .key(format!("{full}#lapses"));
+                        self.hold_keys(&mut invocation, key);
                         invocation
                             .arg("h")
                             .arg(group)
                             .arg(*amount)
                             .arg(*cap)
-                            .arg(lease.as_millis() as u64);
+                            .arg(lease.as_millis() as u64)
+                            .arg(spend_on_lapse.map_or(0, |keep| keep.as_millis() as u64));
                     }
                 }
             }
@@ -432,76 +503,32 @@ impl Store for RedisStore {
         })
     }
 
-    async fn settle(&self, holder: &str, items: &[Settle]) -> Result<(), StoreError> {
-        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"
-            local k, a = 1, 2
-            while a <= #ARGV do
-                local kind, value, ms = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-                a = a + 3
-                if kind == 'c' then
-                    if tonumber(value) ~= 0 and redis.call('EXISTS', KEYS[k]) == 1 then
-                        if redis.call('INCRBY', KEYS[k], value) < 0 then
-                            redis.call('SET', KEYS[k], 0, 'KEEPTTL')
-                        end
-                    end
-                    k = k + 1
-                else
-                    redis.call('HDEL', KEYS[k + 1], ARGV[1])
-                    redis.call('ZREM', KEYS[k + 2], ARGV[1])
-                    if tonumber(value) > 0 then
-                        redis.call('INCRBY', KEYS[k], value)
-                        redis.call('PEXPIRE', KEYS[k], ms)
-                    end
-                    k = k + 3
-                end
-            end
-            return 1",
-            )
-        });
+    async fn settle(&self, items: &[Settle]) -> Result<(), StoreError> {
         if items.is_empty() {
             return Ok(());
         }
-        let mut invocation = SCRIPT.prepare_invoke();
-        invocation.arg(holder);
-        for item in items {
-            match item {
-                Settle::Count { key, delta } => {
-                    invocation.key(self.key(key));
-                    invocation.arg("c").arg(*delta).arg(0);
-                }
-                Settle::Hold { key, spend, keep } => {
-                    let full = self.key(key);
-                    invocation
-                        .key(&full)
-                        .key(format!("{full}#holds"))
-                        .key(format!("{full}#lapses"));
-                    invocation.arg("h").arg(*spend).arg(keep.as_millis() as u64);
-                }
-            }
-        }
-        let mut connection = self.connection().await?;
-        let _: i64 = invocation
-            .invoke_async(&mut connection)
-            .await
-            .map_err(backend_error)?;
-        Ok(())
+        self.admit(items, "", &[], &[]).await.map(drop)
     }
 
+    /// Read only: a lapsed hold is counted as spent, as the next admission will make it.
     async fn holding(&self, key: &str) -> Result<crate::store::Holding, StoreError> {
         static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
             redis::Script::new(
                 r"
             local time = redis.call('TIME')
             local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+            local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
             local held = 0
             local amounts = redis.call('HGETALL', KEYS[2])
             for i = 1, #amounts, 2 do
                 local lapses = redis.call('ZSCORE', KEYS[3], amounts[i])
-                if lapses and tonumber(lapses) > now then held = held + tonumber(amounts[i + 1]) end
+                if lapses and tonumber(lapses) > now then
+                    held = held + tonumber(amounts[i + 1])
+                else
+                    spent = spent + tonumber(amounts[i + 1])
+                end
             end
-            return {tonumber(redis.call('GET', KEYS[1]) or '0'), held}",
+            return {spent, held}",
             )
         });
         let mut connection = self.connection().await?;

@@ -25,7 +25,7 @@ pub struct SledStore {
     max_bytes: Option<u64>,
     /// `count_capped`'s counts: one process owns a sled store, so memory is where they belong
     /// (writing each to disk would cost a flush per request). Key → (resets at, count).
-    counts: Arc<parking_lot::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>>,
+    counts: Arc<parking_lot::Mutex<Counts>>,
     /// `hold`'s budgets: what each has spent (read from disk on first use, written back on every
     /// release) and the holds of requests in flight, which die with the process as they should.
     budgets: Arc<parking_lot::Mutex<std::collections::HashMap<String, Budget>>>,
@@ -34,13 +34,70 @@ pub struct SledStore {
 #[derive(Default)]
 struct Budget {
     spent: u64,
-    /// holder → (amount, lapses at).
-    holds: std::collections::HashMap<String, (u64, std::time::Instant)>,
+    holds: std::collections::HashMap<String, Hold>,
 }
+
+struct Hold {
+    amount: u64,
+    lapses: std::time::Instant,
+    /// Spent when it lapses, and kept that long.
+    spend_on_lapse: Option<Duration>,
+}
+
+/// Spend to write to disk: the counter, the amount added, how long it is kept.
+type Spends = Vec<(String, u64, Duration)>;
 
 impl Budget {
     fn held(&self) -> u64 {
-        self.holds.values().map(|(amount, _)| amount).sum()
+        self.holds.values().map(|hold| hold.amount).sum()
+    }
+
+    /// Drops lapsed holds; those spent on lapse go to `spends`.
+    fn prune(&mut self, key: &str, now: std::time::Instant, spends: &mut Spends) {
+        let mut spent = 0;
+        self.holds.retain(|_, hold| {
+            let live = hold.lapses > now;
+            if !live && let Some(keep) = hold.spend_on_lapse {
+                spent += hold.amount;
+                spends.push((key.to_owned(), hold.amount, keep));
+            }
+            live
+        });
+        self.spent = self.spent.saturating_add(spent);
+    }
+}
+
+type Counts = std::collections::HashMap<String, (std::time::Instant, u64)>;
+
+/// Applies one settlement in memory; spend to write goes to `spends`.
+fn settle_in_memory(
+    counts: &mut Counts,
+    budgets: &mut std::collections::HashMap<String, Budget>,
+    item: &Settle,
+    now: std::time::Instant,
+    spends: &mut Spends,
+) {
+    match item {
+        Settle::Count { key, delta } => {
+            if let Some(entry) = counts.get_mut(key)
+                && entry.0 > now
+            {
+                entry.1 = entry.1.saturating_add_signed(*delta);
+            }
+        }
+        Settle::Hold {
+            key,
+            holder,
+            spend,
+            keep,
+        } => {
+            let budget = budgets.entry(key.clone()).or_default();
+            budget.holds.remove(holder);
+            budget.spent = budget.spent.saturating_add(*spend);
+            if *spend > 0 {
+                spends.push((key.clone(), *spend, *keep));
+            }
+        }
     }
 }
 
@@ -204,6 +261,37 @@ fn spent_value(stored: Option<&[u8]>, now: u64) -> u64 {
 }
 
 impl SledStore {
+    /// Adds spend to the counters on disk, durably (one flush for all of them).
+    async fn persist(&self, spends: Spends) -> Result<(), StoreError> {
+        if spends.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |db, books| {
+            let now = now_ms();
+            for (key, spend, keep) in &spends {
+                let expires_at = now.saturating_add(keep.as_millis() as u64);
+                let previous = db
+                    .fetch_and_update(key.as_bytes(), |old| {
+                        let total = spent_value(old, now).saturating_add(*spend);
+                        // Insertion number 0: the size bound never evicts what was spent.
+                        let mut stored = Vec::with_capacity(HEADER + 8);
+                        stored.extend_from_slice(&expires_at.to_be_bytes());
+                        stored.extend_from_slice(&0u64.to_be_bytes());
+                        stored.extend_from_slice(&total.to_be_bytes());
+                        Some(stored)
+                    })
+                    .map_err(backend_error)?;
+                if previous.is_none() {
+                    books
+                        .bytes
+                        .fetch_add((key.len() + HEADER + 8) as u64, Ordering::Relaxed);
+                }
+            }
+            durable(db)
+        })
+        .await
+    }
+
     /// Makes sure `key`'s budget is in memory: on first use, what it spent is read from disk.
     async fn load_budget(&self, key: &str) -> Result<(), StoreError> {
         if self.budgets.lock().contains_key(key) {
@@ -239,6 +327,7 @@ fn durable(db: &sled::Db) -> Result<(), StoreError> {
 impl Store for SledStore {
     async fn admit(
         &self,
+        settled: &[Settle],
         holder: &str,
         first: &[Step],
         second: &[Step],
@@ -248,163 +337,148 @@ impl Store for SledStore {
                 self.load_budget(key).await?;
             }
         }
+        for item in settled {
+            if let Settle::Hold { key, .. } = item {
+                self.load_budget(key).await?;
+            }
+        }
         let now = std::time::Instant::now();
-        // Always counts, then budgets: one order, so two admissions cannot deadlock.
-        let mut counts = self.counts.lock();
-        let mut budgets = self.budgets.lock();
-        if counts.len() > 100_000 {
-            counts.retain(|_, (resets_at, _)| *resets_at > now);
-        }
-        let mut admitted = Admitted::default();
-        for (group, steps) in [first, second].into_iter().enumerate() {
-            let may_apply = group == 0 || admitted.first;
-            let fits: Vec<bool> = steps
-                .iter()
-                .map(|step| match step {
-                    Step::Count {
-                        key, amount, cap, ..
-                    } => {
-                        let count = counts
-                            .get(key)
-                            .filter(|(resets_at, _)| *resets_at > now)
-                            .map_or(0, |(_, count)| *count);
-                        count.saturating_add(*amount) <= *cap
-                    }
-                    Step::Hold {
-                        key, amount, cap, ..
-                    } => {
-                        let budget = budgets.entry(key.clone()).or_default();
-                        budget.holds.retain(|_, (_, lapses)| *lapses > now);
-                        budget
-                            .spent
-                            .saturating_add(budget.held())
-                            .saturating_add(*amount)
-                            <= *cap
-                    }
-                })
-                .collect();
-            let apply = may_apply && fits.iter().all(|fits| *fits);
-            for (step, fits) in steps.iter().zip(fits) {
-                let outcome = match step {
-                    Step::Count {
-                        key,
-                        amount,
-                        window,
-                        ..
-                    } => {
-                        let entry = match counts.get_mut(key) {
-                            Some(entry) => entry,
-                            None => counts.entry(key.clone()).or_insert((now + *window, 0)),
-                        };
-                        if entry.0 <= now {
-                            *entry = (now + *window, 0);
+        let mut spends = Spends::new();
+        let admitted = {
+            // Always counts, then budgets: one order, so two admissions cannot deadlock.
+            let mut counts = self.counts.lock();
+            let mut budgets = self.budgets.lock();
+            if counts.len() > 100_000 {
+                counts.retain(|_, (resets_at, _)| *resets_at > now);
+            }
+            for item in settled {
+                settle_in_memory(&mut counts, &mut budgets, item, now, &mut spends);
+            }
+            let mut admitted = Admitted::default();
+            for (group, steps) in [first, second].into_iter().enumerate() {
+                let may_apply = group == 0 || admitted.first;
+                let fits: Vec<bool> = steps
+                    .iter()
+                    .map(|step| match step {
+                        Step::Count {
+                            key, amount, cap, ..
+                        } => {
+                            let count = counts
+                                .get(key)
+                                .filter(|(resets_at, _)| *resets_at > now)
+                                .map_or(0, |(_, count)| *count);
+                            count.saturating_add(*amount) <= *cap
                         }
-                        if apply {
-                            entry.1 += amount;
-                        }
-                        StepOutcome {
-                            fits,
-                            used: entry.1,
-                            other: (entry.0 - now).as_millis() as u64,
-                        }
-                    }
-                    Step::Hold {
-                        key, amount, lease, ..
-                    } => {
-                        let budget = budgets.entry(key.clone()).or_default();
-                        if apply {
+                        Step::Hold {
+                            key, amount, cap, ..
+                        } => {
+                            let budget = budgets.entry(key.clone()).or_default();
+                            budget.prune(key, now, &mut spends);
                             budget
-                                .holds
-                                .insert(holder.to_owned(), (*amount, now + *lease));
+                                .spent
+                                .saturating_add(budget.held())
+                                .saturating_add(*amount)
+                                <= *cap
                         }
-                        StepOutcome {
-                            fits,
-                            used: budget.spent,
-                            other: budget.held(),
+                    })
+                    .collect();
+                let apply = may_apply && fits.iter().all(|fits| *fits);
+                for (step, fits) in steps.iter().zip(fits) {
+                    let outcome = match step {
+                        Step::Count {
+                            key,
+                            amount,
+                            window,
+                            ..
+                        } => {
+                            let entry = match counts.get_mut(key) {
+                                Some(entry) => entry,
+                                None => counts.entry(key.clone()).or_insert((now + *window, 0)),
+                            };
+                            if entry.0 <= now {
+                                *entry = (now + *window, 0);
+                            }
+                            if apply {
+                                entry.1 += amount;
+                            }
+                            StepOutcome {
+                                fits,
+                                used: entry.1,
+                                other: (entry.0 - now).as_millis() as u64,
+                            }
                         }
-                    }
-                };
-                admitted.steps.push(outcome);
+                        Step::Hold {
+                            key,
+                            amount,
+                            lease,
+                            spend_on_lapse,
+                            ..
+                        } => {
+                            let budget = budgets.entry(key.clone()).or_default();
+                            if apply {
+                                budget.holds.insert(
+                                    holder.to_owned(),
+                                    Hold {
+                                        amount: *amount,
+                                        lapses: now + *lease,
+                                        spend_on_lapse: *spend_on_lapse,
+                                    },
+                                );
+                            }
+                            StepOutcome {
+                                fits,
+                                used: budget.spent,
+                                other: budget.held(),
+                            }
+                        }
+                    };
+                    admitted.steps.push(outcome);
+                }
+                if group == 0 {
+                    admitted.first = apply;
+                } else {
+                    admitted.second = apply;
+                }
             }
-            if group == 0 {
-                admitted.first = apply;
-            } else {
-                admitted.second = apply;
-            }
-        }
+            admitted
+        };
+        self.persist(spends).await?;
         Ok(admitted)
     }
 
-    async fn settle(&self, holder: &str, items: &[Settle]) -> Result<(), StoreError> {
-        let mut spends = Vec::new();
+    async fn settle(&self, items: &[Settle]) -> Result<(), StoreError> {
         for item in items {
-            if let Settle::Hold { key, spend, keep } = item {
+            if let Settle::Hold { key, .. } = item {
                 self.load_budget(key).await?;
-                if *spend > 0 {
-                    spends.push((key.clone(), *spend, *keep));
-                }
             }
         }
+        let mut spends = Spends::new();
         {
             let now = std::time::Instant::now();
             let mut counts = self.counts.lock();
             let mut budgets = self.budgets.lock();
             for item in items {
-                match item {
-                    Settle::Count { key, delta } => {
-                        if let Some(entry) = counts.get_mut(key)
-                            && entry.0 > now
-                        {
-                            entry.1 = entry.1.saturating_add_signed(*delta);
-                        }
-                    }
-                    Settle::Hold { key, spend, .. } => {
-                        let budget = budgets.entry(key.clone()).or_default();
-                        budget.holds.remove(holder);
-                        budget.spent = budget.spent.saturating_add(*spend);
-                    }
-                }
+                settle_in_memory(&mut counts, &mut budgets, item, now, &mut spends);
             }
         }
-        if spends.is_empty() {
-            return Ok(());
-        }
-        self.blocking(move |db, books| {
-            let now = now_ms();
-            for (key, spend, keep) in &spends {
-                let expires_at = now.saturating_add(keep.as_millis() as u64);
-                let previous = db
-                    .fetch_and_update(key.as_bytes(), |old| {
-                        let total = spent_value(old, now).saturating_add(*spend);
-                        // Insertion number 0: the size bound never evicts what was spent.
-                        let mut stored = Vec::with_capacity(HEADER + 8);
-                        stored.extend_from_slice(&expires_at.to_be_bytes());
-                        stored.extend_from_slice(&0u64.to_be_bytes());
-                        stored.extend_from_slice(&total.to_be_bytes());
-                        Some(stored)
-                    })
-                    .map_err(backend_error)?;
-                if previous.is_none() {
-                    books
-                        .bytes
-                        .fetch_add((key.len() + HEADER + 8) as u64, Ordering::Relaxed);
-                }
-            }
-            durable(db)
-        })
-        .await
+        self.persist(spends).await
     }
 
     async fn holding(&self, key: &str) -> Result<crate::store::Holding, StoreError> {
         self.load_budget(key).await?;
         let now = std::time::Instant::now();
-        let mut budgets = self.budgets.lock();
-        let budget = budgets.entry(key.to_owned()).or_default();
-        budget.holds.retain(|_, (_, lapses)| *lapses > now);
-        Ok(crate::store::Holding {
-            spent: budget.spent,
-            held: budget.held(),
-        })
+        let mut spends = Spends::new();
+        let holding = {
+            let mut budgets = self.budgets.lock();
+            let budget = budgets.entry(key.to_owned()).or_default();
+            budget.prune(key, now, &mut spends);
+            crate::store::Holding {
+                spent: budget.spent,
+                held: budget.held(),
+            }
+        };
+        self.persist(spends).await?;
+        Ok(holding)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
