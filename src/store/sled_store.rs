@@ -29,6 +29,19 @@ pub struct SledStore {
     /// `hold`'s budgets: what each has spent (read from disk on first use, written back on every
     /// release) and the holds of requests in flight, which die with the process as they should.
     budgets: Arc<parking_lot::Mutex<std::collections::HashMap<String, Budget>>>,
+    spend_log: Arc<SpendLog>,
+}
+
+/// Group commit for spend: concurrent requests' spend is written and flushed together, one
+/// fsync for all of them, instead of one each.
+#[derive(Default)]
+struct SpendLog {
+    /// Spend not yet written, and the number of the last batch it joined.
+    pending: parking_lot::Mutex<(u64, Spends)>,
+    /// The last batch number that is on disk.
+    flushed: AtomicU64,
+    /// One writer at a time; the others wait for it, then find their spend written.
+    writer: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -209,6 +222,7 @@ impl SledStore {
             max_bytes,
             counts: Arc::default(),
             budgets: Arc::default(),
+            spend_log: Arc::default(),
         })
     }
 
@@ -266,30 +280,58 @@ impl SledStore {
         if spends.is_empty() {
             return Ok(());
         }
-        self.blocking(move |db, books| {
-            let now = now_ms();
-            for (key, spend, keep) in &spends {
-                let expires_at = now.saturating_add(keep.as_millis() as u64);
-                let previous = db
-                    .fetch_and_update(key.as_bytes(), |old| {
-                        let total = spent_value(old, now).saturating_add(*spend);
-                        // Insertion number 0: the size bound never evicts what was spent.
-                        let mut stored = Vec::with_capacity(HEADER + 8);
-                        stored.extend_from_slice(&expires_at.to_be_bytes());
-                        stored.extend_from_slice(&0u64.to_be_bytes());
-                        stored.extend_from_slice(&total.to_be_bytes());
-                        Some(stored)
-                    })
-                    .map_err(backend_error)?;
-                if previous.is_none() {
-                    books
-                        .bytes
-                        .fetch_add((key.len() + HEADER + 8) as u64, Ordering::Relaxed);
+        let log = &self.spend_log;
+        let batch = {
+            let mut pending = log.pending.lock();
+            pending.1.extend(spends);
+            pending.0 += 1;
+            pending.0
+        };
+        let _writer = log.writer.lock().await;
+        if log.flushed.load(Ordering::Acquire) >= batch {
+            return Ok(());
+        }
+        let (last, spends) = {
+            let mut pending = log.pending.lock();
+            (pending.0, std::mem::take(&mut pending.1))
+        };
+        let kept = spends.clone();
+        let written = self
+            .blocking(move |db, books| {
+                let now = now_ms();
+                for (key, spend, keep) in &spends {
+                    let expires_at = now.saturating_add(keep.as_millis() as u64);
+                    let previous = db
+                        .fetch_and_update(key.as_bytes(), |old| {
+                            let total = spent_value(old, now).saturating_add(*spend);
+                            // Insertion number 0: the size bound never evicts what was spent.
+                            let mut stored = Vec::with_capacity(HEADER + 8);
+                            stored.extend_from_slice(&expires_at.to_be_bytes());
+                            stored.extend_from_slice(&0u64.to_be_bytes());
+                            stored.extend_from_slice(&total.to_be_bytes());
+                            Some(stored)
+                        })
+                        .map_err(backend_error)?;
+                    if previous.is_none() {
+                        books
+                            .bytes
+                            .fetch_add((key.len() + HEADER + 8) as u64, Ordering::Relaxed);
+                    }
                 }
+                durable(db)
+            })
+            .await;
+        match written {
+            Ok(()) => {
+                log.flushed.store(last, Ordering::Release);
+                Ok(())
             }
-            durable(db)
-        })
-        .await
+            Err(error) => {
+                // Left for the next writer; this caller learns its spend is not yet durable.
+                log.pending.lock().1.extend(kept);
+                Err(error)
+            }
+        }
     }
 
     /// Makes sure `key`'s budget is in memory: on first use, what it spent is read from disk.
