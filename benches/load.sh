@@ -151,12 +151,16 @@ if command -v redis-server > /dev/null; then
     sleep 0.1
   done
   redis_gateway=http://$REDIS_GW_ADDR/v1/chat/completions
+  probe_body='{"model":"bench-cached","messages":[{"role":"user","content":"never stored"}]}'
   run warm-r "$redis_gateway" "$gateway_body" -n 2000 -c 8
   KEY=bench-budget run warm-rb "$redis_gateway" "$gateway_body" -n 2000 -c 8
   for round in 1 2; do
     run "redis-plain-c1-$round" "$redis_gateway" "$gateway_body" -n "$N" -c 1
     KEY=bench-limited run "redis-limited-c1-$round" "$redis_gateway" "$gateway_body" -n "$N" -c 1
     KEY=bench-budget run "redis-budget-c1-$round" "$redis_gateway" "$gateway_body" -n "$N" -c 1
+    # One round trip as the gateway pays it under the same load: an exact-cache lookup that
+    # always misses (no-store: the answer is never written, so the next lookup misses too).
+    run "redis-lookup-c1-$round" "$redis_gateway" "$probe_body" -n "$N" -c 1 -H 'cache-control: no-store'
   done
   redis_rtt=$(./target/release/examples/redis_rtt "redis://127.0.0.1:$REDIS_PORT/0")
   kill "$redis_gw_pid" "$redis_pid" 2>/dev/null || true
@@ -205,7 +209,8 @@ rtt = os.environ.get("REDIS_RTT")
 if rtt:
     redis_plain = rounds("redis-plain")
     for label, key in [("none", "redis-plain"), ("requests + tokens per minute + concurrency", "redis-limited"),
-                       ("the same + a budget", "redis-budget")]:
+                       ("the same + a budget", "redis-budget"),
+                       ("for scale: no limits, one exact-cache lookup (one round trip)", "redis-lookup")]:
         p50 = rounds(key)
         print(f"| {label} (Redis) | {p50:.0f} µs | {p50 - redis_plain:+.0f} µs | – |")
     print(f"\none Redis round trip through the gateway's client (PING, median of 5,000): {rtt} µs")
