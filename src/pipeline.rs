@@ -24,7 +24,7 @@ use crate::config::{CacheConfig, Config, StoreKind};
 use crate::error::ApiError;
 use crate::keys::{KeyRecord, KeyStore};
 use crate::limits::usage::{UsageBook, UsageCounts, UsageKey};
-use crate::limits::{BudgetState, Limits, RateState};
+use crate::limits::{BudgetState, Limits, RateState, Upstream};
 use crate::prices::PriceTable;
 use crate::prompts::{PromptRef, PromptStore, Resolution, Usage as PromptUsage};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions, is_usage_only_chunk};
@@ -217,7 +217,7 @@ impl Pipeline {
             .admit(
                 &context.tenant,
                 context.key.as_deref(),
-                Some((&route, &request)),
+                Some(Upstream::chat(&route, &request)),
             )
             .await
             .map_err(|e| fail(e, &trace))?;
@@ -464,26 +464,39 @@ impl Pipeline {
         let route = self.resolve(context, &request.model)?;
         let admission = self
             .limits
-            .admit(&context.tenant, context.key.as_deref(), None)
+            .admit(
+                &context.tenant,
+                context.key.as_deref(),
+                Some(Upstream::embeddings(&route, &request)),
+            )
             .await?;
-        let trace = Trace {
+        let mut trace = Trace {
             route: Some(route.name.clone()),
             rate: admission.rate,
             ..Trace::default()
         };
+        let charge = admission.upstream.map_err(|refusal| Failed {
+            error: refusal.raise(),
+            trace: trace.clone(),
+        })?;
+        trace.tokens = charge.tokens;
+        trace.budget = charge.budget;
         match self.router.embeddings(&route, &request).await {
             Ok(Served {
                 value,
                 target,
                 attempts,
-            }) => Ok(Answered {
-                value,
-                trace: Trace {
-                    target: Some(target),
-                    attempts,
-                    ..trace
-                },
-            }),
+            }) => {
+                charge.settle(&target, &value).await;
+                Ok(Answered {
+                    value,
+                    trace: Trace {
+                        target: Some(target),
+                        attempts,
+                        ..trace
+                    },
+                })
+            }
             Err(failure) => Err(failed(failure, trace)),
         }
     }

@@ -44,6 +44,11 @@ fn config(store: &str, extra: &str) -> String {
         cache = {{ enabled = true }}
         [routes.long]
         targets = [{{ provider = "mock", model = "long-stream" }}]
+        [routes.embed]
+        targets = [{{ provider = "mock", model = "emb" }}]
+        [prices.emb]
+        input = 1000.0
+        output = 0.0
         [routes.unpriced]
         targets = [{{ provider = "mock", model = "free" }}]
         "#
@@ -616,4 +621,60 @@ async fn two_replicas_on_redis_enforce_tokens_and_concurrency_once() {
         .unwrap();
     // 54 settled, plus this request's own estimate: 1 + 4 + 3 input and 7 output.
     assert_eq!(remaining, 1000 - 54 - 15);
+}
+
+#[tokio::test]
+async fn embeddings_count_against_tokens_and_budgets_and_in_the_usage_book() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&sled(&dir), "")).await;
+    let (id, secret) = create_key(&gw, json!({"tpm": 100, "budget": {"usd": 1}})).await;
+    for _ in 0..2 {
+        let response = gw
+            .post(
+                "/v1/embeddings",
+                &secret,
+                json!({"model": "embed", "input": ["one text", "another"]}),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            common::header(&response, "x-ratelimit-limit-tokens"),
+            Some("100")
+        );
+        assert!(common::header(&response, "x-reprise-budget-remaining-usd").is_some());
+    }
+    // The mock reports 3 input tokens per call, at 1000 USD per million.
+    let standing = settled_budget(&gw, &id).await;
+    assert!(
+        (standing["spent_usd"].as_f64().unwrap() - 0.006).abs() < 1e-9,
+        "{standing}"
+    );
+    let (_, usage) = admin(
+        &gw,
+        reqwest::Method::GET,
+        &format!("/admin/usage?key={id}&group_by=route,model"),
+        None,
+    )
+    .await;
+    let row = &usage["data"][0];
+    assert_eq!(
+        (row["route"].as_str(), row["model"].as_str()),
+        (Some("embed"), Some("emb"))
+    );
+    assert_eq!(
+        (row["requests"].as_u64(), row["input_tokens"].as_u64()),
+        (Some(2), Some(6))
+    );
+    let huge = gw
+        .post(
+            "/v1/embeddings",
+            &secret,
+            json!({"model": "embed", "input": "x".repeat(1000)}),
+        )
+        .await;
+    assert_eq!(
+        huge.status(),
+        400,
+        "250 estimated tokens can never fit 100 per minute"
+    );
 }

@@ -27,7 +27,7 @@ use serde_json::Value;
 use crate::error::ApiError;
 use crate::keys::{KeyLimits, KeyRecord};
 use crate::prices::PriceTable;
-use crate::protocol::openai::{ChatRequest, Content};
+use crate::protocol::openai::{ChatRequest, Content, EmbeddingInput, EmbeddingsRequest};
 use crate::providers::ChunkStream;
 use crate::router::Route;
 use crate::store::{Settle, Step, Store};
@@ -347,15 +347,15 @@ impl Limits {
         &self,
         tenant: &str,
         key: Option<&KeyRecord>,
-        upstream: Option<(&Route, &ChatRequest)>,
+        upstream: Option<Upstream<'_>>,
     ) -> Result<Admission, ApiError> {
         let scopes = self.scopes(tenant, key);
         let row = UsageKey::today(
             tenant,
             key.map(|k| k.id.as_str()),
-            upstream.map_or("-", |(route, _)| route.name.as_str()),
+            upstream.as_ref().map_or("-", |u| u.route.name.as_str()),
         );
-        let input = upstream.map(|(_, request)| InputSize::of(request));
+        let input = upstream.as_ref().map(|u| u.input);
         let mut settlement = Settlement {
             store: self.store.clone(),
             usage: Arc::clone(&self.usage),
@@ -391,11 +391,17 @@ impl Limits {
             }
         }
         let mut unpriced = None;
-        if let (Some((route, request)), Some(input)) = (upstream, input) {
+        if let Some(Upstream {
+            route,
+            input,
+            output: asked_output,
+            choices,
+        }) = upstream
+        {
             // Tokens per minute, as OpenAI counts them at admission: the input estimate plus
             // the output asked for.
-            let asked = input.estimate() + requested_output(request).unwrap_or(0);
-            let output = requested_output(request).unwrap_or(route.reserve_output_tokens);
+            let asked = input.estimate() + asked_output.unwrap_or(0);
+            let output = asked_output.unwrap_or(route.reserve_output_tokens);
             for scope in &scopes {
                 if let Some(limit) = scope.limits.tpm {
                     second.push(Step::Count {
@@ -426,7 +432,7 @@ impl Limits {
                     };
                     let most = to_nanos(
                         (input.bound() as f64 * price.input + output as f64 * price.output)
-                            * f64::from(request.n.unwrap_or(1).max(1))
+                            * f64::from(choices)
                             / 1e6,
                     );
                     second.push(Step::Hold {
@@ -692,6 +698,46 @@ fn requested_output(request: &ChatRequest) -> Option<u64> {
         .map(u64::from)
 }
 
+/// What a request that may go upstream asks for, for its admission.
+pub struct Upstream<'a> {
+    route: &'a Route,
+    input: InputSize,
+    /// Output tokens asked for at most (`None`: not said).
+    output: Option<u64>,
+    /// Answers asked for (`n`): each may be as long as the output asked for.
+    choices: u32,
+}
+
+impl<'a> Upstream<'a> {
+    pub fn chat(route: &'a Route, request: &ChatRequest) -> Self {
+        Self {
+            route,
+            input: InputSize::of(request),
+            output: requested_output(request),
+            choices: request.n.unwrap_or(1).max(1),
+        }
+    }
+
+    /// Embeddings have input only.
+    pub fn embeddings(route: &'a Route, request: &EmbeddingsRequest) -> Self {
+        let mut input = InputSize::default();
+        match &request.input {
+            EmbeddingInput::One(text) => input.bytes = text.len() as u64,
+            EmbeddingInput::Many(texts) => input.bytes = texts.iter().map(|t| t.len() as u64).sum(),
+            EmbeddingInput::Tokens(tokens) => input.tokens = tokens.len() as u64,
+            EmbeddingInput::TokenBatches(batches) => {
+                input.tokens = batches.iter().map(|b| b.len() as u64).sum();
+            }
+        }
+        Self {
+            route,
+            input,
+            output: Some(0),
+            choices: 1,
+        }
+    }
+}
+
 /// The input of a request before any tokeniser has seen it: its text in bytes, how many
 /// messages carry it, and how many non-text parts (images, audio).
 #[derive(Debug, Clone, Copy, Default)]
@@ -699,6 +745,8 @@ pub struct InputSize {
     bytes: u64,
     messages: u64,
     media: u64,
+    /// Input given as token ids: counted exactly.
+    tokens: u64,
 }
 
 impl InputSize {
@@ -732,7 +780,7 @@ impl InputSize {
     /// four per message for the chat template and three to prime the reply. Corrected by the
     /// upstream's usage once the answer is in.
     pub fn estimate(&self) -> u64 {
-        self.bytes.div_ceil(4) + 4 * self.messages + 3 + 1000 * self.media
+        self.tokens + self.bytes.div_ceil(4) + 4 * self.messages + 3 + 1000 * self.media
     }
 
     /// The most tokens the input can be, for a budget's hold: no tokeniser makes a token of
@@ -740,7 +788,7 @@ impl InputSize {
     /// non-text part is held at 2,000 tokens (a high-detail image costs about 1,100 in
     /// OpenAI's pricing).
     pub fn bound(&self) -> u64 {
-        self.bytes + 8 * self.messages + 3 + 2000 * self.media
+        self.tokens + self.bytes + 8 * self.messages + 3 + 2000 * self.media
     }
 }
 
