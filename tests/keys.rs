@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis_server::RedisServer;
-use common::{ADMIN, Gateway, Mock, user};
+use common::{Gateway, Mock, user};
 use serde_json::{Value, json};
 
 fn routes(store: &str) -> String {
@@ -29,23 +29,10 @@ fn sled(dir: &tempfile::TempDir) -> String {
     format!("path = \"{}\"", dir.path().join("store").display())
 }
 
-async fn admin(
-    gw: &Gateway,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut request = gw.client.request(method, gw.url(path)).bearer_auth(ADMIN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 async fn create(gw: &Gateway, body: Value) -> (String, String) {
-    let (status, created) = admin(gw, reqwest::Method::POST, "/admin/keys", Some(body)).await;
+    let (status, created) = gw
+        .admin(reqwest::Method::POST, "/admin/keys", Some(body))
+        .await;
     assert_eq!(status, 201, "{created}");
     (
         created["id"].as_str().unwrap().to_owned(),
@@ -82,25 +69,17 @@ async fn a_key_is_shown_once_kept_as_a_digest_and_works_at_once() {
     assert_eq!(chat_status(&gw, &secret, "chat").await.0, 200);
     assert_eq!(chat_status(&gw, "rpr_0000", "chat").await.0, 401);
 
-    let (status, shown) = admin(
-        &gw,
-        reqwest::Method::GET,
-        &format!("/admin/keys/{id}"),
-        None,
-    )
-    .await;
+    let (status, shown) = gw
+        .admin(reqwest::Method::GET, &format!("/admin/keys/{id}"), None)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(shown["status"], "active");
     assert_eq!(shown["tenant"], "support");
     assert_eq!(shown["metadata"]["team"], "cx");
     assert!(secret.starts_with(shown["prefix"].as_str().unwrap()));
-    let (_, listed) = admin(
-        &gw,
-        reqwest::Method::GET,
-        "/admin/keys?tenant=support",
-        None,
-    )
-    .await;
+    let (_, listed) = gw
+        .admin(reqwest::Method::GET, "/admin/keys?tenant=support", None)
+        .await;
     assert_eq!(listed["data"].as_array().unwrap().len(), 1);
     let everything = format!("{shown}{listed}");
     assert!(
@@ -151,13 +130,9 @@ async fn a_key_may_be_limited_to_some_models_and_changed() {
     assert_eq!(ids, ["chat"]);
 
     let path = format!("/admin/keys/{id}");
-    let (status, _) = admin(
-        &gw,
-        reqwest::Method::PATCH,
-        &path,
-        Some(json!({"models": null})),
-    )
-    .await;
+    let (status, _) = gw
+        .admin(reqwest::Method::PATCH, &path, Some(json!({"models": null})))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(
         chat_status(&gw, &secret, "other").await.0,
@@ -170,28 +145,30 @@ async fn a_key_may_be_limited_to_some_models_and_changed() {
         (json!({"expires_at": "yesterday"}), "expires_at"),
         (json!({"name": ""}), "name"),
     ] {
-        let (status, body) = admin(&gw, reqwest::Method::PATCH, &path, Some(bad.clone())).await;
+        let (status, body) = gw
+            .admin(reqwest::Method::PATCH, &path, Some(bad.clone()))
+            .await;
         assert_eq!(
             (status, body["error"]["param"].as_str()),
             (400, Some(param)),
             "{bad}"
         );
     }
-    let (status, _) = admin(
-        &gw,
-        reqwest::Method::PATCH,
-        "/admin/keys/key_nope",
-        Some(json!({})),
-    )
-    .await;
+    let (status, _) = gw
+        .admin(
+            reqwest::Method::PATCH,
+            "/admin/keys/key_nope",
+            Some(json!({})),
+        )
+        .await;
     assert_eq!(status, 404);
-    let (status, body) = admin(
-        &gw,
-        reqwest::Method::POST,
-        "/admin/keys",
-        Some(json!({"name": "x"})),
-    )
-    .await;
+    let (status, body) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/keys",
+            Some(json!({"name": "x"})),
+        )
+        .await;
     assert_eq!(
         (status, body["error"]["param"].as_str()),
         (400, Some("tenant"))
@@ -211,13 +188,13 @@ async fn rotation_keeps_the_old_secret_for_its_grace_and_expiry_ends_a_key() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&routes(&sled(&dir))).await;
     let (id, old) = create(&gw, json!({"name": "n", "tenant": "t"})).await;
-    let (status, rotated) = admin(
-        &gw,
-        reqwest::Method::POST,
-        &format!("/admin/keys/{id}/rotate"),
-        Some(json!({"grace": "1s"})),
-    )
-    .await;
+    let (status, rotated) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/keys/{id}/rotate"),
+            Some(json!({"grace": "1s"})),
+        )
+        .await;
     assert_eq!(status, 200, "{rotated}");
     let new = rotated["secret"].as_str().unwrap().to_owned();
     assert_ne!(new, old);
@@ -250,13 +227,13 @@ async fn keys_survive_a_restart_and_a_revoked_key_stays_revoked() {
     let (_, kept) = create(&gw, json!({"name": "kept", "tenant": "t"})).await;
     let (revoked_id, revoked) = create(&gw, json!({"name": "gone", "tenant": "t"})).await;
     assert_eq!(chat_status(&gw, &revoked, "chat").await.0, 200);
-    let (status, body) = admin(
-        &gw,
-        reqwest::Method::POST,
-        &format!("/admin/keys/{revoked_id}/revoke"),
-        None,
-    )
-    .await;
+    let (status, body) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/keys/{revoked_id}/revoke"),
+            None,
+        )
+        .await;
     assert_eq!((status, body["status"].as_str()), (200, Some("revoked")));
     assert_eq!(
         chat_status(&gw, &revoked, "chat").await.0,
@@ -286,13 +263,13 @@ async fn a_key_revoked_on_one_replica_is_refused_on_another_within_a_second() {
         200,
         "made on one, used on two"
     );
-    let (status, _) = admin(
-        &one,
-        reqwest::Method::POST,
-        &format!("/admin/keys/{id}/revoke"),
-        None,
-    )
-    .await;
+    let (status, _) = one
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/keys/{id}/revoke"),
+            None,
+        )
+        .await;
     assert_eq!(status, 200);
     let revoked = Instant::now();
     while chat_status(&two, &secret, "chat").await.0 == 200 {
@@ -348,13 +325,13 @@ async fn a_key_over_its_request_limit_gets_429_with_openai_headers() {
         200,
         "other keys are not limited"
     );
-    let (status, body) = admin(
-        &gw,
-        reqwest::Method::POST,
-        "/admin/keys",
-        Some(json!({"name": "z", "tenant": "t", "limits": {"rpm": 0}})),
-    )
-    .await;
+    let (status, body) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/keys",
+            Some(json!({"name": "z", "tenant": "t", "limits": {"rpm": 0}})),
+        )
+        .await;
     assert_eq!(
         (status, body["error"]["param"].as_str()),
         (400, Some("limits.rpm"))

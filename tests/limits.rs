@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use common::{ADMIN, Gateway, KEY_A, user};
+use common::{Gateway, KEY_A, user};
 use serde_json::{Value, json};
 
 /// Every mock answer reports 11 prompt and 7 completion tokens; at these prices one costs
@@ -59,24 +59,11 @@ fn sled(dir: &tempfile::TempDir) -> String {
     format!("path = \"{}\"", dir.path().join("store").display())
 }
 
-async fn admin(
-    gw: &Gateway,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut request = gw.client.request(method, gw.url(path)).bearer_auth(ADMIN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 async fn create_key(gw: &Gateway, limits: Value) -> (String, String) {
     let body = json!({"name": "limited", "tenant": "t", "limits": limits});
-    let (status, created) = admin(gw, reqwest::Method::POST, "/admin/keys", Some(body)).await;
+    let (status, created) = gw
+        .admin(reqwest::Method::POST, "/admin/keys", Some(body))
+        .await;
     assert_eq!(status, 201, "{created}");
     (
         created["id"].as_str().unwrap().to_owned(),
@@ -93,7 +80,9 @@ fn ask(model: &str, text: &str) -> Value {
 }
 
 async fn key_view(gw: &Gateway, id: &str) -> Value {
-    let (status, view) = admin(gw, reqwest::Method::GET, &format!("/admin/keys/{id}"), None).await;
+    let (status, view) = gw
+        .admin(reqwest::Method::GET, &format!("/admin/keys/{id}"), None)
+        .await;
     assert_eq!(status, 200, "{view}");
     view
 }
@@ -229,15 +218,15 @@ async fn spend_survives_a_restart_and_a_spent_budget_stays_spent() {
         "{body}"
     );
     // The usage book was written on shutdown: the same requests, after the restart.
-    let (_, usage) = admin(
-        &gw,
-        reqwest::Method::GET,
-        &format!("/admin/usage?key={id}&group_by=key"),
-        None,
-    )
-    .await;
+    let (_, usage) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/usage?key={id}&group_by=key"),
+            None,
+        )
+        .await;
     assert_eq!(usage["data"][0]["requests"], 3, "{usage}");
-    let (_, tenants) = admin(&gw, reqwest::Method::GET, "/admin/tenants", None).await;
+    let (_, tenants) = gw.admin(reqwest::Method::GET, "/admin/tenants", None).await;
     let tenant = &tenants["data"][0];
     assert_eq!(tenant["tenant"], "a", "{tenants}");
     assert!((tenant["budget"]["spent_usd"].as_f64().unwrap() - 2.0 * COST).abs() < 1e-9);
@@ -379,13 +368,13 @@ async fn cache_hits_are_free_against_a_budget_and_counted_as_money_saved() {
         );
         assert_eq!(common::header(&hit, "x-reprise-cache"), Some("hit"));
     }
-    let (_, usage) = admin(
-        &gw,
-        reqwest::Method::GET,
-        &format!("/admin/usage?key={id}&group_by=key,route,model"),
-        None,
-    )
-    .await;
+    let (_, usage) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/usage?key={id}&group_by=key,route,model"),
+            None,
+        )
+        .await;
     let row = &usage["data"][0];
     assert_eq!(
         (row["route"].as_str(), row["model"].as_str()),
@@ -434,13 +423,13 @@ async fn a_budget_on_an_unpriced_model_is_refused_not_ignored() {
         200
     );
 
-    let (status, body) = admin(
-        &gw,
-        reqwest::Method::POST,
-        "/admin/keys",
-        Some(json!({"name": "x", "tenant": "t", "limits": {"budget": {"usd": -1}}})),
-    )
-    .await;
+    let (status, body) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/keys",
+            Some(json!({"name": "x", "tenant": "t", "limits": {"budget": {"usd": -1}}})),
+        )
+        .await;
     assert_eq!(
         (status, body["error"]["param"].as_str()),
         (400, Some("limits.budget"))
@@ -459,13 +448,13 @@ async fn the_usage_book_answers_by_day_tenant_key_route_and_model() {
     ] {
         assert_eq!(chat(&gw, key, ask(model, "hi")).await.status(), 200);
     }
-    let (status, by_key) = admin(
-        &gw,
-        reqwest::Method::GET,
-        "/admin/usage?group_by=tenant,key",
-        None,
-    )
-    .await;
+    let (status, by_key) = gw
+        .admin(
+            reqwest::Method::GET,
+            "/admin/usage?group_by=tenant,key",
+            None,
+        )
+        .await;
     assert_eq!(status, 200, "{by_key}");
     let rows = by_key["data"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{by_key}");
@@ -479,13 +468,13 @@ async fn the_usage_book_answers_by_day_tenant_key_route_and_model() {
     assert_eq!(by_key["total"]["requests"], 3);
     assert!((by_key["total"]["cost_usd"].as_f64().unwrap() - 3.0 * COST).abs() < 1e-9);
 
-    let (_, by_model) = admin(
-        &gw,
-        reqwest::Method::GET,
-        &format!("/admin/usage?key={id}&group_by=model"),
-        None,
-    )
-    .await;
+    let (_, by_model) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/usage?key={id}&group_by=model"),
+            None,
+        )
+        .await;
     let models: Vec<&str> = by_model["data"]
         .as_array()
         .unwrap()
@@ -499,13 +488,9 @@ async fn the_usage_book_answers_by_day_tenant_key_route_and_model() {
         ("from=yesterday", "from"),
         ("from=2026-12-02&to=2026-12-01", "to"),
     ] {
-        let (status, body) = admin(
-            &gw,
-            reqwest::Method::GET,
-            &format!("/admin/usage?{query}"),
-            None,
-        )
-        .await;
+        let (status, body) = gw
+            .admin(reqwest::Method::GET, &format!("/admin/usage?{query}"), None)
+            .await;
         assert_eq!(
             (status, body["error"]["param"].as_str()),
             (400, Some(param)),
@@ -537,13 +522,13 @@ async fn a_failed_request_gives_its_hold_back_and_counts_as_an_error() {
     let standing = settled_budget(&gw, &id).await;
     assert_eq!(standing["spent_usd"], 0.0, "{standing}");
     assert_eq!(chat(&gw, &secret, ask("chat", "hello")).await.status(), 200);
-    let (_, usage) = admin(
-        &gw,
-        reqwest::Method::GET,
-        &format!("/admin/usage?key={id}&group_by=route"),
-        None,
-    )
-    .await;
+    let (_, usage) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/usage?key={id}&group_by=route"),
+            None,
+        )
+        .await;
     let broken = usage["data"]
         .as_array()
         .unwrap()
@@ -557,9 +542,8 @@ async fn a_failed_request_gives_its_hold_back_and_counts_as_an_error() {
     assert_eq!(broken["cost_usd"], 0.0);
 }
 
-#[ignore = "needs redis-server (make test)"]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_on_redis_share_one_budget_and_never_overspend_it() {
+/// Two gateways sharing one new `redis-server` (kept running while the first is held).
+async fn two_replicas_on_redis() -> (RedisServer, Gateway, Gateway) {
     let redis = RedisServer::start();
     let text = config(
         &format!("store = \"redis\"\nredis_url = \"{}\"", redis.url()),
@@ -567,6 +551,13 @@ async fn two_replicas_on_redis_share_one_budget_and_never_overspend_it() {
     );
     let one = Gateway::start(&text).await;
     let two = Gateway::start(&text).await;
+    (redis, one, two)
+}
+
+#[ignore = "needs redis-server (make test)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_redis_share_one_budget_and_never_overspend_it() {
+    let (_redis, one, two) = two_replicas_on_redis().await;
     let budget = 50.0 * COST;
     let (id, secret) = create_key(&one, json!({"budget": {"usd": budget, "period": "day"}})).await;
 
@@ -596,13 +587,7 @@ async fn two_replicas_on_redis_share_one_budget_and_never_overspend_it() {
 #[ignore = "needs redis-server (make test)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_redis_enforce_tokens_and_concurrency_once() {
-    let redis = RedisServer::start();
-    let text = config(
-        &format!("store = \"redis\"\nredis_url = \"{}\"", redis.url()),
-        "",
-    );
-    let one = Gateway::start(&text).await;
-    let two = Gateway::start(&text).await;
+    let (_redis, one, two) = two_replicas_on_redis().await;
     let (_, secret) = create_key(&one, json!({"max_concurrent": 3, "tpm": 1000})).await;
     let responses = futures::future::join_all((0..10).map(|i| {
         let gw = if i % 2 == 0 { &one } else { &two };
@@ -649,13 +634,13 @@ async fn embeddings_count_against_tokens_and_budgets_and_in_the_usage_book() {
         (standing["spent_usd"].as_f64().unwrap() - 0.006).abs() < 1e-9,
         "{standing}"
     );
-    let (_, usage) = admin(
-        &gw,
-        reqwest::Method::GET,
-        &format!("/admin/usage?key={id}&group_by=route,model"),
-        None,
-    )
-    .await;
+    let (_, usage) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/usage?key={id}&group_by=route,model"),
+            None,
+        )
+        .await;
     let row = &usage["data"][0];
     assert_eq!(
         (row["route"].as_str(), row["model"].as_str()),

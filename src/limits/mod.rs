@@ -357,14 +357,16 @@ impl Limits {
         );
         let input = upstream.as_ref().map(|u| u.input);
         let mut settlement = Settlement {
-            store: self.store.clone(),
+            taken: Taken {
+                store: self.store.clone(),
+                deferred: Arc::clone(&self.deferred),
+                holder: String::new(),
+                tokens: Vec::new(),
+                slots: Vec::new(),
+                holds: Vec::new(),
+            },
             usage: Arc::clone(&self.usage),
-            deferred: Arc::clone(&self.deferred),
             prices: Arc::clone(&self.prices),
-            holder: String::new(),
-            tokens: Vec::new(),
-            slots: Vec::new(),
-            holds: Vec::new(),
             input_estimate: input.map_or(0, |i| i.estimate()),
             booked: true,
             row,
@@ -452,7 +454,7 @@ impl Limits {
                 upstream: Ok(Charge::holding(settlement)),
             });
         }
-        settlement.holder = uuid::Uuid::new_v4().simple().to_string();
+        settlement.taken.holder = uuid::Uuid::new_v4().simple().to_string();
         let refusal = |error: ApiError, scope: &'static str, limit: &'static str| Refusal {
             error,
             scope,
@@ -464,7 +466,7 @@ impl Limits {
             second.clear();
             purposes.retain(|p| matches!(p, Purpose::Requests(_)));
             let admitted = self
-                .apply(store.as_ref(), &settlement.holder, &first, &[])
+                .apply(store.as_ref(), &settlement.taken.holder, &first, &[])
                 .await
                 .unwrap_or_else(|_| crate::store::Admitted {
                     first: true,
@@ -477,7 +479,7 @@ impl Limits {
             });
         }
         let admitted = match self
-            .apply(store.as_ref(), &settlement.holder, &first, &second)
+            .apply(store.as_ref(), &settlement.taken.holder, &first, &second)
             .await
         {
             Ok(admitted) => admitted,
@@ -519,7 +521,7 @@ impl Limits {
                     };
                     if admitted.second {
                         charge.tokens = tighter(charge.tokens, Some(state));
-                        settlement.tokens.push((scope.counter("tpm"), *asked));
+                        settlement.taken.tokens.push((scope.counter("tpm"), *asked));
                     } else if !outcome.fits && refused.is_none() {
                         let error = if *asked > limit {
                             ApiError::invalid(
@@ -543,7 +545,7 @@ impl Limits {
                 }
                 Purpose::Concurrent(scope) => {
                     if admitted.second {
-                        settlement.slots.push(scope.counter("concurrent"));
+                        settlement.taken.slots.push(scope.counter("concurrent"));
                     } else if !outcome.fits && refused.is_none() {
                         let limit = scope.limits.max_concurrent.unwrap_or_default();
                         let error = ApiError::RateLimited {
@@ -561,7 +563,10 @@ impl Limits {
                 Purpose::Budget(scope, budget, most) => {
                     let key = scope.counter(&format!("budget/{}", budget.period.current()));
                     if admitted.second {
-                        settlement.holds.push((key, budget.period.keep(), *most));
+                        settlement
+                            .taken
+                            .holds
+                            .push((key, budget.period.keep(), *most));
                         let cap = to_nanos(budget.usd);
                         let used = outcome.used + outcome.other;
                         let state = BudgetState {
@@ -823,16 +828,9 @@ pub struct Charge {
 }
 
 struct Settlement {
-    store: Option<Arc<dyn Store>>,
+    taken: Taken,
     usage: Arc<UsageBook>,
-    deferred: Arc<Deferred>,
     prices: Arc<PriceTable>,
-    holder: String,
-    /// Token counters and what admission counted on each.
-    tokens: Vec<(String, u64)>,
-    slots: Vec<String>,
-    /// Budget counters, how long their spend is kept, and what was held.
-    holds: Vec<(String, Duration, u64)>,
     input_estimate: u64,
     /// Whether the request counts in the usage book (a refused one does not).
     booked: bool,
@@ -861,7 +859,7 @@ impl Charge {
     pub fn needs_usage(&self) -> bool {
         self.settle
             .as_ref()
-            .is_some_and(|s| !s.tokens.is_empty() || !s.holds.is_empty())
+            .is_some_and(|s| !s.taken.tokens.is_empty() || !s.taken.holds.is_empty())
     }
 
     /// Settles a whole answer by its usage. Returns once the spend is durable, so an answer a
@@ -988,48 +986,52 @@ impl Settlement {
             self.usage.add(row, counts);
         }
         StoreWork {
-            store: self.store,
-            deferred: self.deferred,
-            holder: self.holder,
-            tokens: self.tokens,
-            slots: self.slots,
-            holds: self.holds,
+            taken: self.taken,
             used_tokens,
             cost,
         }
     }
 }
 
-/// A settled charge's writes to the store.
-struct StoreWork {
+/// What an admission took from the store, to be given back or turned into spend.
+struct Taken {
     store: Option<Arc<dyn Store>>,
     deferred: Arc<Deferred>,
     holder: String,
+    /// Token counters and what admission counted on each.
     tokens: Vec<(String, u64)>,
     slots: Vec<String>,
+    /// Budget counters, how long their spend is kept, and what was held.
     holds: Vec<(String, Duration, u64)>,
+}
+
+/// A settled charge's writes to the store.
+struct StoreWork {
+    taken: Taken,
     used_tokens: u64,
     cost: u64,
 }
 
 impl StoreWork {
     fn items(&self) -> Vec<Settle> {
-        let mut items = Vec::with_capacity(self.tokens.len() + self.slots.len() + self.holds.len());
-        for (counter, counted) in &self.tokens {
+        let mut items = Vec::with_capacity(
+            self.taken.tokens.len() + self.taken.slots.len() + self.taken.holds.len(),
+        );
+        for (counter, counted) in &self.taken.tokens {
             items.push(Settle::Count {
                 key: counter.clone(),
                 delta: self.used_tokens as i64 - *counted as i64,
             });
         }
-        for slots in &self.slots {
+        for slots in &self.taken.slots {
             items.push(Settle::Hold {
                 key: slots.clone(),
-                holder: self.holder.clone(),
+                holder: self.taken.holder.clone(),
                 spend: 0,
                 keep: Duration::ZERO,
             });
         }
-        for (counter, keep, held) in &self.holds {
+        for (counter, keep, held) in &self.taken.holds {
             if self.cost > *held {
                 tracing::warn!(
                     held_usd = *held as f64 / NANOS_PER_USD,
@@ -1039,7 +1041,7 @@ impl StoreWork {
             }
             items.push(Settle::Hold {
                 key: counter.clone(),
-                holder: self.holder.clone(),
+                holder: self.taken.holder.clone(),
                 spend: self.cost,
                 keep: *keep,
             });
@@ -1053,10 +1055,10 @@ impl StoreWork {
     /// unsettled, so the settlement rides along with the next admission like the rest: a token
     /// count or a slot is not worth making an answer wait for.
     async fn commit(self) {
-        let Some(store) = self.store.clone() else {
+        let Some(store) = self.taken.store.clone() else {
             return;
         };
-        if store.is_shared() || self.holds.is_empty() || self.cost == 0 {
+        if store.is_shared() || self.taken.holds.is_empty() || self.cost == 0 {
             self.defer();
             return;
         }
@@ -1068,12 +1070,12 @@ impl StoreWork {
 
     /// Hands the settlement to the next admission (or the flush that follows shortly).
     fn defer(self) {
-        if self.store.is_none() {
+        if self.taken.store.is_none() {
             return;
         }
         let items = self.items();
         if !items.is_empty() {
-            self.deferred.push(items);
+            self.taken.deferred.push(items);
         }
     }
 }

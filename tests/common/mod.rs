@@ -159,6 +159,25 @@ impl Gateway {
             .unwrap()
     }
 
+    /// An admin API call: its status and its body as JSON (`null` if there is none).
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn health(&self) -> Value {
         self.get_json("/v1/health/providers", ADMIN).await
     }
