@@ -29,17 +29,6 @@ fn sled(dir: &tempfile::TempDir) -> String {
     format!("path = \"{}\"", dir.path().join("store").display())
 }
 
-async fn create(gw: &Gateway, body: Value) -> (String, String) {
-    let (status, created) = gw
-        .admin(reqwest::Method::POST, "/admin/keys", Some(body))
-        .await;
-    assert_eq!(status, 201, "{created}");
-    (
-        created["id"].as_str().unwrap().to_owned(),
-        created["secret"].as_str().unwrap().to_owned(),
-    )
-}
-
 async fn chat(gw: &Gateway, secret: &str, model: &str) -> reqwest::Response {
     gw.client
         .post(gw.url("/v1/chat/completions"))
@@ -60,11 +49,9 @@ async fn chat_status(gw: &Gateway, secret: &str, model: &str) -> (u16, Value) {
 async fn a_key_is_shown_once_kept_as_a_digest_and_works_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&routes(&sled(&dir))).await;
-    let (id, secret) = create(
-        &gw,
-        json!({"name": "support bot", "tenant": "support", "metadata": {"team": "cx"}}),
-    )
-    .await;
+    let (id, secret) = gw
+        .create_key(json!({"name": "support bot", "tenant": "support", "metadata": {"team": "cx"}}))
+        .await;
     assert!(secret.starts_with("rpr_") && secret.len() > 40, "{secret}");
     assert_eq!(chat_status(&gw, &secret, "chat").await.0, 200);
     assert_eq!(chat_status(&gw, "rpr_0000", "chat").await.0, 401);
@@ -104,7 +91,9 @@ async fn a_key_is_shown_once_kept_as_a_digest_and_works_at_once() {
 async fn a_key_may_be_limited_to_some_models_and_changed() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&routes(&sled(&dir))).await;
-    let (id, secret) = create(&gw, json!({"name": "n", "tenant": "t", "models": ["chat"]})).await;
+    let (id, secret) = gw
+        .create_key(json!({"name": "n", "tenant": "t", "models": ["chat"]}))
+        .await;
     assert_eq!(chat_status(&gw, &secret, "chat").await.0, 200);
     let (status, body) = chat_status(&gw, &secret, "other").await;
     assert_eq!(
@@ -187,7 +176,7 @@ async fn a_key_may_be_limited_to_some_models_and_changed() {
 async fn rotation_keeps_the_old_secret_for_its_grace_and_expiry_ends_a_key() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&routes(&sled(&dir))).await;
-    let (id, old) = create(&gw, json!({"name": "n", "tenant": "t"})).await;
+    let (id, old) = gw.create_key(json!({"name": "n", "tenant": "t"})).await;
     let (status, rotated) = gw
         .admin(
             reqwest::Method::POST,
@@ -208,11 +197,9 @@ async fn rotation_keeps_the_old_secret_for_its_grace_and_expiry_ends_a_key() {
     assert_eq!(chat_status(&gw, &old, "chat").await.0, 401, "after it");
     assert_eq!(chat_status(&gw, &new, "chat").await.0, 200);
 
-    let (_, short) = create(
-        &gw,
-        json!({"name": "short", "tenant": "t", "expires_in": "1s"}),
-    )
-    .await;
+    let (_, short) = gw
+        .create_key(json!({"name": "short", "tenant": "t", "expires_in": "1s"}))
+        .await;
     assert_eq!(chat_status(&gw, &short, "chat").await.0, 200);
     tokio::time::sleep(Duration::from_millis(1600)).await;
     assert_eq!(chat_status(&gw, &short, "chat").await.0, 401);
@@ -224,8 +211,8 @@ async fn keys_survive_a_restart_and_a_revoked_key_stays_revoked() {
     let config = routes(&sled(&dir));
     let mock = Mock::start().await;
     let gw = Gateway::start_with(mock.clone(), &config).await;
-    let (_, kept) = create(&gw, json!({"name": "kept", "tenant": "t"})).await;
-    let (revoked_id, revoked) = create(&gw, json!({"name": "gone", "tenant": "t"})).await;
+    let (_, kept) = gw.create_key(json!({"name": "kept", "tenant": "t"})).await;
+    let (revoked_id, revoked) = gw.create_key(json!({"name": "gone", "tenant": "t"})).await;
     assert_eq!(chat_status(&gw, &revoked, "chat").await.0, 200);
     let (status, body) = gw
         .admin(
@@ -257,7 +244,9 @@ async fn a_key_revoked_on_one_replica_is_refused_on_another_within_a_second() {
     ));
     let one = Gateway::start(&config).await;
     let two = Gateway::start(&config).await;
-    let (id, secret) = create(&one, json!({"name": "shared", "tenant": "t"})).await;
+    let (id, secret) = one
+        .create_key(json!({"name": "shared", "tenant": "t"}))
+        .await;
     assert_eq!(
         chat_status(&two, &secret, "chat").await.0,
         200,
@@ -286,12 +275,10 @@ async fn a_key_revoked_on_one_replica_is_refused_on_another_within_a_second() {
 async fn a_key_over_its_request_limit_gets_429_with_openai_headers() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&routes(&sled(&dir))).await;
-    let (_, limited) = create(
-        &gw,
-        json!({"name": "n", "tenant": "t", "limits": {"rpm": 3}}),
-    )
-    .await;
-    let (_, other) = create(&gw, json!({"name": "o", "tenant": "t"})).await;
+    let (_, limited) = gw
+        .create_key(json!({"name": "n", "tenant": "t", "limits": {"rpm": 3}}))
+        .await;
+    let (_, other) = gw.create_key(json!({"name": "o", "tenant": "t"})).await;
     for remaining in ["2", "1", "0"] {
         let response = chat(&gw, &limited, "chat").await;
         assert_eq!(response.status(), 200);
@@ -348,11 +335,9 @@ async fn two_replicas_enforce_a_request_limit_once_not_twice() {
     ));
     let one = Gateway::start(&config).await;
     let two = Gateway::start(&config).await;
-    let (_, secret) = create(
-        &one,
-        json!({"name": "shared", "tenant": "t", "limits": {"rpm": 100}}),
-    )
-    .await;
+    let (_, secret) = one
+        .create_key(json!({"name": "shared", "tenant": "t", "limits": {"rpm": 100}}))
+        .await;
     let statuses = futures::future::join_all((0..300).map(|i| {
         let gateway = if i % 2 == 0 { &one } else { &two };
         let secret = secret.clone();
@@ -372,7 +357,7 @@ async fn two_replicas_enforce_a_request_limit_once_not_twice() {
 async fn a_tenant_limit_is_shared_by_every_key_of_the_tenant() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&format!("[tenants.a]\nrpm = 3\n{}", routes(&sled(&dir)))).await;
-    let (_, runtime_key) = create(&gw, json!({"name": "n", "tenant": "a"})).await;
+    let (_, runtime_key) = gw.create_key(json!({"name": "n", "tenant": "a"})).await;
     let mut statuses = Vec::new();
     for secret in [
         common::KEY_A,

@@ -60,15 +60,8 @@ fn sled(dir: &tempfile::TempDir) -> String {
 }
 
 async fn create_key(gw: &Gateway, limits: Value) -> (String, String) {
-    let body = json!({"name": "limited", "tenant": "t", "limits": limits});
-    let (status, created) = gw
-        .admin(reqwest::Method::POST, "/admin/keys", Some(body))
-        .await;
-    assert_eq!(status, 201, "{created}");
-    (
-        created["id"].as_str().unwrap().to_owned(),
-        created["secret"].as_str().unwrap().to_owned(),
-    )
+    gw.create_key(json!({"name": "limited", "tenant": "t", "limits": limits}))
+        .await
 }
 
 async fn chat(gw: &Gateway, secret: &str, body: Value) -> reqwest::Response {

@@ -72,17 +72,9 @@ async fn the_openai_sdk_waits_out_a_rate_limit_by_itself() {
         dir.path().join("store").display()
     ))
     .await;
-    let created: serde_json::Value = gw
-        .post(
-            "/admin/keys",
-            common::ADMIN,
-            serde_json::json!({"name": "sdk", "tenant": "t", "limits": {"rpm": 1}}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let secret = created["secret"].as_str().unwrap().to_owned();
+    let (_, secret) = gw
+        .create_key(serde_json::json!({"name": "sdk", "tenant": "t", "limits": {"rpm": 1}}))
+        .await;
     let first = gw
         .chat_with(
             &secret,
@@ -126,17 +118,11 @@ async fn the_openai_sdk_stops_at_a_spent_budget_without_retrying() {
         dir.path().join("store").display()
     ))
     .await;
-    let created: serde_json::Value = gw
-        .post(
-            "/admin/keys",
-            common::ADMIN,
+    let (_, secret) = gw
+        .create_key(
             serde_json::json!({"name": "sdk", "tenant": "t", "limits": {"budget": {"usd": 0.03}}}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let secret = created["secret"].as_str().unwrap().to_owned();
+        .await;
     let script = r#"
 import os, openai
 client = openai.OpenAI(base_url=os.environ["REPRISE_BASE"] + "/v1", api_key=os.environ["REPRISE_KEY"], max_retries=3)

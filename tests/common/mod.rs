@@ -178,6 +178,18 @@ impl Gateway {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Makes a run-time key through the admin API: its id and secret.
+    pub async fn create_key(&self, body: Value) -> (String, String) {
+        let (status, created) = self
+            .admin(reqwest::Method::POST, "/admin/keys", Some(body))
+            .await;
+        assert_eq!(status, 201, "{created}");
+        (
+            created["id"].as_str().unwrap().to_owned(),
+            created["secret"].as_str().unwrap().to_owned(),
+        )
+    }
+
     pub async fn health(&self) -> Value {
         self.get_json("/v1/health/providers", ADMIN).await
     }
