@@ -113,6 +113,17 @@ fn every_subcommand_has_help() {
     }
 }
 
+/// An admin API call to a spawned gateway: the answer's body.
+async fn admin_json(addr: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("http://{addr}{path}"))
+        .bearer_auth(ADMIN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 type LogLines = std::sync::Arc<parking_lot::Mutex<Vec<String>>>;
 
 /// Runs `reprise serve` on a config with JSON logs; returns the process, its address and its log.
@@ -578,16 +589,13 @@ async fn spend_answered_before_kill_9_is_still_spent_after_it() {
     let client = reqwest::Client::new();
 
     let (mut child, addr, _) = spawn_gateway(&path);
-    let created: Value = client
-        .post(format!("http://{addr}/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "n", "tenant": "t", "limits": {"budget": {"usd": 100}}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = admin_json(
+        &addr,
+        reqwest::Method::POST,
+        "/admin/keys",
+        Some(json!({"name": "n", "tenant": "t", "limits": {"budget": {"usd": 100}}})),
+    )
+    .await;
     let (id, secret) = (
         created["id"].as_str().unwrap(),
         created["secret"].as_str().unwrap(),
@@ -607,15 +615,13 @@ async fn spend_answered_before_kill_9_is_still_spent_after_it() {
     assert!(answered.iter().all(|ok| *ok));
 
     let (mut child, addr, _) = spawn_gateway(&path);
-    let key: Value = client
-        .get(format!("http://{addr}/admin/keys/{id}"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let key = admin_json(
+        &addr,
+        reqwest::Method::GET,
+        &format!("/admin/keys/{id}"),
+        None,
+    )
+    .await;
     // Each answer: 11 + 7 tokens at 1000 USD per million.
     let spent = key["budget"]["spent_usd"].as_f64().unwrap();
     assert!((spent - 20.0 * 0.018).abs() < 1e-9, "{key}");
@@ -642,16 +648,13 @@ async fn a_replica_killed_mid_request_frees_its_slot_and_spends_its_hold_after_t
     );
     let client = reqwest::Client::new();
     let (mut doomed, addr, _) = spawn_gateway(&path);
-    let created: Value = client
-        .post(format!("http://{addr}/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "n", "tenant": "t", "limits": {"max_concurrent": 1, "budget": {"usd": 1}}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = admin_json(
+        &addr,
+        reqwest::Method::POST,
+        "/admin/keys",
+        Some(json!({"name": "n", "tenant": "t", "limits": {"max_concurrent": 1, "budget": {"usd": 1}}})),
+    )
+    .await;
     let (id, secret) = (
         created["id"].as_str().unwrap().to_owned(),
         created["secret"].as_str().unwrap().to_owned(),
