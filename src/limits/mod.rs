@@ -161,8 +161,13 @@ struct Scope<'a> {
 
 impl Scope<'_> {
     fn counter(&self, what: &str) -> String {
-        format!("limits/v1/{}/{}/{what}", self.kind, self.id)
+        counter(self.kind, self.id, what)
     }
+}
+
+/// Where a key's or tenant's count or budget lives in the store.
+fn counter(kind: &str, id: &str, what: &str) -> String {
+    format!("limits/v1/{kind}/{id}/{what}")
 }
 
 pub struct Limits {
@@ -260,7 +265,8 @@ enum Purpose<'a> {
     Requests(&'a Scope<'a>),
     Tokens(&'a Scope<'a>, u64),
     Concurrent(&'a Scope<'a>),
-    Budget(&'a Scope<'a>, &'a Budget, u64),
+    /// The budget, what is held against it, and the counter of the period it is held in.
+    Budget(&'a Scope<'a>, &'a Budget, u64, String),
 }
 
 impl Limits {
@@ -437,14 +443,17 @@ impl Limits {
                             * f64::from(choices)
                             / 1e6,
                     );
+                    // Named once: a request admitted just before midnight settles in the period
+                    // it was held in.
+                    let counter = scope.counter(&format!("budget/{}", budget.period.current()));
                     second.push(Step::Hold {
-                        key: scope.counter(&format!("budget/{}", budget.period.current())),
+                        key: counter.clone(),
                         amount: most,
                         cap: to_nanos(budget.usd),
                         lease: self.hold_lease,
                         spend_on_lapse: Some(budget.period.keep()),
                     });
-                    purposes.push(Purpose::Budget(scope, budget, most));
+                    purposes.push(Purpose::Budget(scope, budget, most, counter));
                 }
             }
         }
@@ -487,10 +496,14 @@ impl Limits {
                 // A rate limit is not worth an outage: the request is counted nowhere. A
                 // budget is money: without the store to hold it against, nothing goes upstream.
                 tracing::warn!(%error, "cannot count against limits; admitted uncounted");
-                let upstream = if purposes.iter().any(|p| matches!(p, Purpose::Budget(..))) {
+                let budgeted = purposes.iter().find_map(|p| match p {
+                    Purpose::Budget(scope, ..) => Some(scope.kind),
+                    _ => None,
+                });
+                let upstream = if let Some(scope) = budgeted {
                     Err(refusal(
                         ApiError::StoreUnavailable("the budget store cannot be reached".into()),
-                        "key",
+                        scope,
                         "budget",
                     ))
                 } else {
@@ -560,13 +573,12 @@ impl Limits {
                         refused = Some(refusal(error, scope.kind, "concurrent"));
                     }
                 }
-                Purpose::Budget(scope, budget, most) => {
-                    let key = scope.counter(&format!("budget/{}", budget.period.current()));
+                Purpose::Budget(scope, budget, most, counter) => {
                     if admitted.second {
                         settlement
                             .taken
                             .holds
-                            .push((key, budget.period.keep(), *most));
+                            .push((counter.clone(), budget.period.keep(), *most));
                         let cap = to_nanos(budget.usd);
                         let used = outcome.used + outcome.other;
                         let state = BudgetState {
@@ -676,8 +688,10 @@ impl Limits {
             return Value::Null;
         };
         let period = budget.period.current();
-        let counter = format!("limits/v1/{scope}/{id}/budget/{period}");
-        match store.holding(&counter).await {
+        match store
+            .holding(&counter(scope, id, &format!("budget/{period}")))
+            .await
+        {
             Ok(held) => serde_json::json!({
                 "usd": budget.usd,
                 "period": budget.period.label(),
