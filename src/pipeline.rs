@@ -23,7 +23,7 @@ use crate::cache::{
 use crate::config::{CacheConfig, Config, StoreKind};
 use crate::error::ApiError;
 use crate::keys::{KeyRecord, KeyStore};
-use crate::limits::usage::{UsageBook, UsageCounts, UsageKey};
+use crate::limits::usage::UsageBook;
 use crate::limits::{BudgetState, Limits, RateState, Upstream};
 use crate::prices::PriceTable;
 use crate::prompts::{PromptRef, PromptStore, Resolution, Usage as PromptUsage};
@@ -241,7 +241,12 @@ impl Pipeline {
                 if let Ok(charge) = admission.upstream {
                     charge.cancel();
                 }
-                self.book_hit(context, &route.name, &trace.cache);
+                self.limits.book_hit(
+                    &context.tenant,
+                    context.key.as_deref(),
+                    &route.name,
+                    &trace.cache,
+                );
                 if let Some(check) = check {
                     self.check_behind(route, request, check);
                 }
@@ -291,28 +296,6 @@ impl Pipeline {
                 check.compare(&served.value);
             }
         });
-    }
-
-    /// Books a cache hit: it costs nothing, and saved what the upstream would have billed.
-    fn book_hit(&self, context: &RequestContext, route: &str, report: &CacheReport) {
-        let mut row = UsageKey::today(
-            &context.tenant,
-            context.key.as_ref().map(|k| k.id.as_str()),
-            route,
-        );
-        if let Some(model) = &report.model {
-            row.model.clone_from(model);
-        }
-        self.limits.usage().add(
-            row,
-            UsageCounts {
-                requests: 1,
-                cache_hits: 1,
-                tokens_saved: report.tokens_saved,
-                saved_nanos: (report.saved_usd * 1e9).round() as u64,
-                ..UsageCounts::default()
-            },
-        );
     }
 
     async fn stream_upstream(

@@ -682,6 +682,31 @@ impl Limits {
         Ok(dearest)
     }
 
+    /// Books a cache hit in the usage book: it cost nothing, and saved what the upstream would
+    /// have billed.
+    pub fn book_hit(
+        &self,
+        tenant: &str,
+        key: Option<&KeyRecord>,
+        route: &str,
+        report: &crate::cache::CacheReport,
+    ) {
+        let mut row = UsageKey::today(tenant, key.map(|k| k.id.as_str()), route);
+        if let Some(model) = &report.model {
+            row.model.clone_from(model);
+        }
+        self.usage.add(
+            row,
+            UsageCounts {
+                requests: 1,
+                cache_hits: 1,
+                tokens_saved: report.tokens_saved,
+                saved_nanos: to_nanos(report.saved_usd),
+                ..UsageCounts::default()
+            },
+        );
+    }
+
     /// Where a key's or tenant's budget stands now, for the admin API.
     pub async fn budget_standing(&self, scope: &'static str, id: &str, budget: &Budget) -> Value {
         let Some(store) = &self.store else {
