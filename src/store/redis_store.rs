@@ -61,8 +61,14 @@ fn glob_escape(text: &str) -> String {
 static ADMIT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-    local time = redis.call('TIME')
-    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    local now
+    local function clock()
+        if not now then
+            local time = redis.call('TIME')
+            now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+        end
+        return now
+    end
     local k, a = 1, 3
     for _ = 1, tonumber(ARGV[2]) do
         local kind, holder, value, keep = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
@@ -86,16 +92,25 @@ static ADMIT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     end
     local holder = ARGV[1]
     local steps = {}
+    local ok = {true, true}
     while a <= #ARGV do
         local s = {kind = ARGV[a], group = tonumber(ARGV[a + 1]), raw = ARGV[a + 2],
             amount = tonumber(ARGV[a + 2]), cap = tonumber(ARGV[a + 3]), ms = ARGV[a + 4],
             keep = ARGV[a + 5], key = k}
         a = a + 6
         if s.kind == 'c' then
-            s.used = tonumber(redis.call('GET', KEYS[k]) or '0')
+            -- Counted at once (one call instead of a read and a write); taken back below if
+            -- its group does not fit.
+            s.used = redis.call('INCRBY', KEYS[k], s.raw)
+            s.ttl = redis.call('PTTL', KEYS[k])
+            if s.ttl < 0 then
+                redis.call('PEXPIRE', KEYS[k], s.ms)
+                s.ttl = tonumber(s.ms)
+            end
+            s.fits = s.used <= s.cap
             k = k + 1
         else
-            local lapsed = redis.call('ZRANGEBYSCORE', KEYS[k + 2], '-inf', now)
+            local lapsed = redis.call('ZRANGEBYSCORE', KEYS[k + 2], '-inf', clock())
             for _, h in ipairs(lapsed) do
                 local amount = redis.call('HGET', KEYS[k + 1], h)
                 if amount and tonumber(s.keep) > 0 then
@@ -104,36 +119,31 @@ static ADMIT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
                 end
                 redis.call('HDEL', KEYS[k + 1], h)
             end
-            if #lapsed > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', now) end
+            if #lapsed > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', clock()) end
             s.held = 0
             for _, v in ipairs(redis.call('HVALS', KEYS[k + 1])) do s.held = s.held + tonumber(v) end
             s.spent = tonumber(redis.call('GET', KEYS[k]) or '0')
-            s.used = s.spent + s.held
+            s.fits = s.spent + s.held + s.amount <= s.cap
             k = k + 3
         end
-        s.fits = s.used + s.amount <= s.cap
+        if not s.fits then ok[s.group] = false end
         table.insert(steps, s)
     end
-    local ok = {true, true}
-    for _, s in ipairs(steps) do if not s.fits then ok[s.group] = false end end
     if not ok[1] then ok[2] = false end
     local out = {ok[1] and 1 or 0, ok[2] and 1 or 0}
     for _, s in ipairs(steps) do
         local key = KEYS[s.key]
         if s.kind == 'c' then
-            if ok[s.group] then
-                s.used = redis.call('INCRBY', key, s.raw)
-                if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, s.ms) end
+            if not ok[s.group] then
+                s.used = redis.call('DECRBY', key, s.raw)
             end
-            local ttl = redis.call('PTTL', key)
-            if ttl < 0 then ttl = 0 end
             table.insert(out, s.fits and 1 or 0)
             table.insert(out, s.used)
-            table.insert(out, ttl)
+            table.insert(out, s.ttl)
         else
             if ok[s.group] then
                 redis.call('HSET', KEYS[s.key + 1], holder, s.raw)
-                redis.call('ZADD', KEYS[s.key + 2], now + tonumber(s.ms), holder)
+                redis.call('ZADD', KEYS[s.key + 2], clock() + tonumber(s.ms), holder)
                 -- Holds that turn into spend must outlive their lease until someone spends them.
                 local life = tonumber(s.ms) + tonumber(s.keep)
                 redis.call('PEXPIRE', KEYS[s.key + 1], life)
