@@ -31,6 +31,7 @@ pub mod prices;
 pub mod prompts;
 pub mod protocol;
 pub mod providers;
+pub mod request_log;
 pub mod router;
 pub mod server;
 pub mod store;

@@ -71,6 +71,35 @@ pub struct Trace {
     pub tokens: Option<RateState>,
     /// For `x-reprise-budget-*`, once the request was admitted upstream.
     pub budget: Option<BudgetState>,
+    /// Who asked, for the request log.
+    pub caller: Option<Caller>,
+    pub stream: bool,
+    /// The kind of error a failed request ended with.
+    pub error: Option<&'static str>,
+}
+
+/// Who made a request, as the request log records it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub request_id: String,
+    pub tenant: Arc<str>,
+    /// The run-time key's id.
+    pub key: Option<String>,
+    pub user: Option<String>,
+}
+
+impl Caller {
+    fn of(context: &RequestContext, body_user: Option<&str>) -> Self {
+        Self {
+            request_id: context.request_id.clone(),
+            tenant: Arc::clone(&context.tenant),
+            key: context.key.as_ref().map(|k| k.id.clone()),
+            user: context
+                .user
+                .clone()
+                .or_else(|| body_user.map(str::to_owned)),
+        }
+    }
 }
 
 pub struct Answered<T> {
@@ -178,6 +207,11 @@ impl Pipeline {
         })
     }
 
+    /// What tokens cost, by model.
+    pub fn prices(&self) -> &PriceTable {
+        &self.prices
+    }
+
     /// Keys' and tenants' limits, and the usage book.
     pub fn limits(&self) -> &Limits {
         &self.limits
@@ -201,6 +235,8 @@ impl Pipeline {
         let prompt = self.resolve_prompt(context, &mut request)?;
         let mut trace = Trace {
             prompt: prompt.as_ref().map(PromptTrace::of),
+            caller: Some(Caller::of(context, request.user.as_deref())),
+            stream: request.wants_stream(),
             ..Trace::default()
         };
         let fail = |error: ApiError, trace: &Trace| Failed {
@@ -456,6 +492,7 @@ impl Pipeline {
         let mut trace = Trace {
             route: Some(route.name.clone()),
             rate: admission.rate,
+            caller: Some(Caller::of(context, None)),
             ..Trace::default()
         };
         let charge = admission.upstream.map_err(|refusal| Failed {

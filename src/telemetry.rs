@@ -146,6 +146,7 @@ pub struct Metrics {
     budget_exhausted: Family<RouteLabels, Counter>,
     route_panics: Family<RouteLabels, Counter>,
     limit_refusals: Family<LimitLabels, Counter>,
+    request_log_dropped: Counter,
     budget_warnings: Family<LimitLabels, Counter>,
     connections_open: Gauge,
     client_timeouts: Family<ClientTimeoutLabels, Counter>,
@@ -239,6 +240,12 @@ impl Metrics {
             "limit_refusals",
             "Requests refused by a key's or tenant's limit (requests, tokens, concurrent, budget)",
             limit_refusals.clone(),
+        );
+        let request_log_dropped = Counter::default();
+        registry.register(
+            "request_log_dropped",
+            "Request records dropped because the request log's queue was full",
+            request_log_dropped.clone(),
         );
         let budget_warnings = Family::<LimitLabels, Counter>::default();
         registry.register(
@@ -398,6 +405,7 @@ impl Metrics {
             budget_exhausted,
             route_panics,
             limit_refusals,
+            request_log_dropped,
             budget_warnings,
             connections_open,
             client_timeouts,
@@ -482,6 +490,10 @@ impl Metrics {
         self.limit_refusals
             .get_or_create(&LimitLabels { scope, limit })
             .inc();
+    }
+
+    pub fn request_log_dropped(&self) {
+        self.request_log_dropped.inc();
     }
 
     pub fn budget_warned(&self, scope: &'static str) {

@@ -33,7 +33,7 @@ pub use prompts::PromptsConfig;
 pub use providers::{ProviderConfig, ProviderKind};
 pub use routes::{BreakerConfig, RetryConfig, RouteConfig, Strategy, TargetConfig, TimeoutConfig};
 pub use semantic::{SemanticConfig, VerifierKind};
-pub use server::{LogConfig, LogFormat, MetricsConfig, ServerConfig};
+pub use server::{LogConfig, LogFormat, MetricsConfig, RequestLogConfig, ServerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -77,6 +77,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// One record per API request, on this replica; off without this section.
+    pub request_log: Option<RequestLogConfig>,
     pub auth: AuthConfig,
     #[serde(default)]
     pub breaker: BreakerConfig,
@@ -229,6 +231,9 @@ impl Config {
             tenant.validate(name)?;
         }
         self.limits.validate()?;
+        if let Some(log) = &self.request_log {
+            log.validate()?;
+        }
         self.auth.validate()?;
         self.breaker.validate()?;
         self.cache.validate(

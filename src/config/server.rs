@@ -212,3 +212,50 @@ impl LogConfig {
             .map_err(|e| FieldError::new("log.level", e.to_string()))
     }
 }
+
+/// `[request_log]`: one record per API request, kept on this replica (`GET /admin/requests`);
+/// off without this section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestLogConfig {
+    #[serde(default = "default_request_log_path")]
+    pub path: std::path::PathBuf,
+    /// Records older than this are removed.
+    #[serde(default = "default_request_log_max_age", with = "humantime_serde")]
+    pub max_age: std::time::Duration,
+    /// Past this size on disk, the oldest records are removed.
+    #[serde(default = "default_request_log_max_bytes")]
+    pub max_bytes: u64,
+    /// Records waiting to be written; past it a record is dropped (and counted), never waited
+    /// for.
+    #[serde(default = "default_request_log_queue")]
+    pub queue: usize,
+}
+
+fn default_request_log_path() -> std::path::PathBuf {
+    "data/requests".into()
+}
+fn default_request_log_max_age() -> std::time::Duration {
+    std::time::Duration::from_secs(7 * 86_400)
+}
+fn default_request_log_max_bytes() -> u64 {
+    1 << 30
+}
+fn default_request_log_queue() -> usize {
+    10_000
+}
+
+impl RequestLogConfig {
+    pub(super) fn validate(&self) -> Result<(), FieldError> {
+        if self.queue == 0 {
+            return Err(FieldError::new("request_log.queue", "must be at least 1"));
+        }
+        if self.max_bytes < 1 << 20 {
+            return Err(FieldError::new(
+                "request_log.max_bytes",
+                "must be at least 1 MiB",
+            ));
+        }
+        Ok(())
+    }
+}

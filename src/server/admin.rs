@@ -2,13 +2,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
 use crate::cache::PurgeSelector;
+use crate::error::ApiError;
 use crate::protocol::parse_json;
 
 pub async fn provider_health(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -80,4 +81,58 @@ pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
 
 pub async fn liveness() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
+}
+
+fn request_log(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Arc<crate::request_log::RequestLog>, ApiError> {
+    state.auth.admin(headers)?;
+    state.request_log.clone().ok_or_else(|| {
+        ApiError::invalid(
+            "this gateway keeps no request log (add [request_log] to its config)",
+            None,
+        )
+    })
+}
+
+/// `GET /admin/requests?tenant&key&route&target&status&cache&since&until&limit`: records,
+/// newest first.
+pub async fn requests(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let answer = async {
+        let log = request_log(&state, &headers)?;
+        let query: crate::request_log::RequestQuery = serde_json::to_value(query)
+            .and_then(serde_json::from_value)
+            .map_err(|e| ApiError::invalid(format!("request query: {e}"), None))?;
+        let found = tokio::task::spawn_blocking(move || log.query(&query))
+            .await
+            .map_err(|_| ApiError::StoreUnavailable("request log query failed".into()))??;
+        Ok::<_, ApiError>(
+            axum::Json(serde_json::json!({"object": "list", "data": found})).into_response(),
+        )
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /admin/requests/{id}`: one request's record, by its `x-request-id`.
+pub async fn request(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let answer = async {
+        let log = request_log(&state, &headers)?;
+        match log.get(&id)? {
+            Some(record) => Ok::<_, ApiError>(axum::Json(record).into_response()),
+            None => Err(ApiError::NotFound {
+                message: format!("no request {id} in the log"),
+                param: None,
+            }),
+        }
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -62,6 +62,7 @@ pub struct AppState {
     max_body_bytes: usize,
     body_timeout: Duration,
     admission: Arc<admission::Admission>,
+    pub request_log: Option<Arc<crate::request_log::RequestLog>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -84,7 +85,15 @@ impl Endpoint {
 impl AppState {
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new().with_tenant_labels(config.metrics.tenant_labels));
+        let request_log = match &config.request_log {
+            Some(log) => Some(crate::request_log::RequestLog::open(
+                log,
+                Arc::clone(&metrics),
+            )?),
+            None => None,
+        };
         Ok(Self {
+            request_log,
             pipeline: Pipeline::from_config(config, metrics).await?,
             auth: Auth::from_config(&config.auth, &config.metrics),
             max_body_bytes: config.server.max_body_bytes,
@@ -108,6 +117,18 @@ impl AppState {
     ) {
         let route = trace.route.as_deref().unwrap_or("-");
         let elapsed = started.elapsed();
+        if let Some(log) = &self.request_log
+            && let Some(record) = crate::request_log::RequestRecord::of(
+                endpoint.label(),
+                trace,
+                status,
+                elapsed,
+                response,
+                self.pipeline.prices(),
+            )
+        {
+            log.push(record);
+        }
         self.pipeline
             .metrics
             .request(endpoint.label(), route, status, elapsed);
@@ -310,9 +331,10 @@ fn put_budget_headers(headers: &mut HeaderMap, budget: &crate::limits::BudgetSta
 fn respond_error(
     state: &AppState,
     endpoint: Endpoint,
-    failed: Failed,
+    mut failed: Failed,
     started: Instant,
 ) -> Response {
+    failed.trace.error = Some(failed.error.kind());
     state.record(
         endpoint,
         &failed.trace,
@@ -413,6 +435,8 @@ pub fn app(state: Arc<AppState>, with_metrics: bool) -> HttpRouter {
         .route("/admin/cache/purge", post(admin::cache_purge))
         .route("/admin/usage", get(keys::usage))
         .route("/admin/tenants", get(keys::tenants))
+        .route("/admin/requests", get(admin::requests))
+        .route("/admin/requests/{id}", get(admin::request))
         .route("/admin/keys", get(keys::list).post(keys::create))
         .route("/admin/keys/{id}", get(keys::show).patch(keys::update))
         .route("/admin/keys/{id}/rotate", post(keys::rotate))
