@@ -141,9 +141,21 @@ async fn every_request_leaves_a_record_found_by_id_and_by_filters() {
         .unwrap();
     assert_eq!(forbidden.status(), 403, "a gateway key cannot read the log");
 
+    // The last request goes in just before the stop: a graceful stop stores it.
+    let last = gw
+        .chat(json!({"model": "chat", "messages": user("last")}))
+        .await;
     let Gateway { mock, server, .. } = gw;
     assert!(server.stop().await.unwrap());
     let gw = Gateway::start_with(mock, &text).await;
     let kept = record(&gw, &request_id(&miss)).await;
     assert_eq!(kept, first, "the log survives a restart");
+    let (status, _) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/requests/{}", request_id(&last)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "the record queued at the stop was stored");
 }

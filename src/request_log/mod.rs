@@ -147,6 +147,9 @@ pub struct RequestLog {
     ids: sled::Tree,
     tenants: sled::Tree,
     metrics: Arc<Metrics>,
+    /// Records queued, and records stored: equal once the writer has caught up.
+    queued: AtomicU64,
+    stored: Arc<AtomicU64>,
 }
 
 fn backend(error: sled::Error) -> ApiError {
@@ -197,9 +200,16 @@ impl RequestLog {
             ids,
             tenants,
             metrics,
+            queued: AtomicU64::new(0),
+            stored: Arc::default(),
         });
         let sequence = Arc::new(AtomicU64::new(0));
-        tokio::spawn(write(Arc::downgrade(&log), receiver, sequence));
+        tokio::spawn(write(
+            Arc::downgrade(&log),
+            receiver,
+            sequence,
+            Arc::clone(&log.stored),
+        ));
         tokio::spawn(retain(
             Arc::downgrade(&log),
             config.max_age,
@@ -210,8 +220,29 @@ impl RequestLog {
 
     /// Queues a record; never waits. A full queue drops it (and counts it).
     pub fn push(&self, record: RequestRecord) {
-        if self.sender.try_send(record).is_err() {
-            self.metrics.request_log_dropped();
+        match self.sender.try_send(record) {
+            Ok(()) => {
+                self.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => self.metrics.request_log_dropped(),
+        }
+    }
+
+    /// Waits (up to `within`) until every queued record is stored, then flushes them to disk:
+    /// on shutdown, so a graceful stop loses nothing.
+    pub async fn drain(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.stored.load(Ordering::Acquire) < self.queued.load(Ordering::Relaxed)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let db = self.db.clone();
+        if !matches!(
+            tokio::task::spawn_blocking(move || db.flush()).await,
+            Ok(Ok(_))
+        ) {
+            tracing::warn!("cannot flush the request log");
         }
     }
 
@@ -375,6 +406,7 @@ async fn write(
     log: std::sync::Weak<RequestLog>,
     mut receiver: tokio::sync::mpsc::Receiver<RequestRecord>,
     sequence: Arc<AtomicU64>,
+    stored: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     while receiver.recv_many(&mut batch, BATCH).await > 0 {
@@ -383,10 +415,12 @@ async fn write(
             .drain(..)
             .map(|record| (sequence.fetch_add(1, Ordering::Relaxed), record))
             .collect();
-        let stored = tokio::task::spawn_blocking(move || log.store(&numbered)).await;
-        if !matches!(stored, Ok(Ok(()))) {
+        let count = numbered.len() as u64;
+        let written = tokio::task::spawn_blocking(move || log.store(&numbered)).await;
+        if !matches!(written, Ok(Ok(()))) {
             tracing::warn!("cannot write to the request log");
         }
+        stored.fetch_add(count, Ordering::Release);
     }
 }
 

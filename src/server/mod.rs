@@ -500,6 +500,8 @@ pub struct RunningServer {
     state: std::sync::Weak<AppState>,
     /// Writes deferred settlements and the usage book once the last request is done.
     closer: crate::limits::Closer,
+    /// Stores what the request log still has queued once the last request is done.
+    request_log: Option<Arc<crate::request_log::RequestLog>>,
 }
 
 impl RunningServer {
@@ -522,6 +524,10 @@ impl RunningServer {
             Ok(result) => {
                 result?;
                 // Cache writes finish just after the last connection.
+                if let Some(log) = &self.request_log {
+                    log.drain(Duration::from_secs(2)).await;
+                }
+                drop(self.request_log);
                 while state.strong_count() > 0 && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -570,6 +576,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     };
     let metrics = Arc::clone(&state.pipeline.metrics);
     let closer = state.pipeline.limits().closer();
+    let request_log = state.request_log.clone();
     let api = listener::serve(
         listener,
         app(Arc::clone(&state), metrics_listener.is_none()),
@@ -600,6 +607,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         shutdown: Shutdown(sender),
         grace: config.server.shutdown_grace,
         closer,
+        request_log,
         task,
         state: weak_state,
     })
