@@ -105,9 +105,7 @@ pub async fn requests(
 ) -> Response {
     let answer = async {
         let log = request_log(&state, &headers)?;
-        let query: crate::request_log::RequestQuery = serde_json::to_value(query)
-            .and_then(serde_json::from_value)
-            .map_err(|e| ApiError::invalid(format!("request query: {e}"), None))?;
+        let query: crate::request_log::RequestQuery = super::query_params(query, "request")?;
         let found = tokio::task::spawn_blocking(move || log.query(&query))
             .await
             .map_err(|_| ApiError::StoreUnavailable("request log query failed".into()))??;

@@ -164,9 +164,7 @@ pub async fn usage(
     reply(
         async {
             state.auth.admin(&headers)?;
-            let query: UsageQuery = serde_json::to_value(query)
-                .and_then(serde_json::from_value)
-                .map_err(|e| ApiError::invalid(format!("usage query: {e}"), None))?;
+            let query: UsageQuery = super::query_params(query, "usage")?;
             let book = state.pipeline.limits().usage().query(&query).await?;
             Ok(axum::Json(book).into_response())
         }

@@ -232,6 +232,16 @@ async fn authenticated_request<T: serde::de::DeserializeOwned + Send + 'static>(
     })
 }
 
+/// A query string's parameters as `T` (every value a string), or 400 naming what is wrong.
+fn query_params<T: serde::de::DeserializeOwned>(
+    params: std::collections::HashMap<String, String>,
+    what: &str,
+) -> Result<T, ApiError> {
+    serde_json::to_value(params)
+        .and_then(serde_json::from_value)
+        .map_err(|e| ApiError::invalid(format!("{what} query: {e}"), None))
+}
+
 async fn read_body(state: &AppState, body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     let read = body::read_limited(body, limit, state.body_timeout).await;
     if matches!(read, Err(ApiError::BodyTimeout { .. })) {
