@@ -60,18 +60,38 @@ async fn official_python_sdks_work_unchanged() {
     assert!(stdout.contains("all SDK checks passed"), "{stdout}");
 }
 
+/// A gateway with run-time keys, a store in `dir`, `extra` config lines and the route `chat`.
+async fn keyed_gateway(dir: &tempfile::TempDir, extra: &str) -> Gateway {
+    Gateway::start(&format!(
+        "[keys]\n[cache]\npath = \"{}\"\n{extra}[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
+        dir.path().join("store").display()
+    ))
+    .await
+}
+
+/// Runs a Python script with the official SDKs against `gw` as the key `secret`; its output,
+/// after checking that it succeeded.
+async fn run_script(gw: &Gateway, secret: &str, script: &str) -> String {
+    let output = tokio::process::Command::new(common::prerequisites::sdk_python())
+        .args(["-c", script])
+        .env("REPRISE_BASE", &gw.base)
+        .env("REPRISE_KEY", secret)
+        .output()
+        .await
+        .expect("the SDK python interpreter runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
 /// The key's one request a minute is spent first; the SDK then meets 429 with `Retry-After`
 /// (up to a minute), waits it out by itself and succeeds, without the caller doing anything.
 #[ignore = "needs Python with the official SDKs (make test)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdk_waits_out_a_rate_limit_by_itself() {
-    let python = common::prerequisites::sdk_python();
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(&format!(
-        "[keys]\n[cache]\npath = \"{}\"\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
-        dir.path().join("store").display()
-    ))
-    .await;
+    let gw = keyed_gateway(&dir, "").await;
     let (_, secret) = gw
         .create_key(serde_json::json!({"name": "sdk", "tenant": "t", "limits": {"rpm": 1}}))
         .await;
@@ -91,17 +111,8 @@ raw = client.chat.completions.with_raw_response.create(model="chat", messages=[{
 print("status", raw.http_response.status_code, "retries", raw.retries_taken, "waited %.1f" % (time.monotonic() - started))
 print("answer", raw.parse().choices[0].message.content)
 "#;
-    let output = tokio::process::Command::new(python)
-        .args(["-c", script])
-        .env("REPRISE_BASE", &gw.base)
-        .env("REPRISE_KEY", &secret)
-        .output()
-        .await
-        .expect("the SDK python interpreter runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = run_script(&gw, &secret, script).await;
     eprintln!("{stdout}");
-    assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("status 200 retries 1"), "{stdout}");
     assert!(stdout.contains("answer echo: second"), "{stdout}");
 }
@@ -111,13 +122,8 @@ print("answer", raw.parse().choices[0].message.content)
 #[ignore = "needs Python with the official SDKs (make test)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdk_stops_at_a_spent_budget_without_retrying() {
-    let python = common::prerequisites::sdk_python();
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(&format!(
-        "[keys]\n[cache]\npath = \"{}\"\n[prices.ok]\ninput = 1000.0\noutput = 1000.0\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
-        dir.path().join("store").display()
-    ))
-    .await;
+    let gw = keyed_gateway(&dir, "[prices.ok]\ninput = 1000.0\noutput = 1000.0\n").await;
     let (_, secret) = gw
         .create_key(
             serde_json::json!({"name": "sdk", "tenant": "t", "limits": {"budget": {"usd": 0.03}}}),
@@ -134,16 +140,7 @@ try:
 except openai.RateLimitError as error:
     print("refused", error.status_code, error.code)
 "#;
-    let output = tokio::process::Command::new(python)
-        .args(["-c", script])
-        .env("REPRISE_BASE", &gw.base)
-        .env("REPRISE_KEY", &secret)
-        .output()
-        .await
-        .expect("the SDK python interpreter runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let stdout = run_script(&gw, &secret, script).await;
     assert!(stdout.contains("first echo: hi"), "{stdout}");
     assert!(
         stdout.contains("refused 429 insufficient_quota"),
