@@ -26,6 +26,7 @@ pub mod embed;
 pub mod error;
 pub mod keys;
 pub mod limits;
+pub mod otel;
 pub mod pipeline;
 pub mod prices;
 pub mod prompts;

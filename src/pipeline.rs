@@ -25,11 +25,12 @@ use crate::error::ApiError;
 use crate::keys::{KeyRecord, KeyStore};
 use crate::limits::usage::UsageBook;
 use crate::limits::{BudgetState, Limits, RateState, Upstream};
+use crate::otel::TraceContext;
 use crate::prices::PriceTable;
 use crate::prompts::{PromptRef, PromptStore, Resolution, Usage as PromptUsage};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions, is_usage_only_chunk};
 use crate::providers::{ChatReply, ChunkStream};
-use crate::router::{Route, RouteFailure, Router, Served, TargetHealth};
+use crate::router::{Attempt, Route, RouteFailure, Router, Served, TargetHealth};
 use crate::store::{RedisStore, SledStore, Store};
 use crate::telemetry::{Metrics, PromptUse};
 
@@ -45,6 +46,8 @@ pub struct RequestContext {
     pub user: Option<String>,
     /// The run-time key the request came with (`None`: a key from `[auth]`).
     pub key: Option<Arc<KeyRecord>>,
+    /// The trace the request continues (the client's `traceparent`) or starts.
+    pub trace: TraceContext,
 }
 
 /// The prompt version that rendered a request.
@@ -76,6 +79,23 @@ pub struct Trace {
     pub stream: bool,
     /// The kind of error a failed request ended with.
     pub error: Option<&'static str>,
+    /// Every upstream attempt.
+    pub tried: Vec<Attempt>,
+    /// When the cache was looked up, and for how long.
+    pub cache_lookup: Option<(std::time::SystemTime, Duration)>,
+    /// A stream's usage chunk, once it passed (for the request log).
+    pub stream_usage: Option<Arc<StreamUsage>>,
+}
+
+/// The usage chunk of a stream, kept as it passes so the request log can count a stream's
+/// tokens and cost when it ends.
+#[derive(Debug, Default)]
+pub struct StreamUsage(parking_lot::Mutex<Option<Value>>);
+
+impl StreamUsage {
+    pub fn take(&self) -> Option<Value> {
+        self.0.lock().take()
+    }
 }
 
 /// Who made a request, as the request log records it.
@@ -86,6 +106,7 @@ pub struct Caller {
     /// The run-time key's id.
     pub key: Option<String>,
     pub user: Option<String>,
+    pub trace: TraceContext,
 }
 
 impl Caller {
@@ -98,6 +119,7 @@ impl Caller {
                 .user
                 .clone()
                 .or_else(|| body_user.map(str::to_owned)),
+            trace: context.trace.clone(),
         }
     }
 }
@@ -129,6 +151,9 @@ pub struct Pipeline {
     cache: CacheStage,
     prices: Arc<PriceTable>,
     pub metrics: Arc<Metrics>,
+    /// The request log or the trace exporter counts a stream's tokens, so every stream asks
+    /// the upstream for its usage.
+    stream_usage: bool,
 }
 
 impl Pipeline {
@@ -184,6 +209,7 @@ impl Pipeline {
             cache,
             prices,
             metrics,
+            stream_usage: config.request_log.is_some() || config.otlp.is_some(),
         })
     }
 
@@ -267,10 +293,14 @@ impl Pipeline {
             controls: &context.cache,
             prompt: prompt_scope.as_ref(),
         };
+        let looked_up = (std::time::SystemTime::now(), std::time::Instant::now());
         let lookup = self
             .cache
             .lookup(&scope, &request, route.total_timeout(), &mut trace.cache)
             .await;
+        if trace.cache.status.is_some() {
+            trace.cache_lookup = Some((looked_up.0, looked_up.1.elapsed()));
+        }
         let pending = match lookup {
             CacheLookup::Hit { reply, check } => {
                 // A hit costs nothing: what was held for going upstream goes back.
@@ -312,6 +342,7 @@ impl Pipeline {
                 pending.store(&served.target, &served.value);
                 trace.target = Some(served.target);
                 trace.attempts = served.attempts;
+                trace.tried = served.tried;
                 Ok(Answered {
                     value: ChatReply::Complete(served.value),
                     trace,
@@ -348,7 +379,8 @@ impl Pipeline {
         let client_wants_usage = request.wants_usage_in_stream();
         let counted = trace.prompt.clone().filter(|_| self.prompts.is_some());
         let add_usage =
-            (pending.stores() || counted.is_some() || charge.needs_usage()) && !client_wants_usage;
+            (pending.stores() || counted.is_some() || charge.needs_usage() || self.stream_usage)
+                && !client_wants_usage;
         if add_usage {
             request
                 .stream_options
@@ -360,6 +392,17 @@ impl Pipeline {
             Err(failure) => return Err(failed(failure, trace)),
         };
         let mut stream = charge.meter(served.target.clone(), served.value);
+        if self.stream_usage {
+            let usage = Arc::new(StreamUsage::default());
+            trace.stream_usage = Some(Arc::clone(&usage));
+            stream = Box::pin(stream.inspect(move |item| {
+                if let Ok(chunk) = item
+                    && chunk.get("usage").is_some_and(|u| !u.is_null())
+                {
+                    *usage.0.lock() = Some(chunk.clone());
+                }
+            }));
+        }
         if let (Some(prompt), Some(prompts)) = (counted, self.prompts.clone()) {
             let (metrics, prices) = (Arc::clone(&self.metrics), Arc::clone(&self.prices));
             let target = served.target.clone();
@@ -378,6 +421,7 @@ impl Pipeline {
         };
         trace.target = Some(served.target);
         trace.attempts = served.attempts;
+        trace.tried = served.tried;
         Ok(Answered {
             value: ChatReply::Stream(stream),
             trace,
@@ -506,6 +550,7 @@ impl Pipeline {
                 value,
                 target,
                 attempts,
+                tried,
             }) => {
                 charge.settle(&target, &value).await;
                 Ok(Answered {
@@ -513,6 +558,7 @@ impl Pipeline {
                     trace: Trace {
                         target: Some(target),
                         attempts,
+                        tried,
                         ..trace
                     },
                 })
@@ -585,6 +631,7 @@ fn failed(failure: RouteFailure, trace: Trace) -> Failed {
         error: failure.error,
         trace: Trace {
             attempts: failure.attempts,
+            tried: failure.tried,
             ..trace
         },
     }

@@ -38,6 +38,11 @@ struct ExtraAttemptLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OtlpLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabels {
     target: String,
 }
@@ -151,6 +156,8 @@ pub struct Metrics {
     connections_open: Gauge,
     client_timeouts: Family<ClientTimeoutLabels, Counter>,
     breaker_state: Family<TargetLabels, Gauge>,
+    time_to_first_token: Family<TargetLabels, Histogram, fn() -> Histogram>,
+    otlp_spans: Family<OtlpLabels, Counter>,
     cache_requests: Family<CacheLabels, Counter>,
     cache_tokens_saved: Family<RouteLabels, Counter>,
     cache_cost_saved: Family<RouteLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
@@ -258,6 +265,22 @@ impl Metrics {
             "breaker_state",
             "Circuit breaker per target: 0 closed, 1 half-open, 2 open",
             breaker_state.clone(),
+        );
+        let time_to_first_token =
+            Family::<TargetLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "upstream_time_to_first_token_seconds",
+            "Time from sending a streamed request to a target to its first output token",
+            time_to_first_token.clone(),
+        );
+        let otlp_spans = Family::<OtlpLabels, Counter>::default();
+        registry.register(
+            "otlp_spans",
+            "Spans handed to the OTLP exporter, by result: exported, dropped (queue full) or \
+             failed (the collector refused or was unreachable)",
+            otlp_spans.clone(),
         );
         let cache_requests = Family::<CacheLabels, Counter>::default();
         registry.register(
@@ -410,6 +433,8 @@ impl Metrics {
             connections_open,
             client_timeouts,
             breaker_state,
+            time_to_first_token,
+            otlp_spans,
             tenant_labels: true,
         }
     }
@@ -490,6 +515,20 @@ impl Metrics {
         self.limit_refusals
             .get_or_create(&LimitLabels { scope, limit })
             .inc();
+    }
+
+    pub fn time_to_first_token(&self, target: &str, elapsed: Duration) {
+        self.time_to_first_token
+            .get_or_create(&TargetLabels {
+                target: target.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn otlp_spans(&self, result: &'static str, spans: u64) {
+        self.otlp_spans
+            .get_or_create(&OtlpLabels { result })
+            .inc_by(spans);
     }
 
     pub fn request_log_dropped(&self) {

@@ -159,3 +159,188 @@ async fn every_request_leaves_a_record_found_by_id_and_by_filters() {
         .await;
     assert_eq!(status, 200, "the record queued at the stop was stored");
 }
+
+#[tokio::test]
+async fn a_record_lists_every_attempt_and_a_stream_is_recorded_at_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+        [request_log]
+        path = "{log}"
+        [prices.long-stream]
+        input = 1000.0
+        output = 1000.0
+        [routes.chat]
+        targets = [{{ provider = "mock", model = "status-503" }}, {{ provider = "mock2", model = "ok" }}]
+        retry = {{ attempts_per_target = 2, backoff_base = "10ms" }}
+        [routes.long]
+        targets = [{{ provider = "mock", model = "long-stream" }}]
+        "#,
+        log = dir.path().join("requests").display(),
+    );
+    let gw = Gateway::start(&text).await;
+    let answer = gw
+        .chat(json!({"model": "chat", "messages": user("try twice, then fail over")}))
+        .await;
+    assert_eq!(answer.status(), 200);
+    let kept = record(&gw, &request_id(&answer)).await;
+    let attempts = kept["upstream"].as_array().unwrap();
+    let summary: Vec<(&str, &str, &str, Option<u64>)> = attempts
+        .iter()
+        .map(|a| {
+            (
+                a["target"].as_str().unwrap(),
+                a["kind"].as_str().unwrap(),
+                a["outcome"].as_str().unwrap(),
+                a["status"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("mock/status-503", "first", "status_5xx", Some(503)),
+            ("mock/status-503", "retry", "status_5xx", Some(503)),
+            ("mock2/ok", "failover", "ok", Some(200)),
+        ],
+        "{kept}"
+    );
+    assert_eq!(kept["attempts"], 3);
+    let starts: Vec<f64> = attempts
+        .iter()
+        .map(|a| a["start_ms"].as_f64().unwrap())
+        .collect();
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "{starts:?}");
+    assert!(kept["trace_id"].as_str().unwrap().len() == 32);
+
+    // A stream: its record is made when it ends, with the tokens and cost of its usage chunk.
+    let stream = gw
+        .chat(json!({"model": "long", "messages": user("go on"), "stream": true}))
+        .await;
+    let id = request_id(&stream);
+    let body = stream.text().await.unwrap();
+    assert!(body.contains("[DONE]"));
+    let kept = record(&gw, &id).await;
+    assert_eq!(kept["stream"], true);
+    assert_eq!(
+        (
+            kept["input_tokens"].as_u64(),
+            kept["output_tokens"].as_u64()
+        ),
+        (Some(11), Some(7))
+    );
+    assert!(
+        (kept["cost_usd"].as_f64().unwrap() - 0.018).abs() < 1e-9,
+        "{kept}"
+    );
+    assert!(
+        kept["latency_ms"].as_f64().unwrap() >= 200.0 * 20.0 * 0.9,
+        "{kept}"
+    );
+    let first_token = kept["first_token_ms"].as_f64().unwrap();
+    assert!(first_token < 1000.0, "{first_token}");
+    assert!(kept.get("error").is_none(), "{kept}");
+
+    // A client that leaves mid-stream: recorded as such.
+    let mut left = gw
+        .chat(json!({"model": "long", "messages": user("leave early"), "stream": true}))
+        .await;
+    let id = request_id(&left);
+    left.chunk().await.unwrap();
+    drop(left);
+    let kept = record(&gw, &id).await;
+    assert_eq!(kept["error"], "client_closed", "{kept}");
+    assert!(kept["latency_ms"].as_f64().unwrap() < 3000.0);
+
+    let (status, errors) = gw
+        .admin(reqwest::Method::GET, "/admin/requests?error=true", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(errors["data"].as_array().unwrap().len(), 1, "{errors}");
+}
+
+#[tokio::test]
+async fn payloads_are_captured_only_where_configured_and_redacted_before_they_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+        [request_log]
+        path = "{log}"
+        [request_log.payloads]
+        routes = ["support"]
+        max_bytes = 400
+        redact_fields = ["user"]
+        redact_patterns = ['[\w.+-]+@[\w-]+\.[\w.]+']
+        [routes.support]
+        targets = [{{ provider = "mock", model = "ok" }}]
+        [routes.chat]
+        targets = [{{ provider = "mock", model = "ok" }}]
+        "#,
+        log = dir.path().join("requests").display(),
+    );
+    let gw = Gateway::start(&text).await;
+    let ask = |model: &str, text: &str, stream: bool| json!({"model": model, "messages": user(text), "user": "customer-42", "stream": stream});
+    let captured = gw
+        .chat(ask("support", "my mail is ann@example.com", false))
+        .await;
+    let kept = record(&gw, &request_id(&captured)).await;
+    let payload = &kept["payload"];
+    assert_eq!(
+        payload["request"]["messages"][0]["content"], "my mail is [redacted]",
+        "{kept}"
+    );
+    assert_eq!(payload["request"]["user"], "[redacted]");
+    assert_eq!(
+        payload["response"]["choices"][0]["message"]["content"],
+        "echo: my mail is [redacted]"
+    );
+    let raw = std::fs::read_dir(dir.path().join("requests"))
+        .unwrap()
+        .flatten()
+        .filter(|f| f.path().is_file())
+        .any(|f| {
+            std::fs::read(f.path())
+                .unwrap()
+                .windows(b"ann@example.com".len())
+                .any(|w| w == b"ann@example.com")
+        });
+    assert!(!raw, "the unredacted address reached the disk");
+
+    let streamed = gw
+        .chat(ask("support", "stream to ann@example.com", true))
+        .await;
+    let id = request_id(&streamed);
+    streamed.text().await.unwrap();
+    let kept = record(&gw, &id).await;
+    assert_eq!(
+        kept["payload"]["response"], "echo: stream to [redacted]",
+        "{kept}"
+    );
+
+    let big = gw.chat(ask("support", &"long ".repeat(200), false)).await;
+    let kept = record(&gw, &request_id(&big)).await;
+    assert_eq!(kept["payload"]["request"]["truncated"], true, "{kept}");
+    assert!(kept["payload"]["request"]["text"].as_str().unwrap().len() <= 400);
+
+    let elsewhere = gw.chat(ask("chat", "not captured", false)).await;
+    let kept = record(&gw, &request_id(&elsewhere)).await;
+    assert!(kept.get("payload").is_none(), "{kept}");
+}
+
+#[test]
+fn a_payload_route_that_does_not_exist_is_refused_at_startup() {
+    let text = r#"
+        [auth]
+        [request_log.payloads]
+        routes = ["nope"]
+        [providers.p]
+        kind = "openai"
+        base_url = "http://127.0.0.1:9/v1"
+        [routes.chat]
+        targets = [{ provider = "p", model = "m" }]
+        "#;
+    let error = reprise::config::Config::from_toml_str(text, "t.toml", &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("request_log.payloads.routes"), "{error}");
+}

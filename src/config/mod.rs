@@ -33,7 +33,9 @@ pub use prompts::PromptsConfig;
 pub use providers::{ProviderConfig, ProviderKind};
 pub use routes::{BreakerConfig, RetryConfig, RouteConfig, Strategy, TargetConfig, TimeoutConfig};
 pub use semantic::{SemanticConfig, VerifierKind};
-pub use server::{LogConfig, LogFormat, MetricsConfig, RequestLogConfig, ServerConfig};
+pub use server::{
+    LogConfig, LogFormat, MetricsConfig, OtlpConfig, PayloadConfig, RequestLogConfig, ServerConfig,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -79,6 +81,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// One record per API request, on this replica; off without this section.
     pub request_log: Option<RequestLogConfig>,
+    /// Spans to an OpenTelemetry collector; off without this section.
+    pub otlp: Option<OtlpConfig>,
     pub auth: AuthConfig,
     #[serde(default)]
     pub breaker: BreakerConfig,
@@ -232,7 +236,10 @@ impl Config {
         }
         self.limits.validate()?;
         if let Some(log) = &self.request_log {
-            log.validate()?;
+            log.validate(self.routes.keys().map(String::as_str))?;
+        }
+        if let Some(otlp) = &self.otlp {
+            otlp.validate()?;
         }
         self.auth.validate()?;
         self.breaker.validate()?;

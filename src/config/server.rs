@@ -230,6 +230,109 @@ pub struct RequestLogConfig {
     /// for.
     #[serde(default = "default_request_log_queue")]
     pub queue: usize,
+    /// Request and answer text in the record: off unless this names the route.
+    #[serde(default)]
+    pub payloads: PayloadConfig,
+}
+
+/// `[request_log.payloads]`: which routes' records keep the request and answer text, how much
+/// of it, and what is blanked out before anything is written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadConfig {
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// Each of the request and the answer is cut to this many bytes (of its JSON).
+    #[serde(default = "default_payload_max_bytes")]
+    pub max_bytes: usize,
+    /// JSON fields (by name, at any depth) whose value is replaced by `"[redacted]"`.
+    #[serde(default)]
+    pub redact_fields: Vec<String>,
+    /// Regular expressions; every match in any text is replaced by `[redacted]`.
+    #[serde(default)]
+    pub redact_patterns: Vec<String>,
+}
+
+impl Default for PayloadConfig {
+    fn default() -> Self {
+        Self {
+            routes: Vec::new(),
+            max_bytes: default_payload_max_bytes(),
+            redact_fields: Vec::new(),
+            redact_patterns: Vec::new(),
+        }
+    }
+}
+
+fn default_payload_max_bytes() -> usize {
+    16 * 1024
+}
+
+/// `[otlp]`: spans sent to an OpenTelemetry collector over OTLP/HTTP (protobuf); off without
+/// this section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's base URL (`/v1/traces` is added unless the path already ends with it).
+    pub endpoint: url::Url,
+    /// Extra headers, for collectors that want a token (`${ENV}` works).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, SecretString>,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// The share of new traces exported; a client's `traceparent` decides for its own.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Requests waiting to be exported; past it their spans are dropped (and counted).
+    #[serde(default = "default_request_log_queue")]
+    pub queue: usize,
+    #[serde(default = "default_otlp_timeout", with = "humantime_serde")]
+    pub timeout: std::time::Duration,
+}
+
+fn default_service_name() -> String {
+    "reprise".into()
+}
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+fn default_otlp_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+
+impl OtlpConfig {
+    pub(super) fn validate(&self) -> Result<(), FieldError> {
+        if !matches!(self.endpoint.scheme(), "http" | "https") {
+            return Err(FieldError::new("otlp.endpoint", "must be an http(s) URL"));
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(FieldError::new("otlp.sample_ratio", "must be within 0..=1"));
+        }
+        if self.queue == 0 {
+            return Err(FieldError::new("otlp.queue", "must be at least 1"));
+        }
+        for (name, value) in &self.headers {
+            let valid = axum::http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                && axum::http::HeaderValue::from_str(value.expose_secret()).is_ok();
+            if !valid {
+                return Err(FieldError::new(
+                    format!("otlp.headers.{name}"),
+                    "is not a valid HTTP header",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where spans are posted.
+    pub fn traces_url(&self) -> url::Url {
+        let mut url = self.endpoint.clone();
+        if !url.path().ends_with("/v1/traces") {
+            let path = format!("{}/v1/traces", url.path().trim_end_matches('/'));
+            url.set_path(&path);
+        }
+        url
+    }
 }
 
 fn default_request_log_path() -> std::path::PathBuf {
@@ -246,7 +349,32 @@ fn default_request_log_queue() -> usize {
 }
 
 impl RequestLogConfig {
-    pub(super) fn validate(&self) -> Result<(), FieldError> {
+    pub(super) fn validate<'a>(
+        &self,
+        routes: impl Iterator<Item = &'a str> + Clone,
+    ) -> Result<(), FieldError> {
+        for route in &self.payloads.routes {
+            if !routes.clone().any(|name| name == route) {
+                return Err(FieldError::new(
+                    "request_log.payloads.routes",
+                    format!("no route is named {route}"),
+                ));
+            }
+        }
+        if self.payloads.max_bytes < 256 {
+            return Err(FieldError::new(
+                "request_log.payloads.max_bytes",
+                "must be at least 256",
+            ));
+        }
+        for (i, pattern) in self.payloads.redact_patterns.iter().enumerate() {
+            if let Err(e) = regex::Regex::new(pattern) {
+                return Err(FieldError::new(
+                    format!("request_log.payloads.redact_patterns[{i}]"),
+                    format!("not a regular expression: {e}"),
+                ));
+            }
+        }
         if self.queue == 0 {
             return Err(FieldError::new("request_log.queue", "must be at least 1"));
         }

@@ -268,9 +268,14 @@ async fn post_json<T: serde::Serialize + ?Sized>(
     headers: &HeaderMap,
     body: &T,
 ) -> Result<reqwest::Response, ProviderError> {
-    let response = client
-        .post(url.clone())
-        .headers(headers.clone())
+    let mut request = client.post(url.clone()).headers(headers.clone());
+    if let Some(trace) = crate::otel::upstream_headers() {
+        request = request.header("traceparent", trace.traceparent);
+        if let Some(state) = trace.tracestate {
+            request = request.header("tracestate", &*state);
+        }
+    }
+    let response = request
         .json(body)
         .send()
         .await

@@ -16,6 +16,8 @@
 //! - `tenants`: tenant, 0, time key → nothing: one tenant's last hour is one range scan however
 //!   large the log.
 
+mod payload;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +25,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use payload::PayloadPolicy;
 
 use crate::error::ApiError;
 use crate::telemetry::Metrics;
@@ -36,6 +40,9 @@ pub struct RequestRecord {
     pub id: String,
     /// Unix milliseconds when the request arrived.
     pub at_ms: u64,
+    /// Unix microseconds when the request arrived, for span times.
+    #[serde(skip)]
+    pub at_us: u64,
     pub endpoint: String,
     pub tenant: String,
     /// The run-time key's id (`None`: a key from `[auth]`).
@@ -46,7 +53,7 @@ pub struct RequestRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt: Option<Value>,
+    pub prompt: Option<PromptRecord>,
     /// `hit`, `semantic-hit`, `miss`, `bypass`, `refresh`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<String>,
@@ -58,67 +65,220 @@ pub struct RequestRecord {
     /// The cache entry that answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry: Option<String>,
+    /// When the cache lookup started (ms after the request arrived) and how long it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_lookup: Option<Timing>,
     /// The target that answered (`provider/model`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
     pub attempts: u32,
+    /// Every upstream attempt, in the order they ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream: Vec<AttemptRecord>,
     pub status: u16,
-    /// The error's kind for a failed request.
+    /// The error's kind for a failed request (for a stream: also `stream_interrupted` or
+    /// `client_closed` after a 200 head).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Input tokens the provider served from its own prompt cache.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_tokens: u64,
     pub cost_usd: f64,
     pub saved_usd: f64,
+    /// Until the answer ended (a stream: its last chunk).
     pub latency_ms: f64,
+    /// A stream's first token to the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token_ms: Option<f64>,
     pub stream: bool,
+    /// The upstream's id for the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
+    /// The client's span, when it sent a `traceparent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_span_id: Option<String>,
+    /// Whether the trace is exported (the client's sampling decision, or the gateway's).
+    #[serde(skip)]
+    pub sampled: bool,
+    /// The request and answer, on routes that capture them (`[request_log.payloads]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Payload>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptRecord {
+    pub id: String,
+    pub version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// `arm/arms` in a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arm: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Timing {
+    /// After the request arrived.
+    pub start_ms: f64,
+    pub duration_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub target: String,
+    /// `first`, `retry`, `failover` or `hedge`.
+    pub kind: String,
+    /// `ok`, an error kind, or `cancelled` (a hedge that lost).
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// After the request arrived.
+    pub start_ms: f64,
+    /// A stream's winning attempt: until the stream ended.
+    pub latency_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token_ms: Option<f64>,
+    pub span_id: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Payload {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<Value>,
+}
+
+/// How a request ended, as the server saw it.
+pub struct Ending<'a> {
+    pub endpoint: &'a str,
+    pub status: u16,
+    /// From the request's arrival to its end.
+    pub elapsed: Duration,
+    /// The whole answer, or a stream's usage chunk.
+    pub response: Option<&'a Value>,
+    /// A stream's first chunk to the client.
+    pub first_token: Option<Duration>,
+    /// Overrides the trace's error kind (a stream that broke after its head).
+    pub error: Option<&'static str>,
+    pub payload: Option<Payload>,
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+fn micros(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 impl RequestRecord {
-    /// The record of an answered (or failed) request; `response` is the whole answer, if it
-    /// was one (a stream's tokens are not known when it starts).
+    /// The record of an answered (or failed) request, once it ended.
     pub fn of(
-        endpoint: &str,
         trace: &crate::pipeline::Trace,
-        status: u16,
-        elapsed: Duration,
-        response: Option<&Value>,
+        ending: Ending<'_>,
         prices: &crate::prices::PriceTable,
     ) -> Option<Self> {
         let caller = trace.caller.as_ref()?;
+        let response = ending.response;
         let (input_tokens, output_tokens) = match response {
             Some(answer) if !trace.cache.is_hit() => crate::cache::usage_counts(answer),
             _ => (0, 0),
         };
-        let cost_usd = response.map_or(0.0, |answer| {
-            prices.cost(trace.target.as_deref(), answer, input_tokens, output_tokens)
-        });
+        let cached_tokens = match response {
+            Some(answer) if !trace.cache.is_hit() => answer
+                .pointer("/usage/prompt_tokens_details/cached_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            _ => 0,
+        };
+        let cost_usd = match response {
+            Some(answer) if !trace.cache.is_hit() => {
+                prices.cost(trace.target.as_deref(), answer, input_tokens, output_tokens)
+            }
+            _ => 0.0,
+        };
+        let at_us = micros(SystemTime::now()).saturating_sub(ending.elapsed.as_micros() as u64);
+        let offset = |at: SystemTime| (micros(at) as f64 - at_us as f64) / 1000.0;
+        let upstream = trace
+            .tried
+            .iter()
+            .map(|attempt| {
+                let winner_of_stream = trace.stream && attempt.outcome == "ok";
+                let start_ms = offset(attempt.started);
+                AttemptRecord {
+                    target: attempt.target.clone(),
+                    kind: attempt.kind.to_owned(),
+                    outcome: attempt.outcome.to_owned(),
+                    status: attempt.status,
+                    start_ms,
+                    latency_ms: if winner_of_stream {
+                        (ms(ending.elapsed) - start_ms).max(ms(attempt.duration))
+                    } else {
+                        ms(attempt.duration)
+                    },
+                    first_token_ms: attempt.first_token.map(ms),
+                    span_id: crate::otel::hex(&attempt.span_id),
+                }
+            })
+            .collect();
+        let trace_context = &caller.trace;
         Some(Self {
             id: caller.request_id.clone(),
-            at_ms: now_ms().saturating_sub(elapsed.as_millis() as u64),
-            endpoint: endpoint.to_owned(),
+            at_ms: at_us / 1000,
+            at_us,
+            endpoint: ending.endpoint.to_owned(),
             tenant: caller.tenant.to_string(),
             key: caller.key.clone(),
             user: caller.user.clone(),
             route: trace.route.clone(),
-            prompt: trace.prompt.as_ref().map(|p| {
-                serde_json::json!({"id": p.id, "version": p.version, "label": p.label,
-                    "arm": p.arm.map(|(arm, arms)| format!("{arm}/{arms}"))})
+            prompt: trace.prompt.as_ref().map(|p| PromptRecord {
+                id: p.id.clone(),
+                version: p.version,
+                label: p.label.clone(),
+                arm: p.arm.map(|(arm, arms)| format!("{arm}/{arms}")),
             }),
             cache: trace.cache.status.map(|s| s.label().to_owned()),
             semantic: trace.cache.semantic.map(|s| s.label().to_owned()),
             similarity: trace.cache.similarity,
             entry: trace.cache.entry.clone(),
+            cache_lookup: trace.cache_lookup.map(|(at, took)| Timing {
+                start_ms: offset(at),
+                duration_ms: ms(took),
+            }),
             target: trace.target.clone(),
             attempts: trace.attempts,
-            status,
-            error: trace.error.map(str::to_owned),
+            upstream,
+            status: ending.status,
+            error: ending.error.or(trace.error).map(str::to_owned),
             input_tokens,
             output_tokens,
+            cached_tokens,
             cost_usd,
             saved_usd: trace.cache.saved_usd,
-            latency_ms: elapsed.as_secs_f64() * 1000.0,
+            latency_ms: ms(ending.elapsed),
+            first_token_ms: ending.first_token.map(ms),
             stream: trace.stream,
+            response_id: response
+                .and_then(|r| r.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            trace_id: Some(trace_context.trace_id_hex()),
+            span_id: Some(crate::otel::hex(&trace_context.span_id)),
+            parent_span_id: trace_context.parent.map(|p| crate::otel::hex(&p)),
+            sampled: trace_context.sampled,
+            payload: ending.payload,
         })
     }
 }
@@ -133,6 +293,10 @@ pub struct RequestQuery {
     pub target: Option<String>,
     pub status: Option<String>,
     pub cache: Option<String>,
+    /// `id`, `id@v<version>` or `id@<label>`.
+    pub prompt: Option<String>,
+    /// Only records with an error (`true`) or without one (`false`).
+    pub error: Option<String>,
     /// RFC 3339 or a duration back from now (`1h`); the last hour by default.
     pub since: Option<String>,
     pub until: Option<String>,
@@ -140,8 +304,70 @@ pub struct RequestQuery {
     pub limit: Option<String>,
 }
 
+/// The filters of a query other than its time range and tenant (which choose what is scanned).
+pub struct Filter<'q> {
+    query: &'q RequestQuery,
+    status: Option<u16>,
+    prompt: Option<(&'q str, Option<&'q str>)>,
+    error: Option<bool>,
+}
+
+impl<'q> Filter<'q> {
+    pub fn of(query: &'q RequestQuery) -> Result<Self, ApiError> {
+        let status = query
+            .status
+            .as_deref()
+            .map(str::parse::<u16>)
+            .transpose()
+            .map_err(|_| ApiError::invalid("status: an HTTP status code", Some("status")))?;
+        let error = query
+            .error
+            .as_deref()
+            .map(str::parse::<bool>)
+            .transpose()
+            .map_err(|_| ApiError::invalid("error: true or false", Some("error")))?;
+        let prompt = query.prompt.as_deref().map(|p| match p.split_once('@') {
+            Some((id, selector)) => (id, Some(selector)),
+            None => (p, None),
+        });
+        Ok(Self {
+            query,
+            status,
+            prompt,
+            error,
+        })
+    }
+
+    pub fn keeps(&self, record: &RequestRecord) -> bool {
+        let query = self.query;
+        let same = |wanted: &Option<String>, actual: &Option<String>| {
+            wanted.as_ref().is_none_or(|w| actual.as_ref() == Some(w))
+        };
+        let prompt_matches = self.prompt.is_none_or(|(id, selector)| {
+            record.prompt.as_ref().is_some_and(|p| {
+                p.id == id
+                    && selector.is_none_or(|s| {
+                        s.strip_prefix('v')
+                            .and_then(|v| v.parse::<u32>().ok())
+                            .map_or(p.label.as_deref() == Some(s), |v| v == p.version)
+                    })
+            })
+        });
+        query.tenant.as_ref().is_none_or(|t| &record.tenant == t)
+            && same(&query.key, &record.key)
+            && same(&query.route, &record.route)
+            && same(&query.target, &record.target)
+            && same(&query.cache, &record.cache)
+            && self.status.is_none_or(|s| record.status == s)
+            && self.error.is_none_or(|e| record.error.is_some() == e)
+            && prompt_matches
+    }
+}
+
 pub struct RequestLog {
-    sender: tokio::sync::mpsc::Sender<RequestRecord>,
+    sender: tokio::sync::mpsc::Sender<Arc<RequestRecord>>,
+    /// Records as they are made, for `reprise logs --follow`.
+    live: tokio::sync::broadcast::Sender<Arc<RequestRecord>>,
     db: sled::Db,
     records: sled::Tree,
     ids: sled::Tree,
@@ -195,6 +421,7 @@ impl RequestLog {
         let (sender, receiver) = tokio::sync::mpsc::channel(config.queue);
         let log = Arc::new(Self {
             sender,
+            live: tokio::sync::broadcast::channel(1024).0,
             db,
             records,
             ids,
@@ -219,7 +446,10 @@ impl RequestLog {
     }
 
     /// Queues a record; never waits. A full queue drops it (and counts it).
-    pub fn push(&self, record: RequestRecord) {
+    pub fn push(&self, record: Arc<RequestRecord>) {
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(Arc::clone(&record));
+        }
         match self.sender.try_send(record) {
             Ok(()) => {
                 self.queued.fetch_add(1, Ordering::Relaxed);
@@ -246,6 +476,11 @@ impl RequestLog {
         }
     }
 
+    /// Records from now on, as they are made (a slow reader misses some, and is told how many).
+    pub fn follow(&self) -> tokio::sync::broadcast::Receiver<Arc<RequestRecord>> {
+        self.live.subscribe()
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<Value>, ApiError> {
         let Some(time) = self.ids.get(id.as_bytes()).map_err(backend)? else {
             return Ok(None);
@@ -266,36 +501,12 @@ impl RequestLog {
             None => 100,
         }
         .clamp(1, 1000);
-        let status = query
-            .status
-            .as_deref()
-            .map(str::parse::<u16>)
-            .transpose()
-            .map_err(|_| ApiError::invalid("status: an HTTP status code", Some("status")))?;
         let (from, to) = (time_key(since, 0), time_key(until, u64::MAX));
-        let keep = |record: &RequestRecord| {
-            query
-                .key
-                .as_ref()
-                .is_none_or(|k| record.key.as_ref() == Some(k))
-                && query
-                    .route
-                    .as_ref()
-                    .is_none_or(|r| record.route.as_ref() == Some(r))
-                && query
-                    .target
-                    .as_ref()
-                    .is_none_or(|t| record.target.as_ref() == Some(t))
-                && status.is_none_or(|s| record.status == s)
-                && query
-                    .cache
-                    .as_ref()
-                    .is_none_or(|c| record.cache.as_ref() == Some(c))
-        };
+        let filter = Filter::of(query)?;
         let mut found = Vec::new();
         let mut take = |bytes: &[u8]| -> bool {
             if let Ok(record) = serde_json::from_slice::<RequestRecord>(bytes)
-                && keep(&record)
+                && filter.keeps(&record)
                 && let Ok(value) = serde_json::to_value(&record)
             {
                 found.push(value);
@@ -336,7 +547,7 @@ impl RequestLog {
         self.records.is_empty()
     }
 
-    fn store(&self, batch: &[(u64, RequestRecord)]) -> Result<(), sled::Error> {
+    fn store(&self, batch: &[(u64, Arc<RequestRecord>)]) -> Result<(), sled::Error> {
         let (mut records, mut ids, mut tenants) = (
             sled::Batch::default(),
             sled::Batch::default(),
@@ -344,7 +555,7 @@ impl RequestLog {
         );
         for (sequence, record) in batch {
             let time = time_key(record.at_ms, *sequence);
-            let Ok(bytes) = serde_json::to_vec(record) else {
+            let Ok(bytes) = serde_json::to_vec(&**record) else {
                 continue;
             };
             records.insert(&time, bytes);
@@ -404,14 +615,14 @@ fn parse_time(text: Option<&str>, now: u64, field: &str) -> Result<Option<u64>, 
 
 async fn write(
     log: std::sync::Weak<RequestLog>,
-    mut receiver: tokio::sync::mpsc::Receiver<RequestRecord>,
+    mut receiver: tokio::sync::mpsc::Receiver<Arc<RequestRecord>>,
     sequence: Arc<AtomicU64>,
     stored: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     while receiver.recv_many(&mut batch, BATCH).await > 0 {
         let Some(log) = log.upgrade() else { return };
-        let numbered: Vec<(u64, RequestRecord)> = batch
+        let numbered: Vec<(u64, Arc<RequestRecord>)> = batch
             .drain(..)
             .map(|record| (sequence.fetch_add(1, Ordering::Relaxed), record))
             .collect();

@@ -87,6 +87,8 @@ pub struct Served<T> {
     pub value: T,
     pub target: String,
     pub attempts: u32,
+    /// Every attempt made, in the order they ended.
+    pub tried: Vec<Attempt>,
 }
 
 /// A failed request, with the number of attempts it took (reported in a header).
@@ -94,6 +96,60 @@ pub struct Served<T> {
 pub struct RouteFailure {
     pub error: ApiError,
     pub attempts: u32,
+    pub tried: Vec<Attempt>,
+}
+
+/// One upstream attempt, for the request log and the trace's child spans.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// `provider/model`.
+    pub target: String,
+    /// `first`, `retry`, `failover` or `hedge`.
+    pub kind: &'static str,
+    /// When the request went out (after any backoff).
+    pub started: std::time::SystemTime,
+    pub duration: Duration,
+    /// For a stream: until its first token.
+    pub first_token: Option<Duration>,
+    /// `ok`, an error kind (`status_5xx`, `timeout`, ...), or `cancelled` for a hedge that lost.
+    pub outcome: &'static str,
+    pub status: Option<u16>,
+    /// The attempt's span, as sent upstream in `traceparent`.
+    pub span_id: [u8; 8],
+}
+
+/// An attempt that has been sent and not yet ended.
+struct OpenAttempt {
+    slot: usize,
+    index: usize,
+    kind: &'static str,
+    started: std::time::SystemTime,
+    began: tokio::time::Instant,
+    span_id: [u8; 8],
+}
+
+impl OpenAttempt {
+    fn close(self, route: &Route, outcome: &'static str, status: Option<u16>) -> Attempt {
+        Attempt {
+            target: route.targets[self.index].id.clone(),
+            kind: self.kind,
+            started: self.started,
+            duration: self.began.elapsed(),
+            first_token: None,
+            outcome,
+            status,
+            span_id: self.span_id,
+        }
+    }
+}
+
+fn attempt_kind(kind: Option<ExtraAttempt>) -> &'static str {
+    match kind {
+        None => "first",
+        Some(ExtraAttempt::RetrySameTarget) => "retry",
+        Some(ExtraAttempt::Failover) => "failover",
+        Some(ExtraAttempt::Hedge) => "hedge",
+    }
 }
 
 pub struct Router {
@@ -257,6 +313,12 @@ impl Router {
             })
             .await?;
         let (head, rest, breaker) = served.value;
+        let mut tried = served.tried;
+        if let Some(winner) = tried.iter_mut().rev().find(|a| a.outcome == "ok") {
+            winner.first_token = Some(winner.duration);
+            self.metrics
+                .time_to_first_token(&winner.target, winner.duration);
+        }
         let stream = committed_stream(
             head,
             rest,
@@ -269,6 +331,7 @@ impl Router {
             value: stream,
             target: served.target,
             attempts: served.attempts,
+            tried,
         })
     }
 
@@ -309,49 +372,88 @@ impl Router {
         let mut attempts = 0u32;
         let mut last_error: Option<(usize, ProviderError)> = None;
         let mut in_flight = FuturesUnordered::new();
+        let mut open: Vec<OpenAttempt> = Vec::new();
+        let mut tried: Vec<Attempt> = Vec::new();
         let mut hedge_at: Option<tokio::time::Instant> = None;
         let mut next = plan.next_target(None);
-        let failure = |error: ApiError, attempts: u32| RouteFailure { error, attempts };
+        // Attempts still open when the request ends were cancelled (losing hedges, a deadline).
+        let finish = |open: Vec<OpenAttempt>, mut tried: Vec<Attempt>| {
+            tried.extend(open.into_iter().map(|o| o.close(route, "cancelled", None)));
+            tried
+        };
 
         loop {
             if let Some(start) = next.take().and_then(|n| self.admit(route, &mut plan, n)) {
                 attempts += 1;
                 plan.tries[start.index] += 1;
-                let run = attempt(&route.targets[start.index]);
+                let span_id = crate::otel::new_span_id();
+                let run = crate::otel::upstream(span_id, attempt(&route.targets[start.index]));
                 let NextAttempt {
                     index,
                     permit,
                     delay,
-                    ..
+                    kind,
                 } = start;
+                let slot = attempts as usize;
+                open.push(OpenAttempt {
+                    slot,
+                    index,
+                    kind: attempt_kind(kind),
+                    started: std::time::SystemTime::now() + delay,
+                    began: tokio::time::Instant::now() + delay,
+                    span_id,
+                });
                 in_flight.push(async move {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    (index, permit, run.await)
+                    (slot, index, permit, run.await)
                 });
                 if let Some(after) = route.hedge_after {
                     hedge_at = Some(tokio::time::Instant::now() + delay + after);
                 }
             }
             if in_flight.is_empty() {
-                return Err(failure(exhausted(route, last_error, &plan), attempts));
+                return Err(RouteFailure {
+                    error: exhausted(route, last_error, &plan),
+                    attempts,
+                    tried: finish(open, tried),
+                });
             }
             tokio::select! {
                 biased;
-                Some((index, permit, result)) = in_flight.next() => {
+                Some((slot, index, permit, result)) = in_flight.next() => {
                     let target = &route.targets[index];
+                    let ended = open
+                        .iter()
+                        .position(|o| o.slot == slot)
+                        .map(|at| open.swap_remove(at));
                     let error = match result {
                         Ok(value) => {
                             self.metrics.upstream_attempt(&target.id, "ok");
                             self.settle(target, permit, HealthSignal::Healthy, None);
-                            return Ok(Served { value, target: target.id.clone(), attempts });
+                            tried.extend(ended.map(|o| o.close(route, "ok", Some(200))));
+                            return Ok(Served {
+                                value,
+                                target: target.id.clone(),
+                                attempts,
+                                tried: finish(open, tried),
+                            });
                         }
                         Err(error) => error,
                     };
+                    let status = match &error {
+                        ProviderError::Status { status, .. } => Some(*status),
+                        _ => None,
+                    };
+                    tried.extend(ended.map(|o| o.close(route, error.kind(), status)));
                     let disposition = self.record_failure(route, index, permit, &error, attempts);
                     if disposition == Disposition::ReturnToClient {
-                        return Err(failure(rejected(error), attempts));
+                        return Err(RouteFailure {
+                            error: rejected(error),
+                            attempts,
+                            tried: finish(open, tried),
+                        });
                     }
                     if let ProviderError::MissingKey(provider) = &error {
                         plan.missing_keys.push(Arc::clone(provider));
@@ -370,10 +472,11 @@ impl Router {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let last = describe(route, last_error.as_ref());
-                    return Err(failure(
-                        ApiError::DeadlineExceeded { seconds: route.timeouts.total.as_secs_f64(), attempts, last },
+                    return Err(RouteFailure {
+                        error: ApiError::DeadlineExceeded { seconds: route.timeouts.total.as_secs_f64(), attempts, last },
                         attempts,
-                    ));
+                        tried: finish(open, tried),
+                    });
                 }
             }
         }

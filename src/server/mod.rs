@@ -63,6 +63,8 @@ pub struct AppState {
     body_timeout: Duration,
     admission: Arc<admission::Admission>,
     pub request_log: Option<Arc<crate::request_log::RequestLog>>,
+    otlp: Option<Arc<crate::otel::Exporter>>,
+    payloads: Option<crate::request_log::PayloadPolicy>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -92,8 +94,18 @@ impl AppState {
             )?),
             None => None,
         };
+        let otlp = match &config.otlp {
+            Some(otlp) => Some(crate::otel::Exporter::start(otlp, Arc::clone(&metrics))?),
+            None => None,
+        };
+        let payloads = match &config.request_log {
+            Some(log) => crate::request_log::PayloadPolicy::from_config(&log.payloads)?,
+            None => None,
+        };
         Ok(Self {
             request_log,
+            otlp,
+            payloads,
             pipeline: Pipeline::from_config(config, metrics).await?,
             auth: Auth::from_config(&config.auth, &config.metrics),
             max_body_bytes: config.server.max_body_bytes,
@@ -105,8 +117,8 @@ impl AppState {
         })
     }
 
-    /// Metrics and the request span's fields, once per answered request; `response` is the
-    /// whole answer, if it was one (not a stream).
+    /// Metrics, prompt stats and the request span's fields, once per request when its response
+    /// head is sent; `response` is the whole answer, if it was one (not a stream).
     fn record(
         &self,
         endpoint: Endpoint,
@@ -117,18 +129,6 @@ impl AppState {
     ) {
         let route = trace.route.as_deref().unwrap_or("-");
         let elapsed = started.elapsed();
-        if let Some(log) = &self.request_log
-            && let Some(record) = crate::request_log::RequestRecord::of(
-                endpoint.label(),
-                trace,
-                status,
-                elapsed,
-                response,
-                self.pipeline.prices(),
-            )
-        {
-            log.push(record);
-        }
         self.pipeline
             .metrics
             .request(endpoint.label(), route, status, elapsed);
@@ -140,6 +140,186 @@ impl AppState {
             span.record("target", target.as_str());
         }
         span.record("attempts", trace.attempts);
+    }
+
+    /// Whether finished requests leave a record (in the log, or as exported spans).
+    fn keeps_records(&self) -> bool {
+        self.request_log.is_some() || self.otlp.is_some()
+    }
+
+    /// The request log's record of a finished request, and its spans for the collector.
+    fn log(&self, trace: &Trace, ending: crate::request_log::Ending<'_>) {
+        if !self.keeps_records() {
+            return;
+        }
+        let Some(record) =
+            crate::request_log::RequestRecord::of(trace, ending, self.pipeline.prices())
+        else {
+            return;
+        };
+        let record = Arc::new(record);
+        if let Some(exporter) = &self.otlp {
+            exporter.export(&record);
+        }
+        if let Some(log) = &self.request_log {
+            log.push(record);
+        }
+    }
+
+    /// The request as received, kept for the record when its route may capture payloads.
+    fn capture_request(
+        &self,
+        context: &RequestContext,
+        request: &crate::protocol::openai::ChatRequest,
+    ) -> Option<Captured> {
+        let policy = self.payloads.as_ref()?;
+        // A prompt may choose another route; the route is checked again once it is known.
+        let names_prompt = context.prompt.is_some() || request.extra.contains_key("prompt");
+        (policy.captures(&request.model) || names_prompt)
+            .then(|| serde_json::to_value(request).ok())
+            .flatten()
+            .map(Captured)
+    }
+
+    /// What the record keeps of a request and its answer, redacted and cut to size, if its
+    /// route captures payloads.
+    fn payload(
+        &self,
+        trace: &Trace,
+        request: Option<Captured>,
+        answer: Option<serde_json::Value>,
+    ) -> Option<crate::request_log::Payload> {
+        let policy = self.payloads.as_ref()?;
+        if !policy.captures(trace.route.as_deref()?) {
+            return None;
+        }
+        Some(crate::request_log::Payload {
+            request: request.map(|r| policy.capture(&r.0)),
+            response: answer.map(|a| match a {
+                serde_json::Value::String(text) => policy.capture_text(&text),
+                other => policy.capture(&other),
+            }),
+        })
+    }
+
+    /// Records a request that ended with its whole answer or an error.
+    fn finish(
+        &self,
+        endpoint: Endpoint,
+        trace: &Trace,
+        status: u16,
+        started: Instant,
+        response: Option<&serde_json::Value>,
+        request: Option<Captured>,
+    ) {
+        self.record(endpoint, trace, status, started, response);
+        if self.keeps_records() {
+            let payload = self.payload(trace, request, response.cloned());
+            self.log(
+                trace,
+                crate::request_log::Ending {
+                    endpoint: endpoint.label(),
+                    status,
+                    elapsed: started.elapsed(),
+                    response,
+                    first_token: None,
+                    error: None,
+                    payload,
+                },
+            );
+        }
+    }
+}
+
+/// A request body kept for payload capture.
+pub struct Captured(serde_json::Value);
+
+/// Follows a stream to its end (or its client's leaving) and then records it: tokens and cost
+/// from its usage chunk, time to first token, and its text when its route captures payloads.
+pub(crate) struct StreamRecorder {
+    state: Arc<AppState>,
+    endpoint: Endpoint,
+    trace: Trace,
+    started: Instant,
+    request: Option<Captured>,
+    first_token: Option<Duration>,
+    text: Option<String>,
+    /// `None` until the stream ends; then the error it ended with, if any.
+    ended: Option<Option<&'static str>>,
+}
+
+impl StreamRecorder {
+    fn new(
+        state: &Arc<AppState>,
+        endpoint: Endpoint,
+        trace: &Trace,
+        started: Instant,
+        request: Option<Captured>,
+    ) -> Option<Self> {
+        if !state.keeps_records() {
+            return None;
+        }
+        let captures = state
+            .payloads
+            .as_ref()
+            .is_some_and(|p| trace.route.as_deref().is_some_and(|r| p.captures(r)));
+        Some(Self {
+            state: Arc::clone(state),
+            endpoint,
+            trace: trace.clone(),
+            started,
+            request,
+            first_token: None,
+            text: captures.then(String::new),
+            ended: None,
+        })
+    }
+
+    pub(crate) fn on_chunk(&mut self, chunk: &serde_json::Value) {
+        if self.first_token.is_none() && crate::protocol::openai::chunk_carries_output(chunk) {
+            self.first_token = Some(self.started.elapsed());
+        }
+        let (Some(text), Some(policy)) = (&mut self.text, &self.state.payloads) else {
+            return;
+        };
+        if text.len() > policy.max_bytes() {
+            return;
+        }
+        for choice in chunk
+            .get("choices")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(delta) = choice.pointer("/delta/content").and_then(|c| c.as_str()) {
+                text.push_str(delta);
+            }
+        }
+    }
+
+    pub(crate) fn ended(&mut self, error: Option<&'static str>) {
+        self.ended = Some(error);
+    }
+}
+
+impl Drop for StreamRecorder {
+    fn drop(&mut self) {
+        let error = self.ended.unwrap_or(Some("client_closed"));
+        let usage = self.trace.stream_usage.as_ref().and_then(|u| u.take());
+        let answer = self.text.take().map(serde_json::Value::String);
+        let payload = self.state.payload(&self.trace, self.request.take(), answer);
+        self.state.log(
+            &self.trace,
+            crate::request_log::Ending {
+                endpoint: self.endpoint.label(),
+                status: 200,
+                elapsed: self.started.elapsed(),
+                response: usage.as_ref(),
+                first_token: self.first_token,
+                error,
+                payload,
+            },
+        );
     }
 }
 
@@ -187,7 +367,14 @@ async fn context(state: &AppState, headers: &HeaderMap) -> Result<RequestContext
         None => None,
     };
     let user = text("x-reprise-user")?.map(str::to_owned);
+    let mut trace = crate::otel::TraceContext::from_headers(headers);
+    if trace.parent.is_none()
+        && let Some(exporter) = &state.otlp
+    {
+        trace.sampled = exporter.samples(&trace);
+    }
     Ok(RequestContext {
+        trace,
         tenant,
         request_id,
         cache,
@@ -343,14 +530,16 @@ fn respond_error(
     endpoint: Endpoint,
     mut failed: Failed,
     started: Instant,
+    request: Option<Captured>,
 ) -> Response {
     failed.trace.error = Some(failed.error.kind());
-    state.record(
+    state.finish(
         endpoint,
         &failed.trace,
         failed.error.status().as_u16(),
         started,
         None,
+        request,
     );
     (trace_headers(&failed.trace), failed.error).into_response()
 }
@@ -512,6 +701,8 @@ pub struct RunningServer {
     closer: crate::limits::Closer,
     /// Stores what the request log still has queued once the last request is done.
     request_log: Option<Arc<crate::request_log::RequestLog>>,
+    /// Sends the spans still queued.
+    otlp: Option<Arc<crate::otel::Exporter>>,
 }
 
 impl RunningServer {
@@ -538,6 +729,10 @@ impl RunningServer {
                     log.drain(Duration::from_secs(2)).await;
                 }
                 drop(self.request_log);
+                if let Some(exporter) = &self.otlp {
+                    exporter.drain(Duration::from_secs(5)).await;
+                }
+                drop(self.otlp);
                 while state.strong_count() > 0 && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -587,6 +782,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let metrics = Arc::clone(&state.pipeline.metrics);
     let closer = state.pipeline.limits().closer();
     let request_log = state.request_log.clone();
+    let otlp = state.otlp.clone();
     let api = listener::serve(
         listener,
         app(Arc::clone(&state), metrics_listener.is_none()),
@@ -618,6 +814,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         grace: config.server.shutdown_grace,
         closer,
         request_log,
+        otlp,
         task,
         state: weak_state,
     })

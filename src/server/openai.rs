@@ -10,7 +10,10 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::json;
 
-use super::{Admitted, AppState, Endpoint, authenticated_request, respond_error, trace_headers};
+use super::{
+    Admitted, AppState, Endpoint, StreamRecorder, authenticated_request, respond_error,
+    trace_headers,
+};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 use crate::providers::ChatReply;
 use crate::providers::ChunkStream;
@@ -28,24 +31,31 @@ pub async fn chat_completions(
         _slot,
     }: Admitted<ChatRequest> = match authenticated_request(&state, &headers, body).await {
         Ok(parsed) => parsed,
-        Err(error) => return respond_error(&state, endpoint, error.into(), started),
+        Err(error) => return respond_error(&state, endpoint, error.into(), started, None),
     };
-    match state.pipeline.chat(&context, request).await {
+    let captured = state.capture_request(&context, &request);
+    let answered = context
+        .trace
+        .clone()
+        .scope(state.pipeline.chat(&context, request))
+        .await;
+    match answered {
         Ok(answered) => {
             let trace = answered.trace;
             let body = match answered.value {
                 ChatReply::Complete(body) => {
-                    state.record(endpoint, &trace, 200, started, Some(&body));
+                    state.finish(endpoint, &trace, 200, started, Some(&body), captured);
                     axum::Json(body).into_response()
                 }
                 ChatReply::Stream(stream) => {
                     state.record(endpoint, &trace, 200, started, None);
-                    openai_sse(stream).into_response()
+                    let recorder = StreamRecorder::new(&state, endpoint, &trace, started, captured);
+                    openai_sse(stream, recorder).into_response()
                 }
             };
             (trace_headers(&trace), body).into_response()
         }
-        Err(failed) => respond_error(&state, endpoint, failed, started),
+        Err(failed) => respond_error(&state, endpoint, failed, started, captured),
     }
 }
 
@@ -96,13 +106,22 @@ pub async fn cache_feedback(
 /// answer as if it were complete.
 fn openai_sse(
     stream: ChunkStream,
+    mut recorder: Option<StreamRecorder>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
     let events = async_stream::stream! {
         let mut stream = stream;
         while let Some(item) = stream.next().await {
             match item {
-                Ok(chunk) => yield Ok(Event::default().data(chunk.to_string())),
+                Ok(chunk) => {
+                    if let Some(recorder) = &mut recorder {
+                        recorder.on_chunk(&chunk);
+                    }
+                    yield Ok(Event::default().data(chunk.to_string()));
+                }
                 Err(error) => {
+                    if let Some(recorder) = &mut recorder {
+                        recorder.ended(Some("stream_interrupted"));
+                    }
                     let body = json!({"error": {
                         "message": format!("upstream failed mid-stream: {}", error.for_client()),
                         "type": "upstream_error", "param": null, "code": "stream_interrupted",
@@ -111,6 +130,9 @@ fn openai_sse(
                     return;
                 }
             }
+        }
+        if let Some(recorder) = &mut recorder {
+            recorder.ended(None);
         }
         yield Ok(Event::default().data("[DONE]"));
     };
@@ -130,14 +152,31 @@ pub async fn embeddings(
         _slot,
     }: Admitted<EmbeddingsRequest> = match authenticated_request(&state, &headers, body).await {
         Ok(parsed) => parsed,
-        Err(error) => return respond_error(&state, endpoint, error.into(), started),
+        Err(error) => return respond_error(&state, endpoint, error.into(), started, None),
     };
-    match state.pipeline.embeddings(&context, request).await {
+    let answered = context
+        .trace
+        .clone()
+        .scope(state.pipeline.embeddings(&context, request))
+        .await;
+    match answered {
         Ok(answered) => {
-            state.record(endpoint, &answered.trace, 200, started, None);
+            // The vectors are not worth keeping; the usage is.
+            let usage = answered
+                .value
+                .get("usage")
+                .map(|usage| json!({"usage": usage}));
+            state.finish(
+                endpoint,
+                &answered.trace,
+                200,
+                started,
+                usage.as_ref(),
+                None,
+            );
             (trace_headers(&answered.trace), axum::Json(answered.value)).into_response()
         }
-        Err(failed) => respond_error(&state, endpoint, failed, started),
+        Err(failed) => respond_error(&state, endpoint, failed, started, None),
     }
 }
 
