@@ -1,4 +1,4 @@
-//! What `reprise prompts` and `reprise keys` share: a client of a running gateway's admin API,
+//! What `reprise prompts`, `keys`, `usage` and `logs` share: a client of a running gateway's admin API,
 //! and how a command's outcome becomes the process's exit code.
 
 use std::future::Future;
@@ -75,6 +75,29 @@ impl AdminClient {
             admin_key: gateway.admin_key.clone(),
             actor: actor.to_owned(),
         }
+    }
+
+    /// `GET path` for a response read as it arrives (server-sent events).
+    pub async fn stream(&self, path: &str) -> Result<reqwest::Response, CliError> {
+        let url = format!("{}{path}", self.url);
+        let mut request = self.http.get(&url).header("x-reprise-actor", &self.actor);
+        if let Some(key) = &self.admin_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| CliError::Api(format!("cannot reach the gateway at {url}: {e}")))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let message = body
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or("no message");
+        Err(CliError::Api(format!("{status}: {message}")))
     }
 
     pub async fn call(

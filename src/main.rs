@@ -3,6 +3,7 @@
 
 mod admin_client;
 mod keys_cli;
+mod logs_cli;
 mod prompts_cli;
 
 use std::path::PathBuf;
@@ -48,6 +49,8 @@ enum Command {
     Keys(keys_cli::KeysArgs),
     /// Requests, tokens, cost, cache hits and money saved by day, tenant, key, route and model.
     Usage(keys_cli::UsageArgs),
+    /// The request log: recent requests, filtered; `--follow` for a live tail.
+    Logs(logs_cli::LogsArgs),
 }
 
 /// glibc raises its mmap threshold to the largest block freed so far, so after one burst of
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Prompts(args) => prompts_cli::run(args),
         Command::Keys(args) => keys_cli::run(args),
         Command::Usage(args) => keys_cli::run_usage(args),
+        Command::Logs(args) => logs_cli::run(args),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(config) => {
                 print!("{}", describe(&config));

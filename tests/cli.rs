@@ -103,6 +103,7 @@ fn every_subcommand_has_help() {
         vec!["prompts", "rollout", "--help"],
         vec!["keys", "--help"],
         vec!["usage", "--help"],
+        vec!["logs", "--help"],
     ] {
         let output = Command::new(BIN).args(&args).output().unwrap();
         assert!(output.status.success(), "{args:?}");

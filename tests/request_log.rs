@@ -344,3 +344,130 @@ fn a_payload_route_that_does_not_exist_is_refused_at_startup() {
         .to_string();
     assert!(error.contains("request_log.payloads.routes"), "{error}");
 }
+
+/// `reprise logs ARGS` against `gw`: whether it succeeded, and its output.
+fn logs_cli(gw: &Gateway, args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_reprise"))
+        .arg("logs")
+        .args(["--url", &gw.base])
+        .args(args)
+        .env("REPRISE_ADMIN_KEY", common::ADMIN)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test]
+async fn the_logs_cli_lists_shows_and_follows_requests() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&dir)).await;
+    let first = gw
+        .chat(json!({"model": "chat", "messages": user("one")}))
+        .await;
+    let id = request_id(&first);
+    record(&gw, &id).await;
+    gw.post(
+        "/v1/chat/completions",
+        KEY_B,
+        json!({"model": "chat", "messages": user("two")}),
+    )
+    .await;
+    let gw = std::sync::Arc::new(gw);
+
+    let (ok, table) = {
+        let gw = std::sync::Arc::clone(&gw);
+        tokio::task::spawn_blocking(move || logs_cli(&gw, &["--tenant", "a"]))
+            .await
+            .unwrap()
+    };
+    assert!(ok, "{table}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("time (UTC)"), "{table}");
+    assert_eq!(
+        lines.len(),
+        2,
+        "a header and tenant a's one request: {table}"
+    );
+    assert!(
+        lines[1].contains(&id) && lines[1].contains("mock/ok"),
+        "{table}"
+    );
+
+    let (ok, shown) = {
+        let (gw, id) = (std::sync::Arc::clone(&gw), id.clone());
+        tokio::task::spawn_blocking(move || logs_cli(&gw, &[&id]))
+            .await
+            .unwrap()
+    };
+    assert!(ok, "{shown}");
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["id"], id.as_str());
+    assert_eq!(shown["upstream"][0]["target"], "mock/ok");
+
+    let (ok, missing) = {
+        let gw = std::sync::Arc::clone(&gw);
+        tokio::task::spawn_blocking(move || logs_cli(&gw, &["no-such-request"]))
+            .await
+            .unwrap()
+    };
+    assert!(!ok && missing.contains("404"), "{missing}");
+
+    // A live tail: only tenant b's requests, one JSON record per line, as they finish.
+    let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_reprise"))
+        .args([
+            "logs", "--url", &gw.base, "--follow", "--json", "--tenant", "b", "--since", "1s",
+        ])
+        .env("REPRISE_ADMIN_KEY", common::ADMIN)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = line_tx.send(line);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.chat(json!({"model": "chat", "messages": user("tenant a, not shown")}))
+        .await;
+    let followed = gw
+        .post(
+            "/v1/chat/completions",
+            KEY_B,
+            json!({"model": "chat", "messages": user("tenant b, live")}),
+        )
+        .await;
+    let followed_id = request_id(&followed);
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        while let Ok(line) = line_rx.recv_timeout(Duration::from_secs(10)) {
+            let record: Value = serde_json::from_str(&line).unwrap();
+            let found = record["id"] == followed_id.as_str();
+            seen.push(record);
+            if found {
+                break;
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    tail.kill().unwrap();
+    tail.wait().unwrap();
+    assert!(
+        seen.last()
+            .is_some_and(|r| r["tenant"] == "b" && r["upstream"].is_array()),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|r| r["tenant"] == "b"), "{seen:?}");
+}

@@ -302,6 +302,17 @@ pub struct RequestQuery {
     pub until: Option<String>,
     /// At most this many records, newest first (100 by default, at most 1,000).
     pub limit: Option<String>,
+    /// `true`: instead of a list, new records as server-sent events while the connection lasts.
+    pub follow: Option<String>,
+}
+
+impl RequestQuery {
+    pub fn follows(&self) -> Result<bool, ApiError> {
+        self.follow
+            .as_deref()
+            .map_or(Ok(false), str::parse::<bool>)
+            .map_err(|_| ApiError::invalid("follow: true or false", Some("follow")))
+    }
 }
 
 /// The filters of a query other than its time range and tenant (which choose what is scanned).
@@ -368,6 +379,7 @@ pub struct RequestLog {
     sender: tokio::sync::mpsc::Sender<Arc<RequestRecord>>,
     /// Records as they are made, for `reprise logs --follow`.
     live: tokio::sync::broadcast::Sender<Arc<RequestRecord>>,
+    stopping: tokio_util::sync::CancellationToken,
     db: sled::Db,
     records: sled::Tree,
     ids: sled::Tree,
@@ -422,6 +434,7 @@ impl RequestLog {
         let log = Arc::new(Self {
             sender,
             live: tokio::sync::broadcast::channel(1024).0,
+            stopping: tokio_util::sync::CancellationToken::new(),
             db,
             records,
             ids,
@@ -476,9 +489,20 @@ impl RequestLog {
         }
     }
 
-    /// Records from now on, as they are made (a slow reader misses some, and is told how many).
-    pub fn follow(&self) -> tokio::sync::broadcast::Receiver<Arc<RequestRecord>> {
-        self.live.subscribe()
+    /// Records from now on, as they are made (a slow reader misses some, and is told how
+    /// many), until the gateway stops.
+    pub fn follow(
+        &self,
+    ) -> (
+        tokio::sync::broadcast::Receiver<Arc<RequestRecord>>,
+        tokio_util::sync::CancellationToken,
+    ) {
+        (self.live.subscribe(), self.stopping.clone())
+    }
+
+    /// Ends every follower's stream, so a graceful stop does not wait on them.
+    pub fn stop_following(&self) {
+        self.stopping.cancel();
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Value>, ApiError> {

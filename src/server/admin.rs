@@ -106,6 +106,10 @@ pub async fn requests(
     let answer = async {
         let log = request_log(&state, &headers)?;
         let query: crate::request_log::RequestQuery = super::query_params(query, "request")?;
+        if query.follows()? {
+            crate::request_log::Filter::of(&query)?;
+            return Ok(follow(log, query).into_response());
+        }
         let found = tokio::task::spawn_blocking(move || log.query(&query))
             .await
             .map_err(|_| ApiError::StoreUnavailable("request log query failed".into()))??;
@@ -114,6 +118,42 @@ pub async fn requests(
         )
     };
     answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// New records matching `query`'s filters as server-sent events (`data:` one record), with a
+/// `lagged` event counting the records a slow reader missed.
+fn follow(
+    log: Arc<crate::request_log::RequestLog>,
+    query: crate::request_log::RequestQuery,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let (mut records, stopping) = log.follow();
+    let events = async_stream::stream! {
+        loop {
+            let next = tokio::select! {
+                next = records.recv() => next,
+                () = stopping.cancelled() => return,
+            };
+            match next {
+                Ok(record) => {
+                    let Ok(filter) = crate::request_log::Filter::of(&query) else { return };
+                    if filter.keeps(&record)
+                        && let Ok(data) = serde_json::to_string(&*record)
+                    {
+                        yield Ok(Event::default().data(data));
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    yield Ok(Event::default().event("lagged").data(missed.to_string()));
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    };
+    Sse::new(events).keep_alive(KeepAlive::default())
 }
 
 /// `GET /admin/requests/{id}`: one request's record, by its `x-request-id`.

@@ -720,6 +720,9 @@ impl RunningServer {
             result = &mut task => { result?; return Ok(true); }
             _ = stopped.wait_for(|stop| *stop) => {}
         }
+        if let Some(log) = &self.request_log {
+            log.stop_following();
+        }
         let deadline = tokio::time::Instant::now() + self.grace;
         match tokio::time::timeout_at(deadline, &mut task).await {
             Ok(result) => {
