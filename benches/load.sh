@@ -30,6 +30,8 @@ cleanup() {
   [ -n "${mock_pid:-}" ] && kill "$mock_pid" 2>/dev/null || true
   [ -n "${redis_gw_pid:-}" ] && kill "$redis_gw_pid" 2>/dev/null || true
   [ -n "${redis_pid:-}" ] && kill "$redis_pid" 2>/dev/null || true
+  [ -n "${log_gw_pid:-}" ] && kill "$log_gw_pid" 2>/dev/null || true
+  [ -n "${otlp_gw_pid:-}" ] && kill "$otlp_gw_pid" 2>/dev/null || true
   rm -rf "$workdir"
 }
 trap cleanup EXIT
@@ -133,6 +135,44 @@ KEY=bench-limited run limited-c32 "$gateway" "$gateway_body" -n "$((N * 4))" -c 
 KEY=bench-budget run budget-c32 "$gateway" "$gateway_body" -n "$((N * 4))" -c 32
 loaded_rss=$(rss_kb)
 
+# The request log and OTLP export: the same gateway config plus [request_log] (an embedded
+# log on disk), then plus [otlp] (spans posted to the mock's /v1/traces), each its own process,
+# interleaved round by round with the gateway without them.
+LOG_GW_ADDR=127.0.0.1:${LOG_GW_PORT:-19182}
+OTLP_GW_ADDR=127.0.0.1:${OTLP_GW_PORT:-19183}
+sed -e "s|^listen = .*|listen = \"$LOG_GW_ADDR\"|" -e "s|^path = .*|path = \"$workdir/cache-log\"|" \
+    "$workdir/bench.toml" > "$workdir/log.toml"
+printf '[request_log]\npath = "%s"\n' "$workdir/requests" >> "$workdir/log.toml"
+sed -e "s|^listen = .*|listen = \"$OTLP_GW_ADDR\"|" -e "s|^path = .*|path = \"$workdir/cache-otlp\"|" \
+    "$workdir/bench.toml" > "$workdir/otlp.toml"
+printf '[request_log]\npath = "%s"\n[otlp]\nendpoint = "http://%s"\n' \
+    "$workdir/requests-otlp" "$MOCK_ADDR" >> "$workdir/otlp.toml"
+./target/release/reprise serve --config "$workdir/log.toml" > "$workdir/gw-log.log" 2>&1 &
+log_gw_pid=$!
+./target/release/reprise serve --config "$workdir/otlp.toml" > "$workdir/gw-otlp.log" 2>&1 &
+otlp_gw_pid=$!
+for _ in $(seq 100); do
+  if curl -sf "http://$LOG_GW_ADDR/healthz" > /dev/null && curl -sf "http://$OTLP_GW_ADDR/healthz" > /dev/null; then break; fi
+  sleep 0.1
+done
+log_gateway=http://$LOG_GW_ADDR/v1/chat/completions
+otlp_gateway=http://$OTLP_GW_ADDR/v1/chat/completions
+run warm-l "$log_gateway" "$gateway_body" -n 2000 -c 8
+run warm-o "$otlp_gateway" "$gateway_body" -n 2000 -c 8
+for round in 1 2 3; do
+  run "nolog-c1-$round" "$gateway" "$gateway_body" -n "$N" -c 1
+  run "log-c1-$round" "$log_gateway" "$gateway_body" -n "$N" -c 1
+  run "otlp-c1-$round" "$otlp_gateway" "$gateway_body" -n "$N" -c 1
+done
+for round in 1 2 3; do
+  run "nolog-c32-$round" "$gateway" "$gateway_body" -n "$((N * 4))" -c 32
+  run "log-c32-$round" "$log_gateway" "$gateway_body" -n "$((N * 4))" -c 32
+  run "otlp-c32-$round" "$otlp_gateway" "$gateway_body" -n "$((N * 4))" -c 32
+done
+log_dropped=$(curl -s "http://$LOG_GW_ADDR/metrics" | awk '/^reprise_request_log_dropped_total/ {print $2}')
+otlp_spans=$(curl -s "http://$OTLP_GW_ADDR/metrics" | awk '/^reprise_otlp_spans_total/ {printf "%s=%s ", $1, $2}')
+kill "$log_gw_pid" "$otlp_gw_pid" 2>/dev/null || true
+
 # The same on Redis (a second gateway sharing a redis-server), with the round trip to Redis
 # measured alone for comparison.
 redis_rtt=""
@@ -166,6 +206,7 @@ if command -v redis-server > /dev/null; then
   kill "$redis_gw_pid" "$redis_pid" 2>/dev/null || true
 fi
 
+LOG_DROPPED="${log_dropped:-0}" OTLP_SPANS="$otlp_spans" \
 WORKERS="$WORKERS" REDIS_RTT="$redis_rtt" python3 - "$workdir" "$idle_rss" "$loaded_rss" <<'PY'
 import json, os, statistics, sys
 workdir, idle_rss, loaded_rss = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -214,6 +255,18 @@ if rtt:
         p50 = rounds(key)
         print(f"| {label} (Redis) | {p50:.0f} µs | {p50 - redis_plain:+.0f} µs | – |")
     print(f"\none Redis round trip through the gateway's client (PING, median of 5,000): {rtt} µs")
+print()
+print("| request log / traces | p50 at concurrency 1 (median of 3 rounds) | over neither | req/s at concurrency 32 (median of 3) | over neither |")
+print("|---|---|---|---|---|")
+def median_of(prefix, level, field):
+    return statistics.median(load(f"{prefix}-{level}-{r}")[field] for r in (1, 2, 3))
+base_p50, base_rps = median_of("nolog", "c1", 0), median_of("nolog", "c32", 2)
+for label, key in [("neither", "nolog"), ("request log (embedded, on disk)", "log"),
+                   ("request log + OTLP export", "otlp")]:
+    p50, rps = median_of(key, "c1", 0), median_of(key, "c32", 2)
+    print(f"| {label} | {p50:.0f} µs | {p50 - base_p50:+.0f} µs | {rps:,.0f} | {100 * (rps / base_rps - 1):+.1f}% |")
+print(f"\nrecords dropped by the log's queue: {os.environ.get('LOG_DROPPED') or 0}; "
+      f"OTLP spans: {os.environ.get('OTLP_SPANS') or '-'}")
 print()
 print(f"gateway threads: {os.environ.get('WORKERS') or 'one per core'}")
 print(f"gateway RSS: idle {idle_rss / 1024:.1f} MiB, after the runs {loaded_rss / 1024:.1f} MiB")

@@ -702,3 +702,63 @@ async fn a_replica_killed_mid_request_frees_its_slot_and_spends_its_hold_after_t
         "the lapsed hold was spent, plus the new answer: {key}"
     );
 }
+
+#[tokio::test]
+async fn kill_9_loses_at_most_the_request_log_records_still_queued() {
+    let mock = Mock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[log]\nformat = \"json\"\n[request_log]\npath = \"{}\"\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"ok\" }}]\n",
+        base_config(&mock),
+        dir.path().join("requests").display()
+    );
+    let path = write_config(&dir, &config);
+    let client = reqwest::Client::new();
+    let (mut child, addr, _) = spawn_gateway(&path);
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let answer = client
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .bearer_auth(KEY_A)
+            .json(&json!({"model": "chat", "messages": user(&format!("n{i}"))}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        ids.push(
+            answer.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    child.kill().unwrap(); // SIGKILL, right after the last answer
+    child.wait().unwrap();
+
+    let (mut child, addr, _) = spawn_gateway(&path);
+    let listed = admin_json(
+        &addr,
+        reqwest::Method::GET,
+        "/admin/requests?limit=1000",
+        None,
+    )
+    .await;
+    let kept: std::collections::HashSet<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    let lost: Vec<usize> = (0..ids.len())
+        .filter(|i| !kept.contains(ids[*i].as_str()))
+        .collect();
+    eprintln!("kill -9 after 200 answers: {} records lost", lost.len());
+    // Only the last few records can still have been in the queue when the process died.
+    assert!(
+        lost.iter().all(|i| *i >= ids.len() - 3),
+        "lost records {lost:?} of {}",
+        ids.len()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -471,3 +471,57 @@ async fn the_logs_cli_lists_shows_and_follows_requests() {
     );
     assert!(seen.iter().all(|r| r["tenant"] == "b"), "{seen:?}");
 }
+
+/// The log's files, in bytes.
+fn size_of_dir(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|f| f.metadata().unwrap().len())
+        .sum()
+}
+
+#[tokio::test]
+async fn retention_keeps_the_log_within_its_size_dropping_the_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("requests");
+    let text = format!(
+        r#"
+        [request_log]
+        path = "{log}"
+        max_bytes = 1048576
+        [request_log.payloads]
+        routes = ["chat"]
+        max_bytes = 8192
+        [routes.chat]
+        targets = [{{ provider = "mock", model = "ok" }}]
+        "#,
+        log = log_dir.display(),
+    );
+    let gw = Gateway::start(&text).await;
+    let mut ids = Vec::new();
+    // About 9 KB a record (the request and its echo, 4 KB each): three times the bound.
+    for i in 0..330 {
+        let text = format!("{i:04} {}", "x".repeat(4000));
+        let answer = gw
+            .chat(json!({"model": "chat", "messages": user(&text)}))
+            .await;
+        ids.push(request_id(&answer));
+    }
+    record(&gw, ids.last().unwrap()).await;
+    let size = size_of_dir(&log_dir);
+    assert!(size <= 1_048_576 + 64 * 1024, "{size} bytes on disk");
+    let (status, _) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/requests/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404, "the oldest record went first");
+    let (_, listed) = gw
+        .admin(reqwest::Method::GET, "/admin/requests?limit=1000", None)
+        .await;
+    let kept = listed["data"].as_array().unwrap().len();
+    assert!((60..330).contains(&kept), "{kept} records kept");
+}

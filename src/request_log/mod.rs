@@ -3,22 +3,19 @@
 //! time-ordered store on this replica and queried through `GET /admin/requests`.
 //!
 //! Writing never holds a request up: a record goes into a bounded queue (`try_send`) and a
-//! writer task stores it in batches; a full queue drops the record and counts it
-//! (`reprise_request_log_dropped_total`). A `kill -9` loses what is still queued plus at most
-//! `FLUSH_EVERY` of written records.
+//! writer thread appends it, in batches, to the current segment file (`segments`); a full queue
+//! drops the record and counts it (`reprise_request_log_dropped_total`). A `kill -9` loses what
+//! is still queued (at most `queue` records, normally the last few milliseconds); what the
+//! writer has written is in the operating system's hands, and forced to disk every 200 ms.
 //!
-//! The log is sled used directly, not through `Store`: it is local to the replica by design
-//! (each replica exports to the team's collector for a shared view) and its queries need
-//! ordered range scans, which the `Store` trait does not offer. Layout, in three trees:
-//! - `records`: time key (ms since the epoch, big-endian, then a sequence number) → the record
-//!   as JSON;
-//! - `ids`: request id → time key;
-//! - `tenants`: tenant, 0, time key → nothing: one tenant's last hour is one range scan however
-//!   large the log.
+//! The log is local to the replica by design, not in `Store`: many replicas each export to the
+//! team's collector (`otel`) for a shared view, and the log's reads are scans of recent time,
+//! which a key-value interface does not offer.
 
 mod payload;
+mod segments;
 
-use std::path::Path;
+use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,9 +27,6 @@ pub use payload::PayloadPolicy;
 
 use crate::error::ApiError;
 use crate::telemetry::Metrics;
-
-const FLUSH_EVERY: Duration = Duration::from_millis(200);
-const BATCH: usize = 512;
 
 /// One API request, as the log keeps it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -376,86 +370,66 @@ impl<'q> Filter<'q> {
 }
 
 pub struct RequestLog {
-    sender: tokio::sync::mpsc::Sender<Arc<RequestRecord>>,
+    sender: std::sync::mpsc::SyncSender<Arc<RequestRecord>>,
     /// Records as they are made, for `reprise logs --follow`.
     live: tokio::sync::broadcast::Sender<Arc<RequestRecord>>,
     stopping: tokio_util::sync::CancellationToken,
-    db: sled::Db,
-    records: sled::Tree,
-    ids: sled::Tree,
-    tenants: sled::Tree,
+    segments: segments::Segments,
     metrics: Arc<Metrics>,
     /// Records queued, and records stored: equal once the writer has caught up.
     queued: AtomicU64,
     stored: Arc<AtomicU64>,
 }
 
-fn backend(error: sled::Error) -> ApiError {
-    ApiError::StoreUnavailable(format!("request log: {error}"))
-}
-
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn time_key(at_ms: u64, sequence: u64) -> [u8; 16] {
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&at_ms.to_be_bytes());
-    key[8..].copy_from_slice(&sequence.to_be_bytes());
-    key
-}
-
-fn tenant_key(tenant: &str, time: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(tenant.len() + 1 + time.len());
-    key.extend_from_slice(tenant.as_bytes());
-    key.push(0);
-    key.extend_from_slice(time);
-    key
+/// `"field":"value"` as the record's JSON spells it: a line without it cannot match, so it is
+/// not parsed.
+fn needle(field: &str, value: &str) -> Vec<u8> {
+    let mut needle = format!("\"{field}\":").into_bytes();
+    needle.extend(serde_json::to_vec(value).unwrap_or_default());
+    needle
 }
 
 impl RequestLog {
-    /// Opens (or creates) the log at `path` and starts its writer and its retention.
+    /// Opens (or creates) the log at `path` and starts its writer.
     pub fn open(
         config: &crate::config::RequestLogConfig,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
-        let db = open_db(&config.path).map_err(|e| {
+        let (segments, file) = segments::open(&config.path).map_err(|e| {
             anyhow::anyhow!(
                 "request_log.path: cannot open the log at {}: {e}",
                 config.path.display()
             )
         })?;
-        let records = db.open_tree("records")?;
-        let ids = db.open_tree("ids")?;
-        let tenants = db.open_tree("tenants")?;
-        let (sender, receiver) = tokio::sync::mpsc::channel(config.queue);
-        let log = Arc::new(Self {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(config.queue);
+        let stored = Arc::new(AtomicU64::new(0));
+        let writer = segments::Writer {
+            dir: config.path.clone(),
+            file,
+            segments: Arc::clone(&segments),
+            bounds: segments::Bounds::new(config.max_bytes, config.max_age),
+            stored: Arc::clone(&stored),
+            synced_at: std::time::Instant::now(),
+            dirty: false,
+        };
+        std::thread::Builder::new()
+            .name("request-log".into())
+            .spawn(move || writer.run(receiver))?;
+        Ok(Arc::new(Self {
             sender,
             live: tokio::sync::broadcast::channel(1024).0,
             stopping: tokio_util::sync::CancellationToken::new(),
-            db,
-            records,
-            ids,
-            tenants,
+            segments,
             metrics,
             queued: AtomicU64::new(0),
-            stored: Arc::default(),
-        });
-        let sequence = Arc::new(AtomicU64::new(0));
-        tokio::spawn(write(
-            Arc::downgrade(&log),
-            receiver,
-            sequence,
-            Arc::clone(&log.stored),
-        ));
-        tokio::spawn(retain(
-            Arc::downgrade(&log),
-            config.max_age,
-            config.max_bytes,
-        ));
-        Ok(log)
+            stored,
+        }))
     }
 
     /// Queues a record; never waits. A full queue drops it (and counts it).
@@ -468,24 +442,6 @@ impl RequestLog {
                 self.queued.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => self.metrics.request_log_dropped(),
-        }
-    }
-
-    /// Waits (up to `within`) until every queued record is stored, then flushes them to disk:
-    /// on shutdown, so a graceful stop loses nothing.
-    pub async fn drain(&self, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        while self.stored.load(Ordering::Acquire) < self.queued.load(Ordering::Relaxed)
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let db = self.db.clone();
-        if !matches!(
-            tokio::task::spawn_blocking(move || db.flush()).await,
-            Ok(Ok(_))
-        ) {
-            tracing::warn!("cannot flush the request log");
         }
     }
 
@@ -505,15 +461,45 @@ impl RequestLog {
         self.stopping.cancel();
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<Value>, ApiError> {
-        let Some(time) = self.ids.get(id.as_bytes()).map_err(backend)? else {
-            return Ok(None);
-        };
-        let record = self.records.get(&time).map_err(backend)?;
-        Ok(record.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+    /// Waits (up to `within`) until every queued record is written, then forces them to disk:
+    /// on shutdown, so a graceful stop loses nothing.
+    pub async fn drain(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.stored.load(Ordering::Acquire) < self.queued.load(Ordering::Relaxed)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let current = self.segments.read().last().map(|s| s.path.clone());
+        if let Some(path) = current {
+            // fsync applies to the file, whichever descriptor asks.
+            let synced = tokio::task::spawn_blocking(move || File::open(path)?.sync_data()).await;
+            if !matches!(synced, Ok(Ok(()))) {
+                tracing::warn!("cannot flush the request log");
+            }
+        }
     }
 
-    /// Records matching `query`, newest first.
+    /// The record of request `id`: the newest segments first, so a recent request is found
+    /// after reading little.
+    pub fn get(&self, id: &str) -> Result<Option<Value>, ApiError> {
+        let needle = needle("id", id);
+        let finder = memchr::memmem::Finder::new(&needle);
+        let mut found = None;
+        self.scan(&self.candidates(0, u64::MAX, None), |line| {
+            if finder.find(line).is_some()
+                && let Ok(record) = serde_json::from_slice::<RequestRecord>(line)
+                && record.id == id
+            {
+                found = serde_json::to_value(&record).ok();
+                return false;
+            }
+            true
+        })?;
+        Ok(found)
+    }
+
+    /// Records matching `query`, newest first (by when they finished).
     pub fn query(&self, query: &RequestQuery) -> Result<Vec<Value>, ApiError> {
         let now = now_ms();
         let since = parse_time(query.since.as_deref(), now, "since")?.unwrap_or(now - 3_600_000);
@@ -525,95 +511,91 @@ impl RequestLog {
             None => 100,
         }
         .clamp(1, 1000);
-        let (from, to) = (time_key(since, 0), time_key(until, u64::MAX));
         let filter = Filter::of(query)?;
+        let needles: Vec<Vec<u8>> = [
+            ("tenant", &query.tenant),
+            ("key", &query.key),
+            ("route", &query.route),
+            ("target", &query.target),
+            ("cache", &query.cache),
+        ]
+        .into_iter()
+        .filter_map(|(field, value)| value.as_deref().map(|v| needle(field, v)))
+        .collect();
+        let finders: Vec<memchr::memmem::Finder<'_>> =
+            needles.iter().map(memchr::memmem::Finder::new).collect();
         let mut found = Vec::new();
-        let mut take = |bytes: &[u8]| -> bool {
-            if let Ok(record) = serde_json::from_slice::<RequestRecord>(bytes)
+        let candidates = self.candidates(since, until, query.tenant.as_deref());
+        self.scan(&candidates, |line| {
+            if finders.iter().all(|f| f.find(line).is_some())
+                && let Ok(record) = serde_json::from_slice::<RequestRecord>(line)
+                && (since..=until).contains(&record.at_ms)
                 && filter.keeps(&record)
                 && let Ok(value) = serde_json::to_value(&record)
             {
                 found.push(value);
             }
             found.len() < limit
-        };
-        match &query.tenant {
-            Some(tenant) => {
-                let range = tenant_key(tenant, &from)..=tenant_key(tenant, &to);
-                for entry in self.tenants.range(range).rev() {
-                    let (key, _) = entry.map_err(backend)?;
-                    let time = &key[key.len() - 16..];
-                    if let Some(bytes) = self.records.get(time).map_err(backend)?
-                        && !take(&bytes)
-                    {
-                        break;
-                    }
+        })?;
+        Ok(found)
+    }
+
+    /// The segments that may hold a match, newest first.
+    fn candidates(&self, since: u64, until: u64, tenant: Option<&str>) -> Vec<std::path::PathBuf> {
+        self.segments
+            .read()
+            .iter()
+            .rev()
+            .filter(|s| s.may_hold(since, until, tenant))
+            .map(|s| s.path.clone())
+            .collect()
+    }
+
+    /// Calls `visit` on every line of `paths`, each read newest line first, until it says
+    /// stop. A segment deleted meanwhile (retention) is skipped.
+    fn scan(
+        &self,
+        paths: &[std::path::PathBuf],
+        mut visit: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), ApiError> {
+        for path in paths {
+            let bytes = match std::fs::read(path) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(ApiError::StoreUnavailable(format!("request log: {e}"))),
+            };
+            let mut end = bytes.len();
+            for newline in memchr::memrchr_iter(b'\n', &bytes) {
+                let line = &bytes[newline + 1..end];
+                end = newline;
+                if !line.is_empty() && !visit(line) {
+                    return Ok(());
                 }
             }
-            None => {
-                for entry in self.records.range(from..=to).rev() {
-                    let (_, bytes) = entry.map_err(backend)?;
-                    if !take(&bytes) {
-                        break;
-                    }
-                }
+            if end > 0 && !visit(&bytes[..end]) {
+                return Ok(());
             }
         }
-        Ok(found)
+        Ok(())
     }
 
     /// How many records the log holds.
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.segments
+            .read()
+            .iter()
+            .map(|s| s.records as usize)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.len() == 0
     }
 
-    fn store(&self, batch: &[(u64, Arc<RequestRecord>)]) -> Result<(), sled::Error> {
-        let (mut records, mut ids, mut tenants) = (
-            sled::Batch::default(),
-            sled::Batch::default(),
-            sled::Batch::default(),
-        );
-        for (sequence, record) in batch {
-            let time = time_key(record.at_ms, *sequence);
-            let Ok(bytes) = serde_json::to_vec(&**record) else {
-                continue;
-            };
-            records.insert(&time, bytes);
-            ids.insert(record.id.as_bytes(), &time);
-            tenants.insert(tenant_key(&record.tenant, &time), &[]);
-        }
-        self.records.apply_batch(records)?;
-        self.ids.apply_batch(ids)?;
-        self.tenants.apply_batch(tenants)
+    /// The size of the log's segments.
+    pub fn size_on_disk(&self) -> u64 {
+        self.segments.read().iter().map(|s| s.bytes).sum()
     }
-
-    /// Removes the records older than `before_ms`, oldest first, at most `most` of them; how
-    /// many.
-    fn remove_before(&self, before_ms: u64, most: usize) -> Result<usize, sled::Error> {
-        let mut removed = 0;
-        for entry in self.records.range(..time_key(before_ms, 0)).take(most) {
-            let (time, bytes) = entry?;
-            if let Ok(record) = serde_json::from_slice::<RequestRecord>(&bytes) {
-                self.ids.remove(record.id.as_bytes())?;
-                self.tenants.remove(tenant_key(&record.tenant, &time))?;
-            }
-            self.records.remove(&time)?;
-            removed += 1;
-        }
-        Ok(removed)
-    }
-}
-
-fn open_db(path: &Path) -> Result<sled::Db, sled::Error> {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(16 << 20)
-        .flush_every_ms(Some(FLUSH_EVERY.as_millis() as u64))
-        .open()
 }
 
 /// A time given as RFC 3339 or as a duration back from now.
@@ -635,53 +617,4 @@ fn parse_time(text: Option<&str>, now: u64, field: &str) -> Result<Option<u64>, 
                 Some(field),
             )
         })
-}
-
-async fn write(
-    log: std::sync::Weak<RequestLog>,
-    mut receiver: tokio::sync::mpsc::Receiver<Arc<RequestRecord>>,
-    sequence: Arc<AtomicU64>,
-    stored: Arc<AtomicU64>,
-) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while receiver.recv_many(&mut batch, BATCH).await > 0 {
-        let Some(log) = log.upgrade() else { return };
-        let numbered: Vec<(u64, Arc<RequestRecord>)> = batch
-            .drain(..)
-            .map(|record| (sequence.fetch_add(1, Ordering::Relaxed), record))
-            .collect();
-        let count = numbered.len() as u64;
-        let written = tokio::task::spawn_blocking(move || log.store(&numbered)).await;
-        if !matches!(written, Ok(Ok(()))) {
-            tracing::warn!("cannot write to the request log");
-        }
-        stored.fetch_add(count, Ordering::Release);
-    }
-}
-
-/// Every few seconds: drops records past `max_age`, then the oldest while the log is over
-/// `max_bytes`.
-async fn retain(log: std::sync::Weak<RequestLog>, max_age: Duration, max_bytes: u64) {
-    let mut ticks = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        ticks.tick().await;
-        let Some(log) = log.upgrade() else { return };
-        let pass = tokio::task::spawn_blocking(move || -> Result<(), sled::Error> {
-            let cutoff = now_ms().saturating_sub(max_age.as_millis() as u64);
-            while log.remove_before(cutoff, 10_000)? == 10_000 {}
-            // One oldest minute a pass: sled gives space back lazily, so looping until the size
-            // drops would empty the log.
-            if log.db.size_on_disk()? > max_bytes
-                && let Some((oldest, _)) = log.records.first()?
-            {
-                let oldest_ms = u64::from_be_bytes(oldest[..8].try_into().unwrap_or_default());
-                log.remove_before(oldest_ms + 60_000, 10_000)?;
-            }
-            Ok(())
-        })
-        .await;
-        if !matches!(pass, Ok(Ok(()))) {
-            tracing::warn!("request log retention failed; will retry");
-        }
-    }
 }

@@ -44,6 +44,8 @@ pub struct MockState {
     /// Whole-answer calls whose caller went away while the mock was still working on them.
     pub calls_cancelled: AtomicUsize,
     pub streams_completed: AtomicUsize,
+    /// OTLP export calls received on `/v1/traces`.
+    pub trace_exports: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -63,6 +65,8 @@ impl Mock {
             .route("/v1/chat/completions", post(openai_chat))
             .route("/v1/embeddings", post(openai_embeddings))
             .route("/v1/messages", post(anthropic_messages))
+            // An OTLP collector's endpoint that takes and drops spans, for the load benchmark.
+            .route("/v1/traces", post(otlp_traces))
             // Tests send multi-megabyte prompts; a real provider takes them too.
             .layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024))
             .with_state(Arc::clone(&state));
@@ -124,6 +128,11 @@ enum Plan {
     },
     Tool,
     LongStream,
+}
+
+async fn otlp_traces(State(state): State<Arc<MockState>>) -> StatusCode {
+    state.trace_exports.fetch_add(1, Ordering::Relaxed);
+    StatusCode::OK
 }
 
 fn plan(model: &str, call: usize) -> Plan {
