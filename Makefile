@@ -55,6 +55,7 @@ redis-server:
 # Load benchmark (numbers in the README). Installs oha into .tools on first use.
 bench:
 	bash benches/load.sh
+	$(CARGO) run --release --locked --example request_log_scale
 
 # A bounded chaos run on loopback (docs/reliability.md): flaky upstream under load, slow clients,
 # oversized prompts, kill -9 during writes, Redis killed and back. About a minute after the build.

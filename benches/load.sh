@@ -159,15 +159,22 @@ log_gateway=http://$LOG_GW_ADDR/v1/chat/completions
 otlp_gateway=http://$OTLP_GW_ADDR/v1/chat/completions
 run warm-l "$log_gateway" "$gateway_body" -n 2000 -c 8
 run warm-o "$otlp_gateway" "$gateway_body" -n 2000 -c 8
-for round in 1 2 3; do
-  run "nolog-c1-$round" "$gateway" "$gateway_body" -n "$N" -c 1
-  run "log-c1-$round" "$log_gateway" "$gateway_body" -n "$N" -c 1
-  run "otlp-c1-$round" "$otlp_gateway" "$gateway_body" -n "$N" -c 1
-done
-for round in 1 2 3; do
-  run "nolog-c32-$round" "$gateway" "$gateway_body" -n "$((N * 4))" -c 32
-  run "log-c32-$round" "$log_gateway" "$gateway_body" -n "$((N * 4))" -c 32
-  run "otlp-c32-$round" "$otlp_gateway" "$gateway_body" -n "$((N * 4))" -c 32
+# Five rounds each, the order rotated every round; CPU time per request from /proc (the
+# gateway's own user + system time), which drifts less than latency on a shared machine.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+names=(nolog log otlp)
+urls=("$gateway" "$log_gateway" "$otlp_gateway")
+pids=("$gw_pid" "$log_gw_pid" "$otlp_gw_pid")
+for level in c1 c32; do
+  if [ "$level" = c1 ]; then count=$N; conc=1; else count=$((N * 4)); conc=32; fi
+  for round in 1 2 3 4 5; do
+    for k in 0 1 2; do
+      i=$(( (k + round) % 3 ))
+      before=$(cpu_ticks "${pids[$i]}")
+      run "${names[$i]}-$level-$round" "${urls[$i]}" "$gateway_body" -n "$count" -c "$conc"
+      echo $(( $(cpu_ticks "${pids[$i]}") - before )) "$count" > "$workdir/${names[$i]}-$level-$round.cpu"
+    done
+  done
 done
 log_dropped=$(curl -s "http://$LOG_GW_ADDR/metrics" | awk '/^reprise_request_log_dropped_total/ {print $2}')
 otlp_spans=$(curl -s "http://$OTLP_GW_ADDR/metrics" | awk '/^reprise_otlp_spans_total/ {printf "%s=%s ", $1, $2}')
@@ -256,15 +263,22 @@ if rtt:
         print(f"| {label} (Redis) | {p50:.0f} µs | {p50 - redis_plain:+.0f} µs | – |")
     print(f"\none Redis round trip through the gateway's client (PING, median of 5,000): {rtt} µs")
 print()
-print("| request log / traces | p50 at concurrency 1 (median of 3 rounds) | over neither | req/s at concurrency 32 (median of 3) | over neither |")
-print("|---|---|---|---|---|")
+print("| request log / traces (medians of 5 rounds) | p50, concurrency 1 | over neither | req/s, concurrency 32 | over neither | gateway CPU per request, concurrency 32 | over neither |")
+print("|---|---|---|---|---|---|---|")
 def median_of(prefix, level, field):
-    return statistics.median(load(f"{prefix}-{level}-{r}")[field] for r in (1, 2, 3))
+    return statistics.median(load(f"{prefix}-{level}-{r}")[field] for r in range(1, 6))
+def cpu_us(prefix, level):
+    def one(r):
+        ticks, count = open(f"{workdir}/{prefix}-{level}-{r}.cpu").read().split()
+        return int(ticks) * 1e6 / os.sysconf("SC_CLK_TCK") / int(count)
+    return statistics.median(one(r) for r in range(1, 6))
 base_p50, base_rps = median_of("nolog", "c1", 0), median_of("nolog", "c32", 2)
+base_cpu = cpu_us("nolog", "c32")
 for label, key in [("neither", "nolog"), ("request log (embedded, on disk)", "log"),
                    ("request log + OTLP export", "otlp")]:
-    p50, rps = median_of(key, "c1", 0), median_of(key, "c32", 2)
-    print(f"| {label} | {p50:.0f} µs | {p50 - base_p50:+.0f} µs | {rps:,.0f} | {100 * (rps / base_rps - 1):+.1f}% |")
+    p50, rps, cpu = median_of(key, "c1", 0), median_of(key, "c32", 2), cpu_us(key, "c32")
+    print(f"| {label} | {p50:.0f} µs | {p50 - base_p50:+.0f} µs | {rps:,.0f} | {100 * (rps / base_rps - 1):+.1f}% "
+          f"| {cpu:.1f} µs | {100 * (cpu / base_cpu - 1):+.1f}% |")
 print(f"\nrecords dropped by the log's queue: {os.environ.get('LOG_DROPPED') or 0}; "
       f"OTLP spans: {os.environ.get('OTLP_SPANS') or '-'}")
 print()

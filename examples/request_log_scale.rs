@@ -31,7 +31,7 @@ fn record(i: u64, at_ms: u64) -> RequestRecord {
         id: uuid::Uuid::new_v4().to_string(),
         at_ms,
         endpoint: "chat_completions".into(),
-        tenant: format!("tenant-{}", i % TENANTS),
+        tenant: format!("tenant-{}", i % TENANTS).into(),
         key: Some(format!("key_{:08x}", i % 1000)),
         route: Some(["chat", "support", "summarise"][(i % 3) as usize].into()),
         cache: Some(if i.is_multiple_of(4) { "hit" } else { "miss" }.into()),
@@ -59,7 +59,7 @@ fn now_ms() -> u64 {
 async fn fill(log: &RequestLog, records: impl Iterator<Item = RequestRecord>) {
     let mut pending = 0;
     for record in records {
-        log.push(Arc::new(record));
+        log.push(&Arc::new(record));
         pending += 1;
         if pending == 50_000 {
             log.drain(Duration::from_secs(120)).await;

@@ -55,9 +55,10 @@ pub fn is_cacheable(response: &Value, allow_length: bool) -> bool {
 }
 
 pub fn usage_counts(response: &Value) -> (u64, u64) {
+    let usage = response.get("usage");
     let count = |field: &str| {
-        response
-            .pointer(&format!("/usage/{field}"))
+        usage
+            .and_then(|u| u.get(field))
             .and_then(Value::as_u64)
             .unwrap_or(0)
     };

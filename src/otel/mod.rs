@@ -35,7 +35,7 @@ use crate::config::OtlpConfig;
 use crate::request_log::RequestRecord;
 use crate::telemetry::Metrics;
 
-/// Requests per export call, and how long the first of a batch waits for company.
+/// Requests per export call at most, and how often the queue is sent.
 const BATCH: usize = 512;
 const LINGER: Duration = Duration::from_millis(200);
 
@@ -132,47 +132,64 @@ struct Sink {
 }
 
 impl Sink {
+    /// Sends what is queued every `LINGER`. The sink sleeps rather than waits on the queue, so
+    /// a request's push wakes nothing (a wake-up per request cost more than building its spans).
     async fn run(self, mut receiver: tokio::sync::mpsc::Receiver<Arc<RequestRecord>>) {
         let mut batch = Vec::with_capacity(BATCH);
-        while receiver.recv_many(&mut batch, BATCH).await > 0 {
-            let linger = tokio::time::sleep(LINGER);
-            tokio::pin!(linger);
-            while batch.len() < BATCH {
-                let room = BATCH - batch.len();
-                tokio::select! {
-                    more = receiver.recv_many(&mut batch, room) => {
-                        if more == 0 { break; }
+        loop {
+            tokio::time::sleep(LINGER).await;
+            let mut gone = false;
+            loop {
+                match receiver.try_recv() {
+                    Ok(record) => {
+                        batch.push(record);
+                        if batch.len() == BATCH {
+                            self.export(&mut batch).await;
+                        }
                     }
-                    _ = &mut linger => break,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                        gone = true;
+                        break;
+                    }
                 }
             }
-            let spans: Vec<Span> = batch.iter().flat_map(|r| spans_of(r)).collect();
-            let count = spans.len() as u64;
-            let body = ExportTraceServiceRequest {
-                resource_spans: vec![ResourceSpans {
-                    resource: Some(self.resource.clone()),
-                    scope_spans: vec![ScopeSpans {
-                        scope: Some(InstrumentationScope {
-                            name: "reprise".into(),
-                            version: env!("CARGO_PKG_VERSION").into(),
-                            ..Default::default()
-                        }),
-                        spans,
-                        schema_url: String::new(),
-                    }],
+            if !batch.is_empty() {
+                self.export(&mut batch).await;
+            }
+            if gone {
+                return;
+            }
+        }
+    }
+
+    async fn export(&self, batch: &mut Vec<Arc<RequestRecord>>) {
+        let spans: Vec<Span> = batch.iter().flat_map(|r| spans_of(r)).collect();
+        let count = spans.len() as u64;
+        let body = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(self.resource.clone()),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: "reprise".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..Default::default()
+                    }),
+                    spans,
                     schema_url: String::new(),
                 }],
-            }
-            .encode_to_vec();
-            let result = if self.send(body).await {
-                "exported"
-            } else {
-                "failed"
-            };
-            self.metrics.otlp_spans(result, count);
-            self.done.fetch_add(batch.len() as u64, Ordering::Release);
-            batch.clear();
+                schema_url: String::new(),
+            }],
         }
+        .encode_to_vec();
+        let result = if self.send(body).await {
+            "exported"
+        } else {
+            "failed"
+        };
+        self.metrics.otlp_spans(result, count);
+        self.done.fetch_add(batch.len() as u64, Ordering::Release);
+        batch.clear();
     }
 
     /// Posts one batch, retrying what the OTLP spec calls retryable a few times.
@@ -251,6 +268,11 @@ impl From<String> for Attr {
 impl From<&String> for Attr {
     fn from(v: &String) -> Self {
         Attr::Text(v.clone())
+    }
+}
+impl From<&std::borrow::Cow<'_, str>> for Attr {
+    fn from(v: &std::borrow::Cow<'_, str>) -> Self {
+        Attr::Text(v.to_string())
     }
 }
 impl From<u64> for Attr {
@@ -347,7 +369,7 @@ pub fn spans_of(record: &RequestRecord) -> Vec<Span> {
         attr("gen_ai.request.model", route),
         attr("http.response.status_code", record.status),
         attr("reprise.request_id", &record.id),
-        attr("reprise.tenant", &record.tenant),
+        attr("reprise.tenant", &*record.tenant),
         attr("reprise.attempts", record.attempts),
         attr("reprise.stream", record.stream),
     ];

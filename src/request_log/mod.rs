@@ -37,8 +37,8 @@ pub struct RequestRecord {
     /// Unix microseconds when the request arrived, for span times.
     #[serde(skip)]
     pub at_us: u64,
-    pub endpoint: String,
-    pub tenant: String,
+    pub endpoint: Label,
+    pub tenant: Arc<str>,
     /// The run-time key's id (`None`: a key from `[auth]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -50,10 +50,10 @@ pub struct RequestRecord {
     pub prompt: Option<PromptRecord>,
     /// `hit`, `semantic-hit`, `miss`, `bypass`, `refresh`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache: Option<String>,
+    pub cache: Option<Label>,
     /// What the semantic stage did (`hit`, `rejected-GUARD`, `miss`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub semantic: Option<String>,
+    pub semantic: Option<Label>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub similarity: Option<f32>,
     /// The cache entry that answered.
@@ -73,7 +73,7 @@ pub struct RequestRecord {
     /// The error's kind for a failed request (for a stream: also `stream_interrupted` or
     /// `client_closed` after a 200 head).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub error: Option<Label>,
     pub input_tokens: u64,
     pub output_tokens: u64,
     /// Input tokens the provider served from its own prompt cache.
@@ -105,6 +105,9 @@ pub struct RequestRecord {
     pub payload: Option<Payload>,
 }
 
+/// A value from a fixed set of names: borrowed when the record is made, owned when read back.
+pub type Label = std::borrow::Cow<'static, str>;
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -131,9 +134,9 @@ pub struct Timing {
 pub struct AttemptRecord {
     pub target: String,
     /// `first`, `retry`, `failover` or `hedge`.
-    pub kind: String,
+    pub kind: Label,
     /// `ok`, an error kind, or `cancelled` (a hedge that lost).
-    pub outcome: String,
+    pub outcome: Label,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
     /// After the request arrived.
@@ -155,7 +158,7 @@ pub struct Payload {
 
 /// How a request ended, as the server saw it.
 pub struct Ending<'a> {
-    pub endpoint: &'a str,
+    pub endpoint: &'static str,
     pub status: u16,
     /// From the request's arrival to its end.
     pub elapsed: Duration,
@@ -213,8 +216,8 @@ impl RequestRecord {
                 let start_ms = offset(attempt.started);
                 AttemptRecord {
                     target: attempt.target.clone(),
-                    kind: attempt.kind.to_owned(),
-                    outcome: attempt.outcome.to_owned(),
+                    kind: Label::Borrowed(attempt.kind),
+                    outcome: Label::Borrowed(attempt.outcome),
                     status: attempt.status,
                     start_ms,
                     latency_ms: if winner_of_stream {
@@ -232,8 +235,8 @@ impl RequestRecord {
             id: caller.request_id.clone(),
             at_ms: at_us / 1000,
             at_us,
-            endpoint: ending.endpoint.to_owned(),
-            tenant: caller.tenant.to_string(),
+            endpoint: Label::Borrowed(ending.endpoint),
+            tenant: Arc::clone(&caller.tenant),
             key: caller.key.clone(),
             user: caller.user.clone(),
             route: trace.route.clone(),
@@ -243,8 +246,8 @@ impl RequestRecord {
                 label: p.label.clone(),
                 arm: p.arm.map(|(arm, arms)| format!("{arm}/{arms}")),
             }),
-            cache: trace.cache.status.map(|s| s.label().to_owned()),
-            semantic: trace.cache.semantic.map(|s| s.label().to_owned()),
+            cache: trace.cache.status.map(|s| Label::Borrowed(s.label())),
+            semantic: trace.cache.semantic.map(|s| Label::Borrowed(s.label())),
             similarity: trace.cache.similarity,
             entry: trace.cache.entry.clone(),
             cache_lookup: trace.cache_lookup.map(|(at, took)| Timing {
@@ -255,7 +258,7 @@ impl RequestRecord {
             attempts: trace.attempts,
             upstream,
             status: ending.status,
-            error: ending.error.or(trace.error).map(str::to_owned),
+            error: ending.error.or(trace.error).map(Label::Borrowed),
             input_tokens,
             output_tokens,
             cached_tokens,
@@ -358,11 +361,14 @@ impl<'q> Filter<'q> {
                     })
             })
         });
-        query.tenant.as_ref().is_none_or(|t| &record.tenant == t)
+        query.tenant.as_ref().is_none_or(|t| *record.tenant == **t)
             && same(&query.key, &record.key)
             && same(&query.route, &record.route)
             && same(&query.target, &record.target)
-            && same(&query.cache, &record.cache)
+            && query
+                .cache
+                .as_ref()
+                .is_none_or(|c| record.cache.as_deref() == Some(c.as_str()))
             && self.status.is_none_or(|s| record.status == s)
             && self.error.is_none_or(|e| record.error.is_some() == e)
             && prompt_matches
@@ -370,7 +376,9 @@ impl<'q> Filter<'q> {
 }
 
 pub struct RequestLog {
-    sender: std::sync::mpsc::SyncSender<Arc<RequestRecord>>,
+    queue: Arc<segments::Queue>,
+    /// The most records waiting to be written.
+    capacity: usize,
     /// Records as they are made, for `reprise logs --follow`.
     live: tokio::sync::broadcast::Sender<Arc<RequestRecord>>,
     stopping: tokio_util::sync::CancellationToken,
@@ -379,6 +387,13 @@ pub struct RequestLog {
     /// Records queued, and records stored: equal once the writer has caught up.
     queued: AtomicU64,
     stored: Arc<AtomicU64>,
+}
+
+impl Drop for RequestLog {
+    /// The writer writes what is still queued, then stops.
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -407,7 +422,7 @@ impl RequestLog {
                 config.path.display()
             )
         })?;
-        let (sender, receiver) = std::sync::mpsc::sync_channel(config.queue);
+        let queue = Arc::new(segments::Queue::default());
         let stored = Arc::new(AtomicU64::new(0));
         let writer = segments::Writer {
             dir: config.path.clone(),
@@ -420,9 +435,13 @@ impl RequestLog {
         };
         std::thread::Builder::new()
             .name("request-log".into())
-            .spawn(move || writer.run(receiver))?;
+            .spawn({
+                let queue = Arc::clone(&queue);
+                move || writer.run(&queue)
+            })?;
         Ok(Arc::new(Self {
-            sender,
+            queue,
+            capacity: config.queue,
             live: tokio::sync::broadcast::channel(1024).0,
             stopping: tokio_util::sync::CancellationToken::new(),
             segments,
@@ -433,15 +452,30 @@ impl RequestLog {
     }
 
     /// Queues a record; never waits. A full queue drops it (and counts it).
-    pub fn push(&self, record: Arc<RequestRecord>) {
-        if self.live.receiver_count() > 0 {
-            let _ = self.live.send(Arc::clone(&record));
+    ///
+    /// The record is appended, as its JSON line, to a buffer the writer thread swaps out on its
+    /// own tick: no allocation per record, no wake-up of the writer, and nothing freed on
+    /// another thread (which contends on the allocator's locks).
+    pub fn push(&self, record: &Arc<RequestRecord>) {
+        thread_local! {
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        match self.sender.try_send(record) {
-            Ok(()) => {
-                self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(Arc::clone(record));
+        }
+        let queued = LINE.with_borrow_mut(|line| {
+            line.clear();
+            if serde_json::to_writer(&mut *line, &**record).is_err() {
+                return true;
             }
-            Err(_) => self.metrics.request_log_dropped(),
+            line.push(b'\n');
+            self.queue
+                .push(line, record.at_ms, &record.tenant, self.capacity)
+        });
+        if queued {
+            self.queued.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.metrics.request_log_dropped();
         }
     }
 

@@ -162,7 +162,7 @@ impl AppState {
             exporter.export(&record);
         }
         if let Some(log) = &self.request_log {
-            log.push(record);
+            log.push(&record);
         }
     }
 
@@ -214,7 +214,8 @@ impl AppState {
     ) {
         self.record(endpoint, trace, status, started, response);
         if self.keeps_records() {
-            let payload = self.payload(trace, request, response.cloned());
+            let captures = self.payloads.is_some() && request.is_some();
+            let payload = self.payload(trace, request, response.filter(|_| captures).cloned());
             self.log(
                 trace,
                 crate::request_log::Ending {
