@@ -261,7 +261,7 @@ impl Writer {
             }
             if checked_age.elapsed() >= Duration::from_secs(1) {
                 checked_age = Instant::now();
-                self.trim();
+                self.trim(0);
             }
             if closing {
                 break;
@@ -282,6 +282,8 @@ impl Writer {
     }
 
     fn write(&mut self, batch: &Pending) {
+        // Room first, so the files never pass the bound, however large the batch.
+        self.trim(batch.bytes.len() as u64);
         if let Err(error) = self.file.write_all(&batch.bytes) {
             tracing::warn!(%error, "cannot write to the request log; its records are dropped");
         } else {
@@ -303,7 +305,6 @@ impl Writer {
         if full {
             self.roll();
         }
-        self.trim();
     }
 
     /// Closes the current segment and starts the next.
@@ -322,14 +323,14 @@ impl Writer {
         }
     }
 
-    /// Deletes the oldest closed segments while the log is past its size, or they are past
-    /// their age.
-    fn trim(&mut self) {
+    /// Deletes the oldest closed segments while the log, with `incoming` bytes more, would be
+    /// past its size, or they are past their age.
+    fn trim(&mut self, incoming: u64) {
         let cutoff = super::now_ms().saturating_sub(self.bounds.max_age.as_millis() as u64);
         let mut removed = Vec::new();
         {
             let mut segments = self.segments.write();
-            let mut total: u64 = segments.iter().map(|s| s.bytes).sum();
+            let mut total: u64 = segments.iter().map(|s| s.bytes).sum::<u64>() + incoming;
             while segments.len() > 1 {
                 let oldest = &segments[0];
                 let expired = oldest.records > 0 && oldest.last_ms < cutoff;
