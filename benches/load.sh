@@ -31,6 +31,7 @@ cleanup() {
   [ -n "${redis_gw_pid:-}" ] && kill "$redis_gw_pid" 2>/dev/null || true
   [ -n "${redis_pid:-}" ] && kill "$redis_pid" 2>/dev/null || true
   [ -n "${log_gw_pid:-}" ] && kill "$log_gw_pid" 2>/dev/null || true
+  [ -n "${plain2_gw_pid:-}" ] && kill "$plain2_gw_pid" 2>/dev/null || true
   [ -n "${otlp_gw_pid:-}" ] && kill "$otlp_gw_pid" 2>/dev/null || true
   rm -rf "$workdir"
 }
@@ -138,6 +139,9 @@ loaded_rss=$(rss_kb)
 # The request log and OTLP export: the same gateway config plus [request_log] (an embedded
 # log on disk), then plus [otlp] (spans posted to the mock's /v1/traces), each its own process,
 # interleaved round by round with the gateway without them.
+# A second gateway without either is the control: two identical processes differ too, and
+# that difference is the noise floor of the comparison.
+PLAIN2_GW_ADDR=127.0.0.1:${PLAIN2_GW_PORT:-19184}
 LOG_GW_ADDR=127.0.0.1:${LOG_GW_PORT:-19182}
 OTLP_GW_ADDR=127.0.0.1:${OTLP_GW_PORT:-19183}
 sed -e "s|^listen = .*|listen = \"$LOG_GW_ADDR\"|" -e "s|^path = .*|path = \"$workdir/cache-log\"|" \
@@ -147,29 +151,36 @@ sed -e "s|^listen = .*|listen = \"$OTLP_GW_ADDR\"|" -e "s|^path = .*|path = \"$w
     "$workdir/bench.toml" > "$workdir/otlp.toml"
 printf '[request_log]\npath = "%s"\n[otlp]\nendpoint = "http://%s"\n' \
     "$workdir/requests-otlp" "$MOCK_ADDR" >> "$workdir/otlp.toml"
+sed -e "s|^listen = .*|listen = \"$PLAIN2_GW_ADDR\"|" -e "s|^path = .*|path = \"$workdir/cache-plain2\"|" \
+    "$workdir/bench.toml" > "$workdir/plain2.toml"
+./target/release/reprise serve --config "$workdir/plain2.toml" > "$workdir/gw-plain2.log" 2>&1 &
+plain2_gw_pid=$!
 ./target/release/reprise serve --config "$workdir/log.toml" > "$workdir/gw-log.log" 2>&1 &
 log_gw_pid=$!
 ./target/release/reprise serve --config "$workdir/otlp.toml" > "$workdir/gw-otlp.log" 2>&1 &
 otlp_gw_pid=$!
 for _ in $(seq 100); do
-  if curl -sf "http://$LOG_GW_ADDR/healthz" > /dev/null && curl -sf "http://$OTLP_GW_ADDR/healthz" > /dev/null; then break; fi
+  if curl -sf "http://$LOG_GW_ADDR/healthz" > /dev/null && curl -sf "http://$OTLP_GW_ADDR/healthz" > /dev/null \
+    && curl -sf "http://$PLAIN2_GW_ADDR/healthz" > /dev/null; then break; fi
   sleep 0.1
 done
 log_gateway=http://$LOG_GW_ADDR/v1/chat/completions
 otlp_gateway=http://$OTLP_GW_ADDR/v1/chat/completions
+plain2_gateway=http://$PLAIN2_GW_ADDR/v1/chat/completions
+run warm-p2 "$plain2_gateway" "$gateway_body" -n 2000 -c 8
 run warm-l "$log_gateway" "$gateway_body" -n 2000 -c 8
 run warm-o "$otlp_gateway" "$gateway_body" -n 2000 -c 8
 # Five rounds each, the order rotated every round; CPU time per request from /proc (the
 # gateway's own user + system time), which drifts less than latency on a shared machine.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-names=(nolog log otlp)
-urls=("$gateway" "$log_gateway" "$otlp_gateway")
-pids=("$gw_pid" "$log_gw_pid" "$otlp_gw_pid")
+names=(nolog nolog2 log otlp)
+urls=("$gateway" "$plain2_gateway" "$log_gateway" "$otlp_gateway")
+pids=("$gw_pid" "$plain2_gw_pid" "$log_gw_pid" "$otlp_gw_pid")
 for level in c1 c32; do
   if [ "$level" = c1 ]; then count=$N; conc=1; else count=$((N * 4)); conc=32; fi
   for round in 1 2 3 4 5; do
-    for k in 0 1 2; do
-      i=$(( (k + round) % 3 ))
+    for k in 0 1 2 3; do
+      i=$(( (k + round) % 4 ))
       before=$(cpu_ticks "${pids[$i]}")
       run "${names[$i]}-$level-$round" "${urls[$i]}" "$gateway_body" -n "$count" -c "$conc"
       echo $(( $(cpu_ticks "${pids[$i]}") - before )) "$count" > "$workdir/${names[$i]}-$level-$round.cpu"
@@ -178,7 +189,7 @@ for level in c1 c32; do
 done
 log_dropped=$(curl -s "http://$LOG_GW_ADDR/metrics" | awk '/^reprise_request_log_dropped_total/ {print $2}')
 otlp_spans=$(curl -s "http://$OTLP_GW_ADDR/metrics" | awk '/^reprise_otlp_spans_total/ {printf "%s=%s ", $1, $2}')
-kill "$log_gw_pid" "$otlp_gw_pid" 2>/dev/null || true
+kill "$log_gw_pid" "$otlp_gw_pid" "$plain2_gw_pid" 2>/dev/null || true
 
 # The same on Redis (a second gateway sharing a redis-server), with the round trip to Redis
 # measured alone for comparison.
@@ -274,8 +285,8 @@ def cpu_us(prefix, level):
     return statistics.median(one(r) for r in range(1, 6))
 base_p50, base_rps = median_of("nolog", "c1", 0), median_of("nolog", "c32", 2)
 base_cpu = cpu_us("nolog", "c32")
-for label, key in [("neither", "nolog"), ("request log (embedded, on disk)", "log"),
-                   ("request log + OTLP export", "otlp")]:
+for label, key in [("neither", "nolog"), ("neither, a second process (the control)", "nolog2"),
+                   ("request log (embedded, on disk)", "log"), ("request log + OTLP export", "otlp")]:
     p50, rps, cpu = median_of(key, "c1", 0), median_of(key, "c32", 2), cpu_us(key, "c32")
     print(f"| {label} | {p50:.0f} µs | {p50 - base_p50:+.0f} µs | {rps:,.0f} | {100 * (rps / base_rps - 1):+.1f}% "
           f"| {cpu:.1f} µs | {100 * (cpu / base_cpu - 1):+.1f}% |")
