@@ -56,6 +56,7 @@ redis-server:
 bench:
 	bash benches/load.sh
 	$(CARGO) run --release --locked --example request_log_scale
+	$(CARGO) bench --locked --bench request_log
 
 # A bounded chaos run on loopback (docs/reliability.md): flaky upstream under load, slow clients,
 # oversized prompts, kill -9 during writes, Redis killed and back. About a minute after the build.
