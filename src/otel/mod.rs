@@ -354,6 +354,18 @@ fn status(error: bool) -> Option<Status> {
     })
 }
 
+/// What the cache did, on the request span and on the lookup's.
+fn cache_attributes(attributes: &mut Vec<KeyValue>, record: &RequestRecord) {
+    attr_opt(attributes, "reprise.cache.outcome", record.cache.as_ref());
+    attr_opt(
+        attributes,
+        "reprise.cache.semantic",
+        record.semantic.as_ref(),
+    );
+    attr_opt(attributes, "reprise.cache.similarity", record.similarity);
+    attr_opt(attributes, "reprise.cache.entry", record.entry.as_ref());
+}
+
 /// The request's spans, parents first.
 pub fn spans_of(record: &RequestRecord) -> Vec<Span> {
     let trace_id = unhex(record.trace_id.as_deref());
@@ -398,26 +410,7 @@ pub fn spans_of(record: &RequestRecord) -> Vec<Span> {
     attr_opt(&mut attributes, "user.id", record.user.as_ref());
     attr_opt(&mut attributes, "reprise.route", record.route.as_ref());
     attr_opt(&mut attributes, "reprise.key", record.key.as_ref());
-    attr_opt(
-        &mut attributes,
-        "reprise.cache.outcome",
-        record.cache.as_ref(),
-    );
-    attr_opt(
-        &mut attributes,
-        "reprise.cache.semantic",
-        record.semantic.as_ref(),
-    );
-    attr_opt(
-        &mut attributes,
-        "reprise.cache.similarity",
-        record.similarity,
-    );
-    attr_opt(
-        &mut attributes,
-        "reprise.cache.entry",
-        record.entry.as_ref(),
-    );
+    cache_attributes(&mut attributes, record);
     attr_opt(
         &mut attributes,
         "reprise.first_token_ms",
@@ -454,26 +447,7 @@ pub fn spans_of(record: &RequestRecord) -> Vec<Span> {
 
     if let Some(lookup) = &record.cache_lookup {
         let mut attributes = Vec::new();
-        attr_opt(
-            &mut attributes,
-            "reprise.cache.outcome",
-            record.cache.as_ref(),
-        );
-        attr_opt(
-            &mut attributes,
-            "reprise.cache.semantic",
-            record.semantic.as_ref(),
-        );
-        attr_opt(
-            &mut attributes,
-            "reprise.cache.similarity",
-            record.similarity,
-        );
-        attr_opt(
-            &mut attributes,
-            "reprise.cache.entry",
-            record.entry.as_ref(),
-        );
+        cache_attributes(&mut attributes, record);
         spans.push(Span {
             trace_id: trace_id.clone(),
             span_id: new_span_id().to_vec(),
