@@ -140,6 +140,16 @@ pub enum ExtraAttempt {
     Hedge,
 }
 
+impl ExtraAttempt {
+    pub fn label(self) -> &'static str {
+        match self {
+            ExtraAttempt::RetrySameTarget => "retry",
+            ExtraAttempt::Failover => "failover",
+            ExtraAttempt::Hedge => "hedge",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Off: per-tenant series carry `tenant="all"`, so the exposition names no tenant.
@@ -472,11 +482,7 @@ impl Metrics {
     }
 
     pub fn extra_attempt(&self, route: &str, kind: ExtraAttempt) {
-        let kind = match kind {
-            ExtraAttempt::RetrySameTarget => "retry",
-            ExtraAttempt::Failover => "failover",
-            ExtraAttempt::Hedge => "hedge",
-        };
+        let kind = kind.label();
         self.extra_attempts
             .get_or_create(&ExtraAttemptLabels {
                 route: route.to_owned(),

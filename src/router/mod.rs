@@ -144,12 +144,7 @@ impl OpenAttempt {
 }
 
 fn attempt_kind(kind: Option<ExtraAttempt>) -> &'static str {
-    match kind {
-        None => "first",
-        Some(ExtraAttempt::RetrySameTarget) => "retry",
-        Some(ExtraAttempt::Failover) => "failover",
-        Some(ExtraAttempt::Hedge) => "hedge",
-    }
+    kind.map_or("first", ExtraAttempt::label)
 }
 
 pub struct Router {
