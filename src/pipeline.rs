@@ -154,6 +154,8 @@ pub struct Pipeline {
     /// The request log or the trace exporter counts a stream's tokens, so every stream asks
     /// the upstream for its usage.
     stream_usage: bool,
+    /// Outcomes clients report on prompt requests (`[feedback]`).
+    feedback: Option<crate::feedback::Feedback>,
 }
 
 impl Pipeline {
@@ -199,6 +201,12 @@ impl Pipeline {
             (Some(keys), Some(store)) => Some(KeyStore::new(Arc::clone(store), keys.cache_ttl)),
             _ => None,
         };
+        let feedback = match (&config.feedback, &store) {
+            (Some(feedback), Some(store)) => {
+                Some(crate::feedback::Feedback::new(feedback, Arc::clone(store)))
+            }
+            _ => None,
+        };
         let cache =
             CacheStage::from_config(config, store, Arc::clone(&metrics), Arc::clone(&prices))?;
         Ok(Self {
@@ -210,6 +218,7 @@ impl Pipeline {
             prices,
             metrics,
             stream_usage: config.request_log.is_some() || config.otlp.is_some(),
+            feedback,
         })
     }
 
@@ -228,6 +237,16 @@ impl Pipeline {
         self.keys.as_ref().ok_or_else(|| {
             ApiError::invalid(
                 "this gateway keeps no run-time keys (add [keys] to its config)",
+                None,
+            )
+        })
+    }
+
+    /// Outcomes reported on prompt requests, if `[feedback]` is configured.
+    pub fn feedback(&self) -> Result<&crate::feedback::Feedback, ApiError> {
+        self.feedback.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                "this gateway takes no feedback (add [feedback] to its config)",
                 None,
             )
         })
@@ -470,6 +489,20 @@ impl Pipeline {
         } else {
             trace.cache.status.map_or("none", |s| s.label())
         };
+        if let (Some(feedback), Some(caller), true) = (&self.feedback, &trace.caller, status < 400)
+        {
+            feedback.remember(
+                &caller.tenant,
+                &caller.request_id,
+                crate::feedback::Served {
+                    prompt: prompt.id.clone(),
+                    version: prompt.version,
+                    arm: prompt.arm.map(|(arm, arms)| format!("{arm}/{arms}")),
+                    cached: trace.cache.is_hit(),
+                    at_ms: crate::request_log::now_ms(),
+                },
+            );
+        }
         prompts.record_use(
             &prompt.id,
             prompt.version,

@@ -29,7 +29,7 @@ pub use cache::{
     CacheConfig, CachePolicy, DEFAULT_SEMANTIC_THRESHOLD, RouteCacheConfig, SemanticPolicy,
     StoreKind,
 };
-pub use prompts::PromptsConfig;
+pub use prompts::{FeedbackConfig, MetricConfig, MetricKind, PromptsConfig};
 pub use providers::{ProviderConfig, ProviderKind};
 pub use routes::{BreakerConfig, RetryConfig, RouteConfig, Strategy, TargetConfig, TimeoutConfig};
 pub use semantic::{SemanticConfig, VerifierKind};
@@ -92,6 +92,8 @@ pub struct Config {
     pub semantic: SemanticConfig,
     /// The versioned prompt store; off without this section.
     pub prompts: Option<PromptsConfig>,
+    /// Metrics clients report on prompt requests; off without this section.
+    pub feedback: Option<FeedbackConfig>,
     /// Gateway keys made at run time; off without this section.
     pub keys: Option<KeysConfig>,
     /// Limits per tenant.
@@ -251,6 +253,9 @@ impl Config {
         self.semantic.validate()?;
         if let Some(prompts) = &self.prompts {
             prompts.validate()?;
+        }
+        if let Some(feedback) = &self.feedback {
+            feedback.validate(self.prompts.is_some())?;
         }
         for (model, price) in &self.prices {
             if !(price.input >= 0.0 && price.output >= 0.0) {

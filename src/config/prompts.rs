@@ -35,3 +35,73 @@ impl PromptsConfig {
         Ok(())
     }
 }
+
+/// `[feedback]`: the metrics clients report on prompt requests (`POST /v1/feedback`); off
+/// without this section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackConfig {
+    #[serde(default)]
+    pub metrics: std::collections::BTreeMap<String, MetricConfig>,
+    /// How long a request can still be scored, and its feedback kept.
+    #[serde(default = "default_feedback_retention", with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricConfig {
+    #[serde(rename = "type")]
+    pub kind: MetricKind,
+    /// Whether a larger value is the better outcome (a success, a rating).
+    #[serde(default = "default_true")]
+    pub higher_is_better: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricKind {
+    Boolean,
+    Number,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_feedback_retention() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+
+impl FeedbackConfig {
+    pub(super) fn validate(&self, has_prompts: bool) -> Result<(), FieldError> {
+        if !has_prompts {
+            return Err(FieldError::new(
+                "feedback",
+                "scores prompt requests, so it needs [prompts]",
+            ));
+        }
+        if self.metrics.is_empty() {
+            return Err(FieldError::new(
+                "feedback.metrics",
+                "declare at least one metric",
+            ));
+        }
+        for name in self.metrics.keys() {
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if !valid {
+                return Err(FieldError::new(
+                    format!("feedback.metrics.{name}"),
+                    "a metric name is 1-64 letters, digits, `_`, `-` or `.`",
+                ));
+            }
+        }
+        if self.retention < Duration::from_secs(60) {
+            return Err(FieldError::new("feedback.retention", "must be at least 1m"));
+        }
+        Ok(())
+    }
+}

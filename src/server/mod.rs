@@ -631,6 +631,7 @@ pub fn app(state: Arc<AppState>, with_metrics: bool) -> HttpRouter {
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/health/providers", get(admin::provider_health))
         .route("/v1/cache/feedback", post(openai::cache_feedback))
+        .route("/v1/feedback", post(openai::feedback))
         .route("/admin/cache/stats", get(admin::cache_stats))
         .route("/admin/cache/purge", post(admin::cache_purge))
         .route("/admin/usage", get(keys::usage))

@@ -101,6 +101,31 @@ pub async fn cache_feedback(
     }
 }
 
+/// `POST /v1/feedback`: `{"request_id": x-request-id, "metric": NAME, "value": true | 4.5,
+/// "comment": "..."}` from the tenant that made the request; kept with the prompt version and
+/// arm that served it.
+pub async fn feedback(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let answer = async {
+        let Admitted {
+            context,
+            request: report,
+            _slot,
+        }: Admitted<crate::feedback::Report> =
+            authenticated_request(&state, &headers, body).await?;
+        let recorded = state
+            .pipeline
+            .feedback()?
+            .record(&context.tenant, report)
+            .await?;
+        Ok::<_, crate::error::ApiError>(axum::Json(recorded).into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
 /// Chunks as `data:` events, then `data: [DONE]`. An upstream failure after the first chunk ends
 /// the stream with an error event and no `[DONE]`, so SDKs raise instead of returning a truncated
 /// answer as if it were complete.

@@ -1,0 +1,199 @@
+//! Outcomes of prompt requests: a client reports, for a request it was answered (its
+//! `x-request-id`), a declared metric's value; the feedback is kept with the prompt version and
+//! rollout arm that request was served, for the experiment's results.
+//!
+//! Two records in the shared store, both under the tenant, so one tenant can neither read nor
+//! score another's requests:
+//! - `feedback/v1/served/{tenant}/{request id}`: which prompt version and arm served the request,
+//!   and whether from the cache; written off the response path when a prompt request is
+//!   answered, kept for `[feedback] retention`;
+//! - `feedback/v1/value/{tenant}/{request id}/{metric}`: the latest value of a metric for that
+//!   request (a repeated report replaces it).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{FeedbackConfig, MetricKind};
+use crate::error::ApiError;
+use crate::store::Store;
+
+/// The prompt version a request was served, as feedback finds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Served {
+    pub prompt: String,
+    pub version: u32,
+    /// `arm/arms` in a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arm: Option<String>,
+    /// Answered from the cache: a replay of an earlier answer, not a new sample.
+    pub cached: bool,
+    pub at_ms: u64,
+}
+
+/// One report, as stored and answered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Recorded {
+    pub request_id: String,
+    pub metric: String,
+    pub value: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    #[serde(flatten)]
+    pub served: Served,
+}
+
+/// `POST /v1/feedback`'s body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    pub request_id: String,
+    pub metric: String,
+    pub value: Value,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+const MAX_COMMENT_BYTES: usize = 4096;
+
+pub struct Feedback {
+    store: Arc<dyn Store>,
+    metrics: BTreeMap<String, MetricKind>,
+    retention: Duration,
+}
+
+/// A client's text made safe as one segment of a store key.
+fn part(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+fn served_key(tenant: &str, request_id: &str) -> String {
+    format!("feedback/v1/served/{}/{}", part(tenant), part(request_id))
+}
+
+fn value_key(tenant: &str, request_id: &str, metric: &str) -> String {
+    format!(
+        "feedback/v1/value/{}/{}/{}",
+        part(tenant),
+        part(request_id),
+        part(metric)
+    )
+}
+
+fn unavailable(error: crate::store::StoreError) -> ApiError {
+    ApiError::StoreUnavailable(format!("feedback: {error}"))
+}
+
+impl Feedback {
+    pub fn new(config: &FeedbackConfig, store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            metrics: config
+                .metrics
+                .iter()
+                .map(|(name, metric)| (name.clone(), metric.kind))
+                .collect(),
+            retention: config.retention,
+        }
+    }
+
+    /// Notes which prompt version served `request_id`, off the response path.
+    pub fn remember(&self, tenant: &str, request_id: &str, served: Served) {
+        if request_id.is_empty() {
+            return;
+        }
+        let (store, key, ttl) = (
+            Arc::clone(&self.store),
+            served_key(tenant, request_id),
+            self.retention,
+        );
+        let Ok(bytes) = serde_json::to_vec(&served) else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Err(error) = store.put(&key, bytes, Some(ttl)).await {
+                tracing::warn!(%error, "cannot note which prompt version served a request");
+            }
+        });
+    }
+
+    /// Records `report` from `tenant`: 404 unless that tenant was served that request with a
+    /// prompt version; a repeated report of the same metric replaces the earlier one.
+    pub async fn record(&self, tenant: &str, report: Report) -> Result<Recorded, ApiError> {
+        let kind = self.metrics.get(&report.metric).ok_or_else(|| {
+            let known: Vec<&str> = self.metrics.keys().map(String::as_str).collect();
+            ApiError::invalid(
+                format!(
+                    "unknown metric `{}` (declared: {})",
+                    report.metric,
+                    known.join(", ")
+                ),
+                Some("metric"),
+            )
+        })?;
+        let value = match (kind, &report.value) {
+            (MetricKind::Boolean, Value::Bool(b)) => f64::from(u8::from(*b)),
+            (MetricKind::Number, Value::Number(n)) => n
+                .as_f64()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| ApiError::invalid("value: a finite number", Some("value")))?,
+            (MetricKind::Boolean, _) => {
+                return Err(ApiError::invalid(
+                    format!("value: `{}` takes true or false", report.metric),
+                    Some("value"),
+                ));
+            }
+            (MetricKind::Number, _) => {
+                return Err(ApiError::invalid(
+                    format!("value: `{}` takes a number", report.metric),
+                    Some("value"),
+                ));
+            }
+        };
+        if report
+            .comment
+            .as_ref()
+            .is_some_and(|c| c.len() > MAX_COMMENT_BYTES)
+        {
+            return Err(ApiError::invalid(
+                format!("comment: at most {MAX_COMMENT_BYTES} bytes"),
+                Some("comment"),
+            ));
+        }
+        let served = self
+            .store
+            .get(&served_key(tenant, &report.request_id))
+            .await
+            .map_err(unavailable)?
+            .and_then(|bytes| serde_json::from_slice::<Served>(&bytes).ok())
+            .ok_or_else(|| ApiError::NotFound {
+                message: format!(
+                    "no prompt request {} answered for this key's tenant (or it is older than the \
+                     feedback retention)",
+                    report.request_id
+                ),
+                param: Some("request_id"),
+            })?;
+        let recorded = Recorded {
+            request_id: report.request_id,
+            metric: report.metric,
+            value,
+            comment: report.comment,
+            served,
+        };
+        let bytes = serde_json::to_vec(&recorded)
+            .map_err(|e| ApiError::StoreUnavailable(format!("feedback: {e}")))?;
+        self.store
+            .put(
+                &value_key(tenant, &recorded.request_id, &recorded.metric),
+                bytes,
+                Some(self.retention),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(recorded)
+    }
+}

@@ -1,0 +1,256 @@
+//! Feedback on prompt requests (`POST /v1/feedback`): kept with the prompt version and arm that
+//! served the request, only for the tenant that made it, replacing a repeated report, valid
+//! across a restart and across replicas sharing Redis.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::redis_server::RedisServer;
+use common::{Gateway, KEY_A, KEY_B, Mock, header, user};
+use serde_json::{Value, json};
+
+const PROMPT: &str = r#"
+model = "chat"
+
+[[messages]]
+role = "user"
+content = "{{ question }}"
+
+[variables.question]
+type = "string"
+free_text = true
+"#;
+
+const LABELS: &str = r#"
+production = { version = 1 }
+
+[canary]
+rollout = [{ version = 1, weight = 50 }, { version = 2, weight = 50 }]
+salt = "feedback-salt"
+"#;
+
+fn config(dir: &tempfile::TempDir, store: &str) -> String {
+    let prompts = dir.path().join("prompts");
+    for (file, text) in [
+        ("reply/v1.toml", PROMPT.to_owned()),
+        (
+            "reply/v2.toml",
+            PROMPT.replace("{{ question }}", "Briefly: {{ question }}"),
+        ),
+        ("reply/labels.toml", LABELS.to_owned()),
+    ] {
+        let path = prompts.join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    format!(
+        r#"
+        [cache]
+        {store}
+        [prompts]
+        dir = "{prompts}"
+        [feedback.metrics.thumbs_up]
+        type = "boolean"
+        [feedback.metrics.rating]
+        type = "number"
+        [routes.chat]
+        targets = [{{ provider = "mock", model = "ok" }}]
+        cache = {{ enabled = true }}
+        "#,
+        prompts = prompts.display()
+    )
+}
+
+fn sled(dir: &tempfile::TempDir) -> String {
+    format!("path = \"{}\"", dir.path().join("store").display())
+}
+
+async fn ask(gw: &Gateway, key: &str, question: &str, user_id: &str) -> reqwest::Response {
+    let answer = gw
+        .chat_with(
+            key,
+            json!({"model": "ignored", "user": user_id,
+                   "prompt": {"id": "reply", "label": "canary", "variables": {"question": question}}}),
+            &[],
+        )
+        .await;
+    assert_eq!(answer.status(), 200);
+    answer
+}
+
+fn request_id(response: &reqwest::Response) -> String {
+    header(response, "x-request-id").unwrap().to_owned()
+}
+
+/// `POST /v1/feedback` with `key`: its status and body. The attribution is written off the
+/// response path, so a first 404 is retried briefly.
+async fn report(gw: &Gateway, key: &str, body: Value) -> (u16, Value) {
+    let mut last = (0, Value::Null);
+    for _ in 0..50 {
+        let response = gw.post("/v1/feedback", key, body.clone()).await;
+        let status = response.status().as_u16();
+        last = (status, response.json().await.unwrap_or(Value::Null));
+        if status != 404 {
+            return last;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    last
+}
+
+#[tokio::test]
+async fn feedback_is_kept_with_the_version_and_arm_that_served_the_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&dir, &sled(&dir));
+    let gw = Gateway::start(&text).await;
+    let answer = ask(&gw, KEY_A, "how do I reset my password?", "user-1").await;
+    let id = request_id(&answer);
+    let version: u32 = header(&answer, "x-reprise-prompt-version")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let arm = header(&answer, "x-reprise-prompt-arm").unwrap().to_owned();
+
+    let (status, recorded) = report(
+        &gw,
+        KEY_A,
+        json!({"request_id": id, "metric": "thumbs_up", "value": true, "comment": "helpful"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{recorded}");
+    assert_eq!(recorded["prompt"], "reply");
+    assert_eq!(recorded["version"], version);
+    assert_eq!(recorded["arm"], arm.as_str());
+    assert_eq!(recorded["value"], 1.0);
+    assert_eq!(recorded["cached"], false);
+
+    // Another metric on the same request is kept apart; a repeat replaces.
+    let (status, _) = report(
+        &gw,
+        KEY_A,
+        json!({"request_id": id, "metric": "rating", "value": 4}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, again) = report(
+        &gw,
+        KEY_A,
+        json!({"request_id": id, "metric": "thumbs_up", "value": false}),
+    )
+    .await;
+    assert_eq!((status, again["value"].as_f64()), (200, Some(0.0)));
+
+    // Wrong shapes are 400, naming the field.
+    for (body, param) in [
+        (
+            json!({"request_id": id, "metric": "nps", "value": 3}),
+            "metric",
+        ),
+        (
+            json!({"request_id": id, "metric": "thumbs_up", "value": 1}),
+            "value",
+        ),
+        (
+            json!({"request_id": id, "metric": "rating", "value": "five"}),
+            "value",
+        ),
+        (
+            json!({"request_id": id, "metric": "rating", "value": 1, "comment": "x".repeat(5000)}),
+            "comment",
+        ),
+    ] {
+        let response = gw.post("/v1/feedback", KEY_A, body).await;
+        assert_eq!(response.status(), 400);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], param, "{error}");
+    }
+
+    // Another tenant cannot score this request, nor learn that it exists.
+    let response = gw
+        .post(
+            "/v1/feedback",
+            KEY_B,
+            json!({"request_id": id, "metric": "thumbs_up", "value": true}),
+        )
+        .await;
+    assert_eq!(response.status(), 404);
+
+    // A request that used no prompt has no version to score.
+    let plain = gw
+        .chat(json!({"model": "chat", "messages": user("no prompt")}))
+        .await;
+    let (status, _) = report(
+        &gw,
+        KEY_A,
+        json!({"request_id": request_id(&plain), "metric": "thumbs_up", "value": true}),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // A cached answer is marked as such: a replay, not a new sample of its version.
+    let cached = ask(&gw, KEY_A, "how do I reset my password?", "user-1").await;
+    assert_eq!(header(&cached, "x-reprise-cache"), Some("hit"));
+    let (status, recorded) = report(
+        &gw,
+        KEY_A,
+        json!({"request_id": request_id(&cached), "metric": "rating", "value": 5}),
+    )
+    .await;
+    assert_eq!((status, recorded["cached"].as_bool()), (200, Some(true)));
+
+    // Which version served a request survives a restart.
+    let Gateway { mock, server, .. } = gw;
+    assert!(server.stop().await.unwrap());
+    let gw = Gateway::start_with(mock, &text).await;
+    let (status, recorded) = report(
+        &gw,
+        KEY_A,
+        json!({"request_id": id, "metric": "rating", "value": 2}),
+    )
+    .await;
+    assert_eq!(
+        (status, recorded["version"].as_u64()),
+        (200, Some(u64::from(version)))
+    );
+}
+
+#[test]
+fn feedback_without_a_prompt_store_is_refused_at_startup() {
+    let text = r#"
+        [auth]
+        [feedback.metrics.ok]
+        type = "boolean"
+        [providers.p]
+        kind = "openai"
+        base_url = "http://127.0.0.1:9/v1"
+        [routes.chat]
+        targets = [{ provider = "p", model = "m" }]
+        "#;
+    let error = reprise::config::Config::from_toml_str(text, "t.toml", &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("feedback"), "{error}");
+}
+
+#[ignore = "needs redis-server (make test)"]
+#[tokio::test]
+async fn feedback_reaches_a_request_another_replica_answered() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(
+        &dir,
+        &format!("store = \"redis\"\nredis_url = \"{}\"", redis.url()),
+    );
+    let mock = Mock::start().await;
+    let one = Gateway::start_with(mock.clone(), &text).await;
+    let two = Gateway::start_with(mock, &text).await;
+    let answer = ask(&one, KEY_A, "answered by the first replica", "user-9").await;
+    let (status, recorded) = report(
+        &two,
+        KEY_A,
+        json!({"request_id": request_id(&answer), "metric": "thumbs_up", "value": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{recorded}");
+    assert_eq!(recorded["prompt"], "reply");
+}
