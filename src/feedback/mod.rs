@@ -6,9 +6,13 @@
 //! score another's requests:
 //! - `feedback/v1/served/{tenant}/{request id}`: which prompt version and arm served the request,
 //!   and whether from the cache; written off the response path when a prompt request is
-//!   answered, kept for `[feedback] retention`;
+//!   answered;
 //! - `feedback/v1/value/{tenant}/{request id}/{metric}`: the latest value of a metric for that
 //!   request (a repeated report replaces it).
+//!
+//! Both are written by compare-and-swap, which the store never evicts to stay within the cache's
+//! size bound (a plain `put` could be): an experiment's evidence must not vanish under cache
+//! pressure. `[feedback] retention` is applied when a record is read.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -105,16 +109,12 @@ impl Feedback {
         if request_id.is_empty() {
             return;
         }
-        let (store, key, ttl) = (
-            Arc::clone(&self.store),
-            served_key(tenant, request_id),
-            self.retention,
-        );
+        let (store, key) = (Arc::clone(&self.store), served_key(tenant, request_id));
         let Ok(bytes) = serde_json::to_vec(&served) else {
             return;
         };
         tokio::spawn(async move {
-            if let Err(error) = store.put(&key, bytes, Some(ttl)).await {
+            if let Err(error) = replace(&*store, &key, bytes).await {
                 tracing::warn!(%error, "cannot note which prompt version served a request");
             }
         });
@@ -163,12 +163,14 @@ impl Feedback {
                 Some("comment"),
             ));
         }
+        let oldest = crate::request_log::now_ms().saturating_sub(self.retention.as_millis() as u64);
         let served = self
             .store
             .get(&served_key(tenant, &report.request_id))
             .await
             .map_err(unavailable)?
             .and_then(|bytes| serde_json::from_slice::<Served>(&bytes).ok())
+            .filter(|served| served.at_ms >= oldest)
             .ok_or_else(|| ApiError::NotFound {
                 message: format!(
                     "no prompt request {} answered for this key's tenant (or it is older than the \
@@ -186,14 +188,30 @@ impl Feedback {
         };
         let bytes = serde_json::to_vec(&recorded)
             .map_err(|e| ApiError::StoreUnavailable(format!("feedback: {e}")))?;
-        self.store
-            .put(
-                &value_key(tenant, &recorded.request_id, &recorded.metric),
-                bytes,
-                Some(self.retention),
-            )
-            .await
-            .map_err(unavailable)?;
+        replace(
+            &*self.store,
+            &value_key(tenant, &recorded.request_id, &recorded.metric),
+            bytes,
+        )
+        .await
+        .map_err(unavailable)?;
         Ok(recorded)
+    }
+}
+
+/// Writes `value` under `key` whatever was there, by compare-and-swap (see the module's note).
+async fn replace(
+    store: &dyn Store,
+    key: &str,
+    value: Vec<u8>,
+) -> Result<(), crate::store::StoreError> {
+    loop {
+        let current = store.get(key).await?;
+        if store
+            .compare_and_swap(key, current.as_deref(), value.clone())
+            .await?
+        {
+            return Ok(());
+        }
     }
 }
