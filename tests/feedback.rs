@@ -254,3 +254,88 @@ async fn feedback_reaches_a_request_another_replica_answered() {
     assert_eq!(status, 200, "{recorded}");
     assert_eq!(recorded["prompt"], "reply");
 }
+
+#[tokio::test]
+async fn results_per_version_count_each_request_once_with_replays_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&dir, &sled(&dir))).await;
+    let mut expected: std::collections::BTreeMap<u64, (u64, f64)> = Default::default();
+    let mut first = None;
+    for i in 0..12 {
+        let answer = ask(&gw, KEY_A, &format!("question {i}"), &format!("user-{i}")).await;
+        let version: u64 = header(&answer, "x-reprise-prompt-version")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let good = i % 3 != 0;
+        let id = request_id(&answer);
+        let (status, _) = report(
+            &gw,
+            KEY_A,
+            json!({"request_id": id, "metric": "thumbs_up", "value": good}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let entry = expected.entry(version).or_default();
+        entry.0 += 1;
+        entry.1 += f64::from(u8::from(good));
+        first.get_or_insert((id, version, good));
+    }
+    // A change of mind replaces the earlier report: the count stays, the sum moves.
+    let (id, version, good) = first.unwrap();
+    let (status, _) = report(
+        &gw,
+        KEY_A,
+        json!({"request_id": id, "metric": "thumbs_up", "value": !good}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    expected.get_mut(&version).unwrap().1 += if good { -1.0 } else { 1.0 };
+    // A replay from the cache is counted apart.
+    let replay = ask(&gw, KEY_A, "question 1", "user-1").await;
+    assert_eq!(header(&replay, "x-reprise-cache"), Some("hit"));
+    let replay_version: u64 = header(&replay, "x-reprise-prompt-version")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (status, _) = report(
+        &gw,
+        KEY_A,
+        json!({"request_id": request_id(&replay), "metric": "thumbs_up", "value": true}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (status, results) = gw
+        .admin(reqwest::Method::GET, "/admin/prompts/reply/feedback", None)
+        .await;
+    assert_eq!(status, 200, "{results}");
+    let rows = results["data"].as_array().unwrap();
+    for (version, (n, sum)) in &expected {
+        let row = rows
+            .iter()
+            .find(|r| r["version"] == *version && r["metric"] == "thumbs_up")
+            .unwrap_or_else(|| panic!("no row for version {version}: {results}"));
+        assert_eq!(row["fresh"]["n"], *n, "{row}");
+        let mean = row["fresh"]["mean"].as_f64().unwrap();
+        assert!((mean - sum / *n as f64).abs() < 1e-9, "{row}");
+        if *n >= 2 {
+            let ci = row["fresh"]["ci95"].as_array().unwrap();
+            assert!(ci[0].as_f64().unwrap() <= mean && mean <= ci[1].as_f64().unwrap());
+        }
+    }
+    let replayed = rows
+        .iter()
+        .find(|r| r["version"] == replay_version && r["metric"] == "thumbs_up")
+        .unwrap();
+    assert_eq!(replayed["cached"]["n"], 1, "{replayed}");
+
+    let forbidden = gw
+        .client
+        .get(gw.url("/admin/prompts/reply/feedback"))
+        .bearer_auth(KEY_A)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forbidden.status(), 403);
+}

@@ -10,7 +10,11 @@
 //! - `feedback/v1/value/{tenant}/{request id}/{metric}`: the latest value of a metric for that
 //!   request (a repeated report replaces it).
 //!
-//! Both are written by compare-and-swap, which the store never evicts to stay within the cache's
+//! - `feedback/v1/stats/{prompt}/{version}/{metric}`: count, sum and sum of squares of the
+//!   values per version, fresh answers and cache replays apart, kept as reports arrive (a
+//!   replaced report moves its old value out).
+//!
+//! All are written by compare-and-swap, which the store never evicts to stay within the cache's
 //! size bound (a plain `put` could be): an experiment's evidence must not vanish under cache
 //! pressure. `[feedback] retention` is applied when a record is read.
 
@@ -66,6 +70,7 @@ const MAX_COMMENT_BYTES: usize = 4096;
 pub struct Feedback {
     store: Arc<dyn Store>,
     metrics: BTreeMap<String, MetricKind>,
+    higher_is_better: BTreeMap<String, bool>,
     retention: Duration,
 }
 
@@ -100,6 +105,11 @@ impl Feedback {
                 .iter()
                 .map(|(name, metric)| (name.clone(), metric.kind))
                 .collect(),
+            higher_is_better: config
+                .metrics
+                .iter()
+                .map(|(name, metric)| (name.clone(), metric.higher_is_better))
+                .collect(),
             retention: config.retention,
         }
     }
@@ -114,7 +124,7 @@ impl Feedback {
             return;
         };
         tokio::spawn(async move {
-            if let Err(error) = replace(&*store, &key, bytes).await {
+            if let Err(error) = replace(&*store, &key, bytes).await.map(drop) {
                 tracing::warn!(%error, "cannot note which prompt version served a request");
             }
         });
@@ -188,30 +198,165 @@ impl Feedback {
         };
         let bytes = serde_json::to_vec(&recorded)
             .map_err(|e| ApiError::StoreUnavailable(format!("feedback: {e}")))?;
-        replace(
+        let previous = replace(
             &*self.store,
             &value_key(tenant, &recorded.request_id, &recorded.metric),
             bytes,
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(unavailable)?
+        .and_then(|bytes| serde_json::from_slice::<Recorded>(&bytes).ok());
+        self.count(&recorded, previous.map(|p| p.value))
+            .await
+            .map_err(unavailable)?;
         Ok(recorded)
+    }
+
+    /// Adds `recorded` to its version's tallies, taking out the value it replaced.
+    async fn count(
+        &self,
+        recorded: &Recorded,
+        replaced: Option<f64>,
+    ) -> Result<(), crate::store::StoreError> {
+        let key = stats_key(
+            &recorded.served.prompt,
+            recorded.served.version,
+            &recorded.metric,
+        );
+        loop {
+            let current = self.store.get(&key).await?;
+            let mut stats: VersionStats = current
+                .as_deref()
+                .and_then(|bytes| serde_json::from_slice(bytes).ok())
+                .unwrap_or_default();
+            let tally = if recorded.served.cached {
+                &mut stats.cached
+            } else {
+                &mut stats.fresh
+            };
+            if let Some(old) = replaced {
+                tally.remove(old);
+            }
+            tally.add(recorded.value);
+            let bytes = serde_json::to_vec(&stats).unwrap_or_default();
+            if self
+                .store
+                .compare_and_swap(&key, current.as_deref(), bytes)
+                .await?
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Per version of `prompt`, per metric: the fresh answers' mean with a 95% interval, and
+    /// the cache replays' apart.
+    pub async fn results(&self, prompt: &str) -> Result<Value, ApiError> {
+        let prefix = format!("feedback/v1/stats/{}/", part(prompt));
+        let mut rows = Vec::new();
+        self.store
+            .scan_prefix(&prefix, &mut |key, bytes| {
+                let rest = key.strip_prefix(&prefix).unwrap_or_default().to_owned();
+                if let Ok(stats) = serde_json::from_slice::<VersionStats>(&bytes) {
+                    rows.push((rest, stats));
+                }
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut data = Vec::new();
+        for (rest, stats) in rows {
+            let mut parts = rest.splitn(2, '/');
+            let (Some(version), Some(metric)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Ok(version) = version.parse::<u32>() else {
+                continue;
+            };
+            let metric: String = url::form_urlencoded::parse(format!("m={metric}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            data.push(serde_json::json!({
+                "version": version,
+                "metric": metric,
+                "higher_is_better": self.higher_is_better.get(&metric).copied().unwrap_or(true),
+                "fresh": stats.fresh.summary(),
+                "cached": stats.cached.summary(),
+            }));
+        }
+        data.sort_by_key(|row| (row["metric"].to_string(), row["version"].as_u64()));
+        Ok(serde_json::json!({"prompt": prompt, "object": "list", "data": data}))
     }
 }
 
-/// Writes `value` under `key` whatever was there, by compare-and-swap (see the module's note).
+fn stats_key(prompt: &str, version: u32, metric: &str) -> String {
+    format!(
+        "feedback/v1/stats/{}/{version}/{}",
+        part(prompt),
+        part(metric)
+    )
+}
+
+/// One version's tallies of one metric.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct VersionStats {
+    fresh: Tally,
+    cached: Tally,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Tally {
+    n: u64,
+    sum: f64,
+    sum_squares: f64,
+}
+
+impl Tally {
+    fn add(&mut self, value: f64) {
+        self.n += 1;
+        self.sum += value;
+        self.sum_squares += value * value;
+    }
+
+    fn remove(&mut self, value: f64) {
+        if self.n > 0 {
+            self.n -= 1;
+            self.sum -= value;
+            self.sum_squares -= value * value;
+        }
+    }
+
+    /// `n`, the mean, and its 95% interval (normal approximation; none under two samples).
+    fn summary(&self) -> Value {
+        if self.n == 0 {
+            return serde_json::json!({"n": 0});
+        }
+        let n = self.n as f64;
+        let mean = self.sum / n;
+        let mut summary = serde_json::json!({"n": self.n, "mean": mean});
+        if self.n >= 2 {
+            let variance = ((self.sum_squares - n * mean * mean) / (n - 1.0)).max(0.0);
+            let half = 1.96 * (variance / n).sqrt();
+            summary["ci95"] = serde_json::json!([mean - half, mean + half]);
+        }
+        summary
+    }
+}
+
+/// Writes `value` under `key` whatever was there, by compare-and-swap (see the module's note);
+/// what it replaced.
 async fn replace(
     store: &dyn Store,
     key: &str,
     value: Vec<u8>,
-) -> Result<(), crate::store::StoreError> {
+) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
     loop {
         let current = store.get(key).await?;
         if store
             .compare_and_swap(key, current.as_deref(), value.clone())
             .await?
         {
-            return Ok(());
+            return Ok(current);
         }
     }
 }

@@ -648,6 +648,7 @@ pub fn app(state: Arc<AppState>, with_metrics: bool) -> HttpRouter {
         .route("/admin/prompts/{id}", get(prompts::show))
         .route("/admin/prompts/{id}/history", get(prompts::history))
         .route("/admin/prompts/{id}/export", get(prompts::export))
+        .route("/admin/prompts/{id}/feedback", get(prompts::feedback))
         .route("/admin/prompts/{id}/diff", get(prompts::diff))
         .route(
             "/admin/prompts/{id}/versions",

@@ -148,6 +148,20 @@ pub async fn history(
     )
 }
 
+/// `GET /admin/prompts/{id}/feedback`: per version and metric, the reported outcomes' mean
+/// with a 95% interval, cache replays counted apart.
+pub async fn feedback(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let answer = async {
+        state.auth.admin(&headers)?;
+        state.pipeline.feedback()?.results(&id).await
+    };
+    reply(answer.await)
+}
+
 pub async fn export(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
