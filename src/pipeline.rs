@@ -202,9 +202,11 @@ impl Pipeline {
             _ => None,
         };
         let feedback = match (&config.feedback, &store) {
-            (Some(feedback), Some(store)) => {
-                Some(crate::feedback::Feedback::new(feedback, Arc::clone(store)))
-            }
+            (Some(feedback), Some(store)) => Some(crate::feedback::Feedback::new(
+                feedback,
+                Arc::clone(store),
+                Arc::clone(&metrics),
+            )),
             _ => None,
         };
         let cache =

@@ -43,6 +43,13 @@ struct OtlpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeedbackLabels {
+    prompt: String,
+    version: u32,
+    metric: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabels {
     target: String,
 }
@@ -186,6 +193,8 @@ pub struct Metrics {
     prompt_latency: Family<PromptLabels, Histogram, fn() -> Histogram>,
     prompt_tokens: Family<PromptTokenLabels, Counter>,
     prompt_cost: Family<PromptLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    feedback_count: Family<FeedbackLabels, Gauge>,
+    feedback_mean: Family<FeedbackLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -411,8 +420,25 @@ impl Metrics {
             "Estimated upstream cost of a prompt version (per the price table)",
             prompt_cost.clone(),
         );
+        let feedback_count = Family::<FeedbackLabels, Gauge>::default();
+        registry.register(
+            "prompt_feedback_count",
+            "Reported outcomes of fresh (not cached) answers per prompt version and metric, as \
+             this replica last saw the shared tally",
+            feedback_count.clone(),
+        );
+        let feedback_mean =
+            Family::<FeedbackLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "prompt_feedback_mean",
+            "Mean reported value of fresh answers per prompt version and metric (booleans: the \
+             share of true)",
+            feedback_mean.clone(),
+        );
         Self {
             registry,
+            feedback_count,
+            feedback_mean,
             prompt_requests,
             prompt_latency,
             prompt_tokens,
@@ -701,6 +727,19 @@ impl Metrics {
                 })
                 .inc_by(cost_usd);
         }
+    }
+
+    /// A prompt version's feedback tally for `metric` after a report.
+    pub fn prompt_feedback(&self, prompt: &str, version: u32, metric: &str, count: u64, mean: f64) {
+        let labels = FeedbackLabels {
+            prompt: prompt.to_owned(),
+            version,
+            metric: metric.to_owned(),
+        };
+        self.feedback_count
+            .get_or_create(&labels)
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        self.feedback_mean.get_or_create(&labels).set(mean);
     }
 
     pub fn encode(&self) -> String {

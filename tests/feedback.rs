@@ -330,6 +330,14 @@ async fn results_per_version_count_each_request_once_with_replays_apart() {
         .unwrap();
     assert_eq!(replayed["cached"]["n"], 1, "{replayed}");
 
+    let metrics = gw.metrics().await;
+    for (version, (n, _)) in &expected {
+        let line = format!(
+            "reprise_prompt_feedback_count{{prompt=\"reply\",version=\"{version}\",metric=\"thumbs_up\"}} {n}"
+        );
+        assert!(metrics.contains(&line), "{line} not in the metrics");
+    }
+
     let forbidden = gw
         .client
         .get(gw.url("/admin/prompts/reply/feedback"))

@@ -69,6 +69,7 @@ const MAX_COMMENT_BYTES: usize = 4096;
 
 pub struct Feedback {
     store: Arc<dyn Store>,
+    telemetry: Arc<crate::telemetry::Metrics>,
     metrics: BTreeMap<String, MetricKind>,
     higher_is_better: BTreeMap<String, bool>,
     retention: Duration,
@@ -97,9 +98,14 @@ fn unavailable(error: crate::store::StoreError) -> ApiError {
 }
 
 impl Feedback {
-    pub fn new(config: &FeedbackConfig, store: Arc<dyn Store>) -> Self {
+    pub fn new(
+        config: &FeedbackConfig,
+        store: Arc<dyn Store>,
+        telemetry: Arc<crate::telemetry::Metrics>,
+    ) -> Self {
         Self {
             store,
+            telemetry,
             metrics: config
                 .metrics
                 .iter()
@@ -244,6 +250,15 @@ impl Feedback {
                 .compare_and_swap(&key, current.as_deref(), bytes)
                 .await?
             {
+                if stats.fresh.n > 0 {
+                    self.telemetry.prompt_feedback(
+                        &recorded.served.prompt,
+                        recorded.served.version,
+                        &recorded.metric,
+                        stats.fresh.n,
+                        stats.fresh.sum / stats.fresh.n as f64,
+                    );
+                }
                 return Ok(());
             }
         }
