@@ -49,12 +49,7 @@ pub async fn messages(
         Ok(request) => request,
         Err(error) => return fail(ApiError::from(error).into(), None),
     };
-    let captured = state.capture_request(&context, &request);
-    let answered = context
-        .trace
-        .clone()
-        .scope(state.pipeline.chat(&context, request))
-        .await;
+    let (captured, answered) = state.chat(&context, request).await;
     match answered {
         Ok(answered) => {
             let trace: Trace = answered.trace;

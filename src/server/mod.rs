@@ -166,6 +166,25 @@ impl AppState {
         }
     }
 
+    /// A chat request through the pipeline, inside its trace; the request as received comes
+    /// back too when its route may capture payloads.
+    async fn chat(
+        &self,
+        context: &RequestContext,
+        request: crate::protocol::openai::ChatRequest,
+    ) -> (
+        Option<Captured>,
+        Result<crate::pipeline::Answered<crate::providers::ChatReply>, Failed>,
+    ) {
+        let captured = self.capture_request(context, &request);
+        let answered = context
+            .trace
+            .clone()
+            .scope(self.pipeline.chat(context, request))
+            .await;
+        (captured, answered)
+    }
+
     /// The request as received, kept for the record when its route may capture payloads.
     fn capture_request(
         &self,

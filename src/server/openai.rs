@@ -33,12 +33,7 @@ pub async fn chat_completions(
         Ok(parsed) => parsed,
         Err(error) => return respond_error(&state, endpoint, error.into(), started, None),
     };
-    let captured = state.capture_request(&context, &request);
-    let answered = context
-        .trace
-        .clone()
-        .scope(state.pipeline.chat(&context, request))
-        .await;
+    let (captured, answered) = state.chat(&context, request).await;
     match answered {
         Ok(answered) => {
             let trace = answered.trace;
