@@ -24,6 +24,7 @@ pub mod canonical;
 pub mod config;
 pub mod embed;
 pub mod error;
+pub mod experiments;
 pub mod feedback;
 pub mod keys;
 pub mod limits;

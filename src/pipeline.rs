@@ -22,6 +22,8 @@ use crate::cache::{
 };
 use crate::config::{CacheConfig, Config, StoreKind};
 use crate::error::ApiError;
+use crate::experiments::Experiments;
+use crate::experiments::spec::MetricInfo;
 use crate::keys::{KeyRecord, KeyStore};
 use crate::limits::usage::UsageBook;
 use crate::limits::{BudgetState, Limits, RateState, Upstream};
@@ -58,6 +60,7 @@ pub struct PromptTrace {
     pub label: Option<String>,
     /// For a rollout: the arm (1-based) and how many there are.
     pub arm: Option<(usize, usize)>,
+    pub experiment: Option<Arc<crate::experiments::ExperimentTag>>,
 }
 
 /// How an answer (or a failure) was produced, for response headers and the request's log line.
@@ -156,6 +159,8 @@ pub struct Pipeline {
     stream_usage: bool,
     /// Outcomes clients report on prompt requests (`[feedback]`).
     feedback: Option<crate::feedback::Feedback>,
+    /// Experiments on prompt rollouts (with `[prompts]`).
+    experiments: Option<Arc<Experiments>>,
 }
 
 impl Pipeline {
@@ -181,7 +186,22 @@ impl Pipeline {
         };
         let prompts = match (&config.prompts, &store) {
             (Some(prompts), Some(store)) => {
-                let opened = PromptStore::open(Arc::clone(store), Some(&prompts.dir)).await?;
+                let metric_info = config
+                    .feedback
+                    .iter()
+                    .flat_map(|f| &f.metrics)
+                    .map(|(name, metric)| {
+                        (
+                            name.clone(),
+                            MetricInfo {
+                                boolean: metric.kind == crate::config::MetricKind::Boolean,
+                                higher_is_better: metric.higher_is_better,
+                            },
+                        )
+                    })
+                    .collect();
+                let opened =
+                    PromptStore::open(Arc::clone(store), Some(&prompts.dir), metric_info).await?;
                 opened.follow(prompts.sync_interval);
                 Some(opened)
             }
@@ -201,12 +221,30 @@ impl Pipeline {
             (Some(keys), Some(store)) => Some(KeyStore::new(Arc::clone(store), keys.cache_ttl)),
             _ => None,
         };
+        let experiments = match (&config.prompts, &prompts, &store) {
+            (Some(config), Some(prompts), Some(store)) => {
+                let experiments = Experiments::new(
+                    Arc::clone(store),
+                    Arc::clone(prompts),
+                    config.experiments.clone(),
+                    Arc::clone(&metrics),
+                );
+                experiments.start();
+                Some(experiments)
+            }
+            _ => None,
+        };
         let feedback = match (&config.feedback, &store) {
-            (Some(feedback), Some(store)) => Some(crate::feedback::Feedback::new(
-                feedback,
-                Arc::clone(store),
-                Arc::clone(&metrics),
-            )),
+            (Some(feedback), Some(store)) => {
+                let feedback = crate::feedback::Feedback::new(
+                    feedback,
+                    Arc::clone(store),
+                    Arc::clone(&metrics),
+                    experiments.clone(),
+                );
+                feedback.expire_periodically();
+                Some(feedback)
+            }
             _ => None,
         };
         let cache =
@@ -221,6 +259,7 @@ impl Pipeline {
             metrics,
             stream_usage: config.request_log.is_some() || config.otlp.is_some(),
             feedback,
+            experiments,
         })
     }
 
@@ -249,6 +288,16 @@ impl Pipeline {
         self.feedback.as_ref().ok_or_else(|| {
             ApiError::invalid(
                 "this gateway takes no feedback (add [feedback] to its config)",
+                None,
+            )
+        })
+    }
+
+    /// Experiments on prompt rollouts, if `[prompts]` is configured.
+    pub fn experiments(&self) -> Result<&Experiments, ApiError> {
+        self.experiments.as_deref().ok_or_else(|| {
+            ApiError::invalid(
+                "this gateway has no prompt store (add [prompts] to its config)",
                 None,
             )
         })
@@ -426,10 +475,17 @@ impl Pipeline {
         }
         if let (Some(prompt), Some(prompts)) = (counted, self.prompts.clone()) {
             let (metrics, prices) = (Arc::clone(&self.metrics), Arc::clone(&self.prices));
+            let experiments = self.experiments.clone();
             let target = served.target.clone();
             stream = Box::pin(stream.inspect(move |item| {
                 if let Ok(chunk) = item {
-                    count_prompt_tokens(&prompts, &metrics, &prices, &prompt, &target, chunk);
+                    let counters = PromptCounters {
+                        prompts: &prompts,
+                        metrics: &metrics,
+                        prices: &prices,
+                        experiments: experiments.as_deref(),
+                    };
+                    count_prompt_tokens(&counters, &prompt, &target, chunk);
                 }
             }));
         }
@@ -500,8 +556,21 @@ impl Pipeline {
                     prompt: prompt.id.clone(),
                     version: prompt.version,
                     arm: prompt.arm.map(|(arm, arms)| format!("{arm}/{arms}")),
+                    label: prompt.experiment.as_ref().map(|e| e.label.clone()),
+                    experiment: prompt.experiment.as_ref().map(|e| e.id.clone()),
                     cached: trace.cache.is_hit(),
                     at_ms: crate::request_log::now_ms(),
+                },
+            );
+        }
+        if let (Some(tag), Some(experiments)) = (&prompt.experiment, &self.experiments) {
+            experiments.request(
+                tag,
+                &crate::experiments::Served {
+                    version: prompt.version,
+                    cached: trace.cache.is_hit(),
+                    error: status >= 500,
+                    latency: elapsed,
                 },
             );
         }
@@ -525,9 +594,12 @@ impl Pipeline {
         {
             let target = trace.target.as_deref().unwrap_or_default();
             count_prompt_tokens(
-                prompts,
-                &self.metrics,
-                &self.prices,
+                &PromptCounters {
+                    prompts,
+                    metrics: &self.metrics,
+                    prices: &self.prices,
+                    experiments: self.experiments.as_deref(),
+                },
                 prompt,
                 target,
                 response,
@@ -620,6 +692,7 @@ impl PromptTrace {
             version: resolution.version,
             label: resolution.label.clone(),
             arm: resolution.arm,
+            experiment: resolution.experiment.clone(),
         }
     }
 }
@@ -674,10 +747,16 @@ fn failed(failure: RouteFailure, trace: Trace) -> Failed {
 
 /// Adds the tokens (and their cost) of an answer, or of a stream's usage chunk, to its prompt
 /// version: the one place prompt usage is counted.
+/// Where a prompt version's tokens and cost are counted.
+struct PromptCounters<'a> {
+    prompts: &'a PromptStore,
+    metrics: &'a Metrics,
+    prices: &'a PriceTable,
+    experiments: Option<&'a Experiments>,
+}
+
 fn count_prompt_tokens(
-    prompts: &PromptStore,
-    metrics: &Metrics,
-    prices: &PriceTable,
+    counters: &PromptCounters<'_>,
     prompt: &PromptTrace,
     target: &str,
     answer: &Value,
@@ -686,9 +765,16 @@ fn count_prompt_tokens(
         return;
     }
     let (input, output) = usage_counts(answer);
-    let cost = prices.cost(Some(target), answer, input, output);
-    prompts.record_tokens(&prompt.id, prompt.version, input, output, cost);
-    metrics.prompt_usage(&prompt.id, prompt.version, input, output, cost);
+    let cost = counters.prices.cost(Some(target), answer, input, output);
+    counters
+        .prompts
+        .record_tokens(&prompt.id, prompt.version, input, output, cost);
+    counters
+        .metrics
+        .prompt_usage(&prompt.id, prompt.version, input, output, cost);
+    if let (Some(tag), Some(experiments)) = (&prompt.experiment, counters.experiments) {
+        experiments.tokens(tag, prompt.version, input, output, cost);
+    }
 }
 
 /// Drops the usage chunk the gateway asked for on the client's behalf.

@@ -88,6 +88,60 @@ enum PromptsCommand {
         #[arg(default_value = "prompts")]
         dir: PathBuf,
     },
+    /// Experiments on rollouts: start one, see its evidence, promote its winner.
+    #[command(subcommand)]
+    Experiment(ExperimentCommand),
+}
+
+#[derive(Subcommand)]
+enum ExperimentCommand {
+    /// Arms, tests, the pending decision, power and past decisions of the experiment on a label.
+    Status {
+        id: String,
+        #[arg(default_value = "production")]
+        label: String,
+        /// The raw JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Starts a rollout with an experiment: `reprise prompts experiment start support-reply
+    /// production 1=50 2=50 --primary resolved --max-error-rate 0.05`. The first arm is the
+    /// control.
+    Start {
+        id: String,
+        label: String,
+        /// `version=weight` pairs; the weights sum to 100.
+        #[arg(required = true)]
+        arms: Vec<String>,
+        /// The feedback metric a treatment must beat the control on.
+        #[arg(long)]
+        primary: Option<String>,
+        #[arg(long, default_value_t = 0.95)]
+        confidence: f64,
+        /// The smallest difference worth finding, in the metric's units (boolean: 0.05).
+        #[arg(long)]
+        min_effect: Option<f64>,
+        #[arg(long, default_value_t = 100)]
+        min_samples: u64,
+        /// Promote a winner as soon as the test says so (default: on command).
+        #[arg(long)]
+        auto_promote: bool,
+        #[arg(long)]
+        max_error_rate: Option<f64>,
+        #[arg(long)]
+        max_p95_latency_ms: Option<u64>,
+        /// `metric=bound`: the lowest mean an arm may have (highest, where lower is better).
+        #[arg(long = "metric-bound")]
+        metric_bounds: Vec<String>,
+        #[arg(long)]
+        salt: Option<String>,
+    },
+    /// Promotes the arm that beats the control (refused while none does).
+    Promote {
+        id: String,
+        #[arg(default_value = "production")]
+        label: String,
+    },
 }
 
 pub fn run(args: PromptsArgs) -> ExitCode {
@@ -216,31 +270,23 @@ async fn execute(args: &PromptsArgs) -> Result<(), CliError> {
             salt,
             if_revision,
         } => {
-            let mut rollout = Vec::new();
-            for arm in arms {
-                let parsed = arm.split_once('=').and_then(|(v, w)| {
-                    Some((
-                        v.trim_start_matches('v').parse::<u32>().ok()?,
-                        w.parse::<u32>().ok()?,
-                    ))
-                });
-                let Some((version, weight)) = parsed else {
-                    return Err(CliError::Usage(format!(
-                        "{arm:?}: an arm is `version=weight`, e.g. 2=10"
-                    )));
-                };
-                rollout.push(json!({"version": version, "weight": weight}));
-            }
+            let rollout = parse_arms(arms)?;
             let path = format!("{}/labels/{}", prompt(id), segment(label));
-            let salt = match salt {
-                Some(salt) => Some(salt.clone()),
-                None => {
-                    // Keep the current salt, so adjusting weights keeps users where they are.
-                    let current = client.call(Method::GET, &prompt(id), None).await?;
-                    current["labels"][label]["salt"].as_str().map(str::to_owned)
+            let current = client.call(Method::GET, &prompt(id), None).await?;
+            // Keep the current salt, so adjusting weights keeps users where they are, and the
+            // running experiment's design (the gateway keeps its evidence if only weights change).
+            let salt = salt
+                .clone()
+                .or_else(|| current["labels"][label]["salt"].as_str().map(str::to_owned));
+            let mut body = json!({"rollout": rollout, "salt": salt, "if_revision": if_revision});
+            if let Some(experiment) = current["labels"][label].get("experiment") {
+                let mut design = experiment.clone();
+                if let Some(fields) = design.as_object_mut() {
+                    fields.remove("id");
+                    fields.remove("started_at");
                 }
-            };
-            let body = json!({"rollout": rollout, "salt": salt, "if_revision": if_revision});
+                body["experiment"] = design;
+            }
             report_label(&client.call(Method::PUT, &path, Some(body)).await?);
         }
         PromptsCommand::Rollback { id, label } => {
@@ -297,8 +343,224 @@ async fn execute(args: &PromptsArgs) -> Result<(), CliError> {
             }
         }
         PromptsCommand::Check { .. } => {}
+        PromptsCommand::Experiment(command) => experiment(&client, command).await?,
     }
     Ok(())
+}
+
+fn parse_arms(arms: &[String]) -> Result<Vec<Value>, CliError> {
+    arms.iter()
+        .map(|arm| {
+            arm.split_once('=')
+                .and_then(|(v, w)| {
+                    Some(json!({
+                        "version": v.trim_start_matches('v').parse::<u32>().ok()?,
+                        "weight": w.parse::<u32>().ok()?,
+                    }))
+                })
+                .ok_or_else(|| {
+                    CliError::Usage(format!("{arm:?}: an arm is `version=weight`, e.g. 2=10"))
+                })
+        })
+        .collect()
+}
+
+async fn experiment(client: &AdminClient, command: &ExperimentCommand) -> Result<(), CliError> {
+    let path = |id: &str, label: &str| {
+        format!(
+            "/admin/prompts/{}/experiments/{}",
+            segment(id),
+            segment(label)
+        )
+    };
+    match command {
+        ExperimentCommand::Status { id, label, json } => {
+            let status = client.call(Method::GET, &path(id, label), None).await?;
+            if *json {
+                print(&status);
+            } else {
+                print_experiment(&status);
+            }
+        }
+        ExperimentCommand::Start {
+            id,
+            label,
+            arms,
+            primary,
+            confidence,
+            min_effect,
+            min_samples,
+            auto_promote,
+            max_error_rate,
+            max_p95_latency_ms,
+            metric_bounds,
+            salt,
+        } => {
+            let mut bounds = serde_json::Map::new();
+            for bound in metric_bounds {
+                let parsed = bound
+                    .split_once('=')
+                    .and_then(|(m, v)| Some((m.to_owned(), v.parse::<f64>().ok()?)));
+                let Some((metric, value)) = parsed else {
+                    return Err(CliError::Usage(format!(
+                        "{bound:?}: a metric bound is `metric=value`, e.g. resolved=0.5"
+                    )));
+                };
+                bounds.insert(metric, json!(value));
+            }
+            let body = json!({
+                "rollout": parse_arms(arms)?,
+                "salt": salt,
+                "experiment": {
+                    "primary": primary,
+                    "confidence": confidence,
+                    "min_effect": min_effect,
+                    "min_samples": min_samples,
+                    "promote": if *auto_promote { "auto" } else { "manual" },
+                    "guardrails": {
+                        "max_error_rate": max_error_rate,
+                        "max_p95_latency_ms": max_p95_latency_ms,
+                        "metric_bounds": bounds,
+                    },
+                },
+            });
+            let body = without_nulls(body);
+            let label_path = format!("/admin/prompts/{}/labels/{}", segment(id), segment(label));
+            report_label(&client.call(Method::PUT, &label_path, Some(body)).await?);
+        }
+        ExperimentCommand::Promote { id, label } => {
+            let done = client
+                .call(Method::POST, &format!("{}/promote", path(id, label)), None)
+                .await?;
+            println!(
+                "promoted v{} on {label}: {}",
+                done["decision"]["version"],
+                done["decision"]["reason"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The experiment's JSON without the `null`s of options not given (the gateway refuses an
+/// explicit `null` for a number).
+fn without_nulls(value: Value) -> Value {
+    match value {
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+fn number(value: &Value, digits: usize) -> String {
+    value
+        .as_f64()
+        .map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn print_experiment(status: &Value) {
+    let spec = &status["experiment"];
+    println!(
+        "{}/{}: {}{}",
+        status["prompt"].as_str().unwrap_or_default(),
+        status["label"].as_str().unwrap_or_default(),
+        status["state"].as_str().unwrap_or_default(),
+        spec["id"].as_str().map_or(String::new(), |id| format!(
+            " (experiment {id}, started {})",
+            spec["started_at"].as_str().unwrap_or_default()
+        ))
+    );
+    if let Some(last) = status.get("last_decision") {
+        println!("last decision: {}", describe_event(last));
+        if let Some(reason) = last["evidence"]["reason"].as_str() {
+            println!("  {reason}");
+        }
+        return;
+    }
+    let primary = spec["primary"].as_str();
+    println!(
+        "primary {}, confidence {}, promote {}",
+        primary.unwrap_or("-"),
+        spec["confidence"],
+        spec["promote"].as_str().unwrap_or_default()
+    );
+    println!("version	role	weight	requests	cached	errors	p50 ms	p95 ms	cost usd	feedback");
+    for arm in status["arms"].as_array().into_iter().flatten() {
+        let feedback: Vec<String> = arm["feedback"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, row)| {
+                let interval = row["ci95"].as_array().map_or(String::new(), |ci| {
+                    format!(" [{}, {}]", number(&ci[0], 3), number(&ci[1], 3))
+                });
+                format!(
+                    "{name} {} n={}{interval}",
+                    number(&row["mean"], 3),
+                    row["n"]
+                )
+            })
+            .collect();
+        println!(
+            "v{}	{}{}	{}	{}	{}	{} ({})	{}	{}	{}	{}",
+            arm["version"],
+            arm["role"].as_str().unwrap_or_default(),
+            if arm["decided"] == json!(true) {
+                " (decided)"
+            } else {
+                ""
+            },
+            arm["weight"],
+            arm["requests"],
+            arm["cached"],
+            arm["errors"],
+            number(&arm["error_rate"], 3),
+            number(&arm["latency_p50_ms"], 1),
+            number(&arm["latency_p95_ms"], 1),
+            number(&arm["cost_usd"], 4),
+            feedback.join("; ")
+        );
+    }
+    println!("tests (conclusive at ln Λ ≥ threshold):");
+    for test in status["tests"].as_array().into_iter().flatten() {
+        println!(
+            "  v{} {}{}: estimate {} against {}, n {}, ln Λ {} / {} -> {}",
+            test["version"],
+            test["test"].as_str().unwrap_or_default(),
+            test["metric"]
+                .as_str()
+                .map_or(String::new(), |m| format!(" {m}")),
+            number(&test["estimate"], 4),
+            number(&test["against"], 4),
+            test["n"],
+            number(&test["log_likelihood_ratio"], 2),
+            number(&test["threshold"], 2),
+            test["verdict"].as_str().unwrap_or_default()
+        );
+    }
+    if let Some(power) = status.get("power").filter(|p| !p.is_null()) {
+        println!(
+            "power: a difference of {} is found within {} samples per arm with 80% probability, {} with 95%",
+            power["effect"], power["samples_per_arm_80"], power["samples_per_arm_95"]
+        );
+    }
+    match status.get("pending_decision").filter(|d| !d.is_null()) {
+        Some(decision) => println!(
+            "pending: {} v{}: {}",
+            decision["action"].as_str().unwrap_or_default(),
+            decision["version"],
+            decision["reason"].as_str().unwrap_or_default()
+        ),
+        None => println!("pending: nothing conclusive yet"),
+    }
+    for event in status["decisions"].as_array().into_iter().flatten() {
+        println!("decided: {}", describe_event(event));
+    }
 }
 
 fn describe_target(target: &Value) -> String {
@@ -333,6 +595,9 @@ fn describe_event(event: &Value) -> String {
     }
     if let Some(source) = event["source"].as_str() {
         line.push_str(&format!("\t({source})"));
+    }
+    if let Some(reason) = event["evidence"]["reason"].as_str() {
+        line.push_str(&format!("\t{reason}"));
     }
     line
 }

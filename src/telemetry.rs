@@ -50,6 +50,12 @@ struct FeedbackLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    prompt: String,
+    decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabels {
     target: String,
 }
@@ -194,6 +200,7 @@ pub struct Metrics {
     prompt_tokens: Family<PromptTokenLabels, Counter>,
     prompt_cost: Family<PromptLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     feedback_count: Family<FeedbackLabels, Gauge>,
+    experiment_decisions: Family<DecisionLabels, Counter>,
     feedback_mean: Family<FeedbackLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
@@ -435,8 +442,15 @@ impl Metrics {
              share of true)",
             feedback_mean.clone(),
         );
+        let experiment_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "experiment_decisions",
+            "Decisions experiments made on prompt rollouts (promote, rollback), by this replica",
+            experiment_decisions.clone(),
+        );
         Self {
             registry,
+            experiment_decisions,
             feedback_count,
             feedback_mean,
             prompt_requests,
@@ -740,6 +754,15 @@ impl Metrics {
             .get_or_create(&labels)
             .set(i64::try_from(count).unwrap_or(i64::MAX));
         self.feedback_mean.get_or_create(&labels).set(mean);
+    }
+
+    pub fn experiment_decision(&self, prompt: &str, decision: &'static str) {
+        self.experiment_decisions
+            .get_or_create(&DecisionLabels {
+                prompt: prompt.to_owned(),
+                decision,
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

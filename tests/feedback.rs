@@ -347,3 +347,69 @@ async fn results_per_version_count_each_request_once_with_replays_apart() {
         .unwrap();
     assert_eq!(forbidden.status(), 403);
 }
+
+/// Keys in `redis` matching `pattern`, by `redis-cli` (installed with the server).
+fn redis_keys(redis: &RedisServer, pattern: &str) -> Vec<String> {
+    let output = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "--scan",
+            "--pattern",
+            pattern,
+        ])
+        .output()
+        .expect("redis-cli is installed with redis-server");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[ignore = "needs redis-server (make test)"]
+#[tokio::test]
+async fn feedback_older_than_its_retention_is_deleted_from_the_store() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(
+        &dir,
+        &format!("store = \"redis\"\nredis_url = \"{}\"", redis.url()),
+    )
+    .replace(
+        "[feedback.metrics.thumbs_up]",
+        "[feedback]\nretention = \"2s\"\n[feedback.metrics.thumbs_up]",
+    );
+    let gw = Gateway::start(&text).await;
+    let answer = ask(&gw, KEY_A, "kept for two seconds", "user-1").await;
+    let id = request_id(&answer);
+    let (status, _) = report(
+        &gw,
+        KEY_A,
+        json!({"request_id": id, "metric": "thumbs_up", "value": true}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(redis_keys(&redis, "*feedback/v1/served/*").len(), 1);
+    assert_eq!(redis_keys(&redis, "*feedback/v1/value/*").len(), 1);
+
+    // The sweep runs every half retention: within about 3 s of the answer, both are gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    while !redis_keys(&redis, "*feedback/v1/*/a/*").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired feedback still stored: {:?}",
+            redis_keys(&redis, "*feedback/v1/*")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The per-version tally (a sum, not a report) stays; the request can no longer be scored.
+    assert_eq!(redis_keys(&redis, "*feedback/v1/stats/*").len(), 1);
+    let response = gw
+        .post(
+            "/v1/feedback",
+            KEY_A,
+            json!({"request_id": id, "metric": "thumbs_up", "value": false}),
+        )
+        .await;
+    assert_eq!(response.status(), 404);
+}

@@ -29,7 +29,7 @@ pub use cache::{
     CacheConfig, CachePolicy, DEFAULT_SEMANTIC_THRESHOLD, RouteCacheConfig, SemanticPolicy,
     StoreKind,
 };
-pub use prompts::{FeedbackConfig, MetricConfig, MetricKind, PromptsConfig};
+pub use prompts::{ExperimentsConfig, FeedbackConfig, MetricConfig, MetricKind, PromptsConfig};
 pub use providers::{ProviderConfig, ProviderKind};
 pub use routes::{BreakerConfig, RetryConfig, RouteConfig, Strategy, TargetConfig, TimeoutConfig};
 pub use semantic::{SemanticConfig, VerifierKind};

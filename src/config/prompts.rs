@@ -18,6 +18,40 @@ pub struct PromptsConfig {
     /// With Redis: how often to look for prompt changes made through another replica.
     #[serde(default = "default_prompt_sync", with = "humantime_serde")]
     pub sync_interval: Duration,
+    /// How experiments on rollouts gather their evidence and act on it.
+    #[serde(default)]
+    pub experiments: ExperimentsConfig,
+}
+
+/// `[prompts.experiments]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentsConfig {
+    /// How often each replica runs the experiments' tests and acts on a conclusive one. The
+    /// tests stay valid however often they are checked; this only sets how soon a decision
+    /// follows the evidence.
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// How often each replica writes its counts to the shared store (a crash loses at most
+    /// this much of the counts, never a feedback report).
+    #[serde(default = "default_flush_interval", with = "humantime_serde")]
+    pub flush_interval: Duration,
+}
+
+impl Default for ExperimentsConfig {
+    fn default() -> Self {
+        Self {
+            check_interval: default_check_interval(),
+            flush_interval: default_flush_interval(),
+        }
+    }
+}
+
+fn default_check_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_flush_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_prompts_dir() -> PathBuf {
@@ -31,6 +65,18 @@ impl PromptsConfig {
     pub(super) fn validate(&self) -> Result<(), FieldError> {
         if self.sync_interval.is_zero() {
             return Err(FieldError::new("prompts.sync_interval", "must be above 0"));
+        }
+        if self.experiments.check_interval < Duration::from_millis(10) {
+            return Err(FieldError::new(
+                "prompts.experiments.check_interval",
+                "must be at least 10ms",
+            ));
+        }
+        if self.experiments.flush_interval < Duration::from_millis(10) {
+            return Err(FieldError::new(
+                "prompts.experiments.flush_interval",
+                "must be at least 10ms",
+            ));
         }
         Ok(())
     }
@@ -99,8 +145,8 @@ impl FeedbackConfig {
                 ));
             }
         }
-        if self.retention < Duration::from_secs(60) {
-            return Err(FieldError::new("feedback.retention", "must be at least 1m"));
+        if self.retention < Duration::from_secs(1) {
+            return Err(FieldError::new("feedback.retention", "must be at least 1s"));
         }
         Ok(())
     }

@@ -16,7 +16,8 @@
 //!
 //! All are written by compare-and-swap, which the store never evicts to stay within the cache's
 //! size bound (a plain `put` could be): an experiment's evidence must not vanish under cache
-//! pressure. `[feedback] retention` is applied when a record is read.
+//! pressure. `[feedback] retention` is applied when a record is read, and a sweep every half
+//! retention (at most hourly) deletes the attributions and reports past it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +38,12 @@ pub struct Served {
     /// `arm/arms` in a rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arm: Option<String>,
+    /// The label that resolved the request, when an experiment runs on its rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// That experiment's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
     /// Answered from the cache: a replay of an earlier answer, not a new sample.
     pub cached: bool,
     pub at_ms: u64,
@@ -73,6 +80,7 @@ pub struct Feedback {
     metrics: BTreeMap<String, MetricKind>,
     higher_is_better: BTreeMap<String, bool>,
     retention: Duration,
+    experiments: Option<Arc<crate::experiments::Experiments>>,
 }
 
 /// A client's text made safe as one segment of a store key.
@@ -102,8 +110,10 @@ impl Feedback {
         config: &FeedbackConfig,
         store: Arc<dyn Store>,
         telemetry: Arc<crate::telemetry::Metrics>,
+        experiments: Option<Arc<crate::experiments::Experiments>>,
     ) -> Self {
         Self {
+            experiments,
             store,
             telemetry,
             metrics: config
@@ -118,6 +128,25 @@ impl Feedback {
                 .collect(),
             retention: config.retention,
         }
+    }
+
+    /// Deletes reports and attributions older than the retention, now and then, while the
+    /// store is open. The per-version tallies and experiments' evidence are sums and stay.
+    pub fn expire_periodically(&self) {
+        // Weak: the sweep must not keep a stopped gateway's store (and a sled file lock) open.
+        let (store, retention) = (Arc::downgrade(&self.store), self.retention);
+        let every = (retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(store) = store.upgrade() else { return };
+                match expire(&*store, retention).await {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::info!(deleted, "expired feedback records deleted"),
+                    Err(error) => tracing::warn!(%error, "expired feedback not deleted; retrying"),
+                }
+            }
+        });
     }
 
     /// Notes which prompt version served `request_id`, off the response path.
@@ -212,9 +241,11 @@ impl Feedback {
         .await
         .map_err(unavailable)?
         .and_then(|bytes| serde_json::from_slice::<Recorded>(&bytes).ok());
-        self.count(&recorded, previous.map(|p| p.value))
-            .await
-            .map_err(unavailable)?;
+        let replaced = previous.map(|p| p.value);
+        if let Some(experiments) = &self.experiments {
+            experiments.feedback(&recorded.served, &recorded.metric, recorded.value, replaced);
+        }
+        self.count(&recorded, replaced).await.map_err(unavailable)?;
         Ok(recorded)
     }
 
@@ -304,6 +335,30 @@ impl Feedback {
     }
 }
 
+/// Deletes the attributions and reports of requests answered longer than `retention` ago.
+async fn expire(store: &dyn Store, retention: Duration) -> Result<u64, crate::store::StoreError> {
+    let oldest = crate::request_log::now_ms().saturating_sub(retention.as_millis() as u64);
+    let mut expired = Vec::new();
+    for prefix in ["feedback/v1/served/", "feedback/v1/value/"] {
+        store
+            .scan_prefix(prefix, &mut |key, bytes| {
+                // A report holds its attribution's fields, `at_ms` among them.
+                let at_ms = serde_json::from_slice::<Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["at_ms"].as_u64());
+                if at_ms.is_none_or(|at| at < oldest) {
+                    expired.push(key);
+                }
+            })
+            .await?;
+    }
+    let mut deleted = 0;
+    for key in expired {
+        deleted += u64::from(store.delete(&key).await?);
+    }
+    Ok(deleted)
+}
+
 fn stats_key(prompt: &str, version: u32, metric: &str) -> String {
     format!(
         "feedback/v1/stats/{}/{version}/{}",
@@ -360,7 +415,7 @@ impl Tally {
 
 /// Writes `value` under `key` whatever was there, by compare-and-swap (see the module's note);
 /// what it replaced.
-async fn replace(
+pub(crate) async fn replace(
     store: &dyn Store,
     key: &str,
     value: Vec<u8>,

@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::experiments::spec::ExperimentSpec;
+
 const BUCKETS: u64 = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,17 +20,20 @@ pub struct Arm {
     pub weight: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rollout {
     pub arms: Vec<Arm>,
     /// Mixed into the user's hash: a new salt reshuffles who lands where, keeping the shares.
     pub salt: String,
+    /// Tests the arms against the first (the control) and acts on the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<Box<ExperimentSpec>>,
 }
 
 /// What a label points to. Written as `{version = 3}` or
 /// `{rollout = [{version = 3, weight = 90}, {version = 4, weight = 10}], salt = "..."}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "TargetForm", into = "TargetForm")]
 pub enum LabelTarget {
     Version(u32),
@@ -44,6 +49,8 @@ struct TargetForm {
     rollout: Option<Vec<Arm>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     salt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    experiment: Option<Box<ExperimentSpec>>,
 }
 
 impl TryFrom<TargetForm> for LabelTarget {
@@ -51,11 +58,16 @@ impl TryFrom<TargetForm> for LabelTarget {
 
     fn try_from(form: TargetForm) -> Result<Self, String> {
         match (form.version, form.rollout) {
-            (Some(version), None) if form.salt.is_none() => Ok(LabelTarget::Version(version)),
-            (Some(_), None) => Err("`salt` belongs to a rollout, not to a single version".into()),
+            (Some(version), None) if form.salt.is_none() && form.experiment.is_none() => {
+                Ok(LabelTarget::Version(version))
+            }
+            (Some(_), None) => {
+                Err("`salt` and `experiment` belong to a rollout, not to a single version".into())
+            }
             (None, Some(arms)) => Ok(LabelTarget::Rollout(Rollout {
                 arms,
                 salt: form.salt.unwrap_or_default(),
+                experiment: form.experiment,
             })),
             (Some(_), Some(_)) => {
                 Err("a label points to `version` or to `rollout`, not both".into())
@@ -72,11 +84,13 @@ impl From<LabelTarget> for TargetForm {
                 version: Some(version),
                 rollout: None,
                 salt: None,
+                experiment: None,
             },
             LabelTarget::Rollout(rollout) => TargetForm {
                 version: None,
                 rollout: Some(rollout.arms),
                 salt: Some(rollout.salt),
+                experiment: rollout.experiment,
             },
         }
     }
@@ -121,6 +135,9 @@ impl LabelTarget {
             if rollout.salt.is_empty() {
                 rollout.salt = format!("{prompt}/{label}");
             }
+            if rollout.experiment.is_some() && rollout.arms.len() < 2 {
+                return Err("an experiment compares arms: the rollout needs at least two".into());
+            }
         }
         for version in self.versions() {
             if !exists(version) {
@@ -164,6 +181,7 @@ mod tests {
                 .map(|&(version, weight)| Arm { version, weight })
                 .collect(),
             salt: "support-reply/production".into(),
+            experiment: None,
         }
     }
 

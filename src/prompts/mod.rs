@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::experiments::ExperimentTag;
+use crate::experiments::decide::{Action as Verdict, Decision};
+use crate::experiments::spec::MetricInfo;
 use crate::protocol::openai::ChatRequest;
 use crate::store::{Store, StoreError};
 use labels::LabelTarget;
@@ -129,6 +132,8 @@ pub struct Resolution {
     pub label: Option<String>,
     /// For a rollout: which arm (1-based) of how many.
     pub arm: Option<(usize, usize)>,
+    /// The experiment running on the label's rollout.
+    pub experiment: Option<Arc<ExperimentTag>>,
     pub rendered: Rendered,
     model: Option<String>,
     parameters: Map<String, Value>,
@@ -191,6 +196,9 @@ impl Resolution {
 struct Loaded {
     record: PromptRecord,
     compiled: BTreeMap<u32, Arc<CompiledVersion>>,
+    /// Per label running an experiment, what its requests are counted under (made once here,
+    /// not per request).
+    experiments: HashMap<String, Arc<ExperimentTag>>,
 }
 
 impl Loaded {
@@ -213,7 +221,32 @@ impl Loaded {
                 }
             }
         }
-        Self { record, compiled }
+        let experiments = record
+            .labels
+            .iter()
+            .filter_map(|(label, target)| match target {
+                LabelTarget::Rollout(rollout) => rollout.experiment.as_ref().map(|spec| {
+                    (
+                        label.clone(),
+                        Arc::new(ExperimentTag {
+                            prompt: record.id.clone(),
+                            label: label.clone(),
+                            id: spec.id.clone(),
+                            slow_above: spec
+                                .guardrails
+                                .max_p95_latency_ms
+                                .map(Duration::from_millis),
+                        }),
+                    )
+                }),
+                LabelTarget::Version(_) => None,
+            })
+            .collect();
+        Self {
+            record,
+            compiled,
+            experiments,
+        }
     }
 }
 
@@ -300,16 +333,23 @@ pub struct PromptStore {
     store: Arc<dyn Store>,
     prompts: RwLock<HashMap<String, Arc<Loaded>>>,
     stats: Mutex<BTreeMap<(String, u32), VersionStats>>,
+    /// The declared feedback metrics, which experiments name.
+    metrics: BTreeMap<String, MetricInfo>,
 }
 
 impl PromptStore {
     /// Loads the records from the store, then imports `dir`. A file that changes a stored version
     /// stops startup with an error naming the file.
-    pub async fn open(store: Arc<dyn Store>, dir: Option<&Path>) -> anyhow::Result<Arc<Self>> {
+    pub async fn open(
+        store: Arc<dyn Store>,
+        dir: Option<&Path>,
+        metrics: BTreeMap<String, MetricInfo>,
+    ) -> anyhow::Result<Arc<Self>> {
         let this = Arc::new(Self {
             store,
             prompts: RwLock::default(),
             stats: Mutex::default(),
+            metrics,
         });
         let mut records = Vec::new();
         this.store
@@ -351,6 +391,11 @@ impl PromptStore {
             .map_err(|e| anyhow::anyhow!("{}: {e}", version.path.display()))?;
         }
         if let Some(labels) = prompt.labels {
+            for (label, target) in &labels.labels {
+                self.check_experiment(target).map_err(|(field, message)| {
+                    anyhow::anyhow!("{}: {label}.{field}: {message}", labels.path.display())
+                })?;
+            }
             let source = labels.path.display().to_string();
             let hash = labels.hash.clone();
             self.update(&prompt.id, None, |record| {
@@ -482,6 +527,7 @@ impl PromptStore {
     ) -> Result<Resolution, ApiError> {
         let loaded = self.loaded(&reference.id)?;
         let record = &loaded.record;
+        let mut experiment = None;
         let (number, label, arm) = match (reference.version, &reference.label) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::invalid(
@@ -513,6 +559,7 @@ impl PromptStore {
                         };
                         let index = rollout.assign(user);
                         let version = rollout.arms.get(index).map_or(0, |a| a.version);
+                        experiment = loaded.experiments.get(label).cloned();
                         (version, Some(label), Some((index + 1, rollout.arms.len())))
                     }
                 }
@@ -550,6 +597,7 @@ impl PromptStore {
             hash: compiled.hash.clone(),
             label: label.map(str::to_owned),
             arm,
+            experiment,
             rendered,
             model: compiled.spec.model.clone(),
             parameters: compiled.spec.parameters.clone(),
@@ -700,6 +748,12 @@ impl PromptStore {
     ) -> Result<ChangeOutcome<LabelChange>, ApiError> {
         check_label(label)?;
         self.loaded(id)?;
+        self.check_experiment(&target).map_err(|(field, message)| {
+            ApiError::invalid(
+                format!("{field}: {message}"),
+                Some(&format!("target.{field}")),
+            )
+        })?;
         let (action, record, changed) = self
             .update(id, if_revision, |record| {
                 let target = target
@@ -853,6 +907,102 @@ impl PromptStore {
             .collect()
     }
 
+    fn check_experiment(&self, target: &LabelTarget) -> Result<(), (String, String)> {
+        match target {
+            LabelTarget::Rollout(rollout) => rollout
+                .experiment
+                .as_ref()
+                .map_or(Ok(()), |spec| spec.check(&self.metrics)),
+            LabelTarget::Version(_) => Ok(()),
+        }
+    }
+
+    /// The declared feedback metrics.
+    pub fn metric_info(&self) -> &BTreeMap<String, MetricInfo> {
+        &self.metrics
+    }
+
+    /// Every running experiment: prompt id, label, the rollout, and the arms decided already.
+    pub fn experiments(&self) -> Vec<RunningExperiment> {
+        let prompts = self.prompts.read();
+        let mut running = Vec::new();
+        for loaded in prompts.values() {
+            for (label, target) in &loaded.record.labels {
+                if let LabelTarget::Rollout(rollout) = target
+                    && let Some(spec) = &rollout.experiment
+                {
+                    running.push(RunningExperiment {
+                        prompt: loaded.record.id.clone(),
+                        label: label.clone(),
+                        decided: loaded.record.decided_arms(&spec.id),
+                        rollout: rollout.clone(),
+                    });
+                }
+            }
+        }
+        running.sort_by(|a, b| (&a.prompt, &a.label).cmp(&(&b.prompt, &b.label)));
+        running
+    }
+
+    /// Acts on an experiment's decision, if the label still runs that experiment and the arm
+    /// was not decided before: a rollback takes the arm out (its users go to the control), a
+    /// promotion points the label at the arm. The audit event carries the evidence.
+    pub async fn decide(
+        &self,
+        id: &str,
+        label: &str,
+        experiment: &str,
+        decision: &Decision,
+        evidence: Value,
+        actor: &Actor,
+    ) -> Result<ChangeOutcome<LabelChange>, ApiError> {
+        let stale = || ApiError::Conflict {
+            message: format!(
+                "label {label:?} of {id:?} no longer runs experiment {experiment}, or it decided on                  version {} already",
+                decision.version
+            ),
+            param: Some("label"),
+        };
+        let (action, record, changed) = self
+            .update(id, None, |record| {
+                let Some(LabelTarget::Rollout(rollout)) = record.labels.get(label).cloned() else {
+                    return Err(stale());
+                };
+                if rollout
+                    .experiment
+                    .as_ref()
+                    .is_none_or(|e| e.id != experiment)
+                    || record.decided_arms(experiment).contains(&decision.version)
+                    || rollout
+                        .arms
+                        .first()
+                        .is_none_or(|a| a.version == decision.version)
+                {
+                    return Err(stale());
+                }
+                let (target, action) = match decision.action {
+                    Verdict::Promote => (
+                        LabelTarget::Version(decision.version),
+                        Action::ExperimentPromote,
+                    ),
+                    Verdict::Rollback => (
+                        taken_out(rollout, decision.version),
+                        Action::ExperimentRollback,
+                    ),
+                };
+                let action =
+                    record.set_label(label, target, &actor.name, &actor.source, Some(action));
+                if let Some(event) = record.history.last_mut() {
+                    event.version = Some(decision.version);
+                    event.experiment = Some(experiment.to_owned());
+                    event.evidence = Some(evidence.clone());
+                }
+                Ok(action)
+            })
+            .await?;
+        Ok(label_change(&record, label, action, changed))
+    }
+
     /// With a shared store, follows other replicas' changes until the store is dropped.
     pub fn follow(self: &Arc<Self>, interval: Duration) {
         if !self.store.is_shared() {
@@ -913,6 +1063,41 @@ impl PromptStore {
                 self.install(record);
             }
         }
+    }
+}
+
+/// An experiment running on a label, as the monitor sees it.
+#[derive(Debug, Clone)]
+pub struct RunningExperiment {
+    pub prompt: String,
+    pub label: String,
+    pub rollout: labels::Rollout,
+    pub decided: Vec<u32>,
+}
+
+/// `rollout` without the arm of `version`: its users go to the control. The arm stays listed
+/// with weight 0, so the experiment's status still shows it; with one live arm left, the label
+/// points at the control. (With three or more arms, the arms after it shift their bucket
+/// ranges, so some of their users move too.)
+fn taken_out(mut rollout: labels::Rollout, version: u32) -> LabelTarget {
+    let freed: u32 = rollout
+        .arms
+        .iter_mut()
+        .filter(|a| a.version == version)
+        .map(|a| std::mem::take(&mut a.weight))
+        .sum();
+    if let Some(control) = rollout.arms.first_mut() {
+        control.weight += freed;
+    }
+    let live: Vec<u32> = rollout
+        .arms
+        .iter()
+        .filter(|a| a.weight > 0)
+        .map(|a| a.version)
+        .collect();
+    match live.as_slice() {
+        [only] => LabelTarget::Version(*only),
+        _ => LabelTarget::Rollout(rollout),
     }
 }
 

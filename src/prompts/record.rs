@@ -45,6 +45,10 @@ pub enum Action {
     StopRollout,
     DeleteLabel,
     Rollback,
+    /// An experiment took an arm out: it breached a guardrail, or lost on the primary metric.
+    ExperimentRollback,
+    /// An experiment's winning arm became the label's version.
+    ExperimentPromote,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +68,12 @@ pub struct AuditEvent {
     /// Where the change came from (`prompts/support-reply/v2.toml`, `admin api`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The experiment a decision belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
+    /// What a decision was based on: the test, its statistic and threshold, each arm's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<serde_json::Value>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -94,6 +104,8 @@ impl PromptRecord {
             before: None,
             after: None,
             source: Some(source.to_owned()),
+            experiment: None,
+            evidence: None,
         });
         let last = self.history.len() - 1;
         &mut self.history[last]
@@ -110,6 +122,7 @@ impl PromptRecord {
         action: Option<Action>,
     ) -> Option<Action> {
         let before = self.labels.get(label).cloned();
+        let target = self.with_experiment_id(label, before.as_ref(), target);
         if before.as_ref() == Some(&target) {
             return None;
         }
@@ -125,6 +138,57 @@ impl PromptRecord {
         event.after = Some(target.clone());
         self.labels.insert(label.to_owned(), target);
         Some(action)
+    }
+
+    /// Gives a new experiment its id and start; one whose design, salt and versions are those
+    /// of the label's current experiment (a change of weights) keeps them.
+    fn with_experiment_id(
+        &self,
+        label: &str,
+        before: Option<&LabelTarget>,
+        mut target: LabelTarget,
+    ) -> LabelTarget {
+        let LabelTarget::Rollout(rollout) = &mut target else {
+            return target;
+        };
+        let versions = |r: &super::labels::Rollout| {
+            let mut versions: Vec<u32> = r.arms.iter().map(|a| a.version).collect();
+            versions.sort_unstable();
+            versions
+        };
+        let running = match before {
+            Some(LabelTarget::Rollout(previous))
+                if previous.salt == rollout.salt && versions(previous) == versions(rollout) =>
+            {
+                previous.experiment.as_ref()
+            }
+            _ => None,
+        };
+        if let Some(experiment) = &mut rollout.experiment
+            && experiment.id.is_empty()
+        {
+            match running.filter(|r| r.same_design(experiment)) {
+                Some(running) => {
+                    experiment.id.clone_from(&running.id);
+                    experiment.started_at.clone_from(&running.started_at);
+                }
+                None => {
+                    experiment.id = format!("{label}-r{}", self.revision + 1);
+                    experiment.started_at = now_rfc3339();
+                }
+            }
+        }
+        target
+    }
+
+    /// The arms an experiment has decided on (rolled back, or promoted), from the audit trail:
+    /// a decision undone by a rollback is not made again.
+    pub fn decided_arms(&self, experiment: &str) -> Vec<u32> {
+        self.history
+            .iter()
+            .filter(|e| e.experiment.as_deref() == Some(experiment))
+            .filter_map(|e| e.version)
+            .collect()
     }
 
     /// What `label` pointed to before its current target: the `before` of the latest event that

@@ -668,6 +668,15 @@ pub fn app(state: Arc<AppState>, with_metrics: bool) -> HttpRouter {
         .route("/admin/prompts/{id}/history", get(prompts::history))
         .route("/admin/prompts/{id}/export", get(prompts::export))
         .route("/admin/prompts/{id}/feedback", get(prompts::feedback))
+        .route("/admin/prompts/{id}/experiments", get(prompts::experiments))
+        .route(
+            "/admin/prompts/{id}/experiments/{label}",
+            get(prompts::experiment),
+        )
+        .route(
+            "/admin/prompts/{id}/experiments/{label}/promote",
+            post(prompts::promote),
+        )
         .route("/admin/prompts/{id}/diff", get(prompts::diff))
         .route(
             "/admin/prompts/{id}/versions",

@@ -11,7 +11,10 @@
 //! - `GET /admin/prompts/{id}/versions/{n}`;
 //! - `PUT /admin/prompts/{id}/labels/{label}`: `{"version": n}` or `{"rollout": [{"version": n,
 //!   "weight": w}, ...], "salt": "..."}`; `DELETE` removes it; `POST .../rollback` points it
-//!   back to its previous target.
+//!   back to its previous target;
+//! - `GET /admin/prompts/{id}/experiments`, `.../experiments/{label}`: an experiment's arms,
+//!   tests, pending decision, power and past decisions; `POST .../experiments/{label}/promote`
+//!   promotes the arm that beats the control (409 while none does).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -158,6 +161,49 @@ pub async fn feedback(
     let answer = async {
         state.auth.admin(&headers)?;
         state.pipeline.feedback()?.results(&id).await
+    };
+    reply(answer.await)
+}
+
+/// `GET /admin/prompts/{id}/experiments`.
+pub async fn experiments(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let answer = async {
+        state.auth.admin(&headers)?;
+        state.pipeline.experiments()?.list(&id).await
+    };
+    reply(answer.await)
+}
+
+/// `GET /admin/prompts/{id}/experiments/{label}`.
+pub async fn experiment(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((id, label)): Path<(String, String)>,
+) -> Response {
+    let answer = async {
+        state.auth.admin(&headers)?;
+        state.pipeline.experiments()?.status(&id, &label).await
+    };
+    reply(answer.await)
+}
+
+/// `POST /admin/prompts/{id}/experiments/{label}/promote`.
+pub async fn promote(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((id, label)): Path<(String, String)>,
+) -> Response {
+    let answer = async {
+        state.auth.admin(&headers)?;
+        state
+            .pipeline
+            .experiments()?
+            .promote(&id, &label, &actor(&headers))
+            .await
     };
     reply(answer.await)
 }
