@@ -440,3 +440,274 @@ guardrails = {{ max_error_rate = 0.05 }}
     );
     assert!(wrong.len() <= EXPERIMENTS * 5 / 100, "{wrong:?}");
 }
+
+/// `reprise prompts --url … ARGS`: whether it succeeded, and what it printed.
+async fn prompts_cli(gw: &Gateway, args: &[&str]) -> (bool, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_reprise"));
+    command
+        .args(["prompts", "--url", &gw.base, "--actor", "dana"])
+        .args(args)
+        .env("REPRISE_ADMIN_KEY", common::ADMIN);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_experiment_promotes_only_on_command_once_its_test_is_conclusive() {
+    let dir = tempfile::tempdir().unwrap();
+    write_prompt(
+        &dir.path().join("prompts"),
+        "support",
+        &[("chat", "Answer: "), ("chat", "Answer kindly: ")],
+        "production = { version = 1 }\n",
+    );
+    let gw = Arc::new(
+        Gateway::start(&config(
+            &dir,
+            r#"
+            [routes.chat]
+            targets = [{ provider = "mock", model = "ok" }]
+            "#,
+        ))
+        .await,
+    );
+    // Started from the CLI; the first arm is the control.
+    let (ok, out) = prompts_cli(
+        &gw,
+        &[
+            "experiment",
+            "start",
+            "support",
+            "production",
+            "1=50",
+            "2=50",
+            "--primary",
+            "resolved",
+            "--min-samples",
+            "30",
+            "--max-error-rate",
+            "0.1",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(out.contains("start-rollout"), "{out}");
+    let started = experiment(&gw, "support").await;
+    assert_eq!(started["state"], "running", "{started}");
+    assert_eq!(started["experiment"]["promote"], "manual");
+
+    let (status, refused) = gw
+        .admin(
+            Method::POST,
+            "/admin/prompts/support/experiments/production/promote",
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no arm beats the control"),
+        "{refused}"
+    );
+
+    // 30% against 80% resolved: conclusive within a couple of hundred users.
+    let mut rng = StdRng::seed_from_u64(8);
+    let mut sent = 0;
+    loop {
+        traffic(
+            &gw,
+            users_of("support", sent..sent + 50),
+            &[0.3, 0.8],
+            &mut rng,
+        )
+        .await;
+        sent += 50;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if experiment(&gw, "support").await["state"] == "ready_to_promote" {
+            break;
+        }
+        assert!(sent < 1_000, "not conclusive after {sent} users");
+    }
+    // Not promoted on its own.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(label_target(&gw, "support").await.get("rollout").is_some());
+
+    let (ok, shown) = prompts_cli(&gw, &["experiment", "status", "support"]).await;
+    assert!(ok, "{shown}");
+    for expected in [
+        "support/production: ready_to_promote",
+        "v1\tcontrol",
+        "v2\ttreatment",
+        "primary resolved",
+        "-> better",
+        "pending: promote v2",
+        "power:",
+    ] {
+        assert!(
+            shown.contains(expected),
+            "{expected:?} missing from:\n{shown}"
+        );
+    }
+
+    let (ok, out) = prompts_cli(&gw, &["experiment", "promote", "support", "production"]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("promoted v2"), "{out}");
+    assert_eq!(label_target(&gw, "support").await, json!({"version": 2}));
+    let (_, history) = gw
+        .admin(Method::GET, "/admin/prompts/support/history", None)
+        .await;
+    let made = decisions(&history);
+    assert_eq!(made.len(), 1);
+    assert_eq!(made[0]["actor"], "dana");
+    assert_eq!(made[0]["action"], "experiment-promote");
+    assert!(
+        made[0]["evidence"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("beats the control")
+    );
+    let (ok, history) = prompts_cli(&gw, &["history", "support"]).await;
+    assert!(ok && history.contains("experiment-promote v2"), "{history}");
+    assert!(
+        gw.metrics().await.contains(
+            "reprise_experiment_decisions_total{prompt=\"support\",decision=\"promote\"} 1"
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_arm_breaches_the_p95_guardrail_and_bad_designs_are_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    write_prompt(
+        &dir.path().join("prompts"),
+        "support",
+        &[("chat", "Answer: "), ("slow", "Answer slowly: ")],
+        r#"
+[production]
+rollout = [{ version = 1, weight = 50 }, { version = 2, weight = 50 }]
+[production.experiment]
+guardrails = { max_p95_latency_ms = 100 }
+"#,
+    );
+    let gw = Arc::new(
+        Gateway::start(&config(
+            &dir,
+            r#"
+            [feedback.metrics.rating]
+            type = "number"
+            [routes.chat]
+            targets = [{ provider = "mock", model = "ok" }]
+            [routes.slow]
+            targets = [{ provider = "mock", model = "slow-150" }]
+            "#,
+        ))
+        .await,
+    );
+    let mut user = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while label_target(&gw, "support").await.get("rollout").is_some() {
+        assert!(Instant::now() < deadline, "no decision within a minute");
+        let batch: Vec<_> = (0..10)
+            .map(|_| {
+                user += 1;
+                let (gw, user) = (Arc::clone(&gw), format!("user-{user}"));
+                tokio::spawn(async move { ask(&gw, "support", &user).await })
+            })
+            .collect();
+        for served in batch {
+            assert_eq!(served.await.unwrap().status, 200);
+        }
+    }
+    assert_eq!(label_target(&gw, "support").await, json!({"version": 1}));
+    let (_, history) = gw
+        .admin(Method::GET, "/admin/prompts/support/history", None)
+        .await;
+    let made = decisions(&history);
+    assert_eq!(made[0]["evidence"]["test"]["test"], "p95_latency");
+    let slow_arm = arm(&made[0]["evidence"], 2);
+    assert!(
+        slow_arm["latency_p95_ms"].as_f64().unwrap() >= 150.0,
+        "{slow_arm}"
+    );
+    assert!(slow_arm["requests"].as_u64().unwrap() <= 100, "{slow_arm}");
+
+    for (experiment, field) in [
+        (json!({"primary": "happiness"}), "target.experiment.primary"),
+        (json!({"primary": "rating"}), "target.experiment.min_effect"),
+        (
+            json!({"primary": "resolved", "confidence": 1.5}),
+            "target.experiment.confidence",
+        ),
+        (
+            json!({"guardrails": {"metric_bounds": {"resolved": 2.0}}}),
+            "target.experiment.guardrails.metric_bounds.resolved",
+        ),
+        (json!({}), "target.experiment.primary"),
+    ] {
+        let (status, refused) = gw
+            .admin(
+                Method::PUT,
+                "/admin/prompts/support/labels/canary",
+                Some(
+                    json!({"rollout": [{"version": 1, "weight": 50}, {"version": 2, "weight": 50}],
+                            "experiment": experiment}),
+                ),
+            )
+            .await;
+        assert_eq!(status, 400, "{refused}");
+        assert_eq!(refused["error"]["param"], field, "{refused}");
+    }
+    let (status, refused) = gw
+        .admin(
+            Method::PUT,
+            "/admin/prompts/support/labels/canary",
+            Some(json!({"rollout": [{"version": 1, "weight": 100}],
+                        "experiment": {"primary": "resolved"}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at least two")
+    );
+
+    // A labels file with a bad experiment stops startup, naming the file and the field.
+    let bad = tempfile::tempdir().unwrap();
+    write_prompt(
+        &bad.path().join("prompts"),
+        "support",
+        &[("chat", "A: "), ("chat", "B: ")],
+        r#"
+[production]
+rollout = [{ version = 1, weight = 50 }, { version = 2, weight = 50 }]
+[production.experiment]
+primary = "nope"
+"#,
+    );
+    let text = common::base_config(&gw.mock)
+        + &config(
+            &bad,
+            "[routes.chat]\ntargets = [{ provider = \"mock\", model = \"ok\" }]",
+        );
+    let config = reprise::config::Config::from_toml_str(&text, "t.toml", &|_| None).unwrap();
+    let error = reprise::server::start(&config)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("labels.toml"), "{error}");
+    assert!(error.contains("production.experiment.primary"), "{error}");
+}

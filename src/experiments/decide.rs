@@ -2,7 +2,7 @@
 //!
 //! The first arm of the rollout is the control. Every other arm is tested:
 //! - against each guardrail (error rate, p95 latency, a metric's bound): a breach takes the arm
-//!   out;
+//!   out, once the arm has [`GUARDRAIL_MIN_REQUESTS`] (20);
 //! - against the control on the primary metric: a conclusive win makes it the candidate for
 //!   promotion, a conclusive loss takes it out.
 //!
@@ -22,6 +22,10 @@ use crate::prompts::labels::Arm;
 
 /// The share of requests allowed above the p95 bound.
 const ABOVE_P95: f64 = 0.05;
+/// Requests an arm needs before a rate guardrail acts. The rate tests are exact from the first
+/// request, but real failures come in bursts (cold connections, a deploy): three slow requests
+/// out of three would already be conclusive, and should not take an arm out alone.
+pub const GUARDRAIL_MIN_REQUESTS: u64 = 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -109,6 +113,11 @@ pub fn evaluate(
         };
         let mut rate_test = |test, events: u64, trials: u64, bound: f64, metric| {
             let statistic = stats::rate_exceeds(events, trials, bound);
+            let waiting = trials < GUARDRAIL_MIN_REQUESTS;
+            let mut verdict = verdict_of(!waiting && statistic >= threshold);
+            if waiting && verdict == Verdict::Continue {
+                verdict = Verdict::Waiting;
+            }
             tests.push(Test {
                 version: arm.version,
                 test,
@@ -118,7 +127,7 @@ pub fn evaluate(
                 against: bound,
                 log_likelihood_ratio: statistic,
                 threshold,
-                verdict: verdict_of(statistic >= threshold),
+                verdict,
             });
         };
         if let Some(bound) = spec.guardrails.max_error_rate {
@@ -154,7 +163,11 @@ pub fn evaluate(
                 let bound = if info.higher_is_better { bound } else { -bound };
                 stats::mean_below(&oriented, bound, spec.min_effect_for(info))
             };
-            let waiting = !info.boolean && n < spec.min_samples as f64;
+            let waiting = if info.boolean {
+                n < GUARDRAIL_MIN_REQUESTS as f64
+            } else {
+                n < spec.min_samples as f64
+            };
             let mut verdict = verdict_of(!waiting && statistic >= threshold);
             if waiting && verdict == Verdict::Continue {
                 verdict = Verdict::Waiting;
