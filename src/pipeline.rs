@@ -23,12 +23,12 @@ use crate::cache::{
 use crate::config::{CacheConfig, Config, StoreKind};
 use crate::error::ApiError;
 use crate::experiments::Experiments;
-use crate::experiments::spec::MetricInfo;
 use crate::keys::{KeyRecord, KeyStore};
 use crate::limits::usage::UsageBook;
 use crate::limits::{BudgetState, Limits, RateState, Upstream};
 use crate::otel::TraceContext;
 use crate::prices::PriceTable;
+use crate::prompts::experiment::MetricInfo;
 use crate::prompts::{PromptRef, PromptStore, Resolution, Usage as PromptUsage};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions, is_usage_only_chunk};
 use crate::providers::{ChatReply, ChunkStream};
@@ -60,7 +60,7 @@ pub struct PromptTrace {
     pub label: Option<String>,
     /// For a rollout: the arm (1-based) and how many there are.
     pub arm: Option<(usize, usize)>,
-    pub experiment: Option<Arc<crate::experiments::ExperimentTag>>,
+    pub experiment: Option<Arc<crate::prompts::experiment::ExperimentTag>>,
 }
 
 /// How an answer (or a failure) was produced, for response headers and the request's log line.

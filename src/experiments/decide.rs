@@ -16,8 +16,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::evidence::{ArmCounts, Shard, Sums};
-use super::spec::{ExperimentSpec, MetricInfo};
 use super::stats::{self, Moments};
+use crate::prompts::experiment::{ExperimentSpec, MetricInfo};
 use crate::prompts::labels::Arm;
 
 /// The share of requests allowed above the p95 bound.

@@ -17,7 +17,6 @@
 
 pub mod decide;
 pub mod evidence;
-pub mod spec;
 pub mod stats;
 
 use std::collections::{HashMap, HashSet};
@@ -29,6 +28,7 @@ use serde_json::{Value, json};
 
 use crate::config::ExperimentsConfig;
 use crate::error::ApiError;
+use crate::prompts::experiment::{Decided, ExperimentTag, Outcome, Promote};
 use crate::prompts::labels::LabelTarget;
 use crate::prompts::{Actor, PromptStore, RunningExperiment};
 use crate::store::{Store, StoreError};
@@ -36,16 +36,6 @@ use decide::{Action, Evaluation};
 use evidence::{ArmCounts, Shard};
 
 const EVIDENCE_PREFIX: &str = "experiments/v1/evidence/";
-
-/// What a request served through an experiment's rollout is counted under.
-#[derive(Debug)]
-pub struct ExperimentTag {
-    pub prompt: String,
-    pub label: String,
-    pub id: String,
-    /// The p95 guardrail: requests slower than this count against it.
-    pub slow_above: Option<Duration>,
-}
 
 /// Identifies an experiment within the store's keys.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -89,6 +79,15 @@ pub struct Experiments {
     totals: Mutex<Totals>,
     config: ExperimentsConfig,
     telemetry: Arc<crate::telemetry::Metrics>,
+}
+
+/// A feedback report on an answer served through an experiment's rollout.
+pub struct Scored<'a> {
+    pub version: u32,
+    pub cached: bool,
+    pub metric: &'a str,
+    pub value: f64,
+    pub replaced: Option<f64>,
 }
 
 /// One fresh or cached answer served through an experiment's rollout.
@@ -167,32 +166,21 @@ impl Experiments {
         });
     }
 
-    /// Counts a feedback report (taking out the one it replaced).
-    pub fn feedback(
-        &self,
-        served: &crate::feedback::Served,
-        metric: &str,
-        value: f64,
-        replaced: Option<f64>,
-    ) {
-        let (Some(label), Some(id)) = (&served.label, &served.experiment) else {
-            return;
-        };
-        let key = Key {
-            prompt: served.prompt.clone(),
-            label: label.clone(),
-            id: id.clone(),
-        };
-        self.update(key, served.version, |arm| {
-            let sums = if served.cached {
-                arm.cached_metrics.entry(metric.to_owned()).or_default()
+    /// Counts a feedback report on an answer served through experiment `tag` (taking out the
+    /// report it replaced).
+    pub fn feedback(&self, tag: &ExperimentTag, report: &Scored<'_>) {
+        self.update(Self::key_of(tag), report.version, |arm| {
+            let sums = if report.cached {
+                arm.cached_metrics
+                    .entry(report.metric.to_owned())
+                    .or_default()
             } else {
-                arm.metrics.entry(metric.to_owned()).or_default()
+                arm.metrics.entry(report.metric.to_owned()).or_default()
             };
-            if let Some(old) = replaced {
+            if let Some(old) = report.replaced {
                 sums.add(old, -1.0);
             }
-            sums.add(value, 1.0);
+            sums.add(report.value, 1.0);
         });
     }
 
@@ -314,7 +302,7 @@ impl Experiments {
                 .rollout
                 .experiment
                 .as_ref()
-                .is_some_and(|s| s.promote == spec::Promote::Auto);
+                .is_some_and(|s| s.promote == Promote::Auto);
             match self.evaluate(&running).await {
                 Ok(Some((key, evaluation))) => {
                     let Some(decision) = &evaluation.decision else {
@@ -359,9 +347,15 @@ impl Experiments {
             .decide(
                 &key.prompt,
                 &key.label,
-                &key.id,
-                decision,
-                evidence.clone(),
+                &Decided {
+                    experiment: key.id.clone(),
+                    version: decision.version,
+                    outcome: match decision.action {
+                        Action::Promote => Outcome::Promote,
+                        Action::Rollback => Outcome::Rollback,
+                    },
+                    evidence: evidence.clone(),
+                },
                 actor,
             )
             .await;

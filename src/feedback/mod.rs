@@ -28,6 +28,8 @@ use serde_json::Value;
 
 use crate::config::{FeedbackConfig, MetricKind};
 use crate::error::ApiError;
+use crate::experiments::Scored;
+use crate::prompts::experiment::ExperimentTag;
 use crate::store::Store;
 
 /// The prompt version a request was served, as feedback finds it.
@@ -242,8 +244,27 @@ impl Feedback {
         .map_err(unavailable)?
         .and_then(|bytes| serde_json::from_slice::<Recorded>(&bytes).ok());
         let replaced = previous.map(|p| p.value);
-        if let Some(experiments) = &self.experiments {
-            experiments.feedback(&recorded.served, &recorded.metric, recorded.value, replaced);
+        if let (Some(experiments), Some(label), Some(id)) = (
+            &self.experiments,
+            &recorded.served.label,
+            &recorded.served.experiment,
+        ) {
+            let tag = ExperimentTag {
+                prompt: recorded.served.prompt.clone(),
+                label: label.clone(),
+                id: id.clone(),
+                slow_above: None,
+            };
+            experiments.feedback(
+                &tag,
+                &Scored {
+                    version: recorded.served.version,
+                    cached: recorded.served.cached,
+                    metric: &recorded.metric,
+                    value: recorded.value,
+                    replaced,
+                },
+            );
         }
         self.count(&recorded, replaced).await.map_err(unavailable)?;
         Ok(recorded)

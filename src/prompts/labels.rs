@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::experiments::spec::ExperimentSpec;
+use super::experiment::ExperimentSpec;
 
 const BUCKETS: u64 = 10_000;
 

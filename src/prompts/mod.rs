@@ -12,6 +12,7 @@
 //! - At startup, `prompts/` ([`files`]) is imported: new versions are added, a label file that
 //!   changed since it was last applied is applied.
 
+pub mod experiment;
 pub mod files;
 pub mod labels;
 pub mod record;
@@ -27,11 +28,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
-use crate::experiments::ExperimentTag;
-use crate::experiments::decide::{Action as Verdict, Decision};
-use crate::experiments::spec::MetricInfo;
 use crate::protocol::openai::ChatRequest;
 use crate::store::{Store, StoreError};
+use experiment::{Decided, ExperimentTag, MetricInfo, Outcome};
 use labels::LabelTarget;
 use record::{Action, AuditEvent, PromptRecord, StoredVersion, now_rfc3339};
 use spec::{CompiledVersion, RenderError, Rendered, VersionSpec, is_valid_name};
@@ -951,15 +950,20 @@ impl PromptStore {
         &self,
         id: &str,
         label: &str,
-        experiment: &str,
-        decision: &Decision,
-        evidence: Value,
+        decided: &Decided,
         actor: &Actor,
     ) -> Result<ChangeOutcome<LabelChange>, ApiError> {
+        let Decided {
+            experiment,
+            version,
+            outcome,
+            evidence,
+        } = decided;
+        let (experiment, version) = (experiment.as_str(), *version);
         let stale = || ApiError::Conflict {
             message: format!(
                 "label {label:?} of {id:?} no longer runs experiment {experiment}, or it decided on                  version {} already",
-                decision.version
+                version
             ),
             param: Some("label"),
         };
@@ -972,28 +976,19 @@ impl PromptStore {
                     .experiment
                     .as_ref()
                     .is_none_or(|e| e.id != experiment)
-                    || record.decided_arms(experiment).contains(&decision.version)
-                    || rollout
-                        .arms
-                        .first()
-                        .is_none_or(|a| a.version == decision.version)
+                    || record.decided_arms(experiment).contains(&version)
+                    || rollout.arms.first().is_none_or(|a| a.version == version)
                 {
                     return Err(stale());
                 }
-                let (target, action) = match decision.action {
-                    Verdict::Promote => (
-                        LabelTarget::Version(decision.version),
-                        Action::ExperimentPromote,
-                    ),
-                    Verdict::Rollback => (
-                        taken_out(rollout, decision.version),
-                        Action::ExperimentRollback,
-                    ),
+                let (target, action) = match *outcome {
+                    Outcome::Promote => (LabelTarget::Version(version), Action::ExperimentPromote),
+                    Outcome::Rollback => (taken_out(rollout, version), Action::ExperimentRollback),
                 };
                 let action =
                     record.set_label(label, target, &actor.name, &actor.source, Some(action));
                 if let Some(event) = record.history.last_mut() {
-                    event.version = Some(decision.version);
+                    event.version = Some(version);
                     event.experiment = Some(experiment.to_owned());
                     event.evidence = Some(evidence.clone());
                 }

@@ -1,8 +1,10 @@
 //! What an experiment on a rollout declares: its primary metric, guardrails and how sure a
 //! decision must be. It is part of the rollout's label target, so starting, adjusting and undoing
-//! it go through the prompt store's audited label changes.
+//! it go through the prompt store's audited label changes; `crate::experiments` gathers its
+//! evidence, runs its tests and asks the store to act on them.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -71,6 +73,35 @@ fn default_confidence() -> f64 {
 }
 fn default_min_samples() -> u64 {
     100
+}
+
+/// What a request served through an experiment's rollout is counted under.
+#[derive(Debug)]
+pub struct ExperimentTag {
+    pub prompt: String,
+    pub label: String,
+    pub id: String,
+    /// The p95 guardrail: requests slower than this count against it.
+    pub slow_above: Option<Duration>,
+}
+
+/// What an experiment decided about an arm, as the prompt store applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The arm is taken out; its users go to the control.
+    Rollback,
+    /// The label points at the arm.
+    Promote,
+}
+
+/// A decision for the prompt store to apply: an arm of an experiment, what to do with it, and
+/// the evidence for the audit trail.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub experiment: String,
+    pub version: u32,
+    pub outcome: Outcome,
+    pub evidence: serde_json::Value,
 }
 
 /// What the gateway knows of a declared feedback metric.
