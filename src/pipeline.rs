@@ -303,6 +303,11 @@ impl Pipeline {
         })
     }
 
+    /// The experiments, for the server to write their last counts at shutdown.
+    pub fn experiments_handle(&self) -> Option<Arc<Experiments>> {
+        self.experiments.clone()
+    }
+
     /// What tokens cost, by model.
     pub fn prices(&self) -> &PriceTable {
         &self.prices

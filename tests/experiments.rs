@@ -711,3 +711,53 @@ primary = "nope"
     assert!(error.contains("labels.toml"), "{error}");
     assert!(error.contains("production.experiment.primary"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_experiments_evidence_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    write_prompt(
+        &dir.path().join("prompts"),
+        "support",
+        &[("chat", "Answer: "), ("chat", "Answer kindly: ")],
+        r#"
+[production]
+rollout = [{ version = 1, weight = 50 }, { version = 2, weight = 50 }]
+[production.experiment]
+primary = "resolved"
+"#,
+    );
+    // Counts are flushed every 10 minutes here: only the shutdown's flush can save them.
+    let text = config(
+        &dir,
+        r#"
+        [routes.chat]
+        targets = [{ provider = "mock", model = "ok" }]
+        "#,
+    )
+    .replace("flush_interval = \"50ms\"", "flush_interval = \"10m\"");
+    let gw = Arc::new(Gateway::start(&text).await);
+    let mut rng = StdRng::seed_from_u64(1);
+    traffic(&gw, users_of("support", 0..40), &[0.5, 0.5], &mut rng).await;
+    let gw = Arc::into_inner(gw).unwrap();
+    let Gateway { mock, server, .. } = gw;
+    assert!(server.stop().await.unwrap());
+
+    let gw = Gateway::start_with(mock, &text).await;
+    let status = experiment(&gw, "support").await;
+    let total = |field: &str| -> f64 {
+        status["arms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                if field == "resolved" {
+                    a["feedback"]["resolved"]["n"].as_f64().unwrap_or(0.0)
+                } else {
+                    a[field].as_f64().unwrap()
+                }
+            })
+            .sum()
+    };
+    assert_eq!(total("requests"), 40.0, "{status}");
+    assert_eq!(total("resolved"), 40.0, "{status}");
+}

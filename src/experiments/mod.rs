@@ -208,6 +208,13 @@ impl Experiments {
         });
     }
 
+    /// Writes what was counted since the last flush, logging a failure.
+    pub async fn flush_now(&self) {
+        if let Err(error) = self.flush().await {
+            tracing::warn!(%error, "experiment counts not written at shutdown");
+        }
+    }
+
     /// Writes this process's totals of every experiment that changed since the last flush.
     async fn flush(&self) -> Result<(), StoreError> {
         let snapshot: Vec<(Key, Shard)> = {

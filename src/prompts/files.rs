@@ -119,9 +119,10 @@ fn read_prompt(folder: &Path) -> Result<PromptFiles, FileError> {
             ));
         }
     }
-    if let Some(labels) = &labels {
-        for (label, target) in &labels.labels {
-            target
+    if let Some(labels) = &mut labels {
+        for (label, target) in &mut labels.labels {
+            // Validated as it will be stored (a missing salt becomes `ID/LABEL`).
+            *target = target
                 .clone()
                 .validated(&id, label, |v| versions.iter().any(|f| f.number == v))
                 .map_err(|e| {

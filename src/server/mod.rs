@@ -734,6 +734,8 @@ pub struct RunningServer {
     request_log: Option<Arc<crate::request_log::RequestLog>>,
     /// Sends the spans still queued.
     otlp: Option<Arc<crate::otel::Exporter>>,
+    /// Writes the experiments' last counts once the last request is done.
+    experiments: Option<Arc<crate::experiments::Experiments>>,
 }
 
 impl RunningServer {
@@ -743,7 +745,7 @@ impl RunningServer {
 
     /// Runs until shutdown is triggered, then lets in-flight requests finish for up to the grace
     /// period. Returns whether everything drained in time.
-    pub async fn wait(self) -> anyhow::Result<bool> {
+    pub async fn wait(mut self) -> anyhow::Result<bool> {
         let mut stopped = self.shutdown.0.subscribe();
         let mut task = self.task;
         let state = self.state;
@@ -767,6 +769,10 @@ impl RunningServer {
                     exporter.drain(Duration::from_secs(5)).await;
                 }
                 drop(self.otlp);
+                // The experiments' counts since their last flush, so a deploy loses none.
+                if let Some(experiments) = self.experiments.take() {
+                    experiments.flush_now().await;
+                }
                 while state.strong_count() > 0 && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -816,6 +822,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let metrics = Arc::clone(&state.pipeline.metrics);
     let closer = state.pipeline.limits().closer();
     let request_log = state.request_log.clone();
+    let experiments = state.pipeline.experiments_handle();
     let otlp = state.otlp.clone();
     let api = listener::serve(
         listener,
@@ -848,6 +855,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         grace: config.server.shutdown_grace,
         closer,
         request_log,
+        experiments,
         otlp,
         task,
         state: weak_state,
