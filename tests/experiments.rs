@@ -640,6 +640,10 @@ guardrails = { max_p95_latency_ms = 100 }
         slow_arm["latency_p95_ms"].as_f64().unwrap() >= 150.0,
         "{slow_arm}"
     );
+    eprintln!(
+        "slow arm rolled back after {} requests",
+        slow_arm["requests"]
+    );
     assert!(slow_arm["requests"].as_u64().unwrap() <= 100, "{slow_arm}");
 
     for (experiment, field) in [

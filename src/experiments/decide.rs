@@ -378,3 +378,163 @@ fn arm_report(
         "feedback": feedback,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompts::experiment::Guardrails;
+
+    fn spec(primary: Option<&str>, guardrails: Guardrails) -> ExperimentSpec {
+        ExperimentSpec {
+            id: "production-r1".into(),
+            started_at: String::new(),
+            primary: primary.map(str::to_owned),
+            confidence: 0.95,
+            min_effect: None,
+            min_samples: 100,
+            promote: Default::default(),
+            guardrails,
+        }
+    }
+
+    fn arms() -> Vec<Arm> {
+        vec![
+            Arm {
+                version: 1,
+                weight: 50,
+            },
+            Arm {
+                version: 2,
+                weight: 50,
+            },
+        ]
+    }
+
+    fn counts(requests: u64, errors: u64, metric: &str, n: f64, successes: f64) -> ArmCounts {
+        let mut counts = ArmCounts {
+            requests,
+            errors,
+            ..ArmCounts::default()
+        };
+        counts.metrics.insert(
+            metric.to_owned(),
+            Sums {
+                n,
+                sum: successes,
+                sum_squares: successes,
+            },
+        );
+        counts
+    }
+
+    fn evidence(control: ArmCounts, treatment: ArmCounts) -> Shard {
+        Shard {
+            arms: [(1, control), (2, treatment)].into_iter().collect(),
+        }
+    }
+
+    fn metrics(higher_is_better: bool) -> BTreeMap<String, MetricInfo> {
+        [(
+            "resolved".to_owned(),
+            MetricInfo {
+                boolean: true,
+                higher_is_better,
+            },
+        )]
+        .into_iter()
+        .collect()
+    }
+
+    #[test]
+    fn a_winner_that_breaches_a_guardrail_is_rolled_back_not_promoted() {
+        let guardrails = Guardrails {
+            max_error_rate: Some(0.05),
+            ..Guardrails::default()
+        };
+        let shard = evidence(
+            counts(1000, 10, "resolved", 1000.0, 500.0),
+            counts(1000, 200, "resolved", 1000.0, 800.0),
+        );
+        let evaluation = evaluate(
+            &spec(Some("resolved"), guardrails),
+            &arms(),
+            &shard,
+            &[],
+            &metrics(true),
+        );
+        let decision = evaluation.decision.unwrap();
+        assert_eq!((decision.action, decision.version), (Action::Rollback, 2));
+        assert_eq!(decision.test.test, "error_rate");
+        assert!(
+            evaluation
+                .tests
+                .iter()
+                .any(|t| t.verdict == Verdict::Better)
+        );
+    }
+
+    #[test]
+    fn means_wait_for_min_samples_and_a_decided_arm_is_left_alone() {
+        let shard = evidence(
+            counts(90, 0, "resolved", 90.0, 10.0),
+            counts(90, 0, "resolved", 90.0, 80.0),
+        );
+        let design = spec(Some("resolved"), Guardrails::default());
+        let evaluation = evaluate(&design, &arms(), &shard, &[], &metrics(true));
+        assert!(evaluation.decision.is_none());
+        assert_eq!(evaluation.tests[0].verdict, Verdict::Waiting);
+
+        let shard = evidence(
+            counts(200, 0, "resolved", 200.0, 20.0),
+            counts(200, 0, "resolved", 200.0, 180.0),
+        );
+        let evaluation = evaluate(&design, &arms(), &shard, &[], &metrics(true));
+        assert_eq!(evaluation.decision.unwrap().action, Action::Promote);
+        let evaluation = evaluate(&design, &arms(), &shard, &[2], &metrics(true));
+        assert!(evaluation.decision.is_none());
+        assert_eq!(evaluation.tests[0].verdict, Verdict::Decided);
+    }
+
+    #[test]
+    fn where_lower_is_better_a_lower_mean_wins_and_a_higher_one_loses() {
+        let design = spec(Some("resolved"), Guardrails::default());
+        let lower = evidence(
+            counts(500, 0, "resolved", 500.0, 250.0),
+            counts(500, 0, "resolved", 500.0, 100.0),
+        );
+        let decision = evaluate(&design, &arms(), &lower, &[], &metrics(false))
+            .decision
+            .unwrap();
+        assert_eq!(decision.action, Action::Promote);
+        let decision = evaluate(&design, &arms(), &lower, &[], &metrics(true))
+            .decision
+            .unwrap();
+        assert_eq!(decision.action, Action::Rollback);
+        assert!(
+            decision.reason.contains("worse than the control"),
+            "{}",
+            decision.reason
+        );
+    }
+
+    #[test]
+    fn the_control_is_never_taken_out() {
+        let guardrails = Guardrails {
+            max_error_rate: Some(0.05),
+            ..Guardrails::default()
+        };
+        let shard = evidence(
+            counts(500, 250, "resolved", 0.0, 0.0),
+            counts(500, 0, "resolved", 0.0, 0.0),
+        );
+        let evaluation = evaluate(
+            &spec(None, guardrails),
+            &arms(),
+            &shard,
+            &[],
+            &metrics(true),
+        );
+        assert!(evaluation.decision.is_none());
+        assert_eq!(evaluation.tests[0].verdict, Verdict::Control);
+    }
+}

@@ -1072,8 +1072,9 @@ pub struct RunningExperiment {
 
 /// `rollout` without the arm of `version`: its users go to the control. The arm stays listed
 /// with weight 0, so the experiment's status still shows it; with one live arm left, the label
-/// points at the control. (With three or more arms, the arms after it shift their bucket
-/// ranges, so some of their users move too.)
+/// points at the control. (Arms own consecutive bucket ranges and the control's grows: with
+/// three or more arms, the treatment arms listed between the control and it shift their
+/// ranges, so some of their users move too; the arms after it keep theirs.)
 fn taken_out(mut rollout: labels::Rollout, version: u32) -> LabelTarget {
     let freed: u32 = rollout
         .arms
@@ -1169,5 +1170,44 @@ fn names<T: ToString>(items: impl Iterator<Item = T>) -> String {
         "none".into()
     } else {
         names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::labels::{Arm, Rollout};
+    use super::*;
+
+    fn rollout(weights: &[(u32, u32)]) -> Rollout {
+        Rollout {
+            arms: weights
+                .iter()
+                .map(|&(version, weight)| Arm { version, weight })
+                .collect(),
+            salt: "s".into(),
+            experiment: None,
+        }
+    }
+
+    #[test]
+    fn an_arm_taken_out_gives_its_users_to_the_control() {
+        assert_eq!(
+            taken_out(rollout(&[(1, 50), (2, 50)]), 2),
+            LabelTarget::Version(1)
+        );
+        let LabelTarget::Rollout(left) = taken_out(rollout(&[(1, 40), (2, 30), (3, 30)]), 2) else {
+            panic!("two arms are left");
+        };
+        assert_eq!(left.arms, rollout(&[(1, 70), (2, 0), (3, 30)]).arms);
+        // A user of the removed arm now lands on the control; the third arm keeps its users.
+        let before = rollout(&[(1, 40), (2, 30), (3, 30)]);
+        for user in 0..2_000 {
+            let user = user.to_string();
+            match before.assign(&user) {
+                1 => assert_eq!(left.assign(&user), 0),
+                2 => assert_eq!(left.assign(&user), 2),
+                _ => {}
+            }
+        }
     }
 }
