@@ -657,7 +657,10 @@ guardrails = { max_p95_latency_ms = 100 }
             json!({"guardrails": {"metric_bounds": {"resolved": 2.0}}}),
             "target.experiment.guardrails.metric_bounds.resolved",
         ),
-        (json!({}), "target.experiment.primary"),
+        (
+            json!({"guardrails": {"max_error_rate": 0}}),
+            "target.experiment.guardrails.max_error_rate",
+        ),
     ] {
         let (status, refused) = gw
             .admin(

@@ -183,12 +183,6 @@ impl ExperimentSpec {
                     .into(),
             );
         }
-        if self.primary.is_none() && self.guardrails.is_empty() {
-            return fail(
-                "primary",
-                "an experiment needs a primary metric, a guardrail, or both".into(),
-            );
-        }
         Ok(())
     }
 
