@@ -276,27 +276,36 @@ impl Experiments {
         Ok(merged)
     }
 
-    async fn evaluate(
-        &self,
-        running: &RunningExperiment,
-    ) -> Result<Option<(Key, Evaluation)>, StoreError> {
-        let Some(spec) = &running.rollout.experiment else {
-            return Ok(None);
-        };
+    async fn evaluate(&self, running: &RunningExperiment) -> Result<(Key, Evaluation), StoreError> {
         let key = Key {
             prompt: running.prompt.clone(),
             label: running.label.clone(),
-            id: spec.id.clone(),
+            id: running.spec.id.clone(),
         };
         let shard = self.evidence(&key).await?;
         let evaluation = decide::evaluate(
-            spec,
+            &running.spec,
             &running.rollout.arms,
             &shard,
             &running.decided,
             self.prompts.metric_info(),
         );
-        Ok(Some((key, evaluation)))
+        Ok((key, evaluation))
+    }
+
+    /// The experiment running on `label` of `prompt`, if one is.
+    fn running(&self, prompt: &str, label: &str) -> Option<RunningExperiment> {
+        self.prompts
+            .experiments()
+            .into_iter()
+            .find(|r| r.prompt == prompt && r.label == label)
+    }
+
+    /// `evaluate`, for the admin API.
+    async fn evaluated(&self, running: &RunningExperiment) -> Result<(Key, Evaluation), ApiError> {
+        self.evaluate(running)
+            .await
+            .map_err(|e| ApiError::StoreUnavailable(format!("experiment evidence: {e}")))
     }
 
     /// Runs every experiment's tests and acts on the conclusive ones.
@@ -305,13 +314,9 @@ impl Experiments {
             tracing::warn!(%error, "experiment counts not written before a check");
         }
         for running in self.prompts.experiments() {
-            let automatic = running
-                .rollout
-                .experiment
-                .as_ref()
-                .is_some_and(|s| s.promote == Promote::Auto);
+            let automatic = running.spec.promote == Promote::Auto;
             match self.evaluate(&running).await {
-                Ok(Some((key, evaluation))) => {
+                Ok((key, evaluation)) => {
                     let Some(decision) = &evaluation.decision else {
                         continue;
                     };
@@ -324,7 +329,6 @@ impl Experiments {
                     };
                     self.act(&key, &evaluation, &actor).await.ok();
                 }
-                Ok(None) => {}
                 Err(error) => {
                     tracing::warn!(prompt = %running.prompt, label = %running.label, %error, "experiment evidence unreadable");
                 }
@@ -395,11 +399,7 @@ impl Experiments {
     /// The experiment on `label` now: its arms' figures, every test, what it would decide, and
     /// what it decided before. Without a running experiment, the label's latest decision.
     pub async fn status(&self, prompt: &str, label: &str) -> Result<Value, ApiError> {
-        let running = self
-            .prompts
-            .experiments()
-            .into_iter()
-            .find(|r| r.prompt == prompt && r.label == label);
+        let running = self.running(prompt, label);
         let history = self.prompts.history(prompt)?;
         let Some(running) = running else {
             let decision = history
@@ -421,19 +421,8 @@ impl Experiments {
                 }),
             };
         };
-        let spec = running
-            .rollout
-            .experiment
-            .clone()
-            .unwrap_or_else(|| unreachable!("running experiments have a spec"));
-        let (_, evaluation) = self
-            .evaluate(&running)
-            .await
-            .map_err(|e| ApiError::StoreUnavailable(format!("experiment evidence: {e}")))?
-            .ok_or_else(|| ApiError::NotFound {
-                message: format!("label {label:?} of {prompt:?} runs no experiment"),
-                param: Some("label"),
-            })?;
+        let (_, evaluation) = self.evaluated(&running).await?;
+        let spec = &running.spec;
         let decisions: Vec<_> = history
             .iter()
             .filter(|e| e.experiment.as_deref() == Some(spec.id.as_str()))
@@ -494,22 +483,12 @@ impl Experiments {
             .await
             .map_err(|e| ApiError::StoreUnavailable(format!("experiment counts: {e}")))?;
         let running = self
-            .prompts
-            .experiments()
-            .into_iter()
-            .find(|r| r.prompt == prompt && r.label == label)
+            .running(prompt, label)
             .ok_or_else(|| ApiError::NotFound {
                 message: format!("label {label:?} of {prompt:?} runs no experiment"),
                 param: Some("label"),
             })?;
-        let (key, evaluation) = self
-            .evaluate(&running)
-            .await
-            .map_err(|e| ApiError::StoreUnavailable(format!("experiment evidence: {e}")))?
-            .ok_or_else(|| ApiError::NotFound {
-                message: format!("label {label:?} of {prompt:?} runs no experiment"),
-                param: Some("label"),
-            })?;
+        let (key, evaluation) = self.evaluated(&running).await?;
         match &evaluation.decision {
             Some(decision) if decision.action == Action::Promote => {
                 self.act(&key, &evaluation, actor).await

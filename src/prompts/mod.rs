@@ -934,6 +934,7 @@ impl PromptStore {
                         prompt: loaded.record.id.clone(),
                         label: label.clone(),
                         decided: loaded.record.decided_arms(&spec.id),
+                        spec: spec.clone(),
                         rollout: rollout.clone(),
                     });
                 }
@@ -1066,6 +1067,7 @@ impl PromptStore {
 pub struct RunningExperiment {
     pub prompt: String,
     pub label: String,
+    pub spec: Box<experiment::ExperimentSpec>,
     pub rollout: labels::Rollout,
     pub decided: Vec<u32>,
 }
