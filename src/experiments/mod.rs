@@ -64,11 +64,12 @@ fn part(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
+/// Keyed by the tag a resolved request carries, so counting one allocates nothing.
 #[derive(Default)]
 struct Totals {
-    shards: HashMap<Key, Shard>,
+    shards: HashMap<Arc<ExperimentTag>, Shard>,
     /// Experiments counted since the last flush.
-    changed: HashSet<Key>,
+    changed: HashSet<Arc<ExperimentTag>>,
 }
 
 pub struct Experiments {
@@ -115,33 +116,21 @@ impl Experiments {
         })
     }
 
-    fn update(&self, key: Key, version: u32, change: impl FnOnce(&mut ArmCounts)) {
+    fn update(&self, tag: &Arc<ExperimentTag>, version: u32, change: impl FnOnce(&mut ArmCounts)) {
         let mut totals = self.totals.lock();
-        if !totals.changed.contains(&key) {
-            totals.changed.insert(key.clone());
+        if !totals.changed.contains(tag) {
+            totals.changed.insert(Arc::clone(tag));
         }
-        change(
-            totals
-                .shards
-                .entry(key)
-                .or_default()
-                .arms
-                .entry(version)
-                .or_default(),
-        );
-    }
-
-    fn key_of(tag: &ExperimentTag) -> Key {
-        Key {
-            prompt: tag.prompt.clone(),
-            label: tag.label.clone(),
-            id: tag.id.clone(),
-        }
+        let shard = match totals.shards.get_mut(tag) {
+            Some(shard) => shard,
+            None => totals.shards.entry(Arc::clone(tag)).or_default(),
+        };
+        change(shard.arms.entry(version).or_default());
     }
 
     /// Counts an answered request.
-    pub fn request(&self, tag: &ExperimentTag, served: &Served) {
-        self.update(Self::key_of(tag), served.version, |arm| {
+    pub fn request(&self, tag: &Arc<ExperimentTag>, served: &Served) {
+        self.update(tag, served.version, |arm| {
             if served.cached {
                 arm.cached += 1;
                 return;
@@ -158,8 +147,15 @@ impl Experiments {
     }
 
     /// Adds the tokens and cost an upstream billed for an arm's answer.
-    pub fn tokens(&self, tag: &ExperimentTag, version: u32, input: u64, output: u64, cost: f64) {
-        self.update(Self::key_of(tag), version, |arm| {
+    pub fn tokens(
+        &self,
+        tag: &Arc<ExperimentTag>,
+        version: u32,
+        input: u64,
+        output: u64,
+        cost: f64,
+    ) {
+        self.update(tag, version, |arm| {
             arm.prompt_tokens += input;
             arm.completion_tokens += output;
             arm.cost_usd += cost;
@@ -168,8 +164,8 @@ impl Experiments {
 
     /// Counts a feedback report on an answer served through experiment `tag` (taking out the
     /// report it replaced).
-    pub fn feedback(&self, tag: &ExperimentTag, report: &Scored<'_>) {
-        self.update(Self::key_of(tag), report.version, |arm| {
+    pub fn feedback(&self, tag: &Arc<ExperimentTag>, report: &Scored<'_>) {
+        self.update(tag, report.version, |arm| {
             let sums = if report.cached {
                 arm.cached_metrics
                     .entry(report.metric.to_owned())
@@ -217,22 +213,27 @@ impl Experiments {
 
     /// Writes this process's totals of every experiment that changed since the last flush.
     async fn flush(&self) -> Result<(), StoreError> {
-        let snapshot: Vec<(Key, Shard)> = {
+        let snapshot: Vec<(Arc<ExperimentTag>, Shard)> = {
             let mut totals = self.totals.lock();
             let changed = std::mem::take(&mut totals.changed);
             changed
                 .into_iter()
-                .filter_map(|key| {
-                    let shard = totals.shards.get(&key)?.clone();
-                    Some((key, shard))
+                .filter_map(|tag| {
+                    let shard = totals.shards.get(&tag)?.clone();
+                    Some((tag, shard))
                 })
                 .collect()
         };
         let mut failed = None;
-        for (key, shard) in snapshot {
+        for (tag, shard) in snapshot {
+            let key = Key {
+                prompt: tag.prompt.clone(),
+                label: tag.label.clone(),
+                id: tag.id.clone(),
+            };
             if let Err(error) = self.write_shard(&key, shard).await {
                 // Written again at the next flush.
-                self.totals.lock().changed.insert(key);
+                self.totals.lock().changed.insert(tag);
                 failed = Some(error);
             }
         }

@@ -249,12 +249,12 @@ impl Feedback {
             &recorded.served.label,
             &recorded.served.experiment,
         ) {
-            let tag = ExperimentTag {
+            let tag = Arc::new(ExperimentTag {
                 prompt: recorded.served.prompt.clone(),
                 label: label.clone(),
                 id: id.clone(),
                 slow_above: None,
-            };
+            });
             experiments.feedback(
                 &tag,
                 &Scored {

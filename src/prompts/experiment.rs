@@ -85,6 +85,21 @@ pub struct ExperimentTag {
     pub slow_above: Option<Duration>,
 }
 
+/// An experiment is its prompt, label and id; the tag is what counts are kept under.
+impl PartialEq for ExperimentTag {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.prompt, &self.label, &self.id) == (&other.prompt, &other.label, &other.id)
+    }
+}
+
+impl Eq for ExperimentTag {}
+
+impl std::hash::Hash for ExperimentTag {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.prompt, &self.label, &self.id).hash(state);
+    }
+}
+
 /// What an experiment decided about an arm, as the prompt store applies it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
