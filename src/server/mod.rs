@@ -23,6 +23,7 @@ mod admission;
 mod anthropic;
 mod auth;
 mod body;
+mod console;
 mod keys;
 mod listener;
 mod openai;
@@ -661,6 +662,10 @@ pub fn app(state: Arc<AppState>, with_metrics: bool) -> HttpRouter {
         .route("/admin/keys/{id}", get(keys::show).patch(keys::update))
         .route("/admin/keys/{id}/rotate", post(keys::rotate))
         .route("/admin/keys/{id}/revoke", post(keys::revoke))
+        .route("/console", get(console::index))
+        .route("/console/login", post(console::login))
+        .route("/console/logout", post(console::logout))
+        .route("/console/{asset}", get(console::asset))
         .route("/admin/prompts", get(prompts::list))
         .route("/admin/prompts/audit", get(prompts::audit))
         .route("/admin/prompts/stats", get(prompts::stats))

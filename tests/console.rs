@@ -1,0 +1,161 @@
+//! The web console's sign-in and session, over HTTP: the page and its assets only for a signed-in
+//! browser, the admin API with the session only together with its CSRF token, sign-out ending
+//! the session. (The pages themselves are tested in a browser by the console's browser tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{ADMIN, Gateway, KEY_A};
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_SECURITY_POLICY, COOKIE, SET_COOKIE};
+
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn sign_in(gw: &Gateway, key: &str) -> reqwest::Response {
+    browser()
+        .post(gw.url("/console/login"))
+        .form(&[("key", key)])
+        .send()
+        .await
+        .unwrap()
+}
+
+fn csrf_of(page: &str) -> String {
+    let start = page.find("name=\"reprise-csrf\" content=\"").unwrap() + 29;
+    page[start..start + 64].to_owned()
+}
+
+async fn get(
+    gw: &Gateway,
+    path: &str,
+    cookie: Option<&str>,
+    csrf: Option<&str>,
+) -> (StatusCode, String) {
+    let mut request = browser().get(gw.url(path));
+    if let Some(cookie) = cookie {
+        request = request.header(COOKIE, cookie);
+    }
+    if let Some(csrf) = csrf {
+        request = request.header("x-reprise-csrf", csrf);
+    }
+    let response = request.send().await.unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_console_session_reaches_the_admin_api_only_with_its_csrf_token_until_sign_out() {
+    let gw = Gateway::start(
+        r#"
+        [routes.chat]
+        targets = [{ provider = "mock", model = "ok" }]
+        "#,
+    )
+    .await;
+
+    // Signed out: the sign-in form, nothing else.
+    let response = browser().get(gw.url("/console")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()[CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    let page = response.text().await.unwrap();
+    assert!(
+        page.contains("<label for=\"key\">Admin key</label>"),
+        "{page}"
+    );
+    assert!(!page.contains("reprise-csrf"));
+    assert_eq!(get(&gw, "/console/console.js", None, None).await.0, 404);
+
+    // A wrong key, or a tenant's key, does not sign in.
+    for key in ["not-a-key", KEY_A] {
+        let response = sign_in(&gw, key).await;
+        assert_eq!(response.status(), 401);
+        assert!(response.headers().get(SET_COOKIE).is_none());
+    }
+
+    let response = sign_in(&gw, ADMIN).await;
+    assert_eq!(response.status(), 303);
+    let set_cookie = response.headers()[SET_COOKIE].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    assert!(!set_cookie.contains(ADMIN));
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+
+    let (status, page) = get(&gw, "/console", Some(&cookie), None).await;
+    assert_eq!(status, 200);
+    let csrf = csrf_of(&page);
+    assert!(page.contains("<script src=\"/console/console.js\" defer>"));
+    let (status, script) = get(&gw, "/console/console.js", Some(&cookie), None).await;
+    assert_eq!(status, 200);
+    assert!(script.contains("x-reprise-csrf"));
+
+    // The cookie alone (what a forged cross-site request carries) is refused; with the token,
+    // the admin API answers.
+    assert_eq!(get(&gw, "/admin/prompts", Some(&cookie), None).await.0, 403);
+    assert_eq!(
+        get(&gw, "/admin/prompts", Some(&cookie), Some(&"0".repeat(64)))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        get(&gw, "/v1/health/providers", Some(&cookie), Some(&csrf))
+            .await
+            .0,
+        200
+    );
+    // A tampered session is no session.
+    let tampered = format!("{}0", &cookie[..cookie.len() - 1]);
+    let tampered = if tampered == cookie {
+        format!("{}1", &cookie[..cookie.len() - 1])
+    } else {
+        tampered
+    };
+    assert_eq!(
+        get(&gw, "/v1/health/providers", Some(&tampered), Some(&csrf))
+            .await
+            .0,
+        401
+    );
+
+    // Sign-out needs the page's token, then ends the session.
+    let response = browser()
+        .post(gw.url("/console/logout"))
+        .header(COOKIE, &cookie)
+        .form(&[("csrf", "wrong")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    let response = browser()
+        .post(gw.url("/console/logout"))
+        .header(COOKIE, &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303);
+    assert!(
+        response.headers()[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    assert_eq!(
+        get(&gw, "/v1/health/providers", Some(&cookie), Some(&csrf))
+            .await
+            .0,
+        401
+    );
+    let (_, page) = get(&gw, "/console", Some(&cookie), None).await;
+    assert!(page.contains("Admin key"));
+}
