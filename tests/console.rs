@@ -159,3 +159,63 @@ async fn a_console_session_reaches_the_admin_api_only_with_its_csrf_token_until_
     let (_, page) = get(&gw, "/console", Some(&cookie), None).await;
     assert!(page.contains("Admin key"));
 }
+
+/// Signs in, reads the pages and signs out in headless Chromium (`tests/console/browser.py`,
+/// Playwright for Python), against a real gateway with a prompt experiment and a mock upstream.
+/// Screenshots go to `target/console-screenshots/`.
+#[ignore = "needs chromium and Playwright (make test)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_signs_in_reads_the_console_and_signs_out() {
+    let python = common::prerequisites::sdk_python();
+    let chromium = common::prerequisites::browser();
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = dir.path().join("prompts/support");
+    std::fs::create_dir_all(&prompt).unwrap();
+    for (file, prefix) in [("v1.toml", "Answer: "), ("v2.toml", "Answer kindly: ")] {
+        std::fs::write(
+            prompt.join(file),
+            format!(
+                "model = \"chat\"\n[[messages]]\nrole = \"user\"\ncontent = \"{prefix}{{{{ q }}}}\"\n[variables.q]\ntype = \"string\"\n"
+            ),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        prompt.join("labels.toml"),
+        "[production]\nrollout = [{ version = 1, weight = 50 }, { version = 2, weight = 50 }]\n[production.experiment]\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(&format!(
+        r#"
+        [cache]
+        path = "{store}"
+        [prompts]
+        dir = "{prompts}"
+        [routes.chat]
+        targets = [{{ provider = "mock", model = "ok" }}]
+        "#,
+        store = dir.path().join("store").display(),
+        prompts = dir.path().join("prompts").display(),
+    ))
+    .await;
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
+    let mut command = std::process::Command::new(python);
+    command
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console/browser.py"))
+        .args([gw.base.as_str(), ADMIN])
+        .arg(&shots)
+        .env("REPRISE_BROWSER", chromium);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{printed}");
+    assert!(printed.contains("signed out"), "{printed}");
+    for page in ["sign-in.png", "overview.png"] {
+        assert!(shots.join(page).metadata().unwrap().len() > 1000, "{page}");
+    }
+}

@@ -1,5 +1,5 @@
-//! What some tests need beyond Rust: the embedding model, a Python with the official SDKs, a
-//! `redis-server`. Tests that need one are `#[ignore = "needs ..."]`, so a plain `cargo test`
+//! What some tests need beyond Rust: the embedding model, a Python with the official SDKs (and
+//! Playwright), a `redis-server`, Chromium. Tests that need one are `#[ignore = "needs ..."]`, so a plain `cargo test`
 //! (and `make check`) lists them as ignored instead of passing them; `make test` installs every
 //! prerequisite and runs them with `--include-ignored`. A test run without its prerequisite
 //! fails, naming it; `tests/prerequisites.rs` fails under `CI=true` if any is missing.
@@ -28,6 +28,12 @@ pub fn sdk_python() -> String {
     required("REPRISE_SDK_PYTHON", "Python with the official SDKs")
 }
 
+/// Headless Chromium from Debian's packages (`make test` installs it and sets
+/// `REPRISE_BROWSER`); Playwright for Python is in the SDKs' venv.
+pub fn browser() -> String {
+    required("REPRISE_BROWSER", "Chromium (the console's browser tests)")
+}
+
 /// Whether `redis-server` is on the PATH (`make test` installs it from Debian's packages).
 pub fn has_redis_server() -> bool {
     std::process::Command::new("redis-server")
@@ -47,6 +53,11 @@ pub fn missing() -> Vec<&'static str> {
     }
     if !has_redis_server() {
         missing.push("redis-server");
+    }
+    if std::env::var("REPRISE_BROWSER").is_ok_and(|v| v.is_empty())
+        || std::env::var("REPRISE_BROWSER").is_err()
+    {
+        missing.push("REPRISE_BROWSER (Chromium, for the console's browser tests)");
     }
     missing
 }
