@@ -74,6 +74,22 @@ async fn a_console_session_reaches_the_admin_api_only_with_its_csrf_token_until_
     assert!(!page.contains("reprise-csrf"));
     assert_eq!(get(&gw, "/console/console.js", None, None).await.0, 404);
 
+    // Not a form: the sign-in page again, with a 400.
+    let response = browser()
+        .post(gw.url("/console/login"))
+        .json(&serde_json::json!({"key": ADMIN}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("Send the sign-in form.")
+    );
+
     // A wrong key, or a tenant's key, does not sign in.
     for key in ["not-a-key", KEY_A] {
         let response = sign_in(&gw, key).await;

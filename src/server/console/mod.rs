@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use axum::Form;
 use axum::extract::State;
+use axum::extract::rejection::FormRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 
@@ -69,8 +70,11 @@ pub async fn index(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Re
 /// `POST /console/login` (form field `key`): a session cookie for the admin key.
 pub async fn login(
     State(state): State<Arc<AppState>>,
-    Form(form): Form<HashMap<String, String>>,
+    form: Result<Form<HashMap<String, String>>, FormRejection>,
 ) -> Response {
+    let Ok(Form(form)) = form else {
+        return login_page(StatusCode::BAD_REQUEST, "Send the sign-in form.");
+    };
     let key = form.get("key").map(String::as_str).unwrap_or_default();
     if !state.auth.is_admin_key(key) {
         return login_page(StatusCode::UNAUTHORIZED, "That is not the admin key.");
@@ -93,8 +97,9 @@ pub async fn login(
 pub async fn logout(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Form(form): Form<HashMap<String, String>>,
+    form: Result<Form<HashMap<String, String>>, FormRejection>,
 ) -> Response {
+    let form = form.map(|Form(form)| form).unwrap_or_default();
     if let Some(session) = state.auth.console_session(&headers) {
         let expected = state.auth.csrf_token(&session);
         if form.get("csrf") != expected.as_ref() {
