@@ -231,7 +231,34 @@ async fn a_browser_signs_in_reads_the_console_and_signs_out() {
     );
     assert!(output.status.success(), "{printed}");
     assert!(printed.contains("signed out"), "{printed}");
-    for page in ["sign-in.png", "overview.png"] {
+    for page in ["sign-in.png", "overview.png", "rollout-changed.png"] {
         assert!(shots.join(page).metadata().unwrap().len() > 1000, "{page}");
     }
+    // What the page changed is in the store, by the console, with the experiment kept.
+    let (_, history) = gw
+        .admin(reqwest::Method::GET, "/admin/prompts/support/history", None)
+        .await;
+    let changes: Vec<(String, String)> = history["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["actor"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        changes.ends_with(&[
+            ("adjust-rollout".into(), "console".into()),
+            ("rollback".into(), "console".into())
+        ]),
+        "{changes:?}"
+    );
+    let (_, view) = gw
+        .admin(reqwest::Method::GET, "/admin/prompts/support", None)
+        .await;
+    assert_eq!(view["labels"]["production"]["rollout"][0]["weight"], 50);
+    assert!(view["labels"]["production"].get("experiment").is_some());
 }

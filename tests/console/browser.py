@@ -42,14 +42,33 @@ with sync_playwright() as playwright:
     expect(page.locator("#providers")).to_contain_text("closed")
     expect(page.locator("#prompts")).to_contain_text("support")
     expect(page.locator("#prompts")).to_contain_text("v1 50%, v2 50% (experiment)")
+    expect(page.get_by_role("heading", name="Experiment on production: running")).to_be_visible()
+    arms = page.get_by_role("table", name="Arms of support production")
+    expect(arms.get_by_role("row")).to_have_count(3)
     page.screenshot(path=f"{shots}/overview.png", full_page=True)
 
-    # Every control is reachable with the keyboard, in order.
+    # The header's controls come first in the keyboard order.
     focused = []
     for _ in range(3):
         page.keyboard.press("Tab")
         focused.append(page.evaluate("document.activeElement.textContent.trim()"))
     assert focused == ["Providers", "Prompts", "Sign out"], focused
+
+    # A rollout change through the form: 80/20, the experiment kept.
+    page.get_by_label("v1 weight").fill("80")
+    page.get_by_label("v2 weight").fill("20")
+    page.get_by_role("button", name="Apply weights").click()
+    expect(page.get_by_role("status")).to_have_text("Saved.")
+    expect(page.locator("#prompts")).to_contain_text("production: v1 80%, v2 20% (experiment)")
+    trail = page.get_by_role("table", name="Audit trail of support")
+    expect(trail).to_contain_text("adjust-rollout production")
+    expect(trail).to_contain_text("console")
+    page.screenshot(path=f"{shots}/rollout-changed.png", full_page=True)
+
+    # And undone with the label's rollback.
+    page.get_by_role("button", name="Roll back production").click()
+    expect(page.locator("#prompts")).to_contain_text("production: v1 50%, v2 50% (experiment)")
+    expect(trail).to_contain_text("rollback production")
 
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_label("Admin key")).to_be_visible()
