@@ -142,7 +142,15 @@ async fn experiment(gw: &Gateway, prompt: &str) -> Value {
     view
 }
 
-fn decisions(history: &Value) -> Vec<Value> {
+/// The audit events of `prompt` that are experiment decisions.
+async fn decisions_of(gw: &Gateway, prompt: &str) -> Vec<Value> {
+    let (_, history) = gw
+        .admin(
+            Method::GET,
+            &format!("/admin/prompts/{prompt}/history"),
+            None,
+        )
+        .await;
     history["data"]
         .as_array()
         .unwrap()
@@ -205,10 +213,7 @@ guardrails = { max_error_rate = 0.05 }
     }
     assert_eq!(label_target(&gw, "support").await, json!({"version": 1}));
 
-    let (_, history) = gw
-        .admin(Method::GET, "/admin/prompts/support/history", None)
-        .await;
-    let made = decisions(&history);
+    let made = decisions_of(&gw, "support").await;
     assert_eq!(made.len(), 1, "{made:?}");
     let decision = &made[0];
     assert_eq!(decision["action"], "experiment-rollback");
@@ -253,10 +258,7 @@ guardrails = { max_error_rate = 0.05 }
     let held = experiment(&gw, "support").await;
     assert_eq!(held["state"], "held", "{held}");
     assert_eq!(held["decisions"].as_array().unwrap().len(), 1);
-    let (_, history) = gw
-        .admin(Method::GET, "/admin/prompts/support/history", None)
-        .await;
-    assert_eq!(decisions(&history).len(), 1);
+    assert_eq!(decisions_of(&gw, "support").await.len(), 1);
 }
 
 /// Sends `users` (prompt, user) with at most 16 in flight and scripted feedback: a user served
@@ -333,10 +335,7 @@ promote = "auto"
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(label_target(&gw, "support").await, json!({"version": 2}));
-    let (_, history) = gw
-        .admin(Method::GET, "/admin/prompts/support/history", None)
-        .await;
-    let made = decisions(&history);
+    let made = decisions_of(&gw, "support").await;
     assert_eq!(made.len(), 1, "{made:?}");
     let decision = &made[0];
     assert_eq!(decision["action"], "experiment-promote");
@@ -418,10 +417,7 @@ guardrails = {{ max_error_rate = 0.05 }}
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut wrong = Vec::new();
     for n in 0..EXPERIMENTS {
-        let (_, history) = gw
-            .admin(Method::GET, &format!("/admin/prompts/aa-{n}/history"), None)
-            .await;
-        if !decisions(&history).is_empty() {
+        if !decisions_of(&gw, &format!("aa-{n}")).await.is_empty() {
             wrong.push(n);
         }
     }
@@ -564,10 +560,7 @@ async fn a_manual_experiment_promotes_only_on_command_once_its_test_is_conclusiv
     assert!(ok, "{out}");
     assert!(out.contains("promoted v2"), "{out}");
     assert_eq!(label_target(&gw, "support").await, json!({"version": 2}));
-    let (_, history) = gw
-        .admin(Method::GET, "/admin/prompts/support/history", None)
-        .await;
-    let made = decisions(&history);
+    let made = decisions_of(&gw, "support").await;
     assert_eq!(made.len(), 1);
     assert_eq!(made[0]["actor"], "dana");
     assert_eq!(made[0]["action"], "experiment-promote");
@@ -630,10 +623,7 @@ guardrails = { max_p95_latency_ms = 100 }
         }
     }
     assert_eq!(label_target(&gw, "support").await, json!({"version": 1}));
-    let (_, history) = gw
-        .admin(Method::GET, "/admin/prompts/support/history", None)
-        .await;
-    let made = decisions(&history);
+    let made = decisions_of(&gw, "support").await;
     assert_eq!(made[0]["evidence"]["test"]["test"], "p95_latency");
     let slow_arm = arm(&made[0]["evidence"], 2);
     assert!(
