@@ -176,14 +176,16 @@ async fn a_console_session_reaches_the_admin_api_only_with_its_csrf_token_until_
     assert!(page.contains("Admin key"));
 }
 
-/// Signs in, reads the pages and signs out in headless Chromium (`tests/console/browser.py`,
-/// Playwright for Python), against a real gateway with a prompt experiment and a mock upstream.
-/// Screenshots go to `target/console-screenshots/`.
-#[ignore = "needs chromium and Playwright (make test)"]
+/// Signs in, opens every page and signs out in headless Chromium (`tests/console/browser.py`,
+/// Playwright for Python), against a real gateway with a prompt experiment, the semantic cache,
+/// the request log, a key with a budget and a mock upstream. Screenshots go to
+/// `target/console-screenshots/`.
+#[ignore = "needs chromium, Playwright and the embedding model (make test)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_signs_in_reads_the_console_and_signs_out() {
     let python = common::prerequisites::sdk_python();
     let chromium = common::prerequisites::browser();
+    let model_dir = common::prerequisites::embed_model_dir();
     let dir = tempfile::tempdir().unwrap();
     let prompt = dir.path().join("prompts/support");
     std::fs::create_dir_all(&prompt).unwrap();
@@ -204,22 +206,42 @@ async fn a_browser_signs_in_reads_the_console_and_signs_out() {
     let gw = Gateway::start(&format!(
         r#"
         [cache]
+        enabled = true
+        semantic = true
+        semantic_threshold = 0.8
         path = "{store}"
+        [semantic]
+        model_dir = "{model_dir}"
+        [request_log]
+        path = "{log}"
+        [keys]
         [prompts]
         dir = "{prompts}"
+        [prices.ok]
+        input = 1.0
+        output = 2.0
         [routes.chat]
         targets = [{{ provider = "mock", model = "ok" }}]
+        [routes.flaky]
+        targets = [{{ provider = "mock", model = "status-503" }}, {{ provider = "mock2", model = "ok" }}]
+        [routes.flaky.cache]
+        enabled = false
+        semantic = false
         "#,
         store = dir.path().join("store").display(),
+        log = dir.path().join("requests").display(),
         prompts = dir.path().join("prompts").display(),
     ))
     .await;
+    let traffic = console_traffic(&gw).await;
     let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
     let mut command = std::process::Command::new(python);
     command
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console/browser.py"))
         .args([gw.base.as_str(), ADMIN])
         .arg(&shots)
+        .arg(&traffic.failover_request)
+        .arg(traffic.failover_attempts.to_string())
         .env("REPRISE_BROWSER", chromium);
     let output = tokio::task::spawn_blocking(move || command.output().unwrap())
         .await
@@ -231,7 +253,17 @@ async fn a_browser_signs_in_reads_the_console_and_signs_out() {
     );
     assert!(output.status.success(), "{printed}");
     assert!(printed.contains("signed out"), "{printed}");
-    for page in ["sign-in.png", "overview.png", "rollout-changed.png"] {
+    for page in [
+        "sign-in.png",
+        "overview.png",
+        "cache.png",
+        "prompts.png",
+        "rollout-changed.png",
+        "providers.png",
+        "keys.png",
+        "requests.png",
+        "request-detail.png",
+    ] {
         assert!(shots.join(page).metadata().unwrap().len() > 1000, "{page}");
     }
     // What the page changed is in the store, by the console, with the experiment kept.
@@ -261,4 +293,174 @@ async fn a_browser_signs_in_reads_the_console_and_signs_out() {
         .await;
     assert_eq!(view["labels"]["production"]["rollout"][0]["weight"], 50);
     assert!(view["labels"]["production"].get("experiment").is_some());
+    // The hit marked wrong in the cache review no longer answers the paraphrase.
+    let again = gw.chat(ask(PARAPHRASE)).await;
+    assert_eq!(common::header(&again, "x-reprise-cache"), Some("miss"));
+    assert_eq!(
+        common::header(&again, "x-reprise-cache-semantic"),
+        Some("rejected-feedback")
+    );
+    // The review is per tenant, and feedback names the tenant whose entry it is.
+    let (_, review) = gw
+        .admin(reqwest::Method::GET, "/admin/cache/review?tenant=a", None)
+        .await;
+    let marked = &review["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["request_text"] == PARAPHRASE && r["entry"].is_string())
+        .unwrap();
+    assert_eq!(marked["marked"], "wrong");
+    assert_eq!(marked["entry_text"], QUESTION);
+    let (_, other) = gw
+        .admin(reqwest::Method::GET, "/admin/cache/review?tenant=b", None)
+        .await;
+    assert_eq!(other["data"], serde_json::json!([]));
+    let (status, body) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/cache/feedback",
+            Some(serde_json::json!({"tenant": "b", "entry": marked["entry"], "correct": false})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (404, Some("entry"))
+    );
+    let (status, _) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/cache/feedback",
+            Some(serde_json::json!({"tenant": "a"})),
+        )
+        .await;
+    assert_eq!(status, 400);
+}
+
+const QUESTION: &str = "How do I cancel my order?";
+const PARAPHRASE: &str = "How can I cancel my order?";
+
+fn ask(text: &str) -> serde_json::Value {
+    serde_json::json!({"model": "chat", "messages": common::user(text)})
+}
+
+struct Traffic {
+    /// A request that failed over from a 503 to the next target, and its upstream attempts.
+    failover_request: String,
+    failover_attempts: usize,
+}
+
+/// What the pages show: a miss, an exact hit and a semantic hit, a guard's refusal, a request
+/// that failed over, and a key with a budget that spent some of it.
+async fn console_traffic(gw: &Gateway) -> Traffic {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while gw
+        .admin(reqwest::Method::GET, "/admin/cache/stats", None)
+        .await
+        .1["semantic"]["loaded"]
+        != true
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "semantic index never loaded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (id, secret) = gw
+        .create_key(serde_json::json!({
+            "name": "support bot", "tenant": "a",
+            "limits": {"rpm": 600, "budget": {"usd": 5.0, "period": "month"}},
+        }))
+        .await;
+    assert!(id.starts_with("key_"), "{id}");
+    let send = |text: &'static str| {
+        gw.client
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&secret)
+            .json(&ask(text))
+            .send()
+    };
+    let first = send(QUESTION).await.unwrap();
+    assert_eq!(common::header(&first, "x-reprise-cache"), Some("miss"));
+    // Both entries are written after the answer: wait for them before asking again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stats = gw
+            .admin(reqwest::Method::GET, "/admin/cache/stats", None)
+            .await
+            .1;
+        let exact: u64 = stats["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|row| row["entries"].as_u64())
+            .sum();
+        if exact >= 1 && stats["semantic"]["indexed_entries"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the entries never landed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let again = send(QUESTION).await.unwrap();
+    assert_eq!(common::header(&again, "x-reprise-cache"), Some("hit"));
+    let hit = send(PARAPHRASE).await.unwrap();
+    assert_eq!(
+        common::header(&hit, "x-reprise-cache"),
+        Some("semantic-hit")
+    );
+    // A guard refuses an order number that differs.
+    send("Cancel order 1234").await.unwrap();
+    while gw
+        .admin(reqwest::Method::GET, "/admin/cache/stats", None)
+        .await
+        .1["semantic"]["indexed_entries"]
+        .as_u64()
+        < Some(2)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the entry was never indexed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let refused = send("Cancel order 1243").await.unwrap();
+    assert_eq!(
+        common::header(&refused, "x-reprise-cache-semantic"),
+        Some("rejected-numbers")
+    );
+    let failover = gw
+        .client
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY_A)
+        .json(&serde_json::json!({"model": "flaky", "messages": common::user("hello")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failover.status(), 200);
+    let failover_request = common::header(&failover, "x-request-id")
+        .unwrap()
+        .to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let failover_attempts = loop {
+        let (status, record) = gw
+            .admin(
+                reqwest::Method::GET,
+                &format!("/admin/requests/{failover_request}"),
+                None,
+            )
+            .await;
+        if status == 200 {
+            break record["upstream"].as_array().unwrap().len();
+        }
+        assert!(std::time::Instant::now() < deadline, "never logged");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(failover_attempts >= 2, "{failover_attempts}");
+    Traffic {
+        failover_request,
+        failover_attempts,
+    }
 }

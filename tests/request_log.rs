@@ -525,3 +525,105 @@ async fn retention_keeps_the_log_within_its_size_dropping_the_oldest_first() {
     let kept = listed["data"].as_array().unwrap().len();
     assert!((60..330).contains(&kept), "{kept} records kept");
 }
+
+/// `GET /admin/overview`'s totals once `expected` requests are counted (records are added as
+/// they are queued, and after a restart once the log is read back).
+async fn overview(gw: &Gateway, query: &str, expected: u64) -> Value {
+    for _ in 0..250 {
+        let (status, body) = gw
+            .admin(
+                reqwest::Method::GET,
+                &format!("/admin/overview{query}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        if body["total"]["requests"] == expected {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the overview never counted {expected} requests");
+}
+
+#[tokio::test]
+async fn the_overview_counts_requests_over_time_by_route_and_tenant_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&dir);
+    let gw = Gateway::start(&text).await;
+    let ask = json!({"model": "chat", "messages": user("hello")});
+    gw.chat(ask.clone()).await;
+    // The exact entry lands after the answer.
+    let mut hit = gw.chat(ask.clone()).await;
+    let mut total = 2;
+    for _ in 0..100 {
+        if common::header(&hit, "x-reprise-cache") == Some("hit") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        hit = gw.chat(ask.clone()).await;
+        total += 1;
+    }
+    assert_eq!(common::header(&hit, "x-reprise-cache"), Some("hit"));
+    gw.post("/v1/chat/completions", KEY_B, ask.clone()).await;
+    gw.chat(json!({"model": "nope", "messages": user("x")}))
+        .await;
+    total += 2;
+    let before = overview(&gw, "", total).await;
+    let body = &before;
+    assert_eq!(body["window"], "1h");
+    assert_eq!(body["step_seconds"], 60);
+    assert_eq!(body["points"].as_array().unwrap().len(), 60);
+    let points_sum: u64 = body["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(points_sum, total);
+    assert_eq!(body["total"]["exact_hits"], 1);
+    assert!(body["total"]["spend_usd"].as_f64().unwrap() > 0.0);
+    assert!(body["total"]["saved_usd"].as_f64().unwrap() > 0.0);
+    assert!(body["total"]["latency_p95_ms"].as_f64().unwrap() > 0.0);
+    let tenants: Vec<&str> = body["by_tenant"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(tenants, ["a", "b"]);
+    assert_eq!(body["targets"][0]["target"], "mock/ok");
+
+    let b = overview(&gw, "?tenant=b&window=7d", 1).await;
+    assert_eq!(b["points"].as_array().unwrap().len(), 168);
+    assert_eq!(b["by_tenant"].as_array().unwrap().len(), 1);
+
+    let (status, body) = gw
+        .admin(reqwest::Method::GET, "/admin/overview?window=2h", None)
+        .await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("window"))
+    );
+    let forbidden = gw
+        .client
+        .get(gw.url("/admin/overview"))
+        .bearer_auth(KEY_A)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        forbidden.status(),
+        403,
+        "a gateway key cannot read the figures"
+    );
+
+    // The figures are read back from the log after a restart.
+    let Gateway { mock, server, .. } = gw;
+    assert!(server.stop().await.unwrap());
+    let gw = Gateway::start_with(mock, &text).await;
+    let again = overview(&gw, "", total).await;
+    assert_eq!(again["total"], before["total"]);
+    assert_eq!(again["by_route"], before["by_route"]);
+    assert_eq!(again["by_tenant"], before["by_tenant"]);
+}

@@ -313,6 +313,7 @@ impl CacheStage {
         if let (Some(semantic_plan), Some(semantic)) = (&semantic_plan, &self.semantic) {
             match semantic.lookup(semantic_plan).await {
                 Lookup::Hit(mut hit) => {
+                    semantic.remember(semantic_plan, hit.basis, Some(&hit));
                     let check = hit
                         .check
                         .take()
@@ -338,6 +339,7 @@ impl CacheStage {
                     query: computed,
                     probe: to_compare,
                 } => {
+                    semantic.remember(semantic_plan, outcome, None);
                     report.semantic = Some(outcome);
                     query = computed;
                     probe = to_compare.zip(self.semantic.clone()).map(|(p, c)| (c, p));
@@ -446,6 +448,17 @@ impl CacheStage {
             ApiError::invalid("no route has the semantic cache enabled", Some("entry"))
         })?;
         semantic.feedback(tenant, entry, similarity, correct).await
+    }
+
+    /// The semantic stage's recent hits and refusals on this replica (empty without one).
+    pub fn semantic_reviews(&self, tenant: Option<&str>, limit: usize) -> Vec<Value> {
+        self.semantic.as_ref().map_or_else(Vec::new, |semantic| {
+            semantic
+                .reviews(tenant, limit)
+                .iter()
+                .filter_map(|r| serde_json::to_value(r).ok())
+                .collect()
+        })
     }
 
     /// The semantic index's state, for the admin API: `None` without a semantic stage.

@@ -14,6 +14,7 @@
 
 mod payload;
 mod segments;
+mod timeline;
 
 use std::fs::File;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use payload::PayloadPolicy;
+pub use timeline::{Summary, Timeline, TimelineQuery};
 
 use crate::error::ApiError;
 use crate::telemetry::Metrics;
@@ -387,6 +389,7 @@ pub struct RequestLog {
     /// Records queued, and records stored: equal once the writer has caught up.
     queued: AtomicU64,
     stored: Arc<AtomicU64>,
+    timeline: Arc<Timeline>,
 }
 
 impl Drop for RequestLog {
@@ -439,6 +442,20 @@ impl RequestLog {
                 let queue = Arc::clone(&queue);
                 move || writer.run(&queue)
             })?;
+        let timeline = Arc::new(Timeline::default());
+        let opened_ms = now_ms();
+        let earlier: Vec<std::path::PathBuf> = segments
+            .read()
+            .iter()
+            .filter(|s| s.records > 0 && s.last_ms + timeline::KEPT_MS >= opened_ms)
+            .map(|s| s.path.clone())
+            .collect();
+        std::thread::Builder::new()
+            .name("request-log-timeline".into())
+            .spawn({
+                let timeline = Arc::clone(&timeline);
+                move || rebuild_timeline(&timeline, &earlier, opened_ms)
+            })?;
         Ok(Arc::new(Self {
             queue,
             capacity: config.queue,
@@ -448,6 +465,7 @@ impl RequestLog {
             metrics,
             queued: AtomicU64::new(0),
             stored,
+            timeline,
         }))
     }
 
@@ -463,6 +481,7 @@ impl RequestLog {
         if self.live.receiver_count() > 0 {
             let _ = self.live.send(Arc::clone(record));
         }
+        self.timeline.add(record);
         let queued = LINE.with_borrow_mut(|line| {
             line.clear();
             if serde_json::to_writer(&mut *line, &**record).is_err() {
@@ -613,6 +632,11 @@ impl RequestLog {
         Ok(())
     }
 
+    /// The log's figures over time.
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+
     /// How many records the log holds.
     pub fn len(&self) -> usize {
         self.segments
@@ -629,6 +653,23 @@ impl RequestLog {
     /// The size of the log's segments.
     pub fn size_on_disk(&self) -> u64 {
         self.segments.read().iter().map(|s| s.bytes).sum()
+    }
+}
+
+/// Adds the records the log held when it was opened (`before_ms`) to the timeline, oldest
+/// segment first; later records reach it as they are pushed.
+fn rebuild_timeline(timeline: &Timeline, segments: &[std::path::PathBuf], before_ms: u64) {
+    for path in segments {
+        let Ok(bytes) = std::fs::read(path) else {
+            continue;
+        };
+        for line in bytes.split(|b| *b == b'\n') {
+            if let Ok(record) = serde_json::from_slice::<RequestRecord>(line)
+                && record.at_ms < before_ms
+            {
+                timeline.add(&record);
+            }
+        }
     }
 }
 

@@ -174,3 +174,90 @@ pub async fn request(
     };
     answer.await.unwrap_or_else(IntoResponse::into_response)
 }
+
+/// `GET /admin/overview?window&tenant&route`: the request log's figures over time.
+pub async fn overview(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let answer = async {
+        let log = request_log(&state, &headers)?;
+        let query: crate::request_log::TimelineQuery = super::query_params(query, "overview")?;
+        let summary = log
+            .timeline()
+            .summary(&query, crate::request_log::now_ms())?;
+        Ok::<_, ApiError>(axum::Json(summary).into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReviewQuery {
+    tenant: Option<String>,
+    /// At most this many (50 by default, at most 500).
+    limit: Option<String>,
+}
+
+/// `GET /admin/cache/review?tenant&limit`: the semantic stage's recent hits (request text next
+/// to the entry's) and refusals on this replica, newest first.
+pub async fn cache_review(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let answer = async {
+        state.auth.admin(&headers)?;
+        let query: ReviewQuery = super::query_params(query, "review")?;
+        let limit = match query.limit.as_deref() {
+            Some(limit) => limit
+                .parse::<usize>()
+                .map_err(|_| ApiError::invalid("limit: a number", Some("limit")))?,
+            None => 50,
+        }
+        .clamp(1, 500);
+        let data = state
+            .pipeline
+            .cache()
+            .semantic_reviews(query.tenant.as_deref(), limit);
+        Ok::<_, ApiError>(axum::Json(json!({"object": "list", "data": data})).into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminCacheFeedback {
+    tenant: String,
+    entry: String,
+    similarity: Option<f32>,
+    correct: bool,
+}
+
+/// `POST /admin/cache/feedback {"tenant", "entry", "similarity", "correct"}`: the feedback of
+/// `POST /v1/cache/feedback`, given by an operator on a tenant's behalf (the cache review).
+pub async fn cache_feedback(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let answer = async {
+        state.auth.admin(&headers)?;
+        let bytes = super::read_body(&state, body, 64 * 1024).await?;
+        let feedback: AdminCacheFeedback = parse_json(&bytes)?;
+        let outcome = state
+            .pipeline
+            .cache()
+            .feedback(
+                &feedback.tenant,
+                &feedback.entry,
+                feedback.similarity,
+                feedback.correct,
+            )
+            .await?;
+        tracing::info!(entry = %outcome.entry, correct = feedback.correct, "semantic cache feedback from the admin API");
+        Ok::<_, ApiError>(axum::Json(outcome).into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}

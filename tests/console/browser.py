@@ -1,15 +1,18 @@
 """Drives the console in headless Chromium (the system's, from Debian's packages) as a person
-would: signs in with the keyboard, reads each page, signs out. Saves a screenshot per page.
+would: signs in with the keyboard, opens every page, changes a rollout, marks a semantic hit
+wrong, opens a request's detail, signs out. Saves a screenshot per page.
 
-Usage: browser.py GATEWAY_URL ADMIN_KEY SCREENSHOT_DIR (Chromium's path in REPRISE_BROWSER).
+Usage: browser.py GATEWAY_URL ADMIN_KEY SCREENSHOT_DIR FAILOVER_REQUEST_ID ITS_ATTEMPTS
+(Chromium's path in REPRISE_BROWSER).
 """
 
 import os
+import re
 import sys
 
 from playwright.sync_api import expect, sync_playwright
 
-base, admin_key, shots = sys.argv[1], sys.argv[2], sys.argv[3]
+base, admin_key, shots, failover_request, failover_attempts = sys.argv[1:6]
 os.makedirs(shots, exist_ok=True)
 
 with sync_playwright() as playwright:
@@ -17,9 +20,14 @@ with sync_playwright() as playwright:
     browser = playwright.chromium.launch(
         executable_path=os.environ["REPRISE_BROWSER"], args=["--no-sandbox"]
     )
-    page = browser.new_page(viewport={"width": 1200, "height": 760})
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+
+    def open_page(name, heading):
+        page.get_by_role("navigation", name="Sections").get_by_role("link", name=name).click()
+        expect(page.get_by_role("heading", name=heading, level=2)).to_be_focused()
+        expect(page.get_by_role("link", name=name)).to_have_attribute("aria-current", "page")
 
     page.goto(f"{base}/console")
     key = page.get_by_label("Admin key")
@@ -32,34 +40,77 @@ with sync_playwright() as playwright:
 
     page.get_by_label("Admin key").fill(admin_key)
     page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", name="Providers")).to_be_visible()
     # The session cookie is HttpOnly: invisible to page scripts.
     assert page.evaluate("document.cookie") == "", page.evaluate("document.cookie")
 
-    providers = page.locator("#providers tbody tr")
-    expect(providers.first).to_be_visible()
-    expect(page.locator("#providers")).to_contain_text("mock/ok")
-    expect(page.locator("#providers")).to_contain_text("closed")
-    expect(page.locator("#prompts")).to_contain_text("support")
-    expect(page.locator("#prompts")).to_contain_text("v1 50%, v2 50% (experiment)")
+    # The header's controls come first in the keyboard order, after the skip link.
+    focused = []
+    for _ in range(8):
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("document.activeElement.textContent.trim()"))
+    assert focused == [
+        "Skip to the page", "Overview", "Cache review", "Prompts", "Providers", "Keys",
+        "Requests", "Sign out",
+    ], focused
+
+    # Overview: the figures and a chart per measure, each described for screen readers.
+    expect(page.get_by_role("heading", name="Overview", level=2)).to_be_visible()
+    overview = page.locator("#overview")
+    def figure(name):
+        return overview.locator(".totals div").filter(
+            has=page.locator("dt", has_text=re.compile(f"^{name}$"))
+        ).locator("dd")
+
+    expect(figure("Requests")).to_have_text("6")
+    expect(figure("Exact hits")).to_have_text("1")
+    expect(figure("Semantic hits")).to_have_text("1")
+    expect(figure("Cache hit ratio")).to_have_text("33.3%")
+    for chart in ["Requests and errors", "Cache hit ratio", "Latency", "Spend and money saved"]:
+        expect(overview.get_by_role("img", name=re.compile(f"^{chart}, 1h: latest"))).to_be_visible()
+    by_route = page.get_by_role("table", name="By route")
+    expect(by_route).to_contain_text("chat")
+    expect(by_route).to_contain_text("flaky")
+    # Filtering by route through the keyboard redraws the figures of that route only.
+    overview.get_by_label("Route").select_option("flaky")
+    expect(page.get_by_role("table", name="By route").get_by_role("row")).to_have_count(2)
+    expect(figure("Requests")).to_have_text("1")
+    overview.get_by_label("Route").select_option("")
+    overview.get_by_label("Window").select_option("24h")
+    expect(overview.get_by_role("img", name=re.compile("^Requests and errors, 24h"))).to_be_visible()
+    page.screenshot(path=f"{shots}/overview.png", full_page=True)
+
+    # Cache review: the paraphrase next to the question it was answered as; marked wrong.
+    open_page("Cache review", "Cache review")
+    hits = page.get_by_role("table", name="Recent semantic hits")
+    hit = hits.get_by_role("row").filter(has_text="How can I cancel my order?")
+    expect(hit).to_contain_text("How do I cancel my order?")
+    expect(hit).to_contain_text("similarity 0.")
+    expect(page.get_by_role("table", name="Guard refusals by kind (last day)")).to_contain_text("numbers")
+    expect(page.get_by_role("table", name="Recent refusals")).to_contain_text("Cancel order 1243")
+    page.screenshot(path=f"{shots}/cache.png", full_page=True)
+    hit.get_by_role("button", name="Mark the answer to “How can I cancel my order?” wrong").click()
+    expect(page.get_by_role("status")).to_have_text("Saved.")
+    expect(hit).to_contain_text("marked wrong")
+
+    # Prompts: versions with their diff, the experiment, a rollout change and its rollback.
+    open_page("Prompts", "Prompts")
+    prompts = page.locator("#prompts")
+    expect(prompts).to_contain_text("v1 50%, v2 50% (experiment)")
     expect(page.get_by_role("heading", name="Experiment on production: running")).to_be_visible()
     arms = page.get_by_role("table", name="Arms of support production")
     expect(arms.get_by_role("row")).to_have_count(3)
-    page.screenshot(path=f"{shots}/overview.png", full_page=True)
-
-    # The header's controls come first in the keyboard order.
-    focused = []
-    for _ in range(3):
-        page.keyboard.press("Tab")
-        focused.append(page.evaluate("document.activeElement.textContent.trim()"))
-    assert focused == ["Providers", "Prompts", "Sign out"], focused
+    page.get_by_role("button", name="Diff v1 → v2").click()
+    diff = page.get_by_label("Diff of support v1 to v2")
+    expect(diff).to_contain_text('-content = "Answer: {{ q }}"')
+    expect(diff).to_contain_text('+content = "Answer kindly: {{ q }}"')
+    page.screenshot(path=f"{shots}/prompts.png", full_page=True)
 
     # A rollout change through the form: 80/20, the experiment kept.
     page.get_by_label("v1 weight").fill("80")
     page.get_by_label("v2 weight").fill("20")
     page.get_by_role("button", name="Apply weights").click()
     expect(page.get_by_role("status")).to_have_text("Saved.")
-    expect(page.locator("#prompts")).to_contain_text("production: v1 80%, v2 20% (experiment)")
+    expect(prompts).to_contain_text("production: v1 80%, v2 20% (experiment)")
     trail = page.get_by_role("table", name="Audit trail of support")
     expect(trail).to_contain_text("adjust-rollout production")
     expect(trail).to_contain_text("console")
@@ -67,12 +118,48 @@ with sync_playwright() as playwright:
 
     # And undone with the label's rollback.
     page.get_by_role("button", name="Roll back production").click()
-    expect(page.locator("#prompts")).to_contain_text("production: v1 50%, v2 50% (experiment)")
+    expect(prompts).to_contain_text("production: v1 50%, v2 50% (experiment)")
     expect(trail).to_contain_text("rollback production")
+
+    # Providers: breakers, and the attempts of the last hour per target.
+    open_page("Providers", "Providers")
+    expect(page.get_by_role("table", name="Breakers")).to_contain_text("mock/ok")
+    attempts = page.get_by_role("table", name="Upstream attempts (last hour)")
+    failing = attempts.get_by_role("row").filter(has_text="mock/status-503")
+    expect(failing).to_contain_text("100.0%")
+    expect(attempts.get_by_role("row").filter(has_text="mock2/ok")).to_contain_text("0.0%")
+    page.screenshot(path=f"{shots}/providers.png", full_page=True)
+
+    # Keys: the key's limits, spend and budget.
+    open_page("Keys", "Keys")
+    key_row = page.get_by_role("table", name="Keys").get_by_role("row").filter(has_text="support bot")
+    expect(key_row).to_contain_text("rpm 600, budget $5.00/month")
+    expect(key_row).to_contain_text("left of $5.00")
+    page.screenshot(path=f"{shots}/keys.png", full_page=True)
+
+    # Requests: filtered, then one request's detail with both of its attempts.
+    open_page("Requests", "Requests")
+    listed = page.get_by_role("table", name="Requests, newest first")
+    expect(listed.get_by_role("row")).to_have_count(7)
+    log = page.locator("#requests")
+    log.get_by_label("Cache").select_option("semantic-hit")
+    expect(listed.get_by_role("row")).to_have_count(2)
+    log.get_by_label("Cache").select_option("")
+    log.get_by_label("Route").fill("flaky")
+    page.keyboard.press("Enter")
+    expect(listed.get_by_role("row")).to_have_count(2)
+    page.screenshot(path=f"{shots}/requests.png", full_page=True)
+    page.get_by_role("button", name=f"Details of {failover_request}").click()
+    expect(page.get_by_role("heading", name=f"Request {failover_request}")).to_be_focused()
+    attempts = page.get_by_role("table", name=f"Attempts of {failover_request}")
+    expect(attempts.get_by_role("row")).to_have_count(int(failover_attempts) + 1)
+    expect(attempts).to_contain_text("mock/status-503")
+    expect(attempts).to_contain_text("failover")
+    page.screenshot(path=f"{shots}/request-detail.png", full_page=True)
 
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_label("Admin key")).to_be_visible()
     assert not errors, errors
     browser.close()
 
-print("console: signed in, read providers and prompts, signed out")
+print("console: signed in, opened every page, changed a rollout, marked a hit wrong, signed out")

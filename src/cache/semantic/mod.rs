@@ -24,6 +24,7 @@ mod calibrated;
 mod features;
 mod index;
 mod outcome;
+mod review;
 mod rules;
 mod verifier;
 mod verify;
@@ -95,6 +96,7 @@ fn semantic_hit(
         similarity: candidate.similarity,
         score: None,
         entry: plan.public_id(id),
+        entry_text: record.text,
         age,
         basis,
         check: None,
@@ -219,6 +221,8 @@ pub struct SemanticHit {
     pub score: Option<f32>,
     /// `{route}/{namespace}/{id}`, for `x-reprise-cache-entry` and feedback.
     pub entry: String,
+    /// The text the entry was stored for, for the review.
+    pub entry_text: String,
     pub age: Duration,
     /// `Hit`, or `HitAgreement` for an answer its neighbours agreed on.
     pub basis: SemanticOutcome,
@@ -263,6 +267,7 @@ struct Shared {
     /// Tells this process's own feed events apart from other replicas'.
     origin: u64,
     loaded_entries: AtomicU64,
+    review: review::Review,
 }
 
 #[derive(Clone)]
@@ -395,6 +400,7 @@ impl SemanticCache {
             loaded: AtomicBool::new(false),
             origin: rand::random(),
             loaded_entries: AtomicU64::new(0),
+            review: review::Review::default(),
         });
         tokio::spawn(background(Arc::downgrade(&shared), settings.sync_interval));
         Self { shared }
@@ -412,6 +418,36 @@ impl SemanticCache {
             .loaded
             .load(Ordering::Acquire)
             .then(|| self.shared.loaded_entries.load(Ordering::Relaxed))
+    }
+
+    /// Notes a lookup's decision for the review: a hit, or a candidate a guard refused.
+    pub fn remember(
+        &self,
+        plan: &SemanticPlan,
+        outcome: SemanticOutcome,
+        hit: Option<&SemanticHit>,
+    ) {
+        if !(outcome.is_hit() || matches!(outcome, SemanticOutcome::Rejected(_))) {
+            return;
+        }
+        self.shared.review.remember(review::Reviewed {
+            at_ms: now_ms(),
+            tenant: plan.tenant.clone(),
+            route: plan.route.clone(),
+            outcome: outcome.label(),
+            request_text: plan.text.clone(),
+            entry: hit.map(|h| h.entry.clone()),
+            entry_text: hit.map(|h| h.entry_text.clone()),
+            similarity: hit.map(|h| h.similarity),
+            threshold: plan.threshold,
+            probability: hit.and_then(|h| h.score),
+            marked: None,
+        });
+    }
+
+    /// The newest decisions this replica made, of one tenant or all.
+    pub fn reviews(&self, tenant: Option<&str>, limit: usize) -> Vec<review::Reviewed> {
+        self.shared.review.recent(tenant, limit)
     }
 
     /// Live entries in the index (all tenants).
@@ -1030,6 +1066,7 @@ impl SemanticCache {
         self.shared
             .metrics
             .semantic_feedback(if correct { "correct" } else { "wrong" });
+        self.shared.review.mark(tenant, entry, correct);
         if !correct {
             let raised = similarity.map_or(NEVER, |s| (s + FEEDBACK_MARGIN).min(NEVER));
             record.threshold = Some(record.threshold.map_or(raised, |t| t.max(raised)));
