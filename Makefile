@@ -62,9 +62,12 @@ redis-server:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 # Load benchmark (numbers in the README). Installs oha into .tools on first use.
-bench:
+bench: $(VENV)/.installed chromium
 	bash benches/load.sh
 	$(CARGO) run --release --locked --example request_log_scale
+	$(CARGO) build --release --locked --bin reprise --example console_scale
+	REPRISE_BROWSER=$$(command -v chromium) REPRISE_PYTHON=$(abspath $(VENV))/bin/python \
+	  ./target/release/examples/console_scale
 	$(CARGO) bench --locked --bench request_log
 
 # A bounded chaos run on loopback (docs/reliability.md): flaky upstream under load, slow clients,

@@ -659,12 +659,20 @@ impl RequestLog {
 /// Adds the records the log held when it was opened (`before_ms`) to the timeline, oldest
 /// segment first; later records reach it as they are pushed.
 fn rebuild_timeline(timeline: &Timeline, segments: &[std::path::PathBuf], before_ms: u64) {
+    use std::io::BufRead;
+    let mut line = Vec::new();
     for path in segments {
-        let Ok(bytes) = std::fs::read(path) else {
+        let Ok(file) = File::open(path) else {
             continue;
         };
-        for line in bytes.split(|b| *b == b'\n') {
-            if let Ok(record) = serde_json::from_slice::<RequestRecord>(line)
+        let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if let Ok(record) = serde_json::from_slice::<RequestRecord>(&line)
                 && record.at_ms < before_ms
             {
                 timeline.add(&record);

@@ -24,7 +24,23 @@ with sync_playwright() as playwright:
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
 
+    def check_labels():
+        """Every control on the visible page has a name a screen reader reads, every table a
+        caption, every chart a description."""
+        unnamed = page.evaluate(
+            """() => [...document.querySelectorAll(
+                 "main > section:not([hidden]) :is(input:not([type=hidden]), select, button, table, svg)")]
+               .filter((el) => {
+                 if (el.tagName === "TABLE") return !el.caption || !el.caption.textContent.trim();
+                 if (el.tagName === "svg") return el.getAttribute("role") !== "img" || !el.getAttribute("aria-label");
+                 return !(el.labels && el.labels.length) && !el.getAttribute("aria-label") && !el.textContent.trim();
+               })
+               .map((el) => el.outerHTML.slice(0, 120))"""
+        )
+        assert not unnamed, unnamed
+
     def open_page(name, heading):
+        check_labels()
         page.get_by_role("navigation", name="Sections").get_by_role("link", name=name).click()
         expect(page.get_by_role("heading", name=heading, level=2)).to_be_focused()
         expect(page.get_by_role("link", name=name)).to_have_attribute("aria-current", "page")
@@ -99,7 +115,9 @@ with sync_playwright() as playwright:
     expect(page.get_by_role("heading", name="Experiment on production: running")).to_be_visible()
     arms = page.get_by_role("table", name="Arms of support production")
     expect(arms.get_by_role("row")).to_have_count(3)
-    page.get_by_role("button", name="Diff v1 → v2").click()
+    # Opened from the keyboard.
+    page.get_by_role("button", name="Diff v1 → v2").focus()
+    page.keyboard.press("Enter")
     diff = page.get_by_label("Diff of support v1 to v2")
     expect(diff).to_contain_text('-content = "Answer: {{ q }}"')
     expect(diff).to_contain_text('+content = "Answer kindly: {{ q }}"')
@@ -157,6 +175,7 @@ with sync_playwright() as playwright:
     expect(attempts).to_contain_text("failover")
     page.screenshot(path=f"{shots}/request-detail.png", full_page=True)
 
+    check_labels()
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_label("Admin key")).to_be_visible()
     assert not errors, errors
