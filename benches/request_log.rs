@@ -1,7 +1,8 @@
 //! What the request log costs a request, measured in one process (the load benchmark compares
 //! separate gateway processes, whose own differences are as large as the log's cost): making a
 //! typical record from the pipeline's trace and queueing it, with the real writer thread
-//! draining the queue to a file meanwhile. Run: `cargo bench --bench request_log`.
+//! draining the queue to a file meanwhile (queueing includes adding it to the console
+//! overview's timeline, also timed alone). Run: `cargo bench --bench request_log`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -76,6 +77,11 @@ fn record_and_queue(c: &mut Criterion) {
     let mut group = c.benchmark_group("request_log");
     group.bench_function("make the record", |b| {
         b.iter(|| black_box(RequestRecord::of(&trace, ending(), &prices)))
+    });
+    let timeline = reprise::request_log::Timeline::default();
+    let record = RequestRecord::of(&trace, ending(), &prices).unwrap();
+    group.bench_function("add it to the overview's timeline", |b| {
+        b.iter(|| timeline.add(black_box(&record)))
     });
     group.bench_function("make the record and queue it", |b| {
         b.iter(|| {

@@ -200,7 +200,7 @@ async fn a_browser_signs_in_reads_the_console_and_signs_out() {
     }
     std::fs::write(
         prompt.join("labels.toml"),
-        "[production]\nrollout = [{ version = 1, weight = 50 }, { version = 2, weight = 50 }]\n[production.experiment]\n",
+        "[production]\nrollout = [{ version = 1, weight = 50 }, { version = 2, weight = 50 }]\n[production.experiment]\n[staging]\nversion = 1\n",
     )
     .unwrap();
     let gw = Gateway::start(&format!(
@@ -284,7 +284,9 @@ async fn a_browser_signs_in_reads_the_console_and_signs_out() {
     assert!(
         changes.ends_with(&[
             ("adjust-rollout".into(), "console".into()),
-            ("rollback".into(), "console".into())
+            ("rollback".into(), "console".into()),
+            ("start-rollout".into(), "console".into()),
+            ("stop-rollout".into(), "console".into())
         ]),
         "{changes:?}"
     );
@@ -293,6 +295,7 @@ async fn a_browser_signs_in_reads_the_console_and_signs_out() {
         .await;
     assert_eq!(view["labels"]["production"]["rollout"][0]["weight"], 50);
     assert!(view["labels"]["production"].get("experiment").is_some());
+    assert_eq!(view["labels"]["staging"]["version"], 2);
     // The hit marked wrong in the cache review no longer answers the paraphrase.
     let again = gw.chat(ask(PARAPHRASE)).await;
     assert_eq!(common::header(&again, "x-reprise-cache"), Some("miss"));

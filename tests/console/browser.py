@@ -139,6 +139,18 @@ with sync_playwright() as playwright:
     expect(prompts).to_contain_text("production: v1 50%, v2 50% (experiment)")
     expect(trail).to_contain_text("rollback production")
 
+    # A rollout started on another label, then stopped keeping the new version.
+    start = page.get_by_role("form", name="Start a rollout of support staging")
+    start.get_by_label("New version").fill("2")
+    start.get_by_label("Its share %").fill("10")
+    start.get_by_role("button", name="Start rollout").click()
+    expect(prompts).to_contain_text("staging: v1 90%, v2 10%")
+    page.get_by_role("group", name="Stop the rollout of support staging").get_by_role(
+        "button", name="Stop rollout: keep v2"
+    ).click()
+    expect(prompts).to_contain_text("staging: v2")
+    expect(trail).to_contain_text("start-rollout staging")
+
     # Providers: breakers, and the attempts of the last hour per target.
     open_page("Providers", "Providers")
     expect(page.get_by_role("table", name="Breakers")).to_contain_text("mock/ok")

@@ -362,7 +362,9 @@ function startRolloutForm(id, label, target, latest) {
 
 // Ends a rollout by pointing the label at one of its versions.
 function stopRolloutButtons(id, label, target) {
-  const box = element("div", undefined, { class: "actions" });
+  const box = element("div", undefined, {
+    class: "actions", role: "group", "aria-label": `Stop the rollout of ${id} ${label}`,
+  });
   for (const arm of target.rollout) {
     box.appendChild(actionButton(`Stop rollout: keep v${arm.version}`, labelPath(id, label),
       { method: "PUT", body: JSON.stringify({ version: arm.version }) }));
