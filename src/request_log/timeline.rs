@@ -9,9 +9,13 @@
 //! minute, tenant or route. At startup the figures are rebuilt from the records already in
 //! the log, off the request path, so a restart does not blank the charts.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use parking_lot::Mutex;
+
+/// A request adds to three maps; a keyed hash against flooding is not needed for names the
+/// gateway's own config and keys define.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use serde::Serialize;
 
 use super::RequestRecord;
@@ -214,8 +218,8 @@ impl Bucket {
     fn new(start_ms: u64) -> Self {
         Self {
             start_ms,
-            cells: HashMap::new(),
-            targets: HashMap::new(),
+            cells: HashMap::default(),
+            targets: HashMap::default(),
         }
     }
 
@@ -455,8 +459,8 @@ impl Timeline {
             .filter(|b| (first..=last).contains(&b.start_ms))
         {
             let mut step_sum = Sum::default();
-            let mut by_tenant: HashMap<u32, Sum> = HashMap::new();
-            let mut by_route: HashMap<u32, Sum> = HashMap::new();
+            let mut by_tenant: HashMap<u32, Sum> = HashMap::default();
+            let mut by_route: HashMap<u32, Sum> = HashMap::default();
             for (&(tenant, route), cell) in &bucket.cells {
                 if !keeps(names.name(tenant), names.name(route)) {
                     continue;
