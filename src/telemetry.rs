@@ -163,8 +163,63 @@ impl ExtraAttempt {
     }
 }
 
+/// The series a request counts in, found by its route (or target) as a borrowed string: after
+/// a series' first request, counting builds no label set (an allocation per string label) and
+/// takes no family lock; the family still owns the series for the exposition.
+struct Handles<V>(parking_lot::RwLock<std::collections::HashMap<Box<str>, Vec<V>>>);
+
+impl<V> Default for Handles<V> {
+    fn default() -> Self {
+        Self(parking_lot::RwLock::default())
+    }
+}
+
+impl<V> Handles<V> {
+    /// Calls `count` with the handle under `key` that `matches`, made once with `make`.
+    fn with(
+        &self,
+        key: &str,
+        matches: impl Fn(&V) -> bool,
+        make: impl FnOnce() -> V,
+        count: impl FnOnce(&V),
+    ) {
+        if let Some(found) = self
+            .0
+            .read()
+            .get(key)
+            .and_then(|v| v.iter().find(|h| matches(h)))
+        {
+            count(found);
+            return;
+        }
+        let mut handles = self.0.write();
+        let list = match handles.get_mut(key) {
+            Some(list) => list,
+            None => handles.entry(key.into()).or_default(),
+        };
+        match list.iter().position(&matches) {
+            Some(at) => count(&list[at]),
+            None => {
+                list.push(make());
+                count(&list[list.len() - 1]);
+            }
+        }
+    }
+}
+
+/// By route: `(endpoint, status)` → requests, `endpoint` → latency.
+enum RouteSeries {
+    Requests(&'static str, u16, Counter),
+    Latency(&'static str, Histogram),
+}
+
 pub struct Metrics {
     registry: Registry,
+    route_series: Handles<RouteSeries>,
+    /// By target: outcome → attempts.
+    attempt_series: Handles<(&'static str, Counter)>,
+    /// By route: (tenant label, outcome) → cache requests.
+    cache_series: Handles<(Box<str>, &'static str, Counter)>,
     /// Off: per-tenant series carry `tenant="all"`, so the exposition names no tenant.
     tenant_labels: bool,
     requests: Family<RequestLabels, Counter>,
@@ -450,6 +505,9 @@ impl Metrics {
         );
         Self {
             registry,
+            route_series: Handles::default(),
+            attempt_series: Handles::default(),
+            cache_series: Handles::default(),
             experiment_decisions,
             feedback_count,
             feedback_mean,
@@ -499,26 +557,63 @@ impl Metrics {
     }
 
     pub fn request(&self, endpoint: &'static str, route: &str, status: u16, elapsed: Duration) {
-        let route = route.to_owned();
-        self.requests
-            .get_or_create(&RequestLabels {
-                endpoint,
-                route: route.clone(),
-                status,
-            })
-            .inc();
-        self.latency
-            .get_or_create(&LatencyLabels { endpoint, route })
-            .observe(elapsed.as_secs_f64());
+        self.route_series.with(
+            route,
+            |s| matches!(s, RouteSeries::Requests(e, c, _) if *e == endpoint && *c == status),
+            || {
+                let labels = RequestLabels {
+                    endpoint,
+                    route: route.to_owned(),
+                    status,
+                };
+                RouteSeries::Requests(
+                    endpoint,
+                    status,
+                    self.requests.get_or_create(&labels).clone(),
+                )
+            },
+            |series| {
+                if let RouteSeries::Requests(_, _, counter) = series {
+                    counter.inc();
+                }
+            },
+        );
+        self.route_series.with(
+            route,
+            |s| matches!(s, RouteSeries::Latency(e, _) if *e == endpoint),
+            || {
+                let labels = LatencyLabels {
+                    endpoint,
+                    route: route.to_owned(),
+                };
+                RouteSeries::Latency(endpoint, self.latency.get_or_create(&labels).clone())
+            },
+            |series| {
+                if let RouteSeries::Latency(_, histogram) = series {
+                    histogram.observe(elapsed.as_secs_f64());
+                }
+            },
+        );
     }
 
     pub fn upstream_attempt(&self, target: &str, outcome: &'static str) {
-        self.upstream_attempts
-            .get_or_create(&AttemptLabels {
-                target: target.to_owned(),
-                outcome,
-            })
-            .inc();
+        self.attempt_series.with(
+            target,
+            |(o, _)| *o == outcome,
+            || {
+                let labels = AttemptLabels {
+                    target: target.to_owned(),
+                    outcome,
+                };
+                (
+                    outcome,
+                    self.upstream_attempts.get_or_create(&labels).clone(),
+                )
+            },
+            |(_, counter)| {
+                counter.inc();
+            },
+        );
     }
 
     pub fn extra_attempt(&self, route: &str, kind: ExtraAttempt) {
@@ -614,13 +709,23 @@ impl Metrics {
         tokens_saved: u64,
         cost_saved: f64,
     ) {
-        self.cache_requests
-            .get_or_create(&CacheLabels {
-                tenant: self.tenant_label(tenant),
-                route: route.to_owned(),
-                outcome,
-            })
-            .inc();
+        let tenant = if self.tenant_labels { tenant } else { "all" };
+        self.cache_series.with(
+            route,
+            |(t, o, _)| **t == *tenant && *o == outcome,
+            || {
+                let labels = CacheLabels {
+                    tenant: tenant.to_owned(),
+                    route: route.to_owned(),
+                    outcome,
+                };
+                let counter = self.cache_requests.get_or_create(&labels).clone();
+                (tenant.into(), outcome, counter)
+            },
+            |(_, _, counter)| {
+                counter.inc();
+            },
+        );
         if cost_saved > 0.0 {
             self.cache_cost_saved
                 .get_or_create(&RouteLabels {
