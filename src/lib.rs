@@ -36,6 +36,7 @@ pub mod protocol;
 pub mod providers;
 pub mod request_log;
 pub mod router;
+pub mod runtime;
 pub mod server;
 pub mod store;
 pub mod telemetry;

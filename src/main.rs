@@ -117,16 +117,11 @@ fn serve(path: PathBuf) -> ExitCode {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    let runtime = match config.server.worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        Some(threads) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build(),
-        None => tokio::runtime::Runtime::new(),
-    };
+    // Requests are served by threads of their own (`reprise::runtime`); this runtime starts the
+    // gateway and runs its background work, which one thread keeps up with.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -768,3 +768,93 @@ async fn kill_9_loses_at_most_the_request_log_records_still_queued() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The listening sockets bound to `port` in the LISTEN state, from the kernel's table.
+fn listening_sockets(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields[1].ends_with(&format!(":{port:04X}")) && fields[3] == "0A"
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_threads_each_listen_on_the_port_and_drain_together() {
+    let mock = Mock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[log]\nformat = \"json\"\n[routes.slow]\ntargets = [{{ provider = \"mock\", model = \"slow-700\" }}]\n",
+        base_config(&mock).replace("[server]\n", "[server]\n        worker_threads = 4\n")
+    );
+    let path = write_config(&dir, &config);
+    let (mut child, addr, _) = spawn_gateway(&path);
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(
+        listening_sockets(port),
+        4,
+        "one listening socket per serving thread"
+    );
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| name.starts_with("reprise-serve-"))
+        .collect();
+    assert_eq!(threads.len(), 4, "{threads:?}");
+
+    // Each request on a connection of its own, so the kernel spreads them over the sockets.
+    let url = format!("http://{addr}/v1/chat/completions");
+    let started = Instant::now();
+    let requests: Vec<_> = (0..24)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .post(url)
+                    .bearer_auth(KEY_A)
+                    .json(&json!({"model": "slow", "messages": user(&format!("question {i}"))}))
+                    .send()
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    for (i, request) in requests.into_iter().enumerate() {
+        let response = request
+            .await
+            .unwrap()
+            .expect("in flight at SIGTERM: answered");
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            format!("echo: question {i}")
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "the 24 slow answers were served concurrently: {:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the gateway did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(listening_sockets(port), 0);
+}

@@ -37,9 +37,9 @@ pub struct ServerConfig {
     /// A request body must arrive whole within this of its head; else 408 and the connection closes.
     #[serde(default = "default_body_timeout", with = "humantime_serde")]
     pub body_timeout: Duration,
-    /// Threads serving requests. Unset: one per core (tokio's multi-threaded scheduler). 1: a
-    /// single-threaded runtime without cross-thread wake-ups: less CPU per request, and on a
-    /// machine with few cores no loss of throughput (see the README's benchmark section).
+    /// Threads serving requests, each a single-threaded runtime with its own listening socket
+    /// (`SO_REUSEPORT`) and upstream connections, so that a request never leaves the thread that
+    /// accepted it. Unset: one per core.
     #[serde(default)]
     pub worker_threads: Option<usize>,
 }

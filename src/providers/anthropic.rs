@@ -12,7 +12,7 @@ use crate::protocol::anthropic::{StreamToOpenAi, request_from_openai, response_t
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 
 pub struct Anthropic {
-    client: reqwest::Client,
+    client: super::Clients,
     messages_url: url::Url,
     headers: HeaderMap,
     default_max_tokens: u32,
@@ -20,7 +20,7 @@ pub struct Anthropic {
 
 impl Anthropic {
     pub fn new(
-        client: reqwest::Client,
+        client: super::Clients,
         base_url: &url::Url,
         api_key: Option<&str>,
         version: &str,

@@ -162,13 +162,39 @@ pub trait Provider: Send + Sync {
     ) -> Result<Value, ProviderError>;
 }
 
-pub fn build(name: &str, config: &ProviderConfig) -> anyhow::Result<Arc<dyn Provider>> {
-    let client = reqwest::Client::builder()
-        .connect_timeout(config.connect_timeout)
-        .tcp_nodelay(true)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build()?;
+/// One HTTP client, and so one connection pool, per serving thread (plus one for every other
+/// thread): a request's upstream connection is driven by the runtime that serves the request,
+/// never woken on another thread.
+#[derive(Clone)]
+pub struct Clients(Arc<[reqwest::Client]>);
+
+impl Clients {
+    fn new(config: &ProviderConfig, serving_threads: usize) -> anyhow::Result<Self> {
+        let clients = (0..=serving_threads)
+            .map(|_| {
+                reqwest::Client::builder()
+                    .connect_timeout(config.connect_timeout)
+                    .tcp_nodelay(true)
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(256)
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self(clients.into()))
+    }
+
+    /// The current thread's client.
+    pub fn current(&self) -> &reqwest::Client {
+        &self.0[crate::runtime::serving_thread() % self.0.len()]
+    }
+}
+
+pub fn build(
+    name: &str,
+    config: &ProviderConfig,
+    serving_threads: usize,
+) -> anyhow::Result<Arc<dyn Provider>> {
+    let client = Clients::new(config, serving_threads)?;
     let mut headers = HeaderMap::new();
     for (key, value) in &config.headers {
         headers.insert(
@@ -263,12 +289,12 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// Sends `body` as JSON and returns the response if its status is a success; any other status
 /// becomes a [`ProviderError::Status`] carrying the upstream's error and `Retry-After`.
 async fn post_json<T: serde::Serialize + ?Sized>(
-    client: &reqwest::Client,
+    client: &Clients,
     url: &url::Url,
     headers: &HeaderMap,
     body: &T,
 ) -> Result<reqwest::Response, ProviderError> {
-    let mut request = client.post(url.clone()).headers(headers.clone());
+    let mut request = client.current().post(url.clone()).headers(headers.clone());
     if let Some(trace) = crate::otel::upstream_headers() {
         request = request.header("traceparent", trace.traceparent);
         if let Some(state) = trace.tracestate {

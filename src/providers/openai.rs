@@ -12,7 +12,7 @@ use super::{
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 
 pub struct OpenAiCompatible {
-    client: reqwest::Client,
+    client: super::Clients,
     chat_url: url::Url,
     embeddings_url: url::Url,
     headers: HeaderMap,
@@ -20,7 +20,7 @@ pub struct OpenAiCompatible {
 
 impl OpenAiCompatible {
     pub fn new(
-        client: reqwest::Client,
+        client: super::Clients,
         base_url: &url::Url,
         api_key: Option<&str>,
         mut headers: HeaderMap,

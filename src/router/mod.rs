@@ -164,8 +164,12 @@ pub struct TargetHealth {
 impl Router {
     pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let mut providers = HashMap::new();
+        let serving_threads = crate::runtime::serving_threads(config.server.worker_threads);
         for (name, provider) in &config.providers {
-            providers.insert(name.clone(), crate::providers::build(name, provider)?);
+            providers.insert(
+                name.clone(),
+                crate::providers::build(name, provider, serving_threads)?,
+            );
         }
         let mut breakers: HashMap<String, Arc<Breaker>> = HashMap::new();
         let mut targets = Vec::new();

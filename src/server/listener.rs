@@ -9,6 +9,7 @@
 //! connection that sends nothing would stay open for ever.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,8 +31,108 @@ use tower::ServiceExt;
 use crate::telemetry::Metrics;
 
 pub struct ConnectionLimits {
-    pub max_connections: usize,
+    /// Open connections at most, shared by every listener of the same port.
+    pub slots: Arc<Semaphore>,
     pub header_timeout: Duration,
+}
+
+/// `count` listening sockets on `addr`, all bound with `SO_REUSEPORT` so that the kernel spreads
+/// new connections over them (port 0 picks one free port for all of them). Another process can
+/// join the port only under the same user, as with nginx's `reuseport`.
+pub fn bind_reusing_port(
+    addr: SocketAddr,
+    count: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Threads serving the API, each a single-threaded runtime with a listener of its own (see
+/// [`crate::runtime`]). They stop accepting at shutdown, finish their connections, then keep
+/// running their tasks (cache writes and the like) until released.
+pub struct ServingThreads {
+    release: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ServingThreads {
+    /// Starts one thread per listener. Each serving loop's end is reported on its receiver.
+    pub fn start(
+        listeners: Vec<std::net::TcpListener>,
+        app: &HttpRouter,
+        limits: &ConnectionLimits,
+        shutdown: &watch::Receiver<bool>,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<(Self, Vec<tokio::sync::oneshot::Receiver<()>>)> {
+        let (release, released) = watch::channel(false);
+        let mut threads = Vec::with_capacity(listeners.len());
+        let mut served = Vec::with_capacity(listeners.len());
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (done, finished) = tokio::sync::oneshot::channel();
+            served.push(finished);
+            let (app, metrics) = (app.clone(), Arc::clone(metrics));
+            let (shutdown, mut released) = (shutdown.clone(), released.clone());
+            let limits = ConnectionLimits {
+                slots: Arc::clone(&limits.slots),
+                header_timeout: limits.header_timeout,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("reprise-serve-{}", index + 1))
+                .spawn(move || {
+                    crate::runtime::enter_serving_thread(index + 1);
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                tokio::select! {
+                                    () = serve(listener, app, limits, shutdown, metrics) => {
+                                        let _ = done.send(());
+                                    }
+                                    () = stopped(&mut released) => {}
+                                }
+                            }
+                            Err(error) => {
+                                tracing::error!(%error, "a serving thread could not listen");
+                                let _ = done.send(());
+                            }
+                        }
+                        stopped(&mut released).await;
+                    });
+                })?;
+            threads.push(thread);
+        }
+        Ok((Self { release, threads }, served))
+    }
+
+    /// Ends the threads, cutting off whatever they still run, and waits for them.
+    pub async fn release(self) {
+        self.release.send_replace(true);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` turns true, then waits for the open connections:
@@ -43,7 +144,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Arc::clone(&limits.slots);
     let connections = TaskTracker::new();
     let mut http1 = http1::Builder::new();
     http1

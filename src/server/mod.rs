@@ -733,6 +733,7 @@ pub struct RunningServer {
     shutdown: Shutdown,
     grace: Duration,
     task: tokio::task::JoinHandle<()>,
+    serving: Option<listener::ServingThreads>,
     /// Gone once every connection and background write let go of the gateway's state (and so
     /// of its store: a sled store can be reopened only then).
     state: std::sync::Weak<AppState>,
@@ -758,7 +759,13 @@ impl RunningServer {
         let mut task = self.task;
         let state = self.state;
         tokio::select! {
-            result = &mut task => { result?; return Ok(true); }
+            result = &mut task => {
+                result?;
+                if let Some(serving) = self.serving.take() {
+                    serving.release().await;
+                }
+                return Ok(true);
+            }
             _ = stopped.wait_for(|stop| *stop) => {}
         }
         if let Some(log) = &self.request_log {
@@ -784,11 +791,17 @@ impl RunningServer {
                 while state.strong_count() > 0 && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
+                if let Some(serving) = self.serving.take() {
+                    serving.release().await;
+                }
                 self.closer.close().await;
                 Ok(state.strong_count() == 0)
             }
             Err(_) => {
                 task.abort();
+                if let Some(serving) = self.serving.take() {
+                    serving.release().await;
+                }
                 self.closer.close().await;
                 Ok(false)
             }
@@ -808,12 +821,17 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 }
 
 /// Builds the gateway from config and starts listening on `server.listen` (port 0 picks a free
-/// one), and on `metrics.listen` if set.
+/// one), and on `metrics.listen` if set. The API is served by threads of its own (one per core
+/// unless `server.worker_threads` says otherwise); `/metrics` on its own port, startup and
+/// background work by the calling runtime.
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let state = Arc::new(AppState::from_config(config).await?);
     let weak_state = Arc::downgrade(&state);
-    let listener = bind(config.server.listen).await?;
-    let addr = listener.local_addr()?;
+    let listen = config.server.listen;
+    let threads = crate::runtime::serving_threads(config.server.worker_threads);
+    let listeners = listener::bind_reusing_port(listen, threads)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let addr = listeners[0].local_addr()?;
     let metrics_listener = match config.metrics.listen {
         Some(listen) => Some(bind(listen).await?),
         None => None,
@@ -824,7 +842,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         .transpose()?;
     let (sender, receiver) = watch::channel(false);
     let limits = || listener::ConnectionLimits {
-        max_connections: config.server.max_connections,
+        slots: Arc::new(tokio::sync::Semaphore::new(config.server.max_connections)),
         header_timeout: config.server.header_timeout,
     };
     let metrics = Arc::clone(&state.pipeline.metrics);
@@ -832,13 +850,13 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let request_log = state.request_log.clone();
     let experiments = state.pipeline.experiments_handle();
     let otlp = state.otlp.clone();
-    let api = listener::serve(
-        listener,
-        app(Arc::clone(&state), metrics_listener.is_none()),
-        limits(),
-        receiver.clone(),
-        Arc::clone(&metrics),
-    );
+    let (serving, served) = listener::ServingThreads::start(
+        listeners,
+        &app(Arc::clone(&state), metrics_listener.is_none()),
+        &limits(),
+        &receiver,
+        &metrics,
+    )?;
     let operations = metrics_listener.map(|metrics_listener| {
         listener::serve(
             metrics_listener,
@@ -849,11 +867,14 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         )
     });
     let task = tokio::spawn(async move {
+        let api = futures::future::join_all(served);
         match operations {
             Some(operations) => {
                 tokio::join!(api, operations);
             }
-            None => api.await,
+            None => {
+                api.await;
+            }
         }
     });
     Ok(RunningServer {
@@ -866,6 +887,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         experiments,
         otlp,
         task,
+        serving: Some(serving),
         state: weak_state,
     })
 }
