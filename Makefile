@@ -64,6 +64,7 @@ redis-server:
 # Load benchmark (numbers in the README). Installs oha into .tools on first use.
 bench: $(VENV)/.installed chromium
 	bash benches/load.sh
+	bash benches/hot_path.sh
 	$(CARGO) run --release --locked --example request_log_scale
 	$(CARGO) build --release --locked --bin reprise --example console_scale
 	REPRISE_BROWSER=$$(command -v chromium) REPRISE_PYTHON=$(abspath $(VENV))/bin/python \

@@ -213,7 +213,7 @@ for build in builds:
         rps = median(oha(f"{build}-{key}-{r}-c32")[2] for r in rounds)
         cpu = median(cpu_us(f"{build}-{key}-{r}") for r in rounds)
         added = f"+{p50 - d50:.0f} µs" if key != "hit" else f"{p50:.0f} µs end to end"
-        print(f"| {build} | {label} | {added} | +{p99 - d99:.0f} µs | {rps:,.0f} ({rps / drps:.2f}×) | {cpu:.0f} µs |")
+        print(f"| {build} | {label} | {added} | {p99 - d99:+.0f} µs | {rps:,.0f} ({rps / drps:.2f}×) | {cpu:.0f} µs |")
 print()
 for build in builds:
     idle = int(open(f"{workdir}/{build}-plain.idle-rss").read()) / 1024

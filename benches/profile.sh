@@ -22,9 +22,11 @@ workdir=$(mktemp -d)
 cleanup() {
   [ -n "${gw_pid:-}" ] && kill "$gw_pid" 2>/dev/null || true
   [ -n "${mock_pid:-}" ] && kill "$mock_pid" 2>/dev/null || true
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$workdir"/*.data "$KEEP"/ 2>/dev/null || true; fi
   rm -rf "$workdir"
 }
 trap cleanup EXIT
+# KEEP=DIR keeps the recordings there, for `perf report -i DIR/perf.data`.
 
 cat > "$workdir/profile.toml" <<TOML
 [server]
@@ -56,10 +58,14 @@ for _ in $(seq 100); do
   curl -sf "http://$GW_ADDR/healthz" > /dev/null && break
   sleep 0.1
 done
-body='{"model":"bench","messages":[{"role":"user","content":"hello"}]}'
+# A different question on every request: identical concurrent misses would share one upstream
+# call (single flight).
+for i in $(seq "$N"); do
+  printf '{"model":"bench","messages":[{"role":"user","content":"hello %d"}]}\n' "$i"
+done > "$workdir/bodies"
 load() {
   "$OHA" --no-tui --output-format json -m POST -H 'content-type: application/json' \
-    -H 'authorization: Bearer bench-key' -H 'cache-control: max-age=0' -d "$body" \
+    -H 'authorization: Bearer bench-key' -H 'cache-control: max-age=0' -Z "$workdir/bodies" \
     -n "$1" -c 32 "http://$GW_ADDR/v1/chat/completions" > "$workdir/oha.json"
 }
 load 4000

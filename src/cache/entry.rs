@@ -20,6 +20,20 @@ pub struct Entry {
     pub response: Value,
 }
 
+/// An [`Entry`] being written, borrowing its parts: the answer stays shared with the flight's
+/// followers instead of being copied for the store. Serialises to the same bytes as `Entry`.
+#[derive(Serialize)]
+pub struct NewEntry<'a> {
+    pub created_at_ms: u64,
+    pub ttl_secs: Option<u64>,
+    pub tenant: &'a str,
+    pub route: &'a str,
+    pub target: &'a str,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub response: &'a Value,
+}
+
 /// Whether an answer may be stored: every choice finished normally (`stop` or `tool_calls`;
 /// `length` only if the route allows truncated answers), and tool-call arguments are valid JSON.
 /// A refusal, a content-filter stop or a malformed tool call is never replayed to anyone.
@@ -296,6 +310,34 @@ mod tests {
         json!({"id": "c1", "object": "chat.completion", "created": 5, "model": "m",
                "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+    }
+
+    #[test]
+    fn a_new_entry_is_written_as_the_entry_it_is_read_back_as() {
+        let response = completion(json!({"role": "assistant", "content": "hi"}), "stop");
+        let entry = Entry {
+            created_at_ms: 1,
+            ttl_secs: Some(60),
+            tenant: "a".into(),
+            route: "chat".into(),
+            target: "mock/ok".into(),
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            response: response.clone(),
+        };
+        let written = serde_json::to_vec(&NewEntry {
+            created_at_ms: 1,
+            ttl_secs: Some(60),
+            tenant: "a",
+            route: "chat",
+            target: "mock/ok",
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            response: &response,
+        })
+        .unwrap();
+        assert_eq!(written, serde_json::to_vec(&entry).unwrap());
+        assert_eq!(serde_json::from_slice::<Entry>(&written).unwrap(), entry);
     }
 
     #[test]

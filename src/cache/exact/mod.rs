@@ -10,7 +10,7 @@ use serde_json::Value;
 
 pub use flight::{Joined, Leader};
 
-use super::entry::{Entry, is_cacheable, usage_counts};
+use super::entry::{Entry, NewEntry, is_cacheable, usage_counts};
 use super::key::{KeyScope, chat_key};
 use super::{CacheMode, CacheScope, CacheStatus, Requested, entry_path, now_ms};
 use crate::config::CachePolicy;
@@ -167,27 +167,32 @@ impl ExactCache {
         if !plan.mode.write() || !is_cacheable(&response, plan.cache_truncated) {
             return;
         }
-        let landing = leader.map(|leader| leader.publish(Arc::new(response.clone())));
+        let response = Arc::new(response);
+        let landing = leader.map(|leader| leader.publish(Arc::clone(&response)));
         let (prompt_tokens, completion_tokens) = usage_counts(&response);
-        let entry = Entry {
-            created_at_ms: now_ms(),
-            ttl_secs: Some(plan.ttl.as_secs()),
-            tenant: plan.tenant.clone(),
-            route: plan.route.clone(),
-            target: target.to_owned(),
-            prompt_tokens,
-            completion_tokens,
-            response,
-        };
-        let Ok(bytes) = serde_json::to_vec(&entry) else {
-            return;
-        };
+        let created_at_ms = now_ms();
+        let ttl_secs = Some(plan.ttl.as_secs());
+        let (tenant, route, target) = (plan.tenant.clone(), plan.route.clone(), target.to_owned());
         let store = Arc::clone(&self.store);
         let metrics = Arc::clone(&self.metrics);
         let path = plan.path.clone();
         let ttl = plan.ttl;
+        // Serialised in the task, so that the answer goes out first.
         tokio::spawn(async move {
             let _landing = landing;
+            let entry = NewEntry {
+                created_at_ms,
+                ttl_secs,
+                tenant: &tenant,
+                route: &route,
+                target: &target,
+                prompt_tokens,
+                completion_tokens,
+                response: &response,
+            };
+            let Ok(bytes) = serde_json::to_vec(&entry) else {
+                return;
+            };
             match store.put(&path, bytes, Some(ttl)).await {
                 Ok(()) => metrics.cache_written(),
                 Err(error) => {
