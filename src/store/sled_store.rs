@@ -30,20 +30,6 @@ pub struct SledStore {
     /// release) and the holds of requests in flight, which die with the process as they should.
     budgets: Arc<parking_lot::Mutex<std::collections::HashMap<String, Budget>>>,
     spend_log: Arc<SpendLog>,
-    flushes: Arc<GroupFlush>,
-}
-
-/// Group commit for every other write: a write waits for a flush that began after it, and one
-/// flush serves every write waiting for it, instead of one fsync each (under load, cache writes
-/// spent more CPU in their flushes than the rest of the request).
-#[derive(Default)]
-struct GroupFlush {
-    /// Flushes begun, numbered from 1.
-    begun: AtomicU64,
-    /// The number of the last flush that finished.
-    finished: AtomicU64,
-    /// One flush at a time; writers waiting here find theirs done by the one before.
-    flusher: tokio::sync::Mutex<()>,
 }
 
 /// Group commit for spend: concurrent requests' spend is written and flushed together, one
@@ -237,7 +223,6 @@ impl SledStore {
             counts: Arc::default(),
             budgets: Arc::default(),
             spend_log: Arc::default(),
-            flushes: Arc::default(),
         })
     }
 
@@ -264,21 +249,6 @@ impl SledStore {
     /// Bytes of keys and values held now (approximate while writes race).
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Returns once what the caller wrote before calling it is on disk.
-    async fn durable_after_write(&self) -> Result<(), StoreError> {
-        let flushes = &self.flushes;
-        // A flush numbered `needed` or later begins after this point, so after the write.
-        let needed = flushes.begun.load(Ordering::SeqCst) + 1;
-        let _flusher = flushes.flusher.lock().await;
-        if flushes.finished.load(Ordering::SeqCst) >= needed {
-            return Ok(());
-        }
-        let ticket = flushes.begun.fetch_add(1, Ordering::SeqCst) + 1;
-        self.blocking(|db, _| durable(db)).await?;
-        flushes.finished.store(ticket, Ordering::SeqCst);
-        Ok(())
     }
 
     async fn blocking<T: Send + 'static>(
@@ -609,10 +579,9 @@ impl Store for SledStore {
                     "cache store over its size bound: evicted the oldest entries"
                 );
             }
-            Ok(())
+            durable(db)
         })
-        .await?;
-        self.durable_after_write().await
+        .await
     }
 
     async fn compare_and_swap(
@@ -647,12 +616,12 @@ impl Store for SledStore {
                         .bytes
                         .fetch_add(size_of(key.as_bytes(), &stored), Ordering::Relaxed);
                 }
+                if swapped {
+                    durable(db)?;
+                }
                 Ok(swapped)
             })
             .await?;
-        if swapped {
-            self.durable_after_write().await?;
-        }
         Ok(swapped)
     }
 
@@ -664,10 +633,10 @@ impl Store for SledStore {
                 if let Some(old) = &old {
                     books.forget(key.as_bytes(), old);
                 }
+                durable(db)?;
                 Ok(old.is_some())
             })
             .await?;
-        self.durable_after_write().await?;
         Ok(existed)
     }
 
@@ -683,10 +652,10 @@ impl Store for SledStore {
                         removed += 1;
                     }
                 }
+                durable(db)?;
                 Ok(removed)
             })
             .await?;
-        self.durable_after_write().await?;
         Ok(removed)
     }
 
