@@ -128,6 +128,17 @@ async fn admin_json(addr: &str, method: reqwest::Method, path: &str, body: Optio
 type LogLines = std::sync::Arc<parking_lot::Mutex<Vec<String>>>;
 
 /// Runs `reprise serve` on a config with JSON logs; returns the process, its address and its log.
+/// Sends SIGTERM, as a process manager stopping the gateway would.
+fn terminate(child: &std::process::Child) {
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
 fn spawn_gateway(config: &std::path::Path) -> (std::process::Child, String, LogLines) {
     let mut child = Command::new(BIN)
         .args(["serve", "--config", config.to_str().unwrap()])
@@ -238,13 +249,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     });
     tokio::time::sleep(Duration::from_millis(400)).await;
     let sent_at = Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    terminate(&child);
 
     let response = in_flight
         .await
@@ -823,13 +828,7 @@ async fn serving_threads_each_listen_on_the_port_and_drain_together() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    terminate(&child);
     for (i, request) in requests.into_iter().enumerate() {
         let response = request
             .await
