@@ -139,6 +139,23 @@ fn terminate(child: &std::process::Child) {
     );
 }
 
+/// The gateway's exit status, which must come within 10 s of `since`.
+async fn exit_after_sigterm(
+    child: &mut std::process::Child,
+    since: Instant,
+) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "the gateway did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn spawn_gateway(config: &std::path::Path) -> (std::process::Child, String, LogLines) {
     let mut child = Command::new(BIN)
         .args(["serve", "--config", config.to_str().unwrap()])
@@ -259,16 +276,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "echo: drain me");
 
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            sent_at.elapsed() < Duration::from_secs(10),
-            "the gateway did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = exit_after_sigterm(&mut child, sent_at).await;
     assert!(status.success(), "{status:?}");
     assert!(
         client
@@ -846,14 +854,7 @@ async fn serving_threads_each_listen_on_the_port_and_drain_together() {
         "the 24 slow answers were served concurrently: {:?}",
         started.elapsed()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the gateway did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = exit_after_sigterm(&mut child, Instant::now()).await;
     assert!(status.success(), "{status:?}");
     assert_eq!(listening_sockets(port), 0);
 }
