@@ -6,7 +6,8 @@
 # code was running (the innermost `reprise::` module on its stack, else the library under it).
 # All traffic goes to 127.0.0.1; bounded in requests.
 #
-#   bash benches/profile.sh          # N=40000 requests
+#   bash benches/profile.sh                   # N=40000 requests
+#   LINE=passthrough bash benches/profile.sh  # no cache, no request log: the bare path
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,14 @@ cleanup() {
 trap cleanup EXIT
 # KEEP=DIR keeps the recordings there, for `perf report -i DIR/perf.data`.
 
+LINE=${LINE:-miss}
+case "$LINE" in
+  miss) features=$(printf '[cache]\npath = "%s/cache"\n[request_log]\npath = "%s/requests"\n' "$workdir" "$workdir")
+        route_cache=$(printf '[routes.bench.cache]\nenabled = true\n') ;;
+  passthrough) features=""; route_cache="" ;;
+  *) echo "LINE is miss or passthrough"; exit 2 ;;
+esac
+
 cat > "$workdir/profile.toml" <<TOML
 [server]
 listen = "$GW_ADDR"
@@ -40,14 +49,10 @@ keys = [{ key = "bench-key", tenant = "bench" }]
 kind = "openai"
 base_url = "http://$MOCK_ADDR/v1"
 api_key = "sk-bench"
-[cache]
-path = "$workdir/cache"
-[request_log]
-path = "$workdir/requests"
+$features
 [routes.bench]
 targets = [{ provider = "mock", model = "ok" }]
-[routes.bench.cache]
-enabled = true
+$route_cache
 TOML
 
 ./target/profiling/examples/mock_upstream "$MOCK_ADDR" > "$workdir/mock.log" 2>&1 &

@@ -157,8 +157,16 @@ async fn exit_after_sigterm(
 }
 
 fn spawn_gateway(config: &std::path::Path) -> (std::process::Child, String, LogLines) {
+    spawn_gateway_with_env(config, &[])
+}
+
+fn spawn_gateway_with_env(
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String, LogLines) {
     let mut child = Command::new(BIN)
         .args(["serve", "--config", config.to_str().unwrap()])
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -857,4 +865,47 @@ async fn serving_threads_each_listen_on_the_port_and_drain_together() {
     let status = exit_after_sigterm(&mut child, Instant::now()).await;
     assert!(status.success(), "{status:?}");
     assert_eq!(listening_sockets(port), 0);
+}
+
+/// Upstream calls go through hyper's client unless the environment names a proxy for the
+/// upstream; then they go through it, as they did when every call went through reqwest.
+#[tokio::test]
+async fn an_upstream_behind_the_environments_proxy_is_reached_through_it() {
+    // The mock plays the proxy: it is sent the absolute-form request for a host that does not
+    // resolve, and answers it.
+    let mock = Mock::start().await;
+    let proxy = mock.openai_base().trim_end_matches("/v1").to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[log]\nformat = \"json\"\n[routes.proxied]\ntargets = [{{ provider = \"mock\", model = \"gpt-proxied\" }}]\n",
+        base_config(&mock).replacen(&mock.openai_base(), "http://upstream.invalid/v1", 1)
+    );
+    let path = write_config(&dir, &config);
+    let (mut child, addr, _) = spawn_gateway_with_env(
+        &path,
+        &[("HTTP_PROXY", &proxy), ("NO_PROXY", ""), ("no_proxy", "")],
+    );
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(KEY_A)
+        .json(&json!({"model": "proxied", "messages": user("through the proxy")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "echo: through the proxy"
+    );
+    let (headers, _) = mock
+        .last_request("gpt-proxied")
+        .expect("the proxy was sent it");
+    assert_eq!(headers["host"], "upstream.invalid");
+    terminate(&child);
+    assert!(
+        exit_after_sigterm(&mut child, Instant::now())
+            .await
+            .success()
+    );
 }

@@ -1,19 +1,18 @@
 //! Anthropic's native Messages API, spoken in OpenAI's shape towards the router.
 
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::Value;
 
 use super::{
-    ChatReply, Provider, ProviderError, event_stream_chain, post_json, read_json, sensitive,
+    ChatReply, Provider, ProviderError, event_stream_chain, events, post_json, read_json, sensitive,
 };
 use crate::protocol::anthropic::{StreamToOpenAi, request_from_openai, response_to_openai};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 
 pub struct Anthropic {
     client: super::Clients,
-    messages_url: url::Url,
+    messages_url: http::Uri,
     headers: HeaderMap,
     default_max_tokens: u32,
 }
@@ -34,7 +33,7 @@ impl Anthropic {
         let base = base_url.as_str().trim_end_matches('/');
         Ok(Self {
             client,
-            messages_url: url::Url::parse(&format!("{base}/v1/messages"))?,
+            messages_url: format!("{base}/v1/messages").parse()?,
             headers,
             default_max_tokens,
         })
@@ -59,7 +58,7 @@ impl Provider for Anthropic {
                 .map_err(ProviderError::from);
         }
         let mut translator = StreamToOpenAi::new(request.wants_usage_in_stream());
-        let mut events = response.bytes_stream().eventsource();
+        let mut events = events(response);
         let chunks = async_stream::stream! {
             while let Some(event) = events.next().await {
                 let event = match event {

@@ -2,6 +2,7 @@
 //! provider means one new implementation here and one arm in [`build`], nowhere else.
 
 mod anthropic;
+mod client;
 mod echo;
 mod openai;
 
@@ -9,8 +10,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::Stream;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body_util::BodyExt;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
@@ -18,6 +21,8 @@ use crate::config::{ProviderConfig, ProviderKind};
 use crate::error::UpstreamError;
 use crate::protocol::anthropic::TranslationError;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
+pub use client::Clients;
+use client::{BoxError, UpstreamBody};
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Value, ProviderError>> + Send>>;
 
@@ -123,16 +128,15 @@ pub(crate) fn reqwest_chain(error: reqwest::Error) -> String {
     error_chain(&error.without_url())
 }
 
-pub(crate) fn event_stream_chain(
-    error: eventsource_stream::EventStreamError<reqwest::Error>,
-) -> String {
+pub(crate) fn event_stream_chain(error: eventsource_stream::EventStreamError<BoxError>) -> String {
     match error {
-        eventsource_stream::EventStreamError::Transport(error) => reqwest_chain(error),
+        eventsource_stream::EventStreamError::Transport(error) => error_chain(&*error),
         other => error_chain(&other),
     }
 }
 
-/// reqwest's top-level message ("error sending request") hides the useful cause.
+/// A client's top-level message ("error sending request", "client error (Connect)") hides the
+/// useful cause.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -160,33 +164,6 @@ pub trait Provider: Send + Sync {
         request: &EmbeddingsRequest,
         upstream_model: &str,
     ) -> Result<Value, ProviderError>;
-}
-
-/// One HTTP client, and so one connection pool, per serving thread (plus one for every other
-/// thread): a request's upstream connection is driven by the runtime that serves the request,
-/// never woken on another thread.
-#[derive(Clone)]
-pub struct Clients(Arc<[reqwest::Client]>);
-
-impl Clients {
-    fn new(config: &ProviderConfig, serving_threads: usize) -> anyhow::Result<Self> {
-        let clients = (0..=serving_threads)
-            .map(|_| {
-                reqwest::Client::builder()
-                    .connect_timeout(config.connect_timeout)
-                    .tcp_nodelay(true)
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .pool_max_idle_per_host(256)
-                    .build()
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self(clients.into()))
-    }
-
-    /// The current thread's client.
-    pub fn current(&self) -> &reqwest::Client {
-        &self.0[crate::runtime::serving_thread() % self.0.len()]
-    }
 }
 
 pub fn build(
@@ -290,22 +267,35 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// becomes a [`ProviderError::Status`] carrying the upstream's error and `Retry-After`.
 async fn post_json<T: serde::Serialize + ?Sized>(
     client: &Clients,
-    url: &url::Url,
+    url: &http::Uri,
     headers: &HeaderMap,
     body: &T,
-) -> Result<reqwest::Response, ProviderError> {
-    let mut request = client.current().post(url.clone()).headers(headers.clone());
+) -> Result<http::Response<UpstreamBody>, ProviderError> {
+    let body = serde_json::to_vec(body).map_err(|e| ProviderError::Transport(e.to_string()))?;
+    let mut request = http::Request::new(Bytes::from(body));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = url.clone();
+    let request_headers = request.headers_mut();
+    request_headers.reserve(headers.len() + 4);
+    request_headers.extend(
+        headers
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone())),
+    );
+    request_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    request_headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
     if let Some(trace) = crate::otel::upstream_headers() {
-        request = request.header("traceparent", trace.traceparent);
-        if let Some(state) = trace.tracestate {
-            request = request.header("tracestate", &*state);
+        if let Ok(value) = HeaderValue::from_str(&trace.traceparent) {
+            request_headers.insert("traceparent", value);
+        }
+        if let Some(value) = trace
+            .tracestate
+            .and_then(|state| HeaderValue::from_str(&state).ok())
+        {
+            request_headers.insert("tracestate", value);
         }
     }
-    let response = request
-        .json(body)
-        .send()
-        .await
-        .map_err(ProviderError::from_send)?;
+    let response = client.send(request).await?;
     if response.status().is_success() {
         Ok(response)
     } else {
@@ -314,23 +304,41 @@ async fn post_json<T: serde::Serialize + ?Sized>(
 }
 
 /// Turns a non-2xx upstream response into a [`ProviderError::Status`].
-async fn status_error(response: reqwest::Response) -> ProviderError {
-    let status = response.status().as_u16();
-    let retry_after = retry_after(response.headers());
-    let body = response.bytes().await.unwrap_or_default();
+async fn status_error(response: http::Response<UpstreamBody>) -> ProviderError {
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
     ProviderError::Status {
-        status,
-        retry_after,
+        status: parts.status.as_u16(),
+        retry_after: retry_after(&parts.headers),
         error: UpstreamError::from_body(&body),
     }
 }
 
-async fn read_json(response: reqwest::Response) -> Result<Value, ProviderError> {
-    let bytes = response
-        .bytes()
+/// The whole body of a response.
+async fn read_body(response: http::Response<UpstreamBody>) -> Result<Bytes, ProviderError> {
+    response
+        .into_body()
+        .collect()
         .await
-        .map_err(|e| ProviderError::Transport(reqwest_chain(e)))?;
+        .map(|collected| collected.to_bytes())
+        .map_err(|e| ProviderError::Transport(error_chain(&*e)))
+}
+
+async fn read_json(response: http::Response<UpstreamBody>) -> Result<Value, ProviderError> {
+    let bytes = read_body(response).await?;
     serde_json::from_slice(&bytes).map_err(|e| ProviderError::InvalidResponse(e.to_string()))
+}
+
+/// A streamed response's body as server-sent events.
+fn events(
+    response: http::Response<UpstreamBody>,
+) -> eventsource_stream::EventStream<http_body_util::BodyDataStream<UpstreamBody>> {
+    use eventsource_stream::Eventsource;
+    http_body_util::BodyDataStream::new(response.into_body()).eventsource()
 }
 
 #[cfg(test)]

@@ -1,20 +1,19 @@
 //! Any server speaking OpenAI's chat-completions API. The request is forwarded as the client wrote
 //! it (unknown fields included), with only `model` replaced by the target's upstream model.
 
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use reqwest::header::{AUTHORIZATION, HeaderMap};
 use serde_json::Value;
 
 use super::{
-    ChatReply, Provider, ProviderError, event_stream_chain, post_json, read_json, sensitive,
+    ChatReply, Provider, ProviderError, event_stream_chain, events, post_json, read_json, sensitive,
 };
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 
 pub struct OpenAiCompatible {
     client: super::Clients,
-    chat_url: url::Url,
-    embeddings_url: url::Url,
+    chat_url: http::Uri,
+    embeddings_url: http::Uri,
     headers: HeaderMap,
 }
 
@@ -32,8 +31,8 @@ impl OpenAiCompatible {
         let base = base_url.as_str().trim_end_matches('/');
         Ok(Self {
             client,
-            chat_url: url::Url::parse(&format!("{base}/chat/completions"))?,
-            embeddings_url: url::Url::parse(&format!("{base}/embeddings"))?,
+            chat_url: format!("{base}/chat/completions").parse()?,
+            embeddings_url: format!("{base}/embeddings").parse()?,
             headers,
         })
     }
@@ -56,7 +55,7 @@ impl Provider for OpenAiCompatible {
         if !stream {
             return read_json(response).await.map(ChatReply::Complete);
         }
-        let mut events = response.bytes_stream().eventsource();
+        let mut events = events(response);
         let chunks = async_stream::stream! {
             loop {
                 match events.next().await {
