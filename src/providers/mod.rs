@@ -275,15 +275,15 @@ async fn post_json<T: serde::Serialize + ?Sized>(
     let mut request = http::Request::new(Bytes::from(body));
     *request.method_mut() = http::Method::POST;
     *request.uri_mut() = url.clone();
+    *request.headers_mut() = headers.clone();
     let request_headers = request.headers_mut();
-    request_headers.reserve(headers.len() + 4);
-    request_headers.extend(
-        headers
-            .iter()
-            .map(|(name, value)| (name.clone(), value.clone())),
-    );
-    request_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    request_headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+    // A provider's configured headers win, as they did with reqwest.
+    request_headers
+        .entry(CONTENT_TYPE)
+        .or_insert(HeaderValue::from_static("application/json"));
+    request_headers
+        .entry(ACCEPT)
+        .or_insert(HeaderValue::from_static("*/*"));
     if let Some(trace) = crate::otel::upstream_headers() {
         if let Ok(value) = HeaderValue::from_str(&trace.traceparent) {
             request_headers.insert("traceparent", value);
