@@ -693,7 +693,7 @@ impl Limits {
     ) {
         let mut row = UsageKey::today(tenant, key.map(|k| k.id.as_str()), route);
         if let Some(model) = &report.model {
-            row.model.clone_from(model);
+            row.model = model.as_str().into();
         }
         self.usage.add(
             row,
@@ -1003,7 +1003,7 @@ impl Settlement {
             requests: 1,
             ..UsageCounts::default()
         };
-        let mut row = self.row.clone();
+        let mut row = self.row;
         let (used_tokens, cost) = match answered {
             Some((target, answer, (input, output))) => {
                 let cost = self.prices.cost(Some(target), answer, input, output);
@@ -1013,7 +1013,7 @@ impl Settlement {
                 row.model = target
                     .split_once('/')
                     .map_or(target, |(_, model)| model)
-                    .to_owned();
+                    .into();
                 (input + output, counts.cost_nanos)
             }
             None => {

@@ -23,24 +23,25 @@ const PREFIX: &str = "usage/v1/";
 /// The key column of requests made with a key from `[auth]` (they have no id).
 const STATIC_KEY: &str = "-";
 
-/// One row's coordinates.
+/// One row's coordinates. Every request makes one and the book clones it, so the columns are
+/// shared strings.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UsageKey {
-    pub day: String,
-    pub tenant: String,
-    pub key: String,
-    pub route: String,
-    pub model: String,
+    pub day: Arc<str>,
+    pub tenant: Arc<str>,
+    pub key: Arc<str>,
+    pub route: Arc<str>,
+    pub model: Arc<str>,
 }
 
 impl UsageKey {
     pub fn today(tenant: &str, key: Option<&str>, route: &str) -> Self {
         Self {
             day: today(),
-            tenant: tenant.to_owned(),
-            key: key.unwrap_or(STATIC_KEY).to_owned(),
-            route: route.to_owned(),
-            model: String::from("-"),
+            tenant: tenant.into(),
+            key: key.unwrap_or(STATIC_KEY).into(),
+            route: route.into(),
+            model: NO_MODEL.with(Arc::clone),
         }
     }
 
@@ -59,13 +60,13 @@ impl UsageKey {
 
     fn from_store_key(key: &str) -> Option<Self> {
         let mut parts = key.strip_prefix(PREFIX)?.split('/');
-        let mut next = || -> Option<String> {
+        let mut next = || -> Option<Arc<str>> {
             let part = parts.next()?;
             Some(
                 url::form_urlencoded::parse(format!("x={part}").as_bytes())
                     .next()?
                     .1
-                    .into_owned(),
+                    .into(),
             )
         };
         Some(Self {
@@ -88,8 +89,28 @@ impl UsageKey {
     }
 }
 
-fn today() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()[..10].to_owned()
+thread_local! {
+    /// The model column before a target answered.
+    static NO_MODEL: Arc<str> = Arc::from("-");
+    /// Today's date (UTC) and the day number it was written for: formatted once a day per
+    /// thread, not per request.
+    static TODAY: std::cell::RefCell<(u64, Arc<str>)> = std::cell::RefCell::new((u64::MAX, Arc::from("")));
+}
+
+const SECONDS_PER_DAY: u64 = 86_400;
+
+fn today() -> Arc<str> {
+    let now = SystemTime::now();
+    let day = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() / SECONDS_PER_DAY);
+    TODAY.with_borrow_mut(|(cached_day, text)| {
+        if *cached_day != day {
+            *text = Arc::from(&humantime::format_rfc3339_seconds(now).to_string()[..10]);
+            *cached_day = day;
+        }
+        Arc::clone(text)
+    })
 }
 
 /// What a row adds up. Money is in billionths of a USD, so sums stay exact.
@@ -257,7 +278,7 @@ impl UsageBook {
 
     /// Rows matching `query`, grouped and summed, with their total.
     pub async fn query(&self, query: &UsageQuery) -> Result<Value, ApiError> {
-        let from = query.from.clone().unwrap_or_else(today);
+        let from = query.from.clone().unwrap_or_else(|| today().to_string());
         let to = query.to.clone().unwrap_or_else(|| from.clone());
         let days = days_between(&from, &to)?;
         let group: Vec<Dimension> = match &query.group_by {
@@ -285,15 +306,15 @@ impl UsageBook {
                 .collect::<Result<_, _>>()?,
         };
         let wanted = |key: &UsageKey| {
-            days.contains(&key.day)
+            days.iter().any(|day| day.as_str() == &*key.day)
                 && [
-                    (&query.tenant, &key.tenant),
-                    (&query.key, &key.key),
-                    (&query.route, &key.route),
-                    (&query.model, &key.model),
+                    (&query.tenant, &*key.tenant),
+                    (&query.key, &*key.key),
+                    (&query.route, &*key.route),
+                    (&query.model, &*key.model),
                 ]
-                .iter()
-                .all(|(filter, value)| filter.as_ref().is_none_or(|f| f == *value))
+                .into_iter()
+                .all(|(filter, value)| filter.as_deref().is_none_or(|f| f == value))
         };
         let mut rows: Vec<(UsageKey, UsageCounts)> = Vec::new();
         if let Some(store) = &self.store {
