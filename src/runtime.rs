@@ -9,6 +9,7 @@
 //! much CPU per request on this path (docs/performance.md).
 
 use std::cell::Cell;
+use std::sync::OnceLock;
 
 thread_local! {
     static SERVING_THREAD: Cell<usize> = const { Cell::new(0) };
@@ -32,4 +33,24 @@ pub fn serving_threads(configured: Option<usize>) -> usize {
             .map(std::num::NonZeroUsize::get)
             .unwrap_or(1)
     })
+}
+
+/// The runtime requests with large bodies are served on: a multi-threaded one shared by the
+/// serving threads, built on first use. Megabytes of JSON parsed, hashed and serialised take a
+/// serving thread for that long, and every other connection it accepted would wait behind them;
+/// here they take a thread of their own. `None` if it could not be built (the request is then
+/// served where it was accepted).
+pub fn large_requests() -> Option<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(serving_threads(None))
+                .thread_name("reprise-large")
+                .enable_all()
+                .build()
+                .map_err(|error| tracing::warn!(%error, "no runtime for large requests"))
+                .ok()
+        })
+        .as_ref()
 }

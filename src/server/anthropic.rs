@@ -40,6 +40,7 @@ pub async fn messages(
     let Admitted {
         context,
         request,
+        body_bytes,
         _slot,
     }: Admitted<MessagesRequest> = match authenticated_request(&state, &headers, body).await {
         Ok(parsed) => parsed,
@@ -49,7 +50,7 @@ pub async fn messages(
         Ok(request) => request,
         Err(error) => return fail(ApiError::from(error).into(), None),
     };
-    let (captured, answered) = state.chat(&context, request).await;
+    let (captured, answered) = state.chat_sized(context, request, body_bytes).await;
     match answered {
         Ok(answered) => {
             let trace: Trace = answered.trace;

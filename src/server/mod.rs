@@ -167,6 +167,38 @@ impl AppState {
         }
     }
 
+    /// [`Self::chat`], on the runtime for large requests when the body was large
+    /// ([`crate::runtime::large_requests`]).
+    async fn chat_sized(
+        self: &Arc<Self>,
+        context: RequestContext,
+        request: crate::protocol::openai::ChatRequest,
+        body_bytes: usize,
+    ) -> (
+        Option<Captured>,
+        Result<crate::pipeline::Answered<crate::providers::ChatReply>, Failed>,
+    ) {
+        let large = (body_bytes > PARSE_ASIDE_BYTES)
+            .then(crate::runtime::large_requests)
+            .flatten();
+        let Some(runtime) = large else {
+            return self.chat(&context, request).await;
+        };
+        let state = Arc::clone(self);
+        match runtime
+            .spawn(async move { state.chat(&context, request).await })
+            .await
+        {
+            Ok(answered) => answered,
+            // The same 500 as a panic on the serving thread (the panic layer answers it).
+            Err(error) => std::panic::resume_unwind(
+                error
+                    .try_into_panic()
+                    .unwrap_or_else(|_| Box::new("the request's task was cancelled")),
+            ),
+        }
+    }
+
     /// A chat request through the pipeline, inside its trace; the request as received comes
     /// back too when its route may capture payloads.
     async fn chat(
@@ -413,6 +445,8 @@ const PARSE_ASIDE_BYTES: usize = 256 * 1024;
 struct Admitted<T> {
     context: RequestContext,
     request: T,
+    /// The body's size: a large one is served off the serving thread.
+    body_bytes: usize,
     _slot: admission::Slot,
 }
 
@@ -425,7 +459,8 @@ async fn authenticated_request<T: serde::de::DeserializeOwned + Send + 'static>(
 ) -> Result<Admitted<T>, ApiError> {
     let context = context(state, headers).await?;
     let bytes = read_body(state, body, state.max_body_bytes).await?;
-    let request = if bytes.len() > PARSE_ASIDE_BYTES {
+    let body_bytes = bytes.len();
+    let request = if body_bytes > PARSE_ASIDE_BYTES {
         tokio::task::spawn_blocking(move || crate::protocol::parse_json(&bytes))
             .await
             .map_err(|_| ApiError::invalid("the request body could not be parsed", None))??
@@ -436,6 +471,7 @@ async fn authenticated_request<T: serde::de::DeserializeOwned + Send + 'static>(
     Ok(Admitted {
         context,
         request,
+        body_bytes,
         _slot: slot,
     })
 }

@@ -28,12 +28,13 @@ pub async fn chat_completions(
     let Admitted {
         context,
         request,
+        body_bytes,
         _slot,
     }: Admitted<ChatRequest> = match authenticated_request(&state, &headers, body).await {
         Ok(parsed) => parsed,
         Err(error) => return respond_error(&state, endpoint, error.into(), started, None),
     };
-    let (captured, answered) = state.chat(&context, request).await;
+    let (captured, answered) = state.chat_sized(context, request, body_bytes).await;
     match answered {
         Ok(answered) => {
             let trace = answered.trace;
@@ -73,6 +74,7 @@ pub async fn cache_feedback(
         context,
         request: feedback,
         _slot,
+        ..
     }: Admitted<Feedback> = match authenticated_request(&state, &headers, body).await {
         Ok(parsed) => parsed,
         Err(error) => return error.into_response(),
@@ -109,6 +111,7 @@ pub async fn feedback(
             context,
             request: report,
             _slot,
+            ..
         }: Admitted<crate::feedback::Report> =
             authenticated_request(&state, &headers, body).await?;
         let recorded = state
@@ -170,6 +173,7 @@ pub async fn embeddings(
         context,
         request,
         _slot,
+        ..
     }: Admitted<EmbeddingsRequest> = match authenticated_request(&state, &headers, body).await {
         Ok(parsed) => parsed,
         Err(error) => return respond_error(&state, endpoint, error.into(), started, None),
