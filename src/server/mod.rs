@@ -185,10 +185,11 @@ impl AppState {
             return self.chat(&context, request).await;
         };
         let state = Arc::clone(self);
-        match runtime
-            .spawn(async move { state.chat(&context, request).await })
-            .await
-        {
+        // A client that hangs up cancels its request there as it would here.
+        let task = tokio_util::task::AbortOnDropHandle::new(
+            runtime.spawn(async move { state.chat(&context, request).await }),
+        );
+        match task.await {
             Ok(answered) => answered,
             // The same 500 as a panic on the serving thread (the panic layer answers it).
             Err(error) => std::panic::resume_unwind(
