@@ -491,24 +491,21 @@ async fn a_client_that_disconnects_mid_stream_cancels_the_upstream_call() {
     assert_eq!(state.streams_completed.load(SeqCst), 0);
 }
 
-/// A large request is served on another runtime than the connection's; hanging up still
-/// cancels it.
-#[tokio::test]
-async fn a_client_that_gives_up_on_a_large_request_cancels_the_upstream_call() {
-    let gw = Gateway::start_with_server(
-        "max_body_bytes = 4194304",
-        &route(r#"{ provider = "mock", model = "hang" }"#, ""),
-    )
-    .await;
+/// Sends `body` with a client that gives up after `patience`, then waits until the mock saw the
+/// upstream call cancelled.
+async fn give_up_and_see_the_upstream_call_cancelled(
+    gw: &Gateway,
+    body: &Value,
+    patience: Duration,
+) {
     let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(500))
+        .timeout(patience)
         .build()
         .unwrap();
-    let large = json!({"model": "r", "messages": user(&"a long question ".repeat(40_000))});
     let result = impatient
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(common::KEY_A)
-        .json(&large)
+        .json(body)
         .send()
         .await;
     assert!(result.is_err(), "the client timed out");
@@ -519,25 +516,23 @@ async fn a_client_that_gives_up_on_a_large_request_cancels_the_upstream_call() {
     .await;
 }
 
+/// A large request is served on another runtime than the connection's; hanging up still
+/// cancels it.
+#[tokio::test]
+async fn a_client_that_gives_up_on_a_large_request_cancels_the_upstream_call() {
+    let gw = Gateway::start_with_server(
+        "max_body_bytes = 4194304",
+        &route(r#"{ provider = "mock", model = "hang" }"#, ""),
+    )
+    .await;
+    let large = json!({"model": "r", "messages": user(&"a long question ".repeat(40_000))});
+    give_up_and_see_the_upstream_call_cancelled(&gw, &large, Duration::from_millis(500)).await;
+}
+
 #[tokio::test]
 async fn a_client_that_gives_up_on_a_whole_answer_cancels_the_upstream_call() {
     let gw = Gateway::start(&route(r#"{ provider = "mock", model = "hang" }"#, "")).await;
-    let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
-    let result = impatient
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(common::KEY_A)
-        .json(&ask())
-        .send()
-        .await;
-    assert!(result.is_err(), "the client timed out");
-    let state = &gw.mock.state;
-    wait_until("the upstream call outlived its client", || {
-        state.calls_cancelled.load(SeqCst) == 1
-    })
-    .await;
+    give_up_and_see_the_upstream_call_cancelled(&gw, &ask(), Duration::from_millis(300)).await;
 }
 
 #[tokio::test]
