@@ -306,11 +306,7 @@ async fn post_json<T: serde::Serialize + ?Sized>(
 /// Turns a non-2xx upstream response into a [`ProviderError::Status`].
 async fn status_error(response: http::Response<UpstreamBody>) -> ProviderError {
     let (parts, body) = response.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|collected| collected.to_bytes())
-        .unwrap_or_default();
+    let body = read_body(body).await.unwrap_or_default();
     ProviderError::Status {
         status: parts.status.as_u16(),
         retry_after: retry_after(&parts.headers),
@@ -319,17 +315,15 @@ async fn status_error(response: http::Response<UpstreamBody>) -> ProviderError {
 }
 
 /// The whole body of a response.
-async fn read_body(response: http::Response<UpstreamBody>) -> Result<Bytes, ProviderError> {
-    response
-        .into_body()
-        .collect()
+async fn read_body(body: UpstreamBody) -> Result<Bytes, ProviderError> {
+    body.collect()
         .await
         .map(|collected| collected.to_bytes())
         .map_err(|e| ProviderError::Transport(error_chain(&*e)))
 }
 
 async fn read_json(response: http::Response<UpstreamBody>) -> Result<Value, ProviderError> {
-    let bytes = read_body(response).await?;
+    let bytes = read_body(response.into_body()).await?;
     serde_json::from_slice(&bytes).map_err(|e| ProviderError::InvalidResponse(e.to_string()))
 }
 
