@@ -65,6 +65,7 @@ fn record_and_queue(c: &mut Criterion) {
         "model": "gpt-4o-mini", "choices": [{"index": 0, "message": {"role": "assistant",
         "content": "Yes. Open your orders page and choose 'change address'."}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150}});
+    let answer = reprise::protocol::answer::AnswerFacts::of_value(&answer);
     let ending = || Ending {
         endpoint: "chat_completions",
         status: 200,

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::cache::{
     CacheControls, CacheLookup, CacheReport, CacheScope, CacheStage, PendingWrite, PromptScope,
-    UpstreamCheck, usage_counts,
+    UpstreamCheck,
 };
 use crate::config::{CacheConfig, Config, StoreKind};
 use crate::error::ApiError;
@@ -30,6 +30,7 @@ use crate::otel::TraceContext;
 use crate::prices::PriceTable;
 use crate::prompts::experiment::MetricInfo;
 use crate::prompts::{PromptRef, PromptStore, Resolution, Usage as PromptUsage};
+use crate::protocol::answer::AnswerFacts;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions, is_usage_only_chunk};
 use crate::providers::{ChatReply, ChunkStream};
 use crate::router::{Attempt, Route, RouteFailure, Router, Served, TargetHealth};
@@ -435,7 +436,7 @@ impl Pipeline {
         let router = Arc::clone(&self.router);
         tokio::spawn(async move {
             if let Ok(served) = router.chat(&route, &request).await {
-                check.compare(&served.value);
+                check.compare(served.value.value());
             }
         });
     }
@@ -483,14 +484,16 @@ impl Pipeline {
             let experiments = self.experiments.clone();
             let target = served.target.clone();
             stream = Box::pin(stream.inspect(move |item| {
-                if let Ok(chunk) = item {
+                if let Ok(chunk) = item
+                    && chunk.get("usage").is_some_and(|u| !u.is_null())
+                {
                     let counters = PromptCounters {
                         prompts: &prompts,
                         metrics: &metrics,
                         prices: &prices,
                         experiments: experiments.as_deref(),
                     };
-                    count_prompt_tokens(&counters, &prompt, &target, chunk);
+                    count_prompt_tokens(&counters, &prompt, &target, &AnswerFacts::of_value(chunk));
                 }
             }));
         }
@@ -542,7 +545,7 @@ impl Pipeline {
         trace: &Trace,
         status: u16,
         elapsed: Duration,
-        response: Option<&Value>,
+        response: Option<&AnswerFacts>,
     ) {
         let (Some(prompt), Some(prompts)) = (&trace.prompt, &self.prompts) else {
             return;
@@ -664,7 +667,7 @@ impl Pipeline {
                 attempts,
                 tried,
             }) => {
-                charge.settle(&target, &value).await;
+                charge.settle_value(&target, &value).await;
                 Ok(Answered {
                     value,
                     trace: Trace {
@@ -764,13 +767,15 @@ fn count_prompt_tokens(
     counters: &PromptCounters<'_>,
     prompt: &PromptTrace,
     target: &str,
-    answer: &Value,
+    answer: &AnswerFacts,
 ) {
-    if answer.get("usage").is_none_or(Value::is_null) {
+    let Some(usage) = answer.usage else {
         return;
-    }
-    let (input, output) = usage_counts(answer);
-    let cost = counters.prices.cost(Some(target), answer, input, output);
+    };
+    let (input, output) = (usage.prompt_tokens, usage.completion_tokens);
+    let cost = counters
+        .prices
+        .cost(Some(target), answer.model.as_deref(), input, output);
     counters
         .prompts
         .record_tokens(&prompt.id, prompt.version, input, output, cost);

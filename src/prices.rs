@@ -3,8 +3,6 @@
 
 use std::collections::HashMap;
 
-use serde_json::Value;
-
 /// Prices in USD per million tokens, to estimate what cache hits saved.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Price {
@@ -17,21 +15,16 @@ pub struct Price {
 pub struct PriceTable(pub HashMap<String, Price>);
 
 impl PriceTable {
-    /// The price of the model that produced `response`: by the target's model name, else by the
+    /// The price of the model that produced an answer: by the target's model name, else by the
     /// model the upstream reported.
-    pub fn price(&self, target: Option<&str>, response: &Value) -> Option<Price> {
+    pub fn price(&self, target: Option<&str>, reported_model: Option<&str>) -> Option<Price> {
         let target_model = target
             .and_then(|t| t.split_once('/'))
             .map(|(_, model)| model);
         target_model
             .and_then(|m| self.0.get(m))
             .or_else(|| target.and_then(|t| self.0.get(t)))
-            .or_else(|| {
-                response
-                    .get("model")
-                    .and_then(Value::as_str)
-                    .and_then(|m| self.0.get(m))
-            })
+            .or_else(|| reported_model.and_then(|m| self.0.get(m)))
             .copied()
     }
 
@@ -39,11 +32,11 @@ impl PriceTable {
     pub fn cost(
         &self,
         target: Option<&str>,
-        response: &Value,
+        reported_model: Option<&str>,
         prompt: u64,
         completion: u64,
     ) -> f64 {
-        self.price(target, response).map_or(0.0, |p| {
+        self.price(target, reported_model).map_or(0.0, |p| {
             (prompt as f64 * p.input + completion as f64 * p.output) / 1e6
         })
     }

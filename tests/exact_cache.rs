@@ -52,6 +52,8 @@ fn cache_config_with(store: &str, route_extra: &str) -> String {
         targets = [{{ provider = "mock", model = "drop" }}]
         [routes.tools]
         targets = [{{ provider = "mock", model = "tool" }}]
+        [routes.pretty]
+        targets = [{{ provider = "mock", model = "pretty" }}]
         [routes.slow]
         targets = [{{ provider = "mock", model = "slow-300" }}]
         [routes.slowfail]
@@ -118,6 +120,28 @@ impl Cached {
         }
         panic!("expected {n} cache writes, saw {}", self.writes().await);
     }
+}
+
+#[tokio::test]
+async fn the_upstreams_answer_text_is_served_as_it_came_and_replayed_the_same_from_the_cache() {
+    let c = cached("").await;
+    let ask_pretty = json!({"model": "pretty", "messages": user("as it came"), "temperature": 0});
+    let expected = common::mock_upstream::pretty_answer_text("as it came");
+    let first = c.request(KEY_A, ask_pretty.clone(), &[]).await;
+    assert_eq!(header(&first, "x-reprise-cache"), Some("miss"));
+    assert_eq!(header(&first, "content-type"), Some("application/json"));
+    assert_eq!(first.text().await.unwrap(), expected);
+    c.wait_for_writes(1).await;
+    let second = c.request(KEY_A, ask_pretty, &[]).await;
+    assert_eq!(header(&second, "x-reprise-cache"), Some("hit"));
+    assert_eq!(header(&second, "x-reprise-cache-tokens-saved"), Some("18"));
+    assert_eq!(header(&second, "content-type"), Some("application/json"));
+    assert_eq!(
+        second.text().await.unwrap(),
+        expected.trim_end(),
+        "the stored text, byte for byte"
+    );
+    assert_eq!(c.gw.mock.calls("pretty"), 1);
 }
 
 #[tokio::test]

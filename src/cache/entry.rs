@@ -2,70 +2,38 @@
 //! and a stream: a streamed answer is assembled into a complete `chat.completion` before it is
 //! stored, and an entry is replayed as a well-formed chunk stream when a stream is asked for.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Entry {
+/// An exact-cache entry, borrowing its parts from the text it is written to or read from: the
+/// answer is kept as its JSON text both ways, so it is never parsed into a tree to be stored or
+/// served.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Entry<'a> {
     /// Unix milliseconds when the answer was stored.
     pub created_at_ms: u64,
     pub ttl_secs: Option<u64>,
-    pub tenant: String,
-    pub route: String,
+    #[serde(borrow)]
+    pub tenant: Cow<'a, str>,
+    #[serde(borrow)]
+    pub route: Cow<'a, str>,
     /// The target that produced the answer.
-    pub target: String,
+    #[serde(borrow)]
+    pub target: Cow<'a, str>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// The complete `chat.completion` object.
-    pub response: Value,
+    #[serde(borrow)]
+    pub response: &'a RawValue,
 }
 
-/// An [`Entry`] being written, borrowing its parts: the answer stays shared with the flight's
-/// followers instead of being copied for the store. Serialises to the same bytes as `Entry`.
-#[derive(Serialize)]
-pub struct NewEntry<'a> {
-    pub created_at_ms: u64,
-    pub ttl_secs: Option<u64>,
-    pub tenant: &'a str,
-    pub route: &'a str,
-    pub target: &'a str,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub response: &'a Value,
-}
-
-/// Whether an answer may be stored: every choice finished normally (`stop` or `tool_calls`;
-/// `length` only if the route allows truncated answers), and tool-call arguments are valid JSON.
-/// A refusal, a content-filter stop or a malformed tool call is never replayed to anyone.
-pub fn is_cacheable(response: &Value, allow_length: bool) -> bool {
-    let Some(choices) = response.get("choices").and_then(Value::as_array) else {
-        return false;
-    };
-    if choices.is_empty() {
-        return false;
-    }
-    choices.iter().all(|choice| {
-        let finished = match choice.get("finish_reason").and_then(Value::as_str) {
-            Some("stop") | Some("tool_calls") => true,
-            Some("length") => allow_length,
-            _ => false,
-        };
-        let message = choice.get("message");
-        let refused = message
-            .and_then(|m| m.get("refusal"))
-            .is_some_and(|r| !r.is_null());
-        let tool_calls_valid = message
-            .and_then(|m| m.get("tool_calls"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .all(|call| {
-                call.pointer("/function/arguments")
-                    .and_then(Value::as_str)
-                    .is_some_and(|args| serde_json::from_str::<Value>(args).is_ok())
-            });
-        finished && !refused && tool_calls_valid
-    })
+/// Whether an answer may be stored (see [`Cacheable`]).
+#[cfg(test)]
+fn cacheable(response: &Value, allow_length: bool) -> bool {
+    crate::protocol::answer::Cacheable::of_value(response).allows(allow_length)
 }
 
 pub fn usage_counts(response: &Value) -> (u64, u64) {
@@ -315,43 +283,61 @@ mod tests {
     #[test]
     fn a_new_entry_is_written_as_the_entry_it_is_read_back_as() {
         let response = completion(json!({"role": "assistant", "content": "hi"}), "stop");
-        let entry = Entry {
-            created_at_ms: 1,
-            ttl_secs: Some(60),
-            tenant: "a".into(),
-            route: "chat".into(),
-            target: "mock/ok".into(),
-            prompt_tokens: 3,
-            completion_tokens: 4,
-            response: response.clone(),
-        };
-        let written = serde_json::to_vec(&NewEntry {
-            created_at_ms: 1,
-            ttl_secs: Some(60),
-            tenant: "a",
-            route: "chat",
-            target: "mock/ok",
-            prompt_tokens: 3,
-            completion_tokens: 4,
-            response: &response,
-        })
-        .unwrap();
-        assert_eq!(written, serde_json::to_vec(&entry).unwrap());
-        assert_eq!(serde_json::from_slice::<Entry>(&written).unwrap(), entry);
+        // An upstream's answer is stored as the text it came as, whitespace and all.
+        for text in [
+            response.to_string(),
+            serde_json::to_string_pretty(&response).unwrap(),
+        ] {
+            let written = serde_json::to_vec(&Entry {
+                created_at_ms: 1,
+                ttl_secs: Some(60),
+                tenant: "a\"b".into(),
+                route: "chat".into(),
+                target: "mock/ok".into(),
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                response: serde_json::from_str(&text).unwrap(),
+            })
+            .unwrap();
+            let read: Entry<'_> = serde_json::from_slice(&written).unwrap();
+            assert_eq!(
+                (
+                    read.created_at_ms,
+                    read.ttl_secs,
+                    &*read.tenant,
+                    &*read.route
+                ),
+                (1, Some(60), "a\"b", "chat")
+            );
+            assert_eq!(
+                (&*read.target, read.prompt_tokens, read.completion_tokens),
+                ("mock/ok", 3, 4)
+            );
+            assert_eq!(read.response.get(), text);
+            // Entries written before answers were kept as text read the same way.
+            let older = json!({"created_at_ms": 1, "ttl_secs": 60, "tenant": "a\"b", "route": "chat",
+                "target": "mock/ok", "prompt_tokens": 3, "completion_tokens": 4, "response": response});
+            let older = serde_json::to_vec(&older).unwrap();
+            let read_older: Entry<'_> = serde_json::from_slice(&older).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Value>(read_older.response.get()).unwrap(),
+                response
+            );
+        }
     }
 
     #[test]
     fn only_complete_well_formed_answers_are_cacheable() {
         let text = json!({"role": "assistant", "content": "hi", "refusal": null});
-        assert!(is_cacheable(&completion(text.clone(), "stop"), false));
-        assert!(!is_cacheable(&completion(text.clone(), "length"), false));
-        assert!(is_cacheable(&completion(text.clone(), "length"), true));
-        assert!(!is_cacheable(&completion(text, "content_filter"), true));
+        assert!(cacheable(&completion(text.clone(), "stop"), false));
+        assert!(!cacheable(&completion(text.clone(), "length"), false));
+        assert!(cacheable(&completion(text.clone(), "length"), true));
+        assert!(!cacheable(&completion(text, "content_filter"), true));
         let refusal = json!({"role": "assistant", "content": null, "refusal": "no"});
-        assert!(!is_cacheable(&completion(refusal, "stop"), false));
+        assert!(!cacheable(&completion(refusal, "stop"), false));
         let bad_tool = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{\"a\":"}}]});
-        assert!(!is_cacheable(&completion(bad_tool, "tool_calls"), false));
-        assert!(!is_cacheable(&json!({"choices": []}), false));
+        assert!(!cacheable(&completion(bad_tool, "tool_calls"), false));
+        assert!(!cacheable(&json!({"choices": []}), false));
     }
 
     #[test]

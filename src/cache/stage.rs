@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::Value;
 
-use super::entry::{StreamAssembler, replay_chunks, usage_counts};
+use super::entry::{StreamAssembler, replay_chunks};
 use super::exact::{ExactCache, Joined, Leader, Plan};
 use super::semantic::{
     AgreementDefaults, FeedbackOutcome, HitCheck, IndexParams, Lookup, Probe, SemanticCache,
@@ -23,6 +23,7 @@ use crate::config::{CachePolicy, Config, SemanticConfig, VerifierKind};
 use crate::embed::{Embedded, Embedder, EmbedderConfig};
 use crate::error::ApiError;
 use crate::prices::PriceTable;
+use crate::protocol::answer::Answer;
 use crate::protocol::openai::{ChatRequest, is_usage_only_chunk};
 use crate::providers::{ChatReply, ChunkStream};
 use crate::store::{Store, StoreError};
@@ -103,7 +104,7 @@ struct Write {
 }
 
 impl Write {
-    fn store(self, target: &str, response: Value, leader: Option<Leader>) {
+    fn store(self, target: &str, response: Answer, leader: Option<Leader>) {
         // An answer too large to keep is still compared with a probed entry; its flight leader,
         // dropped unpublished, sends waiting twins upstream themselves.
         let too_large = self.exact.too_large(&response);
@@ -113,11 +114,11 @@ impl Write {
             let learnt = self
                 .probe
                 .as_ref()
-                .and_then(|(_, probe)| learnt_cutoff(probe, &response));
-            cache.store_behind(plan, Arc::clone(query), target, &response, learnt);
+                .and_then(|(_, probe)| learnt_cutoff(probe, response.value()));
+            cache.store_behind(plan, Arc::clone(query), target, response.value(), learnt);
         }
         if let Some((cache, probe)) = self.probe {
-            cache.observe(probe, &response);
+            cache.observe(probe, response.value());
         }
         if !too_large {
             self.exact
@@ -140,7 +141,7 @@ impl PendingWrite {
     }
 
     /// Stores a whole answer off the response path.
-    pub fn store(self, target: &str, response: &Value) {
+    pub fn store(self, target: &str, response: &Answer) {
         if let Some(write) = self.write {
             write.store(target, response.clone(), self.leader);
         }
@@ -171,7 +172,7 @@ impl PendingWrite {
                     }
                 }
             }
-            write.store(&target, assembler.finish(), leader);
+            write.store(&target, Answer::from_value(assembler.finish()), leader);
         })
     }
 }
@@ -295,14 +296,14 @@ impl CacheStage {
         report.key = Some(plan.key_hex.clone());
         let semantic_plan = self.semantic_plan(policy, &plan, scope, request, report);
         if plan.mode.read()
-            && let Some((entry, age)) = exact.get(&plan).await
+            && let Some(stored) = exact.get(&plan).await
         {
-            report.age = Some(age);
+            report.age = Some(stored.age);
             let reply = self.answer(
                 scope,
                 request,
-                entry.response,
-                Some(&entry.target),
+                stored.answer,
+                Some(&stored.target),
                 CacheStatus::Hit,
                 report,
             );
@@ -327,7 +328,7 @@ impl CacheStage {
                     let reply = self.answer(
                         scope,
                         request,
-                        hit.response,
+                        Answer::from_value(hit.response),
                         Some(&hit.target),
                         CacheStatus::SemanticHit,
                         report,
@@ -353,14 +354,7 @@ impl CacheStage {
                 // An identical request is being answered: wait for it instead of paying twice.
                 if let Ok(Some(answer)) = tokio::time::timeout(wait, follower.answer()).await {
                     report.age = Some(Duration::ZERO);
-                    let reply = self.answer(
-                        scope,
-                        request,
-                        (*answer).clone(),
-                        None,
-                        CacheStatus::Hit,
-                        report,
-                    );
+                    let reply = self.answer(scope, request, answer, None, CacheStatus::Hit, report);
                     return CacheLookup::hit(reply);
                 }
             }
@@ -409,27 +403,23 @@ impl CacheStage {
         &self,
         scope: &CacheScope<'_>,
         request: &ChatRequest,
-        response: Value,
+        response: Answer,
         target: Option<&str>,
         status: CacheStatus,
         report: &mut CacheReport,
     ) -> ChatReply {
-        let (prompt_tokens, completion_tokens) = usage_counts(&response);
+        let facts = response.facts();
+        let (prompt_tokens, completion_tokens) = facts.tokens();
         report.status = Some(status);
         report.tokens_saved = prompt_tokens + completion_tokens;
         report.saved_usd =
             self.counters
-                .record(scope.tenant, scope.route, status, Some((&response, target)));
+                .record(scope.tenant, scope.route, status, Some((facts, target)));
         report.model = target
             .map(|t| t.split_once('/').map_or(t, |(_, model)| model).to_owned())
-            .or_else(|| {
-                response
-                    .get("model")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            });
+            .or_else(|| facts.model.clone());
         if request.wants_stream() {
-            let chunks = replay_chunks(&response, request.wants_usage_in_stream());
+            let chunks = replay_chunks(response.value(), request.wants_usage_in_stream());
             ChatReply::Stream(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok))))
         } else {
             ChatReply::Complete(response)

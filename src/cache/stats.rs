@@ -4,11 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde_json::Value;
-
 use super::CacheStatus;
-use super::entry::usage_counts;
 use crate::prices::PriceTable;
+use crate::protocol::answer::AnswerFacts;
 use crate::telemetry::Metrics;
 
 /// Counters of one tenant's use of one route's cache, since the gateway started.
@@ -46,14 +44,16 @@ impl CacheCounters {
         tenant: &str,
         route: &str,
         status: CacheStatus,
-        answer: Option<(&Value, Option<&str>)>,
+        answer: Option<(&AnswerFacts, Option<&str>)>,
     ) -> f64 {
         let (tokens, cost) = match answer {
-            Some((response, target))
+            Some((facts, target))
                 if matches!(status, CacheStatus::Hit | CacheStatus::SemanticHit) =>
             {
-                let (prompt, completion) = usage_counts(response);
-                let cost = self.prices.cost(target, response, prompt, completion);
+                let (prompt, completion) = facts.tokens();
+                let cost = self
+                    .prices
+                    .cost(target, facts.model.as_deref(), prompt, completion);
                 (prompt + completion, cost)
             }
             _ => (0, 0.0),

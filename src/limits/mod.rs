@@ -27,8 +27,9 @@ use serde_json::Value;
 use crate::error::ApiError;
 use crate::keys::{KeyLimits, KeyRecord};
 use crate::prices::PriceTable;
+use crate::protocol::answer::AnswerFacts;
 use crate::protocol::openai::{ChatRequest, Content, EmbeddingInput, EmbeddingsRequest};
-use crate::providers::ChunkStream;
+use crate::providers::{Answer, ChunkStream};
 use crate::router::Route;
 use crate::store::{Settle, Step, Store};
 use crate::telemetry::Metrics;
@@ -670,12 +671,12 @@ impl Limits {
             output: 0.0,
         };
         for target in &route.target_ids {
-            let price = self
-                .prices
-                .price(Some(target), &Value::Null)
-                .ok_or_else(|| ApiError::Unpriced {
-                    model: target.clone(),
-                })?;
+            let price =
+                self.prices
+                    .price(Some(target), None)
+                    .ok_or_else(|| ApiError::Unpriced {
+                        model: target.clone(),
+                    })?;
             dearest.input = dearest.input.max(price.input);
             dearest.output = dearest.output.max(price.output);
         }
@@ -903,12 +904,31 @@ impl Charge {
 
     /// Settles a whole answer by its usage. Returns once the spend is durable, so an answer a
     /// client holds is never missing from its budget after a crash.
-    pub async fn settle(mut self, target: &str, answer: &Value) {
+    pub async fn settle(self, target: &str, answer: &Answer) {
+        self.settle_by(target, answer.facts(), || answer.value())
+            .await
+    }
+
+    /// [`Charge::settle`] for an answer held as a tree (embeddings).
+    pub async fn settle_value(self, target: &str, answer: &Value) {
+        self.settle_by(target, &AnswerFacts::of_value(answer), || answer)
+            .await
+    }
+
+    /// `tree` is asked for only when the upstream sent no usage, to estimate it from the text.
+    async fn settle_by<'a>(
+        mut self,
+        target: &str,
+        facts: &AnswerFacts,
+        tree: impl FnOnce() -> &'a Value,
+    ) {
         if let Some(settlement) = self.settle.take() {
-            let usage = reported_usage(answer)
-                .unwrap_or_else(|| (settlement.input_estimate, estimate_output_tokens(answer)));
+            let usage = facts
+                .usage
+                .map(|u| (u.prompt_tokens, u.completion_tokens))
+                .unwrap_or_else(|| (settlement.input_estimate, estimate_output_tokens(tree())));
             settlement
-                .finish(Some((target, answer, usage)))
+                .finish(Some((target, facts.model.as_deref(), usage)))
                 .commit()
                 .await;
         }
@@ -963,7 +983,7 @@ struct StreamMeter {
     target: String,
     usage: Option<(u64, u64)>,
     output_estimate: u64,
-    model: Option<Value>,
+    model: Option<String>,
 }
 
 impl StreamMeter {
@@ -972,7 +992,10 @@ impl StreamMeter {
             self.usage = Some(usage);
         }
         if self.model.is_none() {
-            self.model = chunk.get("model").cloned();
+            self.model = chunk
+                .get("model")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
         }
         self.output_estimate += estimate_output_tokens(chunk);
     }
@@ -982,8 +1005,7 @@ impl StreamMeter {
         let usage = self
             .usage
             .unwrap_or((settlement.input_estimate, self.output_estimate));
-        let answer = serde_json::json!({ "model": self.model });
-        Some(settlement.finish(Some((&self.target, &answer, usage))))
+        Some(settlement.finish(Some((&self.target, self.model.as_deref(), usage))))
     }
 }
 
@@ -998,15 +1020,16 @@ impl Drop for StreamMeter {
 impl Settlement {
     /// Books the usage, and returns what is left to tell the store: holds become spend (or,
     /// without an answer, are given back), token counts are corrected.
-    fn finish(self, answered: Option<(&str, &Value, (u64, u64))>) -> StoreWork {
+    /// `answered`: the target, the model the upstream reported, and the tokens used.
+    fn finish(self, answered: Option<(&str, Option<&str>, (u64, u64))>) -> StoreWork {
         let mut counts = UsageCounts {
             requests: 1,
             ..UsageCounts::default()
         };
         let mut row = self.row;
         let (used_tokens, cost) = match answered {
-            Some((target, answer, (input, output))) => {
-                let cost = self.prices.cost(Some(target), answer, input, output);
+            Some((target, model, (input, output))) => {
+                let cost = self.prices.cost(Some(target), model, input, output);
                 counts.input_tokens = input;
                 counts.output_tokens = output;
                 counts.cost_nanos = to_nanos(cost);

@@ -2,6 +2,7 @@
 //! Messages shape is translated to and from it at the edges (client side in `server::messages`,
 //! upstream side in `providers::anthropic`), both through the functions of [`anthropic`].
 
+pub mod answer;
 pub mod anthropic;
 pub mod openai;
 

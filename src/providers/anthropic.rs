@@ -5,7 +5,8 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::Value;
 
 use super::{
-    ChatReply, Provider, ProviderError, event_stream_chain, events, post_json, read_json, sensitive,
+    Answer, ChatReply, Provider, ProviderError, event_stream_chain, events, post_json, read_json,
+    sensitive,
 };
 use crate::protocol::anthropic::{StreamToOpenAi, request_from_openai, response_to_openai};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
@@ -54,7 +55,7 @@ impl Provider for Anthropic {
         if !stream {
             let message = read_json(response).await?;
             return response_to_openai(&message)
-                .map(ChatReply::Complete)
+                .map(|answer| ChatReply::Complete(Answer::from_value(answer)))
                 .map_err(ProviderError::from);
         }
         let mut translator = StreamToOpenAi::new(request.wants_usage_in_stream());

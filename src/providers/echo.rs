@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use super::{ChatReply, Provider, ProviderError};
+use super::{Answer, ChatReply, Provider, ProviderError};
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, Role};
 
 pub struct Echo;
@@ -66,7 +66,7 @@ impl Provider for Echo {
         let id = format!("chatcmpl-echo-{}", uuid::Uuid::new_v4().simple());
         let created = now_secs();
         if !stream {
-            return Ok(ChatReply::Complete(json!({
+            return Ok(ChatReply::Complete(Answer::from_value(json!({
                 "id": id,
                 "object": "chat.completion",
                 "created": created,
@@ -77,7 +77,7 @@ impl Provider for Echo {
                     "finish_reason": "stop",
                 }],
                 "usage": usage,
-            })));
+            }))));
         }
         let chunk = |delta: Value, finish: Value| {
             json!({

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::error::UpstreamError;
+pub use crate::protocol::answer::Answer;
 use crate::protocol::anthropic::TranslationError;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 pub use client::Clients;
@@ -28,7 +29,7 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Value, ProviderError>> +
 
 /// A chat answer in OpenAI's shape: whole, or as a stream of `chat.completion.chunk` objects.
 pub enum ChatReply {
-    Complete(Value),
+    Complete(Answer),
     Stream(ChunkStream),
 }
 
@@ -325,6 +326,12 @@ async fn read_body(body: UpstreamBody) -> Result<Bytes, ProviderError> {
 async fn read_json(response: http::Response<UpstreamBody>) -> Result<Value, ProviderError> {
     let bytes = read_body(response.into_body()).await?;
     serde_json::from_slice(&bytes).map_err(|e| ProviderError::InvalidResponse(e.to_string()))
+}
+
+/// A whole answer in OpenAI's shape, kept as the upstream's bytes.
+async fn read_answer(response: http::Response<UpstreamBody>) -> Result<Answer, ProviderError> {
+    let bytes = read_body(response.into_body()).await?;
+    Answer::from_bytes(bytes).map_err(|e| ProviderError::InvalidResponse(e.to_string()))
 }
 
 /// A streamed response's body as server-sent events.

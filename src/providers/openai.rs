@@ -6,7 +6,8 @@ use reqwest::header::{AUTHORIZATION, HeaderMap};
 use serde_json::Value;
 
 use super::{
-    ChatReply, Provider, ProviderError, event_stream_chain, events, post_json, read_json, sensitive,
+    ChatReply, Provider, ProviderError, event_stream_chain, events, post_json, read_answer,
+    read_json, sensitive,
 };
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
 
@@ -53,7 +54,7 @@ impl Provider for OpenAiCompatible {
         };
         let response = post_json(&self.client, &self.chat_url, &self.headers, &outgoing).await?;
         if !stream {
-            return read_json(response).await.map(ChatReply::Complete);
+            return read_answer(response).await.map(ChatReply::Complete);
         }
         let mut events = events(response);
         let chunks = async_stream::stream! {

@@ -28,6 +28,7 @@ pub use payload::PayloadPolicy;
 pub use timeline::{Summary, Timeline, TimelineQuery};
 
 use crate::error::ApiError;
+use crate::protocol::answer::AnswerFacts;
 use crate::telemetry::Metrics;
 
 /// One API request, as the log keeps it.
@@ -164,8 +165,8 @@ pub struct Ending<'a> {
     pub status: u16,
     /// From the request's arrival to its end.
     pub elapsed: Duration,
-    /// The whole answer, or a stream's usage chunk.
-    pub response: Option<&'a Value>,
+    /// What the whole answer (or a stream's usage chunk) says.
+    pub response: Option<&'a AnswerFacts>,
     /// A stream's first chunk to the client.
     pub first_token: Option<Duration>,
     /// Overrides the trace's error kind (a stream that broke after its head).
@@ -192,20 +193,20 @@ impl RequestRecord {
         let caller = trace.caller.as_ref()?;
         let response = ending.response;
         let (input_tokens, output_tokens) = match response {
-            Some(answer) if !trace.cache.is_hit() => crate::cache::usage_counts(answer),
+            Some(answer) if !trace.cache.is_hit() => answer.tokens(),
             _ => (0, 0),
         };
         let cached_tokens = match response {
-            Some(answer) if !trace.cache.is_hit() => answer
-                .pointer("/usage/prompt_tokens_details/cached_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
+            Some(answer) if !trace.cache.is_hit() => answer.usage.map_or(0, |u| u.cached_tokens),
             _ => 0,
         };
         let cost_usd = match response {
-            Some(answer) if !trace.cache.is_hit() => {
-                prices.cost(trace.target.as_deref(), answer, input_tokens, output_tokens)
-            }
+            Some(answer) if !trace.cache.is_hit() => prices.cost(
+                trace.target.as_deref(),
+                answer.model.as_deref(),
+                input_tokens,
+                output_tokens,
+            ),
             _ => 0.0,
         };
         let at_us = micros(SystemTime::now()).saturating_sub(ending.elapsed.as_micros() as u64);
@@ -269,10 +270,7 @@ impl RequestRecord {
             latency_ms: ms(ending.elapsed),
             first_token_ms: ending.first_token.map(ms),
             stream: trace.stream,
-            response_id: response
-                .and_then(|r| r.get("id"))
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            response_id: response.and_then(|r| r.id.clone()),
             trace_id: Some(trace_context.trace_id_hex()),
             span_id: Some(crate::otel::hex(&trace_context.span_id)),
             parent_span_id: trace_context.parent.map(|p| crate::otel::hex(&p)),

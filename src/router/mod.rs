@@ -29,7 +29,7 @@ use policy::{Disposition, HealthSignal, RetryBudget, backoff, classify};
 use crate::config::{Config, RetryConfig, Strategy, TimeoutConfig};
 use crate::error::ApiError;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, chunk_carries_output};
-use crate::providers::{ChatReply, ChunkStream, Provider, ProviderError, TimeoutKind};
+use crate::providers::{Answer, ChatReply, ChunkStream, Provider, ProviderError, TimeoutKind};
 use crate::telemetry::{ExtraAttempt, Metrics};
 
 pub struct Target {
@@ -247,7 +247,7 @@ impl Router {
         &self,
         route: &Route,
         request: &ChatRequest,
-    ) -> Result<Served<Value>, RouteFailure> {
+    ) -> Result<Served<Answer>, RouteFailure> {
         let timeout = route.timeouts.attempt;
         self.execute(route, |target| async move {
             match tokio::time::timeout(timeout, target.provider.chat(request, &target.model, false))

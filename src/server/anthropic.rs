@@ -57,7 +57,7 @@ pub async fn messages(
             let body = match answered.value {
                 ChatReply::Complete(body) => {
                     state.finish(endpoint, &trace, 200, started, Some(&body), captured);
-                    axum::Json(response_from_openai(&body)).into_response()
+                    axum::Json(response_from_openai(body.value())).into_response()
                 }
                 ChatReply::Stream(stream) => {
                     state.record(endpoint, &trace, 200, started, None);

@@ -55,6 +55,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::pipeline::{Failed, Pipeline, RequestContext, Trace};
 use crate::prompts::PromptRef;
+use crate::protocol::answer::{Answer, AnswerFacts};
 use crate::telemetry::Metrics;
 
 pub struct AppState {
@@ -126,7 +127,7 @@ impl AppState {
         trace: &Trace,
         status: u16,
         started: Instant,
-        response: Option<&serde_json::Value>,
+        response: Option<&AnswerFacts>,
     ) {
         let route = trace.route.as_deref().unwrap_or("-");
         let elapsed = started.elapsed();
@@ -262,20 +263,22 @@ impl AppState {
         trace: &Trace,
         status: u16,
         started: Instant,
-        response: Option<&serde_json::Value>,
+        response: Option<&Answer>,
         request: Option<Captured>,
     ) {
-        self.record(endpoint, trace, status, started, response);
+        let facts = response.map(Answer::facts);
+        self.record(endpoint, trace, status, started, facts);
         if self.keeps_records() {
             let captures = self.payloads.is_some() && request.is_some();
-            let payload = self.payload(trace, request, response.filter(|_| captures).cloned());
+            let captured_answer = response.filter(|_| captures).map(|a| a.value().clone());
+            let payload = self.payload(trace, request, captured_answer);
             self.log(
                 trace,
                 crate::request_log::Ending {
                     endpoint: endpoint.label(),
                     status,
                     elapsed: started.elapsed(),
-                    response,
+                    response: facts,
                     first_token: None,
                     error: None,
                     payload,
@@ -359,7 +362,12 @@ impl StreamRecorder {
 impl Drop for StreamRecorder {
     fn drop(&mut self) {
         let error = self.ended.unwrap_or(Some("client_closed"));
-        let usage = self.trace.stream_usage.as_ref().and_then(|u| u.take());
+        let usage = self
+            .trace
+            .stream_usage
+            .as_ref()
+            .and_then(|u| u.take())
+            .map(|chunk| AnswerFacts::of_value(&chunk));
         let answer = self.text.take().map(serde_json::Value::String);
         let payload = self.state.payload(&self.trace, self.request.take(), answer);
         self.state.log(

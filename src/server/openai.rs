@@ -15,8 +15,8 @@ use super::{
     trace_headers,
 };
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest};
-use crate::providers::ChatReply;
 use crate::providers::ChunkStream;
+use crate::providers::{Answer, ChatReply};
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
@@ -41,7 +41,7 @@ pub async fn chat_completions(
             let body = match answered.value {
                 ChatReply::Complete(body) => {
                     state.finish(endpoint, &trace, 200, started, Some(&body), captured);
-                    axum::Json(body).into_response()
+                    json_response(&body)
                 }
                 ChatReply::Stream(stream) => {
                     state.record(endpoint, &trace, 200, started, None);
@@ -53,6 +53,18 @@ pub async fn chat_completions(
         }
         Err(failed) => respond_error(&state, endpoint, failed, started, captured),
     }
+}
+
+/// A whole answer, sent as the JSON text it arrived as.
+fn json_response(answer: &Answer) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        Body::from(answer.bytes().clone()),
+    )
+        .into_response()
 }
 
 /// `POST /v1/cache/feedback`: `{"entry": x-reprise-cache-entry, "similarity":
@@ -189,7 +201,7 @@ pub async fn embeddings(
             let usage = answered
                 .value
                 .get("usage")
-                .map(|usage| json!({"usage": usage}));
+                .map(|usage| Answer::from_value(json!({"usage": usage})));
             state.finish(
                 endpoint,
                 &answered.trace,

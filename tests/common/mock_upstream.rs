@@ -17,6 +17,7 @@
 //! | `drop-early`         | breaks the connection before the first token                              |
 //! | `tool`               | answers with a tool call `get_weather({"city":"Paris"})`                  |
 //! | `long-stream`        | streams 200 tokens, one every 20 ms                                       |
+//! | `pretty`             | answers like `ok`, a whole answer as indented JSON text as OpenAI sends it |
 //!
 //! It counts calls per model, records request bodies and headers, and counts streams whose client
 //! went away before the end (to prove cancellation reaches the upstream).
@@ -321,8 +322,11 @@ async fn openai_chat(
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
-                axum::Json(openai_completion(&model, json!({"role": "assistant", "content": text, "refusal": null}), "stop"))
-                    .into_response()
+                let answer = openai_completion(&model, json!({"role": "assistant", "content": text, "refusal": null}), "stop");
+                if model == "pretty" {
+                    return pretty_json(&answer);
+                }
+                axum::Json(answer).into_response()
             }
             Plan::LongStream => axum::Json(openai_completion(&model, json!({"role": "assistant", "content": text}), "stop"))
                 .into_response(),
@@ -407,6 +411,24 @@ async fn openai_chat(
     }
     pieces.push(Piece::Data("data: [DONE]\n\n".into()));
     sse_body(state, pieces)
+}
+
+/// The exact text of the `pretty` model's whole answer to `text`.
+pub fn pretty_answer_text(text: &str) -> String {
+    let answer = openai_completion(
+        "pretty",
+        json!({"role": "assistant", "content": format!("echo: {text}"), "refusal": null}),
+        "stop",
+    );
+    format!("{}\n", serde_json::to_string_pretty(&answer).unwrap())
+}
+
+fn pretty_json(answer: &Value) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        format!("{}\n", serde_json::to_string_pretty(answer).unwrap()),
+    )
+        .into_response()
 }
 
 fn openai_completion(model: &str, message: Value, finish_reason: &str) -> Value {

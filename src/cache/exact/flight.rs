@@ -9,14 +9,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::protocol::answer::Answer;
 use parking_lot::Mutex;
-use serde_json::Value;
 use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
 enum State {
     Running,
-    Done(Option<Arc<Value>>),
+    Done(Option<Answer>),
 }
 
 #[derive(Default)]
@@ -56,7 +56,7 @@ struct Flight {
 }
 
 impl Flight {
-    fn close(self, answer: Option<Arc<Value>>) {
+    fn close(self, answer: Option<Answer>) {
         self.sender.send_replace(State::Done(answer));
         let mut running = self.flights.running.lock();
         if running
@@ -77,12 +77,12 @@ pub struct Leader {
 impl Leader {
     /// Hands `answer` to the followers at once; the flight closes when the returned [`Landing`]
     /// is dropped (after the cache write).
-    pub fn publish(mut self, answer: Arc<Value>) -> Landing {
+    pub fn publish(mut self, answer: Answer) -> Landing {
         let flight = self.flight.take();
         if let Some(flight) = &flight {
             flight
                 .sender
-                .send_replace(State::Done(Some(Arc::clone(&answer))));
+                .send_replace(State::Done(Some(answer.clone())));
         }
         Landing { flight, answer }
     }
@@ -99,13 +99,13 @@ impl Drop for Leader {
 /// Keeps a published flight open until the cache write is done.
 pub struct Landing {
     flight: Option<Flight>,
-    answer: Arc<Value>,
+    answer: Answer,
 }
 
 impl Drop for Landing {
     fn drop(&mut self) {
         if let Some(flight) = self.flight.take() {
-            flight.close(Some(Arc::clone(&self.answer)));
+            flight.close(Some(self.answer.clone()));
         }
     }
 }
@@ -116,7 +116,7 @@ pub struct Follower {
 
 impl Follower {
     /// The leader's answer, or `None` if it had none to share.
-    pub async fn answer(mut self) -> Option<Arc<Value>> {
+    pub async fn answer(mut self) -> Option<Answer> {
         loop {
             if let State::Done(answer) = &*self.receiver.borrow_and_update() {
                 return answer.clone();
@@ -146,12 +146,13 @@ mod tests {
             panic!("second follows")
         };
         let waiting = tokio::spawn(follower.answer());
-        let landing = leader.publish(Arc::new(json!({"a": 1})));
-        assert_eq!(waiting.await.unwrap().as_deref(), Some(&json!({"a": 1})));
+        let landing = leader.publish(Answer::from_value(json!({"a": 1})));
+        let answered = |answer: Option<Answer>| answer.map(|a| a.value().clone());
+        assert_eq!(answered(waiting.await.unwrap()), Some(json!({"a": 1})));
         let Joined::Follower(late) = flights.join("k") else {
             panic!("still open until the write lands")
         };
-        assert_eq!(late.answer().await.as_deref(), Some(&json!({"a": 1})));
+        assert_eq!(answered(late.answer().await), Some(json!({"a": 1})));
         drop(landing);
         assert!(matches!(flights.join("k"), Joined::Leader(_)));
     }
@@ -166,7 +167,7 @@ mod tests {
             panic!()
         };
         drop(leader);
-        assert_eq!(follower.answer().await, None);
+        assert!(follower.answer().await.is_none());
         assert!(matches!(flights.join("k"), Joined::Leader(_)));
     }
 }

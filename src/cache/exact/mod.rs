@@ -3,21 +3,31 @@
 
 mod flight;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 pub use flight::{Joined, Leader};
 
-use super::entry::{Entry, NewEntry, is_cacheable, usage_counts};
+use super::entry::Entry;
 use super::key::{KeyScope, chat_key};
 use super::{CacheMode, CacheScope, CacheStatus, Requested, entry_path, now_ms};
 use crate::config::CachePolicy;
+use crate::protocol::answer::Answer;
 use crate::protocol::openai::ChatRequest;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use flight::Flights;
+
+/// A stored answer found for a request.
+pub struct Stored {
+    pub answer: Answer,
+    /// The target that produced it.
+    pub target: String,
+    pub age: Duration,
+}
 
 /// The cache's decision for one request that may use it.
 #[derive(Debug, Clone)]
@@ -62,8 +72,8 @@ impl ExactCache {
     }
 
     /// Whether an answer is too large to be cached (by the exact or the semantic cache).
-    pub fn too_large(&self, response: &Value) -> bool {
-        let too_large = json_size(response) > self.max_entry_bytes;
+    pub fn too_large(&self, response: &Answer) -> bool {
+        let too_large = response.bytes().len() > self.max_entry_bytes;
         if too_large {
             self.metrics.cache_write_skipped("too_large");
         }
@@ -131,20 +141,23 @@ impl ExactCache {
 
     /// The stored answer and its age, if there is a usable one. A store failure or an unreadable
     /// entry is a miss (logged and counted), never an error for the client.
-    pub async fn get(&self, plan: &Plan) -> Option<(Entry, Duration)> {
+    pub async fn get(&self, plan: &Plan) -> Option<Stored> {
         let bytes = match self.store.get(&plan.path).await {
-            Ok(bytes) => bytes?,
+            Ok(bytes) => bytes::Bytes::from(bytes?),
             Err(error) => {
                 tracing::warn!(%error, backend = self.store.backend(), "cache lookup failed; serving from upstream");
                 self.metrics.cache_error("lookup");
                 return None;
             }
         };
-        let entry: Entry = match serde_json::from_slice(&bytes) {
+        let unreadable = |error: serde_json::Error| {
+            tracing::warn!(%error, path = %plan.path, "unreadable cache entry; treating it as a miss");
+            self.metrics.cache_error("corrupt_entry");
+        };
+        let entry: Entry<'_> = match serde_json::from_slice(&bytes) {
             Ok(entry) => entry,
             Err(error) => {
-                tracing::warn!(%error, path = %plan.path, "unreadable cache entry; treating it as a miss");
-                self.metrics.cache_error("corrupt_entry");
+                unreadable(error);
                 return None;
             }
         };
@@ -157,19 +170,36 @@ impl ExactCache {
         if plan.max_age.is_some_and(|max| age > max) {
             return None;
         }
-        Some((entry, age))
+        // Served as the text it was stored as, sharing the entry's buffer.
+        let answer = match Answer::from_bytes(bytes.slice_ref(entry.response.get().as_bytes())) {
+            Ok(answer) => answer,
+            Err(error) => {
+                unreadable(error);
+                return None;
+            }
+        };
+        Some(Stored {
+            answer,
+            target: entry.target.into_owned(),
+            age,
+        })
     }
 
     /// Stores `response` in the background if it may be cached: the client does not wait for it.
     /// A flight `leader` hands the answer to its followers now and closes once the write landed;
     /// an answer that may not be cached is not shared either.
-    pub fn store_behind(&self, plan: &Plan, target: &str, response: Value, leader: Option<Leader>) {
-        if !plan.mode.write() || !is_cacheable(&response, plan.cache_truncated) {
+    pub fn store_behind(
+        &self,
+        plan: &Plan,
+        target: &str,
+        response: Answer,
+        leader: Option<Leader>,
+    ) {
+        if !plan.mode.write() || !response.facts().cacheable.allows(plan.cache_truncated) {
             return;
         }
-        let response = Arc::new(response);
-        let landing = leader.map(|leader| leader.publish(Arc::clone(&response)));
-        let (prompt_tokens, completion_tokens) = usage_counts(&response);
+        let landing = leader.map(|leader| leader.publish(response.clone()));
+        let (prompt_tokens, completion_tokens) = response.facts().tokens();
         let created_at_ms = now_ms();
         let ttl_secs = Some(plan.ttl.as_secs());
         let (tenant, route, target) = (plan.tenant.clone(), plan.route.clone(), target.to_owned());
@@ -180,15 +210,19 @@ impl ExactCache {
         // Serialised in the task, so that the answer goes out first.
         tokio::spawn(async move {
             let _landing = landing;
-            let entry = NewEntry {
+            // The answer's own text goes into the entry: it was read as JSON when it arrived.
+            let Ok(response) = serde_json::from_slice::<&RawValue>(response.bytes()) else {
+                return;
+            };
+            let entry = Entry {
                 created_at_ms,
                 ttl_secs,
-                tenant: &tenant,
-                route: &route,
-                target: &target,
+                tenant: Cow::Borrowed(&tenant),
+                route: Cow::Borrowed(&route),
+                target: Cow::Borrowed(&target),
                 prompt_tokens,
                 completion_tokens,
-                response: &response,
+                response,
             };
             let Ok(bytes) = serde_json::to_vec(&entry) else {
                 return;
@@ -201,24 +235,5 @@ impl ExactCache {
                 }
             }
         });
-    }
-}
-
-/// Bytes of `value` as JSON, counted without building the text.
-fn json_size(value: &Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    match serde_json::to_writer(&mut count, value) {
-        Ok(()) => count.0,
-        Err(_) => usize::MAX,
     }
 }

@@ -40,7 +40,6 @@ pub use verify::{HitCheck, Probe, ProbeKind, Verification, learnt_cutoff};
 use verify::{Observed, ProbedEntry};
 pub use words::WordVerifier;
 
-use super::entry::is_cacheable;
 use super::key::{KeyScope, semantic_scope};
 use super::{CacheMode, CacheScope, escape_segment, namespace_segment, now_ms};
 use crate::config::{
@@ -909,7 +908,9 @@ impl SemanticCache {
         response: &Value,
         cutoff: Option<f32>,
     ) {
-        if !plan.write || !is_cacheable(response, plan.cache_truncated) {
+        if !plan.write
+            || !crate::protocol::answer::Cacheable::of_value(response).allows(plan.cache_truncated)
+        {
             return;
         }
         let id = plan.entry_id();
