@@ -30,23 +30,6 @@ pub struct Entry<'a> {
     pub response: &'a RawValue,
 }
 
-/// Whether an answer may be stored (see [`Cacheable`]).
-#[cfg(test)]
-fn cacheable(response: &Value, allow_length: bool) -> bool {
-    crate::protocol::answer::Cacheable::of_value(response).allows(allow_length)
-}
-
-pub fn usage_counts(response: &Value) -> (u64, u64) {
-    let usage = response.get("usage");
-    let count = |field: &str| {
-        usage
-            .and_then(|u| u.get(field))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
-    (count("prompt_tokens"), count("completion_tokens"))
-}
-
 #[derive(Debug, Default)]
 struct ChoiceBuilder {
     role: Option<String>,
@@ -324,20 +307,6 @@ mod tests {
                 response
             );
         }
-    }
-
-    #[test]
-    fn only_complete_well_formed_answers_are_cacheable() {
-        let text = json!({"role": "assistant", "content": "hi", "refusal": null});
-        assert!(cacheable(&completion(text.clone(), "stop"), false));
-        assert!(!cacheable(&completion(text.clone(), "length"), false));
-        assert!(cacheable(&completion(text.clone(), "length"), true));
-        assert!(!cacheable(&completion(text, "content_filter"), true));
-        let refusal = json!({"role": "assistant", "content": null, "refusal": "no"});
-        assert!(!cacheable(&completion(refusal, "stop"), false));
-        let bad_tool = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{\"a\":"}}]});
-        assert!(!cacheable(&completion(bad_tool, "tool_calls"), false));
-        assert!(!cacheable(&json!({"choices": []}), false));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::ApiError;
 
-pub use entry::{StreamAssembler, replay_chunks, usage_counts};
+pub use entry::{StreamAssembler, replay_chunks};
 pub use key::{CacheKey, KeyScope, chat_key};
 pub use stage::{
     CacheLookup, CacheReport, CacheStage, CacheStatsRow, PendingWrite, PurgeSelector, UpstreamCheck,

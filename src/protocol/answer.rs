@@ -393,6 +393,27 @@ mod tests {
     }
 
     #[test]
+    fn only_complete_well_formed_answers_are_cacheable() {
+        let completion = |message: Value, finish: &str| {
+            read(
+                &json!({"id": "c1", "object": "chat.completion", "model": "m",
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}]}),
+            )
+            .cacheable
+        };
+        let text = json!({"role": "assistant", "content": "hi", "refusal": null});
+        assert!(completion(text.clone(), "stop").allows(false));
+        assert!(!completion(text.clone(), "length").allows(false));
+        assert!(completion(text.clone(), "length").allows(true));
+        assert!(!completion(text, "content_filter").allows(true));
+        let refusal = json!({"role": "assistant", "content": null, "refusal": "no"});
+        assert!(!completion(refusal, "stop").allows(false));
+        let bad_tool = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{\"a\":"}}]});
+        assert!(!completion(bad_tool, "tool_calls").allows(false));
+        assert!(!read(&json!({"choices": []})).cacheable.allows(true));
+    }
+
+    #[test]
     fn a_duplicate_key_means_what_the_tree_makes_of_it() {
         let text = r#"{"model": "a", "model": "b", "choices": []}"#;
         let answer = Answer::from_bytes(Bytes::from(text)).unwrap();
