@@ -408,9 +408,9 @@ impl Pipeline {
         trace.budget = charge.budget;
 
         if request.wants_stream() {
-            return self
-                .stream_upstream(&route, request, pending, charge, trace)
-                .await;
+            // Boxed: the stream's setup is the largest state of this future, and every request
+            // would carry (and copy) its size.
+            return Box::pin(self.stream_upstream(&route, request, pending, charge, trace)).await;
         }
         match self.router.chat(&route, &request).await {
             Ok(served) => {

@@ -107,9 +107,11 @@ impl TraceContext {
         }
     }
 
-    /// Runs `work` (a request's handling) with this context current.
-    pub async fn scope<F: Future>(self, work: F) -> F::Output {
-        REQUEST.scope(self, work).await
+    /// Runs `work` (a request's handling) with this context current. Not an `async fn`: that
+    /// would hold `work` twice (before and inside the task-local future), doubling the size of
+    /// every request's future, which is copied whenever it moves.
+    pub fn scope<F: Future>(self, work: F) -> impl Future<Output = F::Output> {
+        REQUEST.scope(self, work)
     }
 }
 
