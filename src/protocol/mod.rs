@@ -14,6 +14,11 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     if std::str::from_utf8(body).is_err() {
         return Err(ApiError::invalid("request body is not valid UTF-8", None));
     }
+    // Tracking the path copies every object key read, so a body is read without it first; only
+    // a body that fails is read again, to name the field.
+    if let Ok(value) = serde_json::from_slice(body) {
+        return Ok(value);
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
