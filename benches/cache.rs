@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use reprise::cache::{KeyScope, StreamAssembler, chat_key, replay_chunks};
 use reprise::protocol::openai::ChatRequest;
-use reprise::store::{RedisStore, SledStore, Store};
+use reprise::store::{FjallStore, RedisStore, Store};
 use serde_json::{Value, json};
 
 fn request(turns: usize) -> ChatRequest {
@@ -77,20 +77,22 @@ fn lookups(c: &mut Criterion) {
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let sled = SledStore::open(&dir.path().join("db"), 64 << 20, None).unwrap();
+    let embedded = FjallStore::open(&dir.path().join("db"), 64 << 20, None).unwrap();
     runtime
-        .block_on(sled.put("cache/v1/team-a/chat/-/k", entry.clone(), None))
+        .block_on(embedded.put("cache/v1/team-a/chat/-/k", entry.clone(), None))
         .unwrap();
-    c.bench_function("sled lookup (hit)", |b| {
+    c.bench_function("embedded lookup (hit)", |b| {
         b.to_async(&runtime).iter(|| async {
-            sled.get(black_box("cache/v1/team-a/chat/-/k"))
+            embedded
+                .get(black_box("cache/v1/team-a/chat/-/k"))
                 .await
                 .unwrap()
         })
     });
-    c.bench_function("sled lookup (miss)", |b| {
+    c.bench_function("embedded lookup (miss)", |b| {
         b.to_async(&runtime).iter(|| async {
-            sled.get(black_box("cache/v1/team-a/chat/-/nope"))
+            embedded
+                .get(black_box("cache/v1/team-a/chat/-/nope"))
                 .await
                 .unwrap()
         })

@@ -124,7 +124,7 @@ run miss-c1 "$gateway" "$cached_body" -n "$N" -c 1 -H 'cache-control: max-age=0'
 run nocache-c1 "$gateway" "$gateway_body" -n "$N" -c 1
 
 # Limits: a key whose tenant has requests and tokens per minute and a concurrency cap (counted
-# in process with sled), then the same plus a budget (a hold, and spend written durably before
+# in process with the embedded store), then the same plus a budget (a hold, and spend written durably before
 # the answer). Interleaved with the unlimited key so drift hits every line alike.
 for round in 1 2; do
   run "plain-c1-$round" "$gateway" "$gateway_body" -n "$N" -c 1
@@ -263,7 +263,7 @@ for label, key in [("none", "plain"), ("requests + tokens per minute + concurren
                    ("the same + a budget (spend durable before the answer)", "budget")]:
     p50 = rounds(key)
     rps = load(f"{key}-c32")[2]
-    print(f"| {label} (sled) | {p50:.0f} µs | {p50 - plain:+.0f} µs | {rps:,.0f} |")
+    print(f"| {label} (embedded) | {p50:.0f} µs | {p50 - plain:+.0f} µs | {rps:,.0f} |")
 rtt = os.environ.get("REDIS_RTT")
 if rtt:
     redis_plain = rounds("redis-plain")

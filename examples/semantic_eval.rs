@@ -4,7 +4,7 @@
 //!
 //! `cargo run --release --example semantic_eval -- eval/data/kwik_e_mart.jsonl models/all-MiniLM-L6-v2`
 //!
-//! Each configuration gets a fresh gateway (sled store in a temporary directory) in front of an
+//! Each configuration gets a fresh gateway (embedded store in a temporary directory) in front of an
 //! upstream that echoes the question, so the answer names the request that produced it (or, with
 //! `EVAL_UPSTREAM=intent`, answers each group with one answer of its own). The
 //! requests are sent one by one in the file's (shuffled) order, as live traffic would: a miss is

@@ -15,7 +15,7 @@
 //!    built-in echo demo).
 //!
 //! Answers flow back the same way and through the cache's pending write. [`config`] holds the
-//! typed, validated configuration; [`store`] the storage trait (sled, Redis) that the cache and
+//! typed, validated configuration; [`store`] the storage trait (embedded, Redis) that the cache and
 //! the prompt store share; [`error`] the one error type clients see; [`telemetry`] logs and
 //! Prometheus metrics.
 

@@ -34,7 +34,7 @@ use crate::protocol::answer::AnswerFacts;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, StreamOptions, is_usage_only_chunk};
 use crate::providers::{ChatReply, ChunkStream};
 use crate::router::{Attempt, Route, RouteFailure, Router, Served, TargetHealth};
-use crate::store::{RedisStore, SledStore, Store};
+use crate::store::{FjallStore, RedisStore, Store};
 use crate::telemetry::{Metrics, PromptUse};
 
 /// What later stages need to know about the caller, resolved once by the server.
@@ -717,8 +717,8 @@ fn prompt_scope(resolution: &Resolution, request: &ChatRequest) -> PromptScope {
 
 async fn open_store(config: &CacheConfig) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match config.store {
-        StoreKind::Sled => Arc::new(
-            SledStore::open_when_free(
+        StoreKind::Embedded => Arc::new(
+            FjallStore::open_when_free(
                 &config.path,
                 config.memory_bytes,
                 Some(config.max_bytes),

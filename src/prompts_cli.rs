@@ -1,5 +1,5 @@
 //! `reprise prompts ...`: the prompt store's admin API from a shell. It talks to a running
-//! gateway (the store belongs to it: a sled store has one owner), except `check`, which reads a
+//! gateway (the store belongs to it: an embedded store has one owner), except `check`, which reads a
 //! `prompts/` folder offline, as a CI step before a merge.
 
 use std::path::PathBuf;

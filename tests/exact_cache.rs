@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 struct Cached {
     gw: Gateway,
     dir: tempfile::TempDir,
-    /// The suite runs on sled, or on a real Redis with `REPRISE_TEST_STORE=redis` (`make test`
+    /// The suite runs on the embedded store, or on a real Redis with `REPRISE_TEST_STORE=redis` (`make test`
     /// runs it both ways).
     redis: Option<RedisServer>,
 }
@@ -860,7 +860,7 @@ async fn a_corrupt_entry_is_a_logged_miss_not_an_error() {
     let store: Box<dyn reprise::store::Store> = match &redis {
         Some(redis) => Box::new(reprise::store::RedisStore::new(&redis.url(), "reprise:").unwrap()),
         None => Box::new(
-            reprise::store::SledStore::open(&dir.path().join("store"), 1 << 20, None).unwrap(),
+            reprise::store::FjallStore::open(&dir.path().join("store"), 1 << 20, None).unwrap(),
         ),
     };
     store

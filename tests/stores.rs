@@ -1,4 +1,4 @@
-//! The `Store` contract, run against both backends: the embedded sled store and a real Redis.
+//! The `Store` contract, run against both backends: the embedded store (fjall) and a real Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use reprise::store::{RedisStore, SledStore, Store};
+use reprise::store::{FjallStore, RedisStore, Store};
 
 async fn contract(store: &dyn Store) {
     store
@@ -95,16 +95,16 @@ async fn scan(store: &dyn Store) {
 }
 
 #[tokio::test]
-async fn sled_keeps_the_store_contract() {
+async fn the_embedded_store_keeps_the_store_contract() {
     let dir = tempfile::tempdir().unwrap();
-    contract(&SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap()).await;
+    contract(&FjallStore::open(&dir.path().join("db"), 1 << 20, None).unwrap()).await;
 }
 
 #[ignore = "needs redis-server (make test)"]
 #[tokio::test]
 async fn both_stores_scan_a_prefix_in_batches() {
     let dir = tempfile::tempdir().unwrap();
-    scan(&SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap()).await;
+    scan(&FjallStore::open(&dir.path().join("db"), 1 << 20, None).unwrap()).await;
     let redis = RedisServer::start();
     scan(&RedisStore::new(&redis.url(), "test:").unwrap()).await;
 }
@@ -145,10 +145,10 @@ async fn a_redis_change_feed_is_read_by_another_client_in_order_from_its_cursor(
     assert_eq!(none.cursor, rest.cursor);
     assert!(reader.is_shared());
     let dir = tempfile::tempdir().unwrap();
-    let sled = SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap();
+    let embedded = FjallStore::open(&dir.path().join("db"), 1 << 20, None).unwrap();
     assert!(
-        !sled.is_shared(),
-        "one process owns a sled store: nothing to follow"
+        !embedded.is_shared(),
+        "one process owns an embedded store: nothing to follow"
     );
 }
 
@@ -203,14 +203,14 @@ async fn redis_down_is_an_error_not_a_hang_and_recovery_is_automatic() {
     );
 }
 
-/// sled 0.34's `flush_async` parks a thread of sled's own small pool until the log is written,
-/// and the write needs that pool too: enough concurrent writes used to hang the store for good
-/// (spacejam/sled#1308). Many writers at once must all be acknowledged.
+/// Many writers at once must all be acknowledged: the embedded store's first engine (sled 0.34)
+/// used to hang for good under this load (spacejam/sled#1308), and a write that waits out a
+/// stall must not take a runtime thread with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sled_acknowledges_many_concurrent_writes() {
+async fn the_embedded_store_acknowledges_many_concurrent_writes() {
     let dir = tempfile::tempdir().unwrap();
     let store: std::sync::Arc<dyn Store> =
-        std::sync::Arc::new(SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap());
+        std::sync::Arc::new(FjallStore::open(&dir.path().join("db"), 1 << 20, None).unwrap());
     for round in 0..20 {
         let writes = (0..64).map(|i| {
             let store = std::sync::Arc::clone(&store);

@@ -11,7 +11,8 @@ use super::FieldError;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
-    /// Where entries live: the embedded `sled` store, or `redis`, shared by several replicas.
+    /// Where entries live: the `embedded` store (in `path`), or `redis`, shared by several
+    /// replicas. `sled`, the embedded store's name before 2026-12, still means `embedded`.
     #[serde(default)]
     pub store: StoreKind,
     /// For `store = "redis"`: e.g. `redis://127.0.0.1:6379/0` (may come from `${REPRISE_REDIS_URL}`).
@@ -19,10 +20,10 @@ pub struct CacheConfig {
     /// Prefix of every Redis key, so several deployments can share one Redis.
     #[serde(default = "default_redis_prefix")]
     pub redis_prefix: String,
-    /// Directory of the embedded (sled) store.
+    /// Directory of the embedded store.
     #[serde(default = "default_cache_path")]
     pub path: std::path::PathBuf,
-    /// Memory for the store's page cache, in bytes.
+    /// Memory for the embedded store's block cache and write buffers, in bytes.
     #[serde(default = "default_cache_memory_bytes")]
     pub memory_bytes: u64,
     /// Most bytes of entries the embedded store keeps; beyond it the oldest are evicted
@@ -68,7 +69,8 @@ impl CacheConfig {
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
     #[default]
-    Sled,
+    #[serde(alias = "sled")]
+    Embedded,
     Redis,
 }
 

@@ -135,7 +135,7 @@ impl Feedback {
     /// Deletes reports and attributions older than the retention, now and then, while the
     /// store is open. The per-version tallies and experiments' evidence are sums and stay.
     pub fn expire_periodically(&self) {
-        // Weak: the sweep must not keep a stopped gateway's store (and a sled file lock) open.
+        // Weak: the sweep must not keep a stopped gateway's store (and an embedded store's file lock) open.
         let (store, retention) = (Arc::downgrade(&self.store), self.retention);
         let every = (retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(3600));
         tokio::spawn(async move {

@@ -2,7 +2,7 @@
 //! `[auth]`. A key is shown once when it is made or rotated; the store keeps only its blake3
 //! digest, so a leaked store leaks no usable key.
 //!
-//! Store layout (one `Store`, sled or Redis, so replicas share it):
+//! Store layout (one `Store`, embedded or Redis, so replicas share it):
 //! - `keys/v1/id/{id}`: the key's record, written by compare-and-swap (no update is lost);
 //! - `keys/v1/hash/{digest}`: the id a secret belongs to. A rotated secret's entry expires with
 //!   its grace period.

@@ -281,7 +281,7 @@ impl Limits {
     ) -> Self {
         let deferred = Arc::<Deferred>::default();
         if let Some(store) = &store {
-            // Weak, so a stopped gateway's store closes (a sled store can then be reopened).
+            // Weak, so a stopped gateway's store closes (an embedded store can then be reopened).
             let (store, pending) = (Arc::downgrade(store), Arc::downgrade(&deferred));
             tokio::spawn(async move {
                 let mut ticks = tokio::time::interval(DEFER_AT_MOST);

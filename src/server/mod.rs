@@ -780,7 +780,7 @@ pub struct RunningServer {
     task: tokio::task::JoinHandle<()>,
     serving: Option<listener::ServingThreads>,
     /// Gone once every connection and background write let go of the gateway's state (and so
-    /// of its store: a sled store can be reopened only then).
+    /// of its store: an embedded store can be reopened only then).
     state: std::sync::Weak<AppState>,
     /// Writes deferred settlements and the usage book once the last request is done.
     closer: crate::limits::Closer,

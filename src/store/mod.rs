@@ -1,17 +1,17 @@
 //! Durable key-value storage behind one trait, so the caches and the prompt store never speak a
-//! storage engine's language. `sled` is the embedded default; Redis, shared by several gateway
+//! storage engine's language. The embedded store (fjall) is the default; Redis, shared by several gateway
 //! replicas, implements the same trait.
 //!
 //! Keys are `/`-separated paths (`cache/v1/{tenant}/{route}/{namespace}/{key}`, laid out in
 //! `cache/mod.rs`), so a purge by tenant, route or namespace is a prefix delete.
 
+mod fjall_store;
 mod redis_store;
-mod sled_store;
 
 use std::time::Duration;
 
+pub use fjall_store::FjallStore;
 pub use redis_store::RedisStore;
-pub use sled_store::SledStore;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {

@@ -1,30 +1,39 @@
-//! The embedded store. sled's API is synchronous, so every call runs on tokio's blocking pool,
-//! never on a runtime worker.
+//! The embedded store, on fjall (a log-structured engine). Its writes can wait (a write stall
+//! while compaction catches up), so every write runs on tokio's blocking pool, never on a
+//! runtime worker; a lookup runs where it is asked.
 //!
 //! Each value is stored as an 8-byte big-endian expiry (Unix milliseconds, 0 = never), an 8-byte
-//! insertion number, then the payload. Expired values read as missing and are removed when met;
-//! `put` flushes to disk before it returns, so an acknowledged write survives `kill -9`.
+//! insertion number, then the payload. Expired values read as missing and are removed when met.
+//!
+//! Durability comes in two strengths. `put` returns once the write is in the operating system's
+//! hands (fjall's journal, written before the call returns): it survives `kill -9` of the
+//! process, which is all a cached answer needs, at a few microseconds instead of an fsync.
+//! Records that must not be lost even to a power cut (prompt versions through
+//! `compare_and_swap`, spend, deletions) are fsynced before they return.
 //!
 //! Size bound: with `max_bytes`, the store keeps the total size of its keys and values under the
 //! bound by evicting the oldest-inserted entries first (down to 90% of the bound, so evictions come
-//! in batches). An age index (`insertion number ++ key`) finds them without scanning; index rows
-//! left behind by overwritten entries are skipped and removed as eviction meets them.
+//! in batches). An age index (`insertion number ++ key`, its own keyspace) finds them without
+//! scanning.
+//!
+//! Layout: the database lives in `{path}/fjall`. A directory that holds a store written by
+//! earlier releases (sled 0.34) is migrated on first open (see [`migrate_from_sled`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
 use super::{Admitted, Settle, Step, StepOutcome, Store, StoreError};
 
 #[derive(Clone)]
-pub struct SledStore {
-    db: sled::Db,
-    by_age: sled::Tree,
-    bytes: Arc<AtomicU64>,
+pub struct FjallStore {
+    parts: Parts,
     max_bytes: Option<u64>,
-    /// `count_capped`'s counts: one process owns a sled store, so memory is where they belong
-    /// (writing each to disk would cost a flush per request). Key → (resets at, count).
+    /// `count_capped`'s counts: one process owns an embedded store, so memory is where they
+    /// belong (writing each to disk would cost a write per request). Key → (resets at, count).
     counts: Arc<parking_lot::Mutex<Counts>>,
     /// `hold`'s budgets: what each has spent (read from disk on first use, written back on every
     /// release) and the holds of requests in flight, which die with the process as they should.
@@ -32,7 +41,22 @@ pub struct SledStore {
     spend_log: Arc<SpendLog>,
 }
 
-/// Group commit for spend: concurrent requests' spend is written and flushed together, one
+/// What a blocking call works on.
+#[derive(Clone)]
+struct Parts {
+    db: Database,
+    data: Keyspace,
+    by_age: Keyspace,
+    /// Bytes of keys and values held.
+    bytes: Arc<AtomicU64>,
+    /// The next insertion number.
+    sequence: Arc<AtomicU64>,
+    /// Held across every read-change-write of `data`, so that the books (bytes, age rows) follow
+    /// exactly the values that replaced one another, and a compare-and-swap is atomic.
+    writer: Arc<parking_lot::Mutex<()>>,
+}
+
+/// Group commit for spend: concurrent requests' spend is written and fsynced together, one
 /// fsync for all of them, instead of one each.
 #[derive(Default)]
 struct SpendLog {
@@ -135,9 +159,13 @@ fn live_payload(stored: &[u8], now: u64) -> Option<&[u8]> {
     (expires_at == 0 || expires_at > now).then_some(payload)
 }
 
-/// The age-index row of a stored value: its insertion number, then the key.
+/// The age-index row of a stored value: its insertion number, then the key. Records (insertion
+/// number 0) have none: the size bound never evicts them.
 fn age_row(key: &[u8], stored: &[u8]) -> Option<Vec<u8>> {
     let sequence = stored.get(8..HEADER)?;
+    if sequence == [0; 8] {
+        return None;
+    }
     let mut row = Vec::with_capacity(8 + key.len());
     row.extend_from_slice(sequence);
     row.extend_from_slice(key);
@@ -148,16 +176,18 @@ fn size_of(key: &[u8], stored: &[u8]) -> u64 {
     (key.len() + stored.len()) as u64
 }
 
-/// What a blocking call needs besides the database.
-#[derive(Clone)]
-struct Books {
-    by_age: sled::Tree,
-    bytes: Arc<AtomicU64>,
+fn stored_value(expires_at: u64, sequence: u64, payload: &[u8]) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(HEADER + payload.len());
+    stored.extend_from_slice(&expires_at.to_be_bytes());
+    stored.extend_from_slice(&sequence.to_be_bytes());
+    stored.extend_from_slice(payload);
+    stored
 }
 
-impl Books {
-    /// Accounts for an entry that left the store (deleted, expired, overwritten).
-    fn forget(&self, key: &[u8], stored: &[u8]) {
+impl Parts {
+    /// Accounts for an entry that leaves the store (deleted, expired, overwritten) and queues
+    /// the removal of its age row.
+    fn forget(&self, batch: &mut fjall::OwnedWriteBatch, key: &[u8], stored: &[u8]) {
         let size = size_of(key, stored);
         let _ = self
             .bytes
@@ -165,60 +195,87 @@ impl Books {
                 Some(b.saturating_sub(size))
             });
         if let Some(row) = age_row(key, stored) {
-            let _ = self.by_age.remove(row);
+            batch.remove(&self.by_age, row);
         }
     }
 
-    /// Removes the oldest entries until the data is at most `target` bytes; how many.
-    fn evict(&self, db: &sled::Db, target: u64) -> Result<u64, StoreError> {
+    /// Removes the oldest entries until the data is at most `target` bytes; how many. Called
+    /// with `writer` held.
+    fn evict(&self, target: u64) -> Result<u64, StoreError> {
         let mut evicted = 0;
-        for row in self.by_age.iter().keys() {
+        let mut batch = self.db.batch();
+        for row in self.by_age.iter() {
             if self.bytes.load(Ordering::Relaxed) <= target {
                 break;
             }
-            let row = row.map_err(backend_error)?;
-            self.by_age.remove(&row).map_err(backend_error)?;
+            let row = row.key().map_err(backend_error)?;
+            batch.remove(&self.by_age, row.clone());
             let (sequence, key) = row.split_at(8.min(row.len()));
             // Only if the entry is still the one this row was written for.
-            if let Some(stored) = db.get(key).map_err(backend_error)?
+            if let Some(stored) = self.data.get(key).map_err(backend_error)?
                 && stored.get(8..HEADER) == Some(sequence)
-                && db
-                    .compare_and_swap(key, Some(&stored), None::<&[u8]>)
-                    .map_err(backend_error)?
-                    .is_ok()
             {
-                self.forget(key, &stored);
+                batch.remove(&self.data, key);
+                let size = size_of(key, &stored);
+                let _ = self
+                    .bytes
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                        Some(b.saturating_sub(size))
+                    });
                 evicted += 1;
             }
         }
+        batch.commit().map_err(backend_error)?;
         Ok(evicted)
     }
 }
 
-impl SledStore {
-    /// Opens (or creates) the database at `path`; `cache_bytes` bounds sled's page cache in
-    /// memory, `max_bytes` (if any) the data kept.
+impl FjallStore {
+    /// Opens (or creates) the database in the directory `path`; `cache_bytes` bounds its memory
+    /// (block cache and write buffers), `max_bytes` (if any) the data kept.
     pub fn open(path: &Path, cache_bytes: u64, max_bytes: Option<u64>) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
+        let home = path.join("fjall");
+        if !home.exists() && is_sled_store(path) {
+            migrate_from_sled(path, &home)?;
+        }
+        remove_sled_files(path);
+        // A write buffer fills before it is written out as a table, and a few can wait their
+        // turn: a sixteenth of the budget each keeps them all inside it with the block cache.
+        let write_buffer = (cache_bytes / 16).max(1 << 20);
+        let db = Database::builder(&home)
+            .cache_size(cache_bytes.saturating_sub(write_buffer * 5).max(1 << 20))
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked(io.to_string())
-                }
+                fjall::Error::Locked => StoreError::Locked(format!(
+                    "another process holds the store at {}",
+                    path.display()
+                )),
                 other => backend_error(other),
             })?;
-        let by_age = db.open_tree("by-age").map_err(backend_error)?;
+        let options = move || KeyspaceCreateOptions::default().max_memtable_size(write_buffer);
+        let data = db.keyspace("data", options).map_err(backend_error)?;
+        let by_age = db.keyspace("by-age", options).map_err(backend_error)?;
         let mut bytes = 0;
-        for entry in db.iter() {
-            let (key, stored) = entry.map_err(backend_error)?;
+        for entry in data.iter() {
+            let (key, stored) = entry.into_inner().map_err(backend_error)?;
             bytes += size_of(&key, &stored);
         }
+        let next = match by_age.last_key_value() {
+            Some(row) => {
+                let row = row.key().map_err(backend_error)?;
+                row.first_chunk::<8>().map_or(0, |n| u64::from_be_bytes(*n))
+            }
+            None => 0,
+        };
         Ok(Self {
-            db,
-            by_age,
-            bytes: Arc::new(AtomicU64::new(bytes)),
+            parts: Parts {
+                db,
+                data,
+                by_age,
+                bytes: Arc::new(AtomicU64::new(bytes)),
+                sequence: Arc::new(AtomicU64::new(next + 1)),
+                writer: Arc::default(),
+            },
             max_bytes,
             counts: Arc::default(),
             budgets: Arc::default(),
@@ -248,19 +305,15 @@ impl SledStore {
 
     /// Bytes of keys and values held now (approximate while writes race).
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.parts.bytes.load(Ordering::Relaxed)
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&sled::Db, &Books) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnOnce(&Parts) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        let books = Books {
-            by_age: self.by_age.clone(),
-            bytes: Arc::clone(&self.bytes),
-        };
-        tokio::task::spawn_blocking(move || work(&db, &books))
+        let parts = self.parts.clone();
+        tokio::task::spawn_blocking(move || work(&parts))
             .await
             .map_err(backend_error)?
     }
@@ -274,8 +327,8 @@ fn spent_value(stored: Option<&[u8]>, now: u64) -> u64 {
         .map_or(0, u64::from_be_bytes)
 }
 
-impl SledStore {
-    /// Adds spend to the counters on disk, durably (one flush for all of them).
+impl FjallStore {
+    /// Adds spend to the counters on disk, durably (one fsync for all of them).
     async fn persist(&self, spends: Spends) -> Result<(), StoreError> {
         if spends.is_empty() {
             return Ok(());
@@ -297,28 +350,33 @@ impl SledStore {
         };
         let kept = spends.clone();
         let written = self
-            .blocking(move |db, books| {
+            .blocking(move |parts| {
                 let now = now_ms();
+                let _writer = parts.writer.lock();
+                let mut batch = parts.db.batch().durability(Some(PersistMode::SyncAll));
+                let mut totals = std::collections::HashMap::<&str, (u64, u64)>::new();
                 for (key, spend, keep) in &spends {
                     let expires_at = now.saturating_add(keep.as_millis() as u64);
-                    let previous = db
-                        .fetch_and_update(key.as_bytes(), |old| {
-                            let total = spent_value(old, now).saturating_add(*spend);
-                            // Insertion number 0: the size bound never evicts what was spent.
-                            let mut stored = Vec::with_capacity(HEADER + 8);
-                            stored.extend_from_slice(&expires_at.to_be_bytes());
-                            stored.extend_from_slice(&0u64.to_be_bytes());
-                            stored.extend_from_slice(&total.to_be_bytes());
-                            Some(stored)
-                        })
-                        .map_err(backend_error)?;
-                    if previous.is_none() {
-                        books
-                            .bytes
-                            .fetch_add((key.len() + HEADER + 8) as u64, Ordering::Relaxed);
-                    }
+                    let total = match totals.get(key.as_str()) {
+                        Some((total, _)) => *total,
+                        None => {
+                            let stored = parts.data.get(key).map_err(backend_error)?;
+                            if stored.is_none() {
+                                parts
+                                    .bytes
+                                    .fetch_add((key.len() + HEADER + 8) as u64, Ordering::Relaxed);
+                            }
+                            spent_value(stored.as_deref(), now)
+                        }
+                    };
+                    totals.insert(key, (total.saturating_add(*spend), expires_at));
                 }
-                durable(db)
+                for (key, (total, expires_at)) in totals {
+                    // Insertion number 0: the size bound never evicts what was spent.
+                    let stored = stored_value(expires_at, 0, &total.to_be_bytes());
+                    batch.insert(&parts.data, key, stored);
+                }
+                batch.commit().map_err(backend_error)
             })
             .await;
         match written {
@@ -341,8 +399,8 @@ impl SledStore {
         }
         let owned = key.to_owned();
         let spent = self
-            .blocking(move |db, _| {
-                let stored = db.get(owned.as_bytes()).map_err(backend_error)?;
+            .blocking(move |parts| {
+                let stored = parts.data.get(owned.as_bytes()).map_err(backend_error)?;
                 Ok(spent_value(stored.as_deref(), now_ms()))
             })
             .await?;
@@ -357,16 +415,8 @@ impl SledStore {
     }
 }
 
-/// Waits until what was written is on disk. sled 0.34's `flush_async` would wait on a thread of
-/// sled's own small pool, which also writes the log: enough concurrent writers park every
-/// thread of it and nothing is ever written (spacejam/sled#1308). A blocking flush waits on
-/// the calling thread, one of tokio's blocking pool.
-fn durable(db: &sled::Db) -> Result<(), StoreError> {
-    db.flush().map(drop).map_err(backend_error)
-}
-
 #[async_trait::async_trait]
-impl Store for SledStore {
+impl Store for FjallStore {
     async fn admit(
         &self,
         settled: &[Settle],
@@ -524,21 +574,26 @@ impl Store for SledStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        // Read on the calling thread: a lookup is a walk of sled's in-memory page cache, a few
-        // microseconds, where handing it to the blocking pool and back cost a thread wake-up each
-        // way (tens of microseconds on every cached request). Only a page evicted from that cache
-        // (`cache.memory_bytes`) is read from disk here.
-        let Some(stored) = self.db.get(key.as_bytes()).map_err(backend_error)? else {
+        // Read on the calling thread: a lookup is a walk of the write buffers and the block
+        // cache, a few microseconds, where handing it to the blocking pool and back cost a thread
+        // wake-up each way (tens of microseconds on every cached request). Only a block evicted
+        // from that cache (`cache.memory_bytes`) is read from disk here.
+        let Some(stored) = self.parts.data.get(key).map_err(backend_error)? else {
             return Ok(None);
         };
         if let Some(payload) = live_payload(&stored, now_ms()) {
             return Ok(Some(payload.to_vec()));
         }
         let key = key.to_owned();
-        self.blocking(move |db, books| {
+        self.blocking(move |parts| {
+            let _writer = parts.writer.lock();
             // Only remove what we read: a concurrent put of a fresh value must survive.
-            if let Ok(Ok(())) = db.compare_and_swap(key.as_bytes(), Some(&stored), None::<&[u8]>) {
-                books.forget(key.as_bytes(), &stored);
+            let current = parts.data.get(&key).map_err(backend_error)?;
+            if current.as_deref() == Some(&stored[..]) {
+                let mut batch = parts.db.batch();
+                batch.remove(&parts.data, key.as_bytes());
+                parts.forget(&mut batch, key.as_bytes(), &stored);
+                batch.commit().map_err(backend_error)?;
             }
             Ok(None)
         })
@@ -554,32 +609,38 @@ impl Store for SledStore {
         let expires_at = ttl.map_or(0, |ttl| now_ms().saturating_add(ttl.as_millis() as u64));
         let key = key.to_owned();
         let max_bytes = self.max_bytes;
-        self.blocking(move |db, books| {
-            let sequence = db.generate_id().map_err(backend_error)?;
-            let mut stored = Vec::with_capacity(HEADER + value.len());
-            stored.extend_from_slice(&expires_at.to_be_bytes());
-            stored.extend_from_slice(&sequence.to_be_bytes());
-            stored.extend_from_slice(&value);
+        self.blocking(move |parts| {
             let key = key.as_bytes();
-            if let Some(row) = age_row(key, &stored) {
-                books.by_age.insert(row, &[]).map_err(backend_error)?;
-            }
-            books
-                .bytes
-                .fetch_add(size_of(key, &stored), Ordering::Relaxed);
-            if let Some(old) = db.insert(key, stored).map_err(backend_error)? {
-                books.forget(key, &old);
+            {
+                let _writer = parts.writer.lock();
+                let sequence = parts.sequence.fetch_add(1, Ordering::Relaxed);
+                let stored = stored_value(expires_at, sequence, &value);
+                drop(value);
+                let mut batch = parts.db.batch();
+                if let Some(old) = parts.data.get(key).map_err(backend_error)? {
+                    parts.forget(&mut batch, key, &old);
+                }
+                if let Some(row) = age_row(key, &stored) {
+                    batch.insert(&parts.by_age, row, []);
+                }
+                parts
+                    .bytes
+                    .fetch_add(size_of(key, &stored), Ordering::Relaxed);
+                batch.insert(&parts.data, key, stored);
+                // Written to the journal before it returns (the OS holds it): survives kill -9.
+                batch.commit().map_err(backend_error)?;
             }
             if let Some(max) = max_bytes
-                && books.bytes.load(Ordering::Relaxed) > max
+                && parts.bytes.load(Ordering::Relaxed) > max
             {
-                let evicted = books.evict(db, max / 10 * 9)?;
+                let _writer = parts.writer.lock();
+                let evicted = parts.evict(max / 10 * 9)?;
                 tracing::debug!(
                     evicted,
                     "cache store over its size bound: evicted the oldest entries"
                 );
             }
-            durable(db)
+            Ok(())
         })
         .await
     }
@@ -592,80 +653,81 @@ impl Store for SledStore {
     ) -> Result<bool, StoreError> {
         let key = key.to_owned();
         let expected = expected.map(<[u8]>::to_vec);
-        let swapped = self
-            .blocking(move |db, books| {
-                let current = db.get(key.as_bytes()).map_err(backend_error)?;
-                let current_payload = current.as_deref().and_then(|c| live_payload(c, now_ms()));
-                if current_payload != expected.as_deref() {
-                    return Ok(false);
-                }
-                // Insertion number 0 and no age-index row: the size bound never evicts a record.
-                let mut stored = Vec::with_capacity(HEADER + new.len());
-                stored.extend_from_slice(&0u64.to_be_bytes());
-                stored.extend_from_slice(&0u64.to_be_bytes());
-                stored.extend_from_slice(&new);
-                let swapped = db
-                    .compare_and_swap(key.as_bytes(), current.as_deref(), Some(stored.as_slice()))
-                    .map_err(backend_error)?
-                    .is_ok();
-                if swapped {
-                    if let Some(old) = &current {
-                        books.forget(key.as_bytes(), old);
-                    }
-                    books
-                        .bytes
-                        .fetch_add(size_of(key.as_bytes(), &stored), Ordering::Relaxed);
-                }
-                if swapped {
-                    durable(db)?;
-                }
-                Ok(swapped)
-            })
-            .await?;
-        Ok(swapped)
+        self.blocking(move |parts| {
+            let key = key.as_bytes();
+            let _writer = parts.writer.lock();
+            let current = parts.data.get(key).map_err(backend_error)?;
+            let current_payload = current.as_deref().and_then(|c| live_payload(c, now_ms()));
+            if current_payload != expected.as_deref() {
+                return Ok(false);
+            }
+            // Insertion number 0 and no age-index row: the size bound never evicts a record.
+            let stored = stored_value(0, 0, &new);
+            let mut batch = parts.db.batch().durability(Some(PersistMode::SyncAll));
+            if let Some(old) = &current {
+                parts.forget(&mut batch, key, old);
+            }
+            parts
+                .bytes
+                .fetch_add(size_of(key, &stored), Ordering::Relaxed);
+            batch.insert(&parts.data, key, stored);
+            batch.commit().map_err(backend_error)?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let key = key.to_owned();
-        let existed = self
-            .blocking(move |db, books| {
-                let old = db.remove(key.as_bytes()).map_err(backend_error)?;
-                if let Some(old) = &old {
-                    books.forget(key.as_bytes(), old);
-                }
-                durable(db)?;
-                Ok(old.is_some())
-            })
-            .await?;
-        Ok(existed)
+        self.blocking(move |parts| {
+            let key = key.as_bytes();
+            let _writer = parts.writer.lock();
+            let Some(old) = parts.data.get(key).map_err(backend_error)? else {
+                return Ok(false);
+            };
+            let mut batch = parts.db.batch().durability(Some(PersistMode::SyncAll));
+            batch.remove(&parts.data, key);
+            parts.forget(&mut batch, key, &old);
+            batch.commit().map_err(backend_error)?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
+        const BATCH: usize = 1024;
         let prefix = prefix.to_owned();
-        let removed = self
-            .blocking(move |db, books| {
-                let mut removed = 0;
-                for entry in db.scan_prefix(prefix.as_bytes()).keys() {
-                    let key = entry.map_err(backend_error)?;
-                    if let Some(old) = db.remove(&key).map_err(backend_error)? {
-                        books.forget(&key, &old);
-                        removed += 1;
-                    }
+        self.blocking(move |parts| {
+            let mut removed = 0;
+            loop {
+                // A batch at a time, so that a purge of millions of entries stays bounded in
+                // memory and lets writers in between.
+                let _writer = parts.writer.lock();
+                let mut batch = parts.db.batch().durability(Some(PersistMode::SyncAll));
+                let mut found = 0;
+                for entry in parts.data.prefix(prefix.as_bytes()).take(BATCH) {
+                    let (key, old) = entry.into_inner().map_err(backend_error)?;
+                    batch.remove(&parts.data, key.clone());
+                    parts.forget(&mut batch, &key, &old);
+                    found += 1;
                 }
-                durable(db)?;
-                Ok(removed)
-            })
-            .await?;
-        Ok(removed)
+                batch.commit().map_err(backend_error)?;
+                removed += found;
+                if found < BATCH as u64 {
+                    return Ok(removed);
+                }
+            }
+        })
+        .await
     }
 
     async fn count_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
         let prefix = prefix.to_owned();
-        self.blocking(move |db, _| {
+        self.blocking(move |parts| {
             let now = now_ms();
             let mut count = 0;
-            for entry in db.scan_prefix(prefix.as_bytes()).values() {
-                if live_payload(&entry.map_err(backend_error)?, now).is_some() {
+            for entry in parts.data.prefix(prefix.as_bytes()) {
+                if live_payload(&entry.value().map_err(backend_error)?, now).is_some() {
                     count += 1;
                 }
             }
@@ -685,20 +747,20 @@ impl Store for SledStore {
         loop {
             let prefix = prefix.to_owned();
             let from = after.take();
-            let batch = self
-                .blocking(move |db, _| {
+            let (batch, last) = self
+                .blocking(move |parts| {
                     let now = now_ms();
                     let range = match &from {
-                        Some(key) => db.range::<&[u8], _>((
+                        Some(key) => parts.data.range::<&[u8], _>((
                             std::ops::Bound::Excluded(key.as_slice()),
                             std::ops::Bound::Unbounded,
                         )),
-                        None => db.range::<&[u8], _>(prefix.as_bytes()..),
+                        None => parts.data.range::<&[u8], _>(prefix.as_bytes()..),
                     };
                     let mut batch = Vec::with_capacity(BATCH);
                     let mut last = None;
                     for entry in range {
-                        let (key, stored) = entry.map_err(backend_error)?;
+                        let (key, stored) = entry.into_inner().map_err(backend_error)?;
                         if !key.starts_with(prefix.as_bytes()) || batch.len() == BATCH {
                             break;
                         }
@@ -712,7 +774,6 @@ impl Store for SledStore {
                     Ok((batch, last))
                 })
                 .await?;
-            let (batch, last) = batch;
             for (key, value) in batch {
                 visit(key, value);
                 visited += 1;
@@ -725,7 +786,92 @@ impl Store for SledStore {
     }
 
     fn backend(&self) -> &'static str {
-        "sled"
+        "embedded"
+    }
+}
+
+/// Whether `path` holds a store written by releases before 2026-12 (sled 0.34).
+fn is_sled_store(path: &Path) -> bool {
+    path.join("conf").is_file() && path.join("db").is_file()
+}
+
+/// Copies a sled 0.34 store's values (the same stored format: expiry, insertion number,
+/// payload) into a new database at `home`, built aside and renamed into place once complete and
+/// fsynced, so a crash part way leaves the old store to migrate again. The age index is rebuilt
+/// from the values.
+pub fn migrate_from_sled(path: &Path, home: &Path) -> Result<u64, StoreError> {
+    let partial = partial_path(home);
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(backend_error)?;
+    }
+    let old = sled::Config::new().path(path).open().map_err(|e| match e {
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            StoreError::Locked(format!(
+                "another process holds the store at {}",
+                path.display()
+            ))
+        }
+        other => backend_error(other),
+    })?;
+    let now = now_ms();
+    let mut copied = 0;
+    {
+        let db = Database::builder(&partial).open().map_err(backend_error)?;
+        let data = db
+            .keyspace("data", KeyspaceCreateOptions::default)
+            .map_err(backend_error)?;
+        let by_age = db
+            .keyspace("by-age", KeyspaceCreateOptions::default)
+            .map_err(backend_error)?;
+        let mut batch = db.batch();
+        for entry in old.iter() {
+            let (key, stored) = entry.map_err(backend_error)?;
+            if live_payload(&stored, now).is_none() {
+                continue;
+            }
+            if let Some(row) = age_row(&key, &stored) {
+                batch.insert(&by_age, row, []);
+            }
+            batch.insert(&data, &*key, &*stored);
+            copied += 1;
+            if batch.len() >= 2048 {
+                std::mem::replace(&mut batch, db.batch())
+                    .commit()
+                    .map_err(backend_error)?;
+            }
+        }
+        batch.commit().map_err(backend_error)?;
+        db.persist(PersistMode::SyncAll).map_err(backend_error)?;
+    }
+    drop(old);
+    std::fs::rename(&partial, home).map_err(backend_error)?;
+    tracing::info!(
+        entries = copied,
+        "migrated the embedded store from sled 0.34; its files are removed"
+    );
+    Ok(copied)
+}
+
+fn partial_path(home: &Path) -> PathBuf {
+    home.with_extension("partial")
+}
+
+/// Removes what is left of a migrated sled store (only its own file names): the new database is
+/// complete once it is in place.
+fn remove_sled_files(path: &Path) {
+    if !path.join("fjall").exists() {
+        return;
+    }
+    for name in ["conf", "db"] {
+        let _ = std::fs::remove_file(path.join(name));
+    }
+    let _ = std::fs::remove_dir_all(path.join("blobs"));
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("snap.") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 }
 
@@ -733,9 +879,9 @@ impl Store for SledStore {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, SledStore) {
+    fn store() -> (tempfile::TempDir, FjallStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(&dir.path().join("db"), 1 << 20, None).unwrap();
+        let store = FjallStore::open(&dir.path().join("db"), 1 << 20, None).unwrap();
         (dir, store)
     }
 
@@ -763,10 +909,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_large_prefix_is_deleted_in_batches() {
+        let (_dir, store) = store();
+        for i in 0..2_500 {
+            store
+                .put(&format!("cache/a/{i:05}"), b"x".to_vec(), None)
+                .await
+                .unwrap();
+        }
+        store.put("cache/b/1", b"y".to_vec(), None).await.unwrap();
+        assert_eq!(store.delete_prefix("cache/a/").await.unwrap(), 2_500);
+        assert_eq!(store.count_prefix("cache/").await.unwrap(), 1);
+    }
+
+    #[tokio::test]
     async fn entries_expire() {
         let (_dir, store) = store();
         store
-            // Long enough that a busy machine's slow flush does not expire it before the read.
             .put("k", b"v".to_vec(), Some(Duration::from_millis(1500)))
             .await
             .unwrap();
@@ -785,18 +944,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         {
-            let store = SledStore::open(&path, 1 << 20, None).unwrap();
+            let store = FjallStore::open(&path, 1 << 20, None).unwrap();
             store.put("k", b"durable".to_vec(), None).await.unwrap();
         }
-        // sled's flusher thread lets go of the file lock shortly after the last handle drops.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let store = loop {
-            match SledStore::open(&path, 1 << 20, None) {
-                Ok(store) => break store,
-                Err(error) if std::time::Instant::now() > deadline => panic!("{error}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
+        let store = FjallStore::open_when_free(&path, 1 << 20, None, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(
             store.get("k").await.unwrap().as_deref(),
             Some(&b"durable"[..])
@@ -807,7 +960,11 @@ mod tests {
     async fn the_size_bound_evicts_the_oldest_entries_first() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let store = SledStore::open(&path, 1 << 20, Some(4_000)).unwrap();
+        let store = FjallStore::open(&path, 1 << 20, Some(4_000)).unwrap();
+        store
+            .compare_and_swap("record", None, vec![b'r'; 100])
+            .await
+            .unwrap();
         for i in 0..50 {
             store
                 .put(&format!("k{i:02}"), vec![b'x'; 200], None)
@@ -823,14 +980,56 @@ mod tests {
         );
         assert_eq!(store.get("k49").await.unwrap(), Some(vec![b'y'; 200]));
         assert!(store.get("k48").await.unwrap().is_some());
+        assert!(store.get("record").await.unwrap().is_some(), "records stay");
         let kept = store.count_prefix("k").await.unwrap();
         assert!((10..=19).contains(&kept), "{kept} entries kept");
         let bytes = store.bytes();
         drop(store);
-        let reopened = SledStore::open(&path, 1 << 20, Some(4_000)).unwrap();
+        let reopened =
+            FjallStore::open_when_free(&path, 1 << 20, Some(4_000), Duration::from_secs(5))
+                .await
+                .unwrap();
         assert_eq!(reopened.bytes(), bytes, "the size is recomputed on open");
-        assert!(reopened.delete("k49").await.unwrap());
-        assert!(reopened.bytes() < bytes);
+        // Insertion numbers go on after a restart: what is written now is the newest.
+        reopened.put("k50", vec![b'z'; 200], None).await.unwrap();
+        for i in 51..70 {
+            reopened
+                .put(&format!("k{i:02}"), vec![b'x'; 200], None)
+                .await
+                .unwrap();
+        }
+        assert!(reopened.get("k69").await.unwrap().is_some());
+        assert!(reopened.get("k49").await.unwrap().is_none());
+        assert!(reopened.delete("k69").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_store_written_by_sled_is_migrated_on_first_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let old = sled::open(&path).unwrap();
+            old.insert("prompts/reply", stored_value(0, 0, b"record"))
+                .unwrap();
+            old.insert("cache/a", stored_value(0, 7, b"answer"))
+                .unwrap();
+            old.insert("cache/gone", stored_value(1, 8, b"expired"))
+                .unwrap();
+            old.flush().unwrap();
+        }
+        let store = FjallStore::open(&path, 1 << 20, Some(10_000)).unwrap();
+        assert_eq!(
+            store.get("prompts/reply").await.unwrap().as_deref(),
+            Some(&b"record"[..])
+        );
+        assert_eq!(
+            store.get("cache/a").await.unwrap().as_deref(),
+            Some(&b"answer"[..])
+        );
+        assert_eq!(store.get("cache/gone").await.unwrap(), None);
+        assert!(!is_sled_store(&path), "the old files are removed");
+        // The age index came along: new entries are younger than the migrated one.
+        assert_eq!(store.parts.sequence.load(Ordering::Relaxed), 8);
     }
 
     #[test]
