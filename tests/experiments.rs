@@ -116,7 +116,10 @@ async fn report(gw: &Gateway, request_id: &str, resolved: bool) {
         match response.status().as_u16() {
             200 => return,
             404 => tokio::time::sleep(Duration::from_millis(10)).await,
-            other => panic!("feedback answered {other}"),
+            other => panic!(
+                "feedback answered {other}: {}",
+                response.text().await.unwrap_or_default()
+            ),
         }
     }
     panic!("request {request_id} never became known to feedback");

@@ -312,6 +312,15 @@ mod tests {
     }
 
     #[test]
+    fn the_embedded_stores_earlier_name_still_means_it() {
+        for name in ["embedded", "sled"] {
+            let text = format!("{MINIMAL}\n[cache]\nstore = \"{name}\"\n");
+            let config = Config::from_toml_str(&text, "t.toml", &env).unwrap();
+            assert_eq!(config.cache.store, StoreKind::Embedded, "{name}");
+        }
+    }
+
+    #[test]
     fn missing_env_var_names_the_field() {
         let text = MINIMAL.replace("${KEY_A}", "${NOT_SET_ANYWHERE}");
         let err = Config::from_toml_str(&text, "t.toml", &env)
