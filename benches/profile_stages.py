@@ -13,7 +13,7 @@ STAGES = [
     ("metrics", r"reprise::telemetry"),
     ("exact cache (key, store)", r"reprise::cache|reprise::canonical"),
     ("limits and keys", r"reprise::limits|reprise::keys"),
-    ("store (sled reads and writes)", r"reprise::store"),
+    ("store (embedded or Redis)", r"reprise::store"),
     ("prompts", r"reprise::prompts"),
     ("routing (router, breakers, retries)", r"reprise::router"),
     ("upstream call (providers)", r"reprise::providers"),
@@ -32,7 +32,7 @@ LIBRARIES = [
     ("HTTP server (hyper server)", r"hyper::proto|hyper::server|hyper_util::server"),
     ("tower / axum layers and routing", r"tower|axum"),
     ("tracing", r"tracing"),
-    ("store (sled reads and writes)", r"sled"),
+    ("store (embedded or Redis)", r"fjall|lsm_tree|sled|redis"),
     ("tokio runtime", r"tokio"),
 ]
 KERNEL = "kernel (syscalls, network, scheduling)"

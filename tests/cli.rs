@@ -819,12 +819,21 @@ async fn serving_threads_each_listen_on_the_port_and_drain_together() {
         4,
         "one listening socket per serving thread"
     );
-    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
-        .map(|name| name.trim().to_owned())
-        .filter(|name| name.starts_with("reprise-serve-"))
-        .collect();
+    // A thread names itself once it runs, which can be a moment after the gateway is listening.
+    let serving_threads = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| name.starts_with("reprise-serve-"))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut threads = serving_threads();
+    while threads.len() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        threads = serving_threads();
+    }
     assert_eq!(threads.len(), 4, "{threads:?}");
 
     // Each request on a connection of its own, so the kernel spreads them over the sockets.

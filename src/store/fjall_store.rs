@@ -39,7 +39,23 @@ pub struct FjallStore {
     /// release) and the holds of requests in flight, which die with the process as they should.
     budgets: Arc<parking_lot::Mutex<std::collections::HashMap<String, Budget>>>,
     spend_log: Arc<SpendLog>,
+    /// `put`'s queue to the entry writer.
+    entries: std::sync::mpsc::SyncSender<EntryWrite>,
 }
+
+/// One `put` waiting for the entry writer.
+struct EntryWrite {
+    key: String,
+    value: Vec<u8>,
+    expires_at: u64,
+    written: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// How many `put`s may wait for the entry writer; beyond it a `put` writes on the blocking pool
+/// itself, so memory stays bounded and nothing is dropped.
+const ENTRY_QUEUE: usize = 1024;
+/// The most entries one journal write carries.
+const ENTRY_BATCH: usize = 128;
 
 /// What a blocking call works on.
 #[derive(Clone)]
@@ -230,6 +246,90 @@ impl Parts {
     }
 }
 
+impl Parts {
+    /// Writes entries in one batch (one journal write), then evicts if the data outgrew
+    /// `max_bytes`.
+    fn write_entries(
+        &self,
+        writes: &[(&str, &[u8], u64)],
+        max_bytes: Option<u64>,
+    ) -> Result<(), StoreError> {
+        {
+            let _writer = self.writer.lock();
+            let mut batch = self.db.batch();
+            // A key written twice in one batch replaces its first value, which the database
+            // has not seen yet.
+            let mut in_batch: std::collections::HashMap<&str, Vec<u8>> =
+                std::collections::HashMap::new();
+            for (key, value, expires_at) in writes {
+                let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+                let stored = stored_value(*expires_at, sequence, value);
+                let old = match in_batch.remove(key) {
+                    Some(old) => Some(old),
+                    None => self
+                        .data
+                        .get(key)
+                        .map_err(backend_error)?
+                        .map(|old| old.to_vec()),
+                };
+                if let Some(old) = old {
+                    self.forget(&mut batch, key.as_bytes(), &old);
+                }
+                if let Some(row) = age_row(key.as_bytes(), &stored) {
+                    batch.insert(&self.by_age, row, []);
+                }
+                self.bytes
+                    .fetch_add(size_of(key.as_bytes(), &stored), Ordering::Relaxed);
+                batch.insert(&self.data, key.as_bytes(), stored.as_slice());
+                if writes.len() > 1 {
+                    in_batch.insert(key, stored);
+                }
+            }
+            // Written to the journal before it returns (the OS holds it): survives kill -9.
+            batch.commit().map_err(backend_error)?;
+        }
+        if let Some(max) = max_bytes
+            && self.bytes.load(Ordering::Relaxed) > max
+        {
+            let _writer = self.writer.lock();
+            let evicted = self.evict(max / 10 * 9)?;
+            tracing::debug!(
+                evicted,
+                "cache store over its size bound: evicted the oldest entries"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The entry writer: one thread takes what `put`s queued, many to a batch. Under load it does
+/// not sleep between batches, so a cached answer's write costs no thread wake-up of its own and
+/// shares its journal write. It ends when the store's last handle is dropped.
+fn write_entries_queued(
+    parts: Parts,
+    max_bytes: Option<u64>,
+    queue: std::sync::mpsc::Receiver<EntryWrite>,
+) {
+    let mut writes = Vec::with_capacity(ENTRY_BATCH);
+    while let Ok(first) = queue.recv() {
+        writes.push(first);
+        while writes.len() < ENTRY_BATCH
+            && let Ok(next) = queue.try_recv()
+        {
+            writes.push(next);
+        }
+        let entries: Vec<(&str, &[u8], u64)> = writes
+            .iter()
+            .map(|w| (w.key.as_str(), w.value.as_slice(), w.expires_at))
+            .collect();
+        let result = parts.write_entries(&entries, max_bytes);
+        drop(entries);
+        for write in writes.drain(..) {
+            let _ = write.written.send(result.clone());
+        }
+    }
+}
+
 impl FjallStore {
     /// Opens (or creates) the database in the directory `path`; `cache_bytes` bounds its memory
     /// (block cache and write buffers), `max_bytes` (if any) the data kept.
@@ -267,19 +367,27 @@ impl FjallStore {
             }
             None => 0,
         };
+        let parts = Parts {
+            db,
+            data,
+            by_age,
+            bytes: Arc::new(AtomicU64::new(bytes)),
+            sequence: Arc::new(AtomicU64::new(next + 1)),
+            writer: Arc::default(),
+        };
+        let (entries, queue) = std::sync::mpsc::sync_channel(ENTRY_QUEUE);
+        let writer_parts = parts.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_entries_queued(writer_parts, max_bytes, queue))
+            .map_err(backend_error)?;
         Ok(Self {
-            parts: Parts {
-                db,
-                data,
-                by_age,
-                bytes: Arc::new(AtomicU64::new(bytes)),
-                sequence: Arc::new(AtomicU64::new(next + 1)),
-                writer: Arc::default(),
-            },
+            parts,
             max_bytes,
             counts: Arc::default(),
             budgets: Arc::default(),
             spend_log: Arc::default(),
+            entries,
         })
     }
 
@@ -607,42 +715,26 @@ impl Store for FjallStore {
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         let expires_at = ttl.map_or(0, |ttl| now_ms().saturating_add(ttl.as_millis() as u64));
-        let key = key.to_owned();
-        let max_bytes = self.max_bytes;
-        self.blocking(move |parts| {
-            let key = key.as_bytes();
-            {
-                let _writer = parts.writer.lock();
-                let sequence = parts.sequence.fetch_add(1, Ordering::Relaxed);
-                let stored = stored_value(expires_at, sequence, &value);
-                drop(value);
-                let mut batch = parts.db.batch();
-                if let Some(old) = parts.data.get(key).map_err(backend_error)? {
-                    parts.forget(&mut batch, key, &old);
-                }
-                if let Some(row) = age_row(key, &stored) {
-                    batch.insert(&parts.by_age, row, []);
-                }
-                parts
-                    .bytes
-                    .fetch_add(size_of(key, &stored), Ordering::Relaxed);
-                batch.insert(&parts.data, key, stored);
-                // Written to the journal before it returns (the OS holds it): survives kill -9.
-                batch.commit().map_err(backend_error)?;
+        let (written, landed) = tokio::sync::oneshot::channel();
+        let write = EntryWrite {
+            key: key.to_owned(),
+            value,
+            expires_at,
+            written,
+        };
+        match self.entries.try_send(write) {
+            Ok(()) => landed.await.map_err(backend_error)?,
+            Err(
+                std::sync::mpsc::TrySendError::Full(write)
+                | std::sync::mpsc::TrySendError::Disconnected(write),
+            ) => {
+                let max_bytes = self.max_bytes;
+                self.blocking(move |parts| {
+                    parts.write_entries(&[(&write.key, &write.value, write.expires_at)], max_bytes)
+                })
+                .await
             }
-            if let Some(max) = max_bytes
-                && parts.bytes.load(Ordering::Relaxed) > max
-            {
-                let _writer = parts.writer.lock();
-                let evicted = parts.evict(max / 10 * 9)?;
-                tracing::debug!(
-                    evicted,
-                    "cache store over its size bound: evicted the oldest entries"
-                );
-            }
-            Ok(())
-        })
-        .await
+        }
     }
 
     async fn compare_and_swap(
