@@ -257,22 +257,15 @@ impl Parts {
         {
             let _writer = self.writer.lock();
             let mut batch = self.db.batch();
-            // A key written twice in one batch replaces its first value, which the database
-            // has not seen yet.
-            let mut in_batch: std::collections::HashMap<&str, Vec<u8>> =
-                std::collections::HashMap::new();
-            for (key, value, expires_at) in writes {
+            for (index, (key, value, expires_at)) in writes.iter().enumerate() {
+                // A batch's items share one sequence number, so a key must appear in it once:
+                // of a key written twice, the later value is the one kept, as if it came next.
+                if writes[index + 1..].iter().any(|later| later.0 == *key) {
+                    continue;
+                }
                 let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
                 let stored = stored_value(*expires_at, sequence, value);
-                let old = match in_batch.remove(key) {
-                    Some(old) => Some(old),
-                    None => self
-                        .data
-                        .get(key)
-                        .map_err(backend_error)?
-                        .map(|old| old.to_vec()),
-                };
-                if let Some(old) = old {
+                if let Some(old) = self.data.get(key).map_err(backend_error)? {
                     self.forget(&mut batch, key.as_bytes(), &old);
                 }
                 if let Some(row) = age_row(key.as_bytes(), &stored) {
@@ -280,10 +273,7 @@ impl Parts {
                 }
                 self.bytes
                     .fetch_add(size_of(key.as_bytes(), &stored), Ordering::Relaxed);
-                batch.insert(&self.data, key.as_bytes(), stored.as_slice());
-                if writes.len() > 1 {
-                    in_batch.insert(key, stored);
-                }
+                batch.insert(&self.data, key.as_bytes(), stored);
             }
             // Written to the journal before it returns (the OS holds it): survives kill -9.
             batch.commit().map_err(backend_error)?;
@@ -1012,6 +1002,32 @@ mod tests {
         store.put("cache/b/1", b"y".to_vec(), None).await.unwrap();
         assert_eq!(store.delete_prefix("cache/a/").await.unwrap(), 2_500);
         assert_eq!(store.count_prefix("cache/").await.unwrap(), 1);
+    }
+
+    /// Concurrent writes of one key can share a batch: the books must still count it once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_of_one_key_leave_one_entry_in_the_books() {
+        let (_dir, store) = store();
+        let writes = (0..400u32).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .put(&format!("k{}", i % 3), i.to_be_bytes().to_vec(), None)
+                    .await
+                    .unwrap();
+            })
+        });
+        for write in futures::future::join_all(writes).await {
+            write.unwrap();
+        }
+        assert_eq!(store.count_prefix("k").await.unwrap(), 3);
+        assert_eq!(store.bytes(), 3 * (2 + HEADER as u64 + 4));
+        assert_eq!(store.parts.by_age.iter().count(), 3, "one age row each");
+        for key in ["k0", "k1", "k2"] {
+            assert!(store.delete(key).await.unwrap());
+        }
+        assert_eq!(store.bytes(), 0);
+        assert_eq!(store.parts.by_age.iter().count(), 0);
     }
 
     #[tokio::test]
