@@ -872,9 +872,12 @@ impl Store for FjallStore {
     }
 }
 
-/// Whether `path` holds a store written by releases before 2026-12 (sled 0.34).
+/// Whether `path` holds a store written by releases before 2026-12 (sled 0.34): its `conf`
+/// file starts with sled's settings, so a stranger's files of the same names are left alone.
 fn is_sled_store(path: &Path) -> bool {
-    path.join("conf").is_file() && path.join("db").is_file()
+    path.join("db").is_file()
+        && std::fs::read(path.join("conf"))
+            .is_ok_and(|conf| conf.starts_with(b"segment_size: ") && conf.len() < 4096)
 }
 
 /// Copies a sled 0.34 store's values (the same stored format: expiry, insertion number,
@@ -941,7 +944,7 @@ fn partial_path(home: &Path) -> PathBuf {
 /// Removes what is left of a migrated sled store (only its own file names): the new database is
 /// complete once it is in place.
 fn remove_sled_files(path: &Path) {
-    if !path.join("fjall").exists() {
+    if !path.join("fjall").exists() || !is_sled_store(path) {
         return;
     }
     for name in ["conf", "db"] {
@@ -1138,6 +1141,22 @@ mod tests {
         assert!(!is_sled_store(&path), "the old files are removed");
         // The age index came along: new entries are younger than the migrated one.
         assert_eq!(store.parts.sequence.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
+    fn files_that_only_share_sleds_names_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("conf"), "mine = true\n").unwrap();
+        std::fs::write(path.join("db"), "not a database").unwrap();
+        let store = FjallStore::open(&path, 1 << 20, None).unwrap();
+        drop(store);
+        assert_eq!(
+            std::fs::read_to_string(path.join("db")).unwrap(),
+            "not a database"
+        );
+        assert!(path.join("conf").exists());
     }
 
     #[test]
