@@ -30,6 +30,29 @@ pub struct Entry<'a> {
     pub response: &'a RawValue,
 }
 
+impl Entry<'_> {
+    /// The entry's stored text with `answer` (an answer's JSON text, already read as JSON when it
+    /// arrived) as its `response`: the text is copied in, not scanned again to be written out.
+    /// `response` is the last field, so the entry is written with a `null` there that the answer
+    /// then replaces.
+    pub fn into_bytes_answering(mut self, answer: &[u8]) -> Option<Vec<u8>> {
+        const PLACEHOLDER: &[u8] = b"null}";
+        if answer.trim_ascii().is_empty() {
+            return None;
+        }
+        self.response = RawValue::NULL;
+        let mut bytes = serde_json::to_vec(&self).ok()?;
+        if !bytes.ends_with(PLACEHOLDER) {
+            return None;
+        }
+        bytes.truncate(bytes.len() - PLACEHOLDER.len());
+        bytes.reserve_exact(answer.len() + 1);
+        bytes.extend_from_slice(answer);
+        bytes.push(b'}');
+        Some(bytes)
+    }
+}
+
 #[derive(Debug, Default)]
 struct ChoiceBuilder {
     role: Option<String>,
@@ -270,8 +293,9 @@ mod tests {
         for text in [
             response.to_string(),
             serde_json::to_string_pretty(&response).unwrap(),
+            format!("\n {response}\r\n"),
         ] {
-            let written = serde_json::to_vec(&Entry {
+            let written = Entry {
                 created_at_ms: 1,
                 ttl_secs: Some(60),
                 tenant: "a\"b".into(),
@@ -279,8 +303,9 @@ mod tests {
                 target: "mock/ok".into(),
                 prompt_tokens: 3,
                 completion_tokens: 4,
-                response: serde_json::from_str(&text).unwrap(),
-            })
+                response: RawValue::NULL,
+            }
+            .into_bytes_answering(text.as_bytes())
             .unwrap();
             let read: Entry<'_> = serde_json::from_slice(&written).unwrap();
             assert_eq!(
@@ -296,7 +321,7 @@ mod tests {
                 (&*read.target, read.prompt_tokens, read.completion_tokens),
                 ("mock/ok", 3, 4)
             );
-            assert_eq!(read.response.get(), text);
+            assert_eq!(read.response.get(), text.trim_ascii());
             // Entries written before answers were kept as text read the same way.
             let older = json!({"created_at_ms": 1, "ttl_secs": 60, "tenant": "a\"b", "route": "chat",
                 "target": "mock/ok", "prompt_tokens": 3, "completion_tokens": 4, "response": response});

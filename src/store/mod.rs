@@ -100,6 +100,24 @@ pub struct FeedPage {
     pub cursor: String,
 }
 
+/// A write its caller does not wait for: `landed` is called once it is written, or failed.
+pub struct BackgroundPut {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub ttl: Option<Duration>,
+    pub landed: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
+}
+
+impl BackgroundPut {
+    /// Writes it from a task of its own: for a store without a writer of its own.
+    pub fn spawn(self, store: std::sync::Arc<dyn Store>) {
+        tokio::spawn(async move {
+            let result = store.put(&self.key, self.value, self.ttl).await;
+            (self.landed)(result);
+        });
+    }
+}
+
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The value under `key`, or `None` if there is none or it has expired.
@@ -185,6 +203,12 @@ pub trait Store: Send + Sync + 'static {
     /// polling).
     fn is_shared(&self) -> bool {
         false
+    }
+
+    /// Queues `write` to land without the caller waiting. A store that has no writer of its own
+    /// to queue it to hands it back, to be written with [`BackgroundPut::spawn`].
+    fn put_in_background(&self, write: BackgroundPut) -> Result<(), BackgroundPut> {
+        Err(write)
     }
 
     /// A short name for logs and metrics.

@@ -17,7 +17,7 @@ use super::{CacheMode, CacheScope, CacheStatus, Requested, entry_path, now_ms};
 use crate::config::CachePolicy;
 use crate::protocol::answer::Answer;
 use crate::protocol::openai::ChatRequest;
-use crate::store::Store;
+use crate::store::{BackgroundPut, Store};
 use crate::telemetry::Metrics;
 use flight::Flights;
 
@@ -200,40 +200,39 @@ impl ExactCache {
         }
         let landing = leader.map(|leader| leader.publish(response.clone()));
         let (prompt_tokens, completion_tokens) = response.facts().tokens();
-        let created_at_ms = now_ms();
-        let ttl_secs = Some(plan.ttl.as_secs());
-        let (tenant, route, target) = (plan.tenant.clone(), plan.route.clone(), target.to_owned());
-        let store = Arc::clone(&self.store);
+        let entry = Entry {
+            created_at_ms: now_ms(),
+            ttl_secs: Some(plan.ttl.as_secs()),
+            tenant: Cow::Borrowed(&plan.tenant),
+            route: Cow::Borrowed(&plan.route),
+            target: Cow::Borrowed(target),
+            prompt_tokens,
+            completion_tokens,
+            response: RawValue::NULL,
+        };
+        let Some(value) = entry.into_bytes_answering(response.bytes()) else {
+            return;
+        };
         let metrics = Arc::clone(&self.metrics);
-        let path = plan.path.clone();
-        let ttl = plan.ttl;
-        // Serialised in the task, so that the answer goes out first.
-        tokio::spawn(async move {
-            let _landing = landing;
-            // The answer's own text goes into the entry: it was read as JSON when it arrived.
-            let Ok(response) = serde_json::from_slice::<&RawValue>(response.bytes()) else {
-                return;
-            };
-            let entry = Entry {
-                created_at_ms,
-                ttl_secs,
-                tenant: Cow::Borrowed(&tenant),
-                route: Cow::Borrowed(&route),
-                target: Cow::Borrowed(&target),
-                prompt_tokens,
-                completion_tokens,
-                response,
-            };
-            let Ok(bytes) = serde_json::to_vec(&entry) else {
-                return;
-            };
-            match store.put(&path, bytes, Some(ttl)).await {
-                Ok(()) => metrics.cache_written(),
-                Err(error) => {
-                    tracing::warn!(%error, "cache write failed");
-                    metrics.cache_error("write");
+        let write = BackgroundPut {
+            key: plan.path.clone(),
+            value,
+            ttl: Some(plan.ttl),
+            // Runs where the write landed (the embedded store's writer thread): the flight stays
+            // open until then.
+            landed: Box::new(move |result| {
+                drop(landing);
+                match result {
+                    Ok(()) => metrics.cache_written(),
+                    Err(error) => {
+                        tracing::warn!(%error, "cache write failed");
+                        metrics.cache_error("write");
+                    }
                 }
-            }
-        });
+            }),
+        };
+        if let Err(write) = self.store.put_in_background(write) {
+            write.spawn(Arc::clone(&self.store));
+        }
     }
 }
