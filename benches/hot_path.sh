@@ -6,7 +6,8 @@
 # route, every request a miss (`Cache-Control: max-age=0`: key, lookup, upstream call, write);
 # + the request log; + rate limits on the key's tenant (requests and tokens per minute and a
 # concurrency cap); and an exact-cache hit. For each: p50 and p99 at concurrency 1, req/s at
-# concurrency 32 and the gateway's own CPU per request there (user + system time from /proc).
+# concurrency 32 and the gateway's own CPU per request there (user + system time from /proc), with
+# how often its threads went to sleep per request (voluntary context switches).
 # Memory: RSS idle, the peak under pass-through load, and the peak of the process with every
 # feature on (its cache filling up to `cache.memory_bytes` of pages).
 #
@@ -127,6 +128,9 @@ run() {
     -H "authorization: Bearer $key" "${bodies[@]}" "$@" "$url" > "$workdir/$out.json"
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Times any of the process's threads went to sleep (each is a wake-up later): a hand-off
+# between threads per request shows here before it shows in the CPU figures.
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches/ {s += $2} END {print s}'; }
 
 # line NAME PROCESS KEY BODY EXTRA-HEADER... : one line of the table for one build and round
 line() {
@@ -134,10 +138,12 @@ line() {
   shift 4
   local url="http://127.0.0.1:${port_of[$process]}/v1/chat/completions"
   run "$out-c1" "$url" "$key" "$body" -n "$N" -c 1 "$@"
-  local before
+  local before slept
   before=$(cpu_ticks "${pid_of[$process]}")
+  slept=$(switches "${pid_of[$process]}")
   run "$out-c32" "$url" "$key" "$body" -n "$((N * 8))" -c 32 "$@"
-  echo $(( $(cpu_ticks "${pid_of[$process]}") - before )) "$((N * 8))" > "$workdir/$out.cpu"
+  echo $(( $(cpu_ticks "${pid_of[$process]}") - before )) "$((N * 8))" \
+    $(( $(switches "${pid_of[$process]}") - slept )) > "$workdir/$out.cpu"
 }
 
 direct="http://$MOCK_ADDR/v1/chat/completions"
@@ -191,8 +197,12 @@ def oha(name):
     return pct["p50"] * 1e6, pct["p99"] * 1e6, data["summary"]["requestsPerSec"]
 
 def cpu_us(name):
-    ticks, count = open(f"{workdir}/{name}.cpu").read().split()
+    ticks, count, _ = open(f"{workdir}/{name}.cpu").read().split()
     return int(ticks) * 1e6 / tick / int(count)
+
+def switches(name):
+    _, count, slept = open(f"{workdir}/{name}.cpu").read().split()
+    return int(slept) / int(count)
 
 def median(values):
     return statistics.median(list(values))
@@ -202,8 +212,8 @@ d99 = median(oha(f"direct-{r}-c1")[1] for r in rounds)
 drps = median(oha(f"direct-{r}-c32")[2] for r in rounds)
 print(f"direct to the mock (baseline): p50 {d50:.0f} µs, p99 {d99:.0f} µs at concurrency 1; "
       f"{drps:,.0f} req/s at concurrency 32\n")
-print("| build | line | added p50, c1 | added p99, c1 | req/s, c32 (of direct) | gateway CPU per request, c32 |")
-print("|---|---|---|---|---|---|")
+print("| build | line | added p50, c1 | added p99, c1 | req/s, c32 (of direct) | gateway CPU per request, c32 | thread sleeps per request, c32 |")
+print("|---|---|---|---|---|---|---|")
 lines = [("pass", "pass-through"), ("miss", "+ exact cache (a miss)"), ("log", "+ request log"),
          ("limits", "+ rate limits"), ("hit", "exact-cache hit")]
 for build in builds:
@@ -212,8 +222,9 @@ for build in builds:
         p99 = median(oha(f"{build}-{key}-{r}-c1")[1] for r in rounds)
         rps = median(oha(f"{build}-{key}-{r}-c32")[2] for r in rounds)
         cpu = median(cpu_us(f"{build}-{key}-{r}") for r in rounds)
+        slept = median(switches(f"{build}-{key}-{r}") for r in rounds)
         added = f"+{p50 - d50:.0f} µs" if key != "hit" else f"{p50:.0f} µs end to end"
-        print(f"| {build} | {label} | {added} | {p99 - d99:+.0f} µs | {rps:,.0f} ({rps / drps:.2f}×) | {cpu:.0f} µs |")
+        print(f"| {build} | {label} | {added} | {p99 - d99:+.0f} µs | {rps:,.0f} ({rps / drps:.2f}×) | {cpu:.0f} µs | {slept:.2f} |")
 print()
 for build in builds:
     idle = int(open(f"{workdir}/{build}-plain.idle-rss").read()) / 1024

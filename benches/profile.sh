@@ -8,6 +8,8 @@
 #
 #   bash benches/profile.sh                   # N=40000 requests
 #   LINE=passthrough bash benches/profile.sh  # no cache, no request log: the bare path
+#   LINE=limits bash benches/profile.sh       # every feature: the miss line and the tenant's
+#                                             # rate limits and concurrency cap
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,8 +35,11 @@ LINE=${LINE:-miss}
 case "$LINE" in
   miss) features=$(printf '[cache]\npath = "%s/cache"\n[request_log]\npath = "%s/requests"\n' "$workdir" "$workdir")
         route_cache=$(printf '[routes.bench.cache]\nenabled = true\n') ;;
+  limits) features=$(printf '[cache]\npath = "%s/cache"\n[request_log]\npath = "%s/requests"\n' "$workdir" "$workdir")
+          features+=$(printf '\n[tenants.bench]\nrpm = 1000000000\ntpm = 1000000000000\nmax_concurrent = 100000\n')
+          route_cache=$(printf '[routes.bench.cache]\nenabled = true\n') ;;
   passthrough) features=""; route_cache="" ;;
-  *) echo "LINE is miss or passthrough"; exit 2 ;;
+  *) echo "LINE is miss, limits or passthrough"; exit 2 ;;
 esac
 
 cat > "$workdir/profile.toml" <<TOML

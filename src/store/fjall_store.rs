@@ -148,7 +148,7 @@ fn settle_in_memory(
             spend,
             keep,
         } => {
-            let budget = budgets.entry(key.clone()).or_default();
+            let budget = budget_of(budgets, key);
             budget.holds.remove(holder);
             budget.spent = budget.spent.saturating_add(*spend);
             if *spend > 0 {
@@ -156,6 +156,20 @@ fn settle_in_memory(
             }
         }
     }
+}
+
+/// `key`'s budget, made empty on first use: the key is copied only then (it is looked up on
+/// every admission and settlement).
+fn budget_of<'m>(
+    budgets: &'m mut std::collections::HashMap<String, Budget>,
+    key: &str,
+) -> &'m mut Budget {
+    if !budgets.contains_key(key) {
+        budgets.insert(key.to_owned(), Budget::default());
+    }
+    budgets
+        .get_mut(key)
+        .unwrap_or_else(|| unreachable!("inserted above"))
 }
 
 const HEADER: usize = 16;
@@ -576,7 +590,7 @@ impl Store for FjallStore {
                         Step::Hold {
                             key, amount, cap, ..
                         } => {
-                            let budget = budgets.entry(key.clone()).or_default();
+                            let budget = budget_of(&mut budgets, key);
                             budget.prune(key, now, &mut spends);
                             budget
                                 .spent
@@ -618,7 +632,7 @@ impl Store for FjallStore {
                             spend_on_lapse,
                             ..
                         } => {
-                            let budget = budgets.entry(key.clone()).or_default();
+                            let budget = budget_of(&mut budgets, key);
                             if apply {
                                 budget.holds.insert(
                                     holder.to_owned(),
@@ -674,7 +688,7 @@ impl Store for FjallStore {
         let mut spends = Spends::new();
         let holding = {
             let mut budgets = self.budgets.lock();
-            let budget = budgets.entry(key.to_owned()).or_default();
+            let budget = budget_of(&mut budgets, key);
             budget.prune(key, now, &mut spends);
             crate::store::Holding {
                 spent: budget.spent,
