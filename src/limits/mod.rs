@@ -158,11 +158,46 @@ struct Scope<'a> {
     kind: &'static str,
     id: &'a str,
     limits: &'a KeyLimits,
+    names: &'a CounterNames,
 }
 
 impl Scope<'_> {
-    fn counter(&self, what: &str) -> String {
-        counter(self.kind, self.id, what)
+    fn counter(&self, what: &str) -> Arc<str> {
+        self.names.get(self.kind, self.id, what)
+    }
+}
+
+/// Counters' names, each made once and shared: an admission names three or more, and the
+/// same few thousand names come back request after request.
+#[derive(Default)]
+struct CounterNames(parking_lot::RwLock<std::collections::HashSet<Arc<str>>>);
+
+/// The holder of an admission that took nothing: shared, so that it costs no allocation.
+static NO_HOLDER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
+/// Past this many names (keys × limits, periods) the set starts again, so that it stays small.
+const COUNTER_NAMES_KEPT: usize = 10_000;
+
+impl CounterNames {
+    fn get(&self, kind: &str, id: &str, what: &str) -> Arc<str> {
+        use std::fmt::Write;
+        thread_local! {
+            static NAME: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        NAME.with_borrow_mut(|name| {
+            name.clear();
+            let _ = write!(name, "limits/v1/{kind}/{id}/{what}");
+            if let Some(known) = self.0.read().get(name.as_str()) {
+                return Arc::clone(known);
+            }
+            let mut names = self.0.write();
+            if names.len() >= COUNTER_NAMES_KEPT {
+                names.clear();
+            }
+            let made: Arc<str> = Arc::from(name.as_str());
+            names.insert(Arc::clone(&made));
+            made
+        })
     }
 }
 
@@ -180,6 +215,7 @@ pub struct Limits {
     deferred: Arc<Deferred>,
     /// `[limits] hold_lease`.
     hold_lease: Duration,
+    counter_names: CounterNames,
 }
 
 /// Settlements not yet told to the store: the next admission carries them along (no round
@@ -267,7 +303,7 @@ enum Purpose<'a> {
     Tokens(&'a Scope<'a>, u64),
     Concurrent(&'a Scope<'a>),
     /// The budget, what is held against it, and the counter of the period it is held in.
-    Budget(&'a Scope<'a>, &'a Budget, u64, String),
+    Budget(&'a Scope<'a>, &'a Budget, u64, Arc<str>),
 }
 
 impl Limits {
@@ -303,6 +339,7 @@ impl Limits {
             usage,
             deferred,
             hold_lease,
+            counter_names: CounterNames::default(),
         }
     }
 
@@ -334,6 +371,7 @@ impl Limits {
                 kind: "tenant",
                 id: tenant,
                 limits,
+                names: &self.counter_names,
             });
         }
         if let Some(key) = key {
@@ -341,6 +379,7 @@ impl Limits {
                 kind: "key",
                 id: &key.id,
                 limits: &key.limits,
+                names: &self.counter_names,
             });
         }
         scopes
@@ -367,7 +406,7 @@ impl Limits {
             taken: Taken {
                 store: self.store.clone(),
                 deferred: Arc::clone(&self.deferred),
-                holder: String::new(),
+                holder: Arc::clone(&NO_HOLDER),
                 tokens: Vec::new(),
                 slots: Vec::new(),
                 holds: Vec::new(),
@@ -464,7 +503,11 @@ impl Limits {
                 upstream: Ok(Charge::holding(settlement)),
             });
         }
-        settlement.taken.holder = uuid::Uuid::new_v4().simple().to_string();
+        settlement.taken.holder = Arc::from(
+            &*uuid::Uuid::new_v4()
+                .simple()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        );
         let refusal = |error: ApiError, scope: &'static str, limit: &'static str| Refusal {
             error,
             scope,
@@ -1059,12 +1102,12 @@ impl Settlement {
 struct Taken {
     store: Option<Arc<dyn Store>>,
     deferred: Arc<Deferred>,
-    holder: String,
+    holder: Arc<str>,
     /// Token counters and what admission counted on each.
-    tokens: Vec<(String, u64)>,
-    slots: Vec<String>,
+    tokens: Vec<(Arc<str>, u64)>,
+    slots: Vec<Arc<str>>,
     /// Budget counters, how long their spend is kept, and what was held.
-    holds: Vec<(String, Duration, u64)>,
+    holds: Vec<(Arc<str>, Duration, u64)>,
 }
 
 /// A settled charge's writes to the store.

@@ -136,7 +136,7 @@ fn settle_in_memory(
 ) {
     match item {
         Settle::Count { key, delta } => {
-            if let Some(entry) = counts.get_mut(key)
+            if let Some(entry) = counts.get_mut(&**key)
                 && entry.0 > now
             {
                 entry.1 = entry.1.saturating_add_signed(*delta);
@@ -149,10 +149,10 @@ fn settle_in_memory(
             keep,
         } => {
             let budget = budget_of(budgets, key);
-            budget.holds.remove(holder);
+            budget.holds.remove(&**holder);
             budget.spent = budget.spent.saturating_add(*spend);
             if *spend > 0 {
-                spends.push((key.clone(), *spend, *keep));
+                spends.push((key.to_string(), *spend, *keep));
             }
         }
     }
@@ -582,7 +582,7 @@ impl Store for FjallStore {
                             key, amount, cap, ..
                         } => {
                             let count = counts
-                                .get(key)
+                                .get(&**key)
                                 .filter(|(resets_at, _)| *resets_at > now)
                                 .map_or(0, |(_, count)| *count);
                             count.saturating_add(*amount) <= *cap
@@ -609,9 +609,9 @@ impl Store for FjallStore {
                             window,
                             ..
                         } => {
-                            let entry = match counts.get_mut(key) {
+                            let entry = match counts.get_mut(&**key) {
                                 Some(entry) => entry,
-                                None => counts.entry(key.clone()).or_insert((now + *window, 0)),
+                                None => counts.entry(key.to_string()).or_insert((now + *window, 0)),
                             };
                             if entry.0 <= now {
                                 *entry = (now + *window, 0);

@@ -8,6 +8,7 @@
 mod fjall_store;
 mod redis_store;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use fjall_store::FjallStore;
@@ -29,7 +30,7 @@ pub enum Step {
     /// Adds `amount` to the count under `key` if it stays within `cap`; the count starts afresh
     /// `window` after its first event (requests or tokens per minute).
     Count {
-        key: String,
+        key: Arc<str>,
         amount: u64,
         cap: u64,
         window: Duration,
@@ -40,7 +41,7 @@ pub enum Step {
     /// `spend_on_lapse`, it then counts as spent, kept that long (a budget: money held for a
     /// request that may well have been answered is not given back); without, it is freed.
     Hold {
-        key: String,
+        key: Arc<str>,
         amount: u64,
         cap: u64,
         lease: Duration,
@@ -75,12 +76,12 @@ pub struct Admitted {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settle {
     /// Corrects a count by `delta` (never below zero) if its window is still open.
-    Count { key: String, delta: i64 },
+    Count { key: Arc<str>, delta: i64 },
     /// Drops `holder`'s hold and adds `spend` to what `key` has spent, kept for `keep` after
     /// its last change.
     Hold {
-        key: String,
-        holder: String,
+        key: Arc<str>,
+        holder: Arc<str>,
         spend: u64,
         keep: Duration,
     },
@@ -110,7 +111,7 @@ pub struct BackgroundPut {
 
 impl BackgroundPut {
     /// Writes it from a task of its own: for a store without a writer of its own.
-    pub fn spawn(self, store: std::sync::Arc<dyn Store>) {
+    pub fn spawn(self, store: Arc<dyn Store>) {
         tokio::spawn(async move {
             let result = store.put(&self.key, self.value, self.ttl).await;
             (self.landed)(result);

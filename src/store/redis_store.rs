@@ -184,7 +184,7 @@ impl RedisStore {
                 self.hold_keys(invocation, key);
                 invocation
                     .arg("h")
-                    .arg(holder)
+                    .arg(&**holder)
                     .arg(*spend)
                     .arg(keep.as_millis() as u64);
             }
