@@ -158,52 +158,36 @@ struct Scope<'a> {
     kind: &'static str,
     id: &'a str,
     limits: &'a KeyLimits,
-    names: &'a CounterNames,
 }
 
 impl Scope<'_> {
+    /// The counter's name, shared: an admission names three or more, the same ones request
+    /// after request, so it is written into a reused buffer and made once per thread.
     fn counter(&self, what: &str) -> Arc<str> {
-        self.names.get(self.kind, self.id, what)
-    }
-}
-
-/// Counters' names, each made once and shared: an admission names three or more, and the
-/// same few thousand names come back request after request.
-#[derive(Default)]
-struct CounterNames(parking_lot::RwLock<std::collections::HashSet<Arc<str>>>);
-
-/// The holder of an admission that took nothing: shared, so that it costs no allocation.
-static NO_HOLDER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
-
-/// Past this many names (keys × limits, periods) the set starts again, so that it stays small.
-const COUNTER_NAMES_KEPT: usize = 10_000;
-
-impl CounterNames {
-    fn get(&self, kind: &str, id: &str, what: &str) -> Arc<str> {
-        use std::fmt::Write;
         thread_local! {
             static NAME: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
         NAME.with_borrow_mut(|name| {
             name.clear();
-            let _ = write!(name, "limits/v1/{kind}/{id}/{what}");
-            if let Some(known) = self.0.read().get(name.as_str()) {
-                return Arc::clone(known);
-            }
-            let mut names = self.0.write();
-            if names.len() >= COUNTER_NAMES_KEPT {
-                names.clear();
-            }
-            let made: Arc<str> = Arc::from(name.as_str());
-            names.insert(Arc::clone(&made));
-            made
+            write_counter(name, self.kind, self.id, what);
+            usage::shared_name(name)
         })
     }
 }
 
-/// Where a key's or tenant's count or budget lives in the store.
+/// The holder of an admission that took nothing: shared, so that it costs no allocation.
+static NO_HOLDER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
 fn counter(kind: &str, id: &str, what: &str) -> String {
-    format!("limits/v1/{kind}/{id}/{what}")
+    let mut name = String::new();
+    write_counter(&mut name, kind, id, what);
+    name
+}
+
+/// Where a key's or tenant's count or budget lives in the store.
+fn write_counter(out: &mut String, kind: &str, id: &str, what: &str) {
+    use std::fmt::Write;
+    let _ = write!(out, "limits/v1/{kind}/{id}/{what}");
 }
 
 pub struct Limits {
@@ -215,7 +199,6 @@ pub struct Limits {
     deferred: Arc<Deferred>,
     /// `[limits] hold_lease`.
     hold_lease: Duration,
-    counter_names: CounterNames,
 }
 
 /// Settlements not yet told to the store: the next admission carries them along (no round
@@ -339,7 +322,6 @@ impl Limits {
             usage,
             deferred,
             hold_lease,
-            counter_names: CounterNames::default(),
         }
     }
 
@@ -371,7 +353,6 @@ impl Limits {
                 kind: "tenant",
                 id: tenant,
                 limits,
-                names: &self.counter_names,
             });
         }
         if let Some(key) = key {
@@ -379,7 +360,6 @@ impl Limits {
                 kind: "key",
                 id: &key.id,
                 limits: &key.limits,
-                names: &self.counter_names,
             });
         }
         scopes
@@ -737,7 +717,7 @@ impl Limits {
     ) {
         let mut row = UsageKey::today(tenant, key.map(|k| k.id.as_str()), route);
         if let Some(model) = &report.model {
-            row.model = model.as_str().into();
+            row.model = usage::shared_name(model);
         }
         self.usage.add(
             row,
@@ -1076,10 +1056,8 @@ impl Settlement {
                 counts.input_tokens = input;
                 counts.output_tokens = output;
                 counts.cost_nanos = to_nanos(cost);
-                row.model = target
-                    .split_once('/')
-                    .map_or(target, |(_, model)| model)
-                    .into();
+                row.model =
+                    usage::shared_name(target.split_once('/').map_or(target, |(_, model)| model));
                 (input + output, counts.cost_nanos)
             }
             None => {

@@ -38,9 +38,9 @@ impl UsageKey {
     pub fn today(tenant: &str, key: Option<&str>, route: &str) -> Self {
         Self {
             day: today(),
-            tenant: tenant.into(),
-            key: key.unwrap_or(STATIC_KEY).into(),
-            route: route.into(),
+            tenant: shared_name(tenant),
+            key: shared_name(key.unwrap_or(STATIC_KEY)),
+            route: shared_name(route),
             model: NO_MODEL.with(Arc::clone),
         }
     }
@@ -98,6 +98,29 @@ thread_local! {
 }
 
 const SECONDS_PER_DAY: u64 = 86_400;
+
+/// Past this many names a thread's set of them starts again, so that it stays small.
+const NAMES_KEPT: usize = 4_096;
+
+/// `name` as a shared string: the same tenants, keys, routes and models name the rows of
+/// request after request, so each serving thread makes each name once.
+pub fn shared_name(name: &str) -> Arc<str> {
+    thread_local! {
+        static NAMES: std::cell::RefCell<std::collections::HashSet<Arc<str>>> =
+            std::cell::RefCell::new(std::collections::HashSet::new());
+    }
+    NAMES.with_borrow_mut(|names| {
+        if let Some(known) = names.get(name) {
+            return Arc::clone(known);
+        }
+        if names.len() >= NAMES_KEPT {
+            names.clear();
+        }
+        let made: Arc<str> = Arc::from(name);
+        names.insert(Arc::clone(&made));
+        made
+    })
+}
 
 fn today() -> Arc<str> {
     let now = SystemTime::now();
@@ -418,6 +441,20 @@ fn days_between(from: &str, to: &str) -> Result<Vec<String>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_is_made_once_per_thread_and_the_set_stays_bounded() {
+        let first = shared_name("tenant-a");
+        assert!(Arc::ptr_eq(&first, &shared_name("tenant-a")));
+        assert_eq!(&*shared_name("tenant-b"), "tenant-b");
+        for i in 0..NAMES_KEPT + 10 {
+            assert_eq!(*shared_name(&format!("name-{i}")), format!("name-{i}"));
+        }
+        // Started again past the bound: the name is made anew, and still reads the same.
+        let again = shared_name("tenant-a");
+        assert_eq!(again, first);
+        assert!(!Arc::ptr_eq(&again, &first));
+    }
 
     #[test]
     fn store_keys_round_trip_names_with_slashes() {
